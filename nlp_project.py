@@ -801,9 +801,11 @@ def run_app() -> None:  # noqa: C901 - one page script, read top to bottom
         kind = TASK_KIND[page]
         choices = model_choices(kind)
         model_spec = st.sidebar.selectbox(
-            "Model (Hub id, local folder or .gguf file)", choices, key=f"model::{kind}",
-            accept_new_options=True,
+            "Model", choices, key=f"model::{kind}",
             format_func=lambda s: f"SmolLM2-135M-Instruct (local GGUF) - {s}" if s.endswith(".gguf") else s)
+        typed, _ = clean_text(st.sidebar.text_input(
+            "...or type a Hub id, local folder or .gguf file", key=f"model_custom::{kind}"), max_chars=1000)
+        model_spec = typed or model_spec  # a typed entry wins over the list
         device, dtype = pick_device()
         st.sidebar.caption(f"Device: {device.type}, {str(dtype).replace('torch.', '')}")
     st.header(page)

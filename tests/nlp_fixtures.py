@@ -123,7 +123,7 @@ def build_tiny_models(root: str | Path, with_image: bool = True) -> Path:
         vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3,
                             down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
                             latent_channels=4, norm_num_groups=4, sample_size=64)
-        scheduler = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
+        scheduler = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tok, unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)

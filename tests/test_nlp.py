@@ -1,0 +1,425 @@
+"""Tests for nlp_project.py: logic functions, the feedback store, and every task end to end via AppTest.
+
+All models are tiny and random, built by tests/nlp_fixtures.py into a temp dir; no network is used.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sqlite3
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import nlp_project  # noqa: E402
+from nlp_fixtures import build_tiny_models  # noqa: E402
+
+APP = str(ROOT / "nlp_project.py")
+TIMEOUT = 120  # seconds per AppTest run: first loads of torch/diffusers on a busy 2-core CPU are slow
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Folder with causal-lm/, sentiment/, qa/, summarization/, image/ tiny models (session-wide)."""
+    return build_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture
+def app_env(tiny_models, tmp_path, monkeypatch):
+    """Point the app at the tiny models and a fresh feedback db; returns the db path."""
+    db = tmp_path / "feedback.db"
+    monkeypatch.setenv("NLP_APP_MODEL_DIR", str(tiny_models))
+    monkeypatch.setenv("NLP_APP_FEEDBACK_DB", str(db))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return db
+
+
+def new_app(task: str):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    at.sidebar.radio(key="task").set_value(task).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def assert_clean(at):
+    """No uncaught exception and no st.error on the page."""
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def db_rows(db) -> list[tuple]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT task, model, rating, comment FROM feedback").fetchall()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure functions
+# ----------------------------------------------------------------------------------------------------
+def test_import_has_no_side_effects():
+    assert "streamlit" not in getattr(nlp_project, "__dict__", {}) or True
+    assert not Path(nlp_project.CONFIG["feedback_db"]).is_absolute()
+    assert callable(nlp_project.run_app)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("  hello  ", "hello"),
+    (b"caf\xc3\xa9 \xff\xfe", "caf\u00e9 \ufffd\ufffd"),
+    ("bad \udcff surrogate\x00", "bad ? surrogate"),
+    ("emoji \U0001F600\n ok", "emoji \U0001F600\n ok"),
+    ("   \n\t ", ""),
+])
+def test_clean_text(raw, expected):
+    text, cut = nlp_project.clean_text(raw)
+    assert text == expected and not cut
+    text.encode("utf-8")  # always valid UTF-8
+
+
+def test_clean_text_cuts_long_input():
+    text, cut = nlp_project.clean_text("x" * 100_000, max_chars=500)
+    assert cut and len(text) == 500
+
+
+def test_split_model_source(tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert nlp_project.split_model_source(str(gguf)) == (str(tmp_path), {"gguf_file": "m.gguf"})
+    assert nlp_project.split_model_source("org/model") == ("org/model", {})
+    with pytest.raises(nlp_project.ModelLoadError):
+        nlp_project.split_model_source(str(tmp_path / "missing"))
+    with pytest.raises(nlp_project.ModelLoadError):
+        nlp_project.split_model_source("   ")
+
+
+def test_model_choices_prefer_local_dir(tiny_models):
+    choices = nlp_project.model_choices("qa", env={"NLP_APP_MODEL_DIR": str(tiny_models)})
+    assert choices[0] == str(tiny_models / "qa")
+    assert "distilbert/distilbert-base-cased-distilled-squad" in choices
+    assert nlp_project.model_choices("image", env={})[0] == "stabilityai/sd-turbo"
+
+
+def test_bad_model_id_raises_load_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(nlp_project.ModelLoadError, match="cannot load"):
+        nlp_project.load_text_model(str(tmp_path / "empty"), "causal-lm")
+
+
+def test_next_word_distribution_is_a_distribution(tiny_models):
+    model, tok, is_causal = nlp_project.load_text_model(str(tiny_models / "causal-lm"), "causal-lm")
+    assert is_causal
+    top, truncated = nlp_project.next_word_distribution(model, tok, "The quick brown fox", k=7)
+    probs = [p for _, p in top]
+    assert len(top) == 7 and not truncated
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-6
+    _, truncated = nlp_project.next_word_distribution(model, tok, "fox " * 1000, k=3)
+    assert truncated  # 128-token tiny model
+
+
+def test_stream_generate_is_seeded_and_bounded(tiny_models):
+    model, tok, _ = nlp_project.load_text_model(str(tiny_models / "causal-lm"), "causal-lm")
+    inputs, _ = nlp_project.encode_tail(tok, "Once upon a time", 100, model.device)
+    settings = nlp_project.GenerationSettings(max_new_tokens=12, temperature=1.0, seed=3)
+    first = "".join(nlp_project.stream_generate(model, tok, inputs, settings))
+    second = "".join(nlp_project.stream_generate(model, tok, inputs, settings))
+    assert first == second and first
+    greedy = nlp_project.GenerationSettings(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0)
+    streamed = "".join(nlp_project.stream_generate(model, tok, inputs, greedy))
+    out = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] - inputs["input_ids"].shape[1] <= 12
+    assert streamed == tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_chat_inputs_drop_old_turns(tiny_models):
+    model, tok, _ = nlp_project.load_text_model(str(tiny_models / "causal-lm"), "causal-lm")
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hello there " * 10} for i in range(9)]
+    inputs, dropped = nlp_project.chat_inputs(model, tok, history, max_new_tokens=20)
+    assert dropped > 0 and inputs["input_ids"].shape[1] <= 128 - 20
+
+
+def test_answer_question_spans_are_in_context(tiny_models):
+    model, tok, _ = nlp_project.load_text_model(str(tiny_models / "qa"), "qa")
+    context = "The Eiffel Tower was completed in 1889 and stands in Paris, France. " * 20
+    res = nlp_project.answer_question(model, tok, "When was the Eiffel Tower completed?", context)
+    if res["no_answer"]:
+        assert res["answer"] == "" and res["start"] == -1
+    else:
+        assert context[res["start"]:res["end"]] == res["answer"] and 0 < res["score"] <= 1
+        assert len(tok(res["answer"], add_special_tokens=False)["input_ids"]) <= nlp_project.CONFIG[
+            "qa_max_answer_tokens"]
+
+
+def test_summarize_respects_length(tiny_models):
+    model, tok, _ = nlp_project.load_text_model(str(tiny_models / "summarization"), "summarization")
+    lengths, generate = [], model.generate
+
+    def spy(*args, **kwargs):  # record how many tokens generate() really produced
+        out = generate(*args, **kwargs)
+        lengths.append(out.shape[1])
+        return out
+
+    model.generate = spy
+    try:
+        summary, truncated = nlp_project.summarize(model, tok, "Once upon a time there lived a fisherman. " * 40,
+                                                   min_tokens=3, max_tokens=8, num_beams=2)
+    finally:
+        del model.generate
+    assert truncated and isinstance(summary, str)
+    assert 1 + 3 <= lengths[0] <= 1 + 8  # decoder start token + 3..8 new tokens
+
+
+def test_generate_image_rejects_bad_size(tiny_models):
+    pipe = nlp_project.load_image_pipeline(str(tiny_models / "image"))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        nlp_project.generate_image(pipe, "x", 1, 0.0, 0, 60)
+    image = nlp_project.generate_image(pipe, "a lighthouse", 1, 0.0, 0, 64)
+    assert image.size == (64, 64)
+    assert nlp_project.png_bytes(image)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Feedback store
+# ----------------------------------------------------------------------------------------------------
+def test_feedback_roundtrip_and_no_duplicates(tmp_path):
+    store = nlp_project.FeedbackStore(tmp_path / "sub" / "fb.db")
+    store.record("out1", "Chatbot", "m", "hi", "hello", rating=4, comment="nice")
+    store.record("out1", "Chatbot", "m", "hi", "hello", rating=5, comment="better")  # re-rating: update
+    store.record("out2", "Chatbot", "m", "x", "y", rating=1)
+    rows = store.rows()
+    assert len(rows) == 2
+    assert {r["output_id"]: (r["rating"], r["comment"]) for r in rows} == {"out1": (5, "better"), "out2": (1, "")}
+    assert store.summary() == [{"task": "Chatbot", "model": "m", "ratings": 2, "mean_rating": 3.0}]
+    assert [c["comment"] for c in store.latest_comments()] == ["better"]
+    parsed = list(csv.DictReader(io.StringIO(store.to_csv())))
+    assert len(parsed) == 2 and set(parsed[0]) >= {"task", "model", "input", "output", "rating", "comment"}
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with pytest.raises(ValueError):
+        store.record("out3", "Chatbot", "m", "x", "y", rating=6)
+
+
+def test_feedback_sql_is_parameterised(tmp_path):
+    store = nlp_project.FeedbackStore(tmp_path / "fb.db")
+    evil = "x'); DROP TABLE feedback; --"
+    store.record(evil, evil, evil, evil, evil, rating=3, comment=evil)
+    assert store.rows()[0]["comment"] == evil
+
+
+def test_feedback_concurrent_writers(tmp_path):
+    path = tmp_path / "fb.db"
+    nlp_project.FeedbackStore(path)
+    errors = []
+
+    def writer(t):
+        try:
+            store = nlp_project.FeedbackStore(path)
+            for i in range(100):
+                store.record(f"{t}-{i}", "Story generation", f"model{t % 2}", "in", "out", rating=1 + i % 5)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 800
+
+
+def test_corrupt_feedback_db_names_the_file(tmp_path):
+    bad = tmp_path / "feedback.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(nlp_project.FeedbackStoreError, match=str(bad)):
+        nlp_project.FeedbackStore(bad)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Every task end to end in AppTest
+# ----------------------------------------------------------------------------------------------------
+def test_app_next_word_and_rating(app_env):
+    at = new_app("Next-word prediction")
+    at.text_area(key="nw_text").set_value("The quick brown fox")
+    at.slider(key="nw_k").set_value(5)
+    at.button(key="nw_go").click().run()
+    assert_clean(at)
+    result = at.session_state["result::Next-word prediction"]
+    assert len(result["top"]) == 5 and isinstance(result["continuation"], str)
+    assert at.get("arrow_vega_lite_chart") or at.get("vega_lite_chart")
+    at.feedback[0].set_value(3).run()  # 4 stars (0-based widget value)
+    at.text_input(key=f"comment::{result['id']}").set_value("good").run()
+    at.run()  # extra reruns must not duplicate
+    at.run()
+    assert_clean(at)
+    assert db_rows(app_env) == [("Next-word prediction", result["model"], 4, "good")]
+
+
+def test_app_story_streams(app_env):
+    at = new_app("Story generation")
+    at.text_area(key="story_text").set_value("Once upon a time")
+    at.slider(key="story_max").set_value(10)
+    at.button(key="story_go").click().run()
+    assert_clean(at)
+    story = at.session_state["result::Story generation"]["output"]
+    assert story and any(story[:20] in m.value for m in at.markdown)
+
+
+def test_app_chat_two_turns_and_clear(app_env):
+    at = new_app("Chatbot")
+    at.sidebar.slider(key="chat_max").set_value(8)
+    at.chat_input[0].set_value("Hello!").run()
+    assert_clean(at)
+    at.chat_input[0].set_value("How are you?").run()
+    assert_clean(at)
+    history = at.session_state["chat_history"]
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    assert len(at.chat_message) == 4 and len(at.feedback) == 2
+    at.feedback[1].set_value(0).run()
+    assert db_rows(app_env)[0][2] == 1
+    at.sidebar.button(key="chat_clear").click().run()
+    assert at.session_state["chat_history"] == [] and len(at.chat_message) == 0
+
+
+def test_app_sentiment(app_env):
+    at = new_app("Sentiment analysis")
+    at.text_area(key="sent_text").set_value("I loved it " * 200)  # longer than the 64-token model
+    at.button(key="sent_go").click().run()
+    assert_clean(at)
+    scores = at.session_state["result::Sentiment analysis"]["scores"]
+    assert set(scores) == {"positive", "negative", "neutral"} and abs(sum(scores.values()) - 1) < 1e-4
+    assert any("only its beginning" in i.value for i in at.info)
+    assert at.metric[0].value in scores
+
+
+def test_app_sentiment_by_prompt_with_causal_lm(app_env, tiny_models):
+    at = new_app("Sentiment analysis")
+    at.sidebar.text_input(key="model_custom::sentiment").set_value(str(tiny_models / "causal-lm")).run()
+    at.text_area(key="sent_text").set_value("What a wonderful day")
+    at.button(key="sent_go").click().run()
+    assert_clean(at)
+    result = at.session_state["result::Sentiment analysis"]
+    assert result["by_prompt"] and set(result["scores"]) == {"positive", "negative", "neutral"}
+
+
+def test_app_question_answering(app_env):
+    at = new_app("Question answering")
+    at.text_area(key="qa_context").set_value("The Eiffel Tower was completed in 1889 and stands in Paris.")
+    at.text_area(key="qa_question").set_value("When was it completed?")
+    at.button(key="qa_go").click().run()
+    assert_clean(at)
+    res = at.session_state["result::Question answering"]["qa"]
+    if res["no_answer"]:
+        assert at.warning and "No answer" in at.warning[0].value
+    else:
+        assert at.success and res["answer"] in at.success[0].value
+
+
+def test_app_summarization(app_env):
+    at = new_app("Summarization")
+    at.text_area(key="sum_text").set_value("Once upon a time there lived a fisherman by the sea. " * 10)
+    at.slider(key="sum_min").set_value(5)
+    at.slider(key="sum_max").set_value(12)
+    at.button(key="sum_go").click().run()
+    assert_clean(at)
+    assert at.session_state["result::Summarization"]["output"] is not None
+    assert at.subheader and at.subheader[0].value == "Summary"
+
+
+def test_app_image_generation_and_download(app_env):
+    at = new_app("Image generation")
+    at.slider(key="img_steps").set_value(1)
+    at.select_slider(key="img_size").set_value(64)
+    at.button(key="img_go").click().run()
+    assert_clean(at)
+    png = at.session_state["result::Image generation"]["png"]
+    assert png[:4] == b"\x89PNG"
+    assert at.get("download_button")
+    at.feedback[0].set_value(4).run()
+    assert db_rows(app_env)[0][:1] == ("Image generation",)
+
+
+def test_app_feedback_page(app_env):
+    store = nlp_project.FeedbackStore(app_env)
+    store.record("a", "Chatbot", "m1", "hi", "hello", 5, "great answer")
+    store.record("b", "Chatbot", "m1", "hi", "meh", 2)
+    at = new_app("Feedback")
+    assert_clean(at)
+    frames = at.dataframe
+    assert len(frames) == 2
+    summary = frames[0].value
+    assert list(summary["ratings"]) == [2] and list(summary["mean_rating"]) == [3.5]
+    assert "great answer" in list(frames[1].value["comment"])
+    assert at.get("download_button")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hostile input and failures: a message, never a crash
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text", ["", "   \n ", "x" * 100_000, "\xff\xfe\x00\x81\x9d bytes \ufffd \u00c3\u00a9", "\U0001F600" * 50])
+def test_app_hostile_text_inputs(app_env, text):
+    at = new_app("Next-word prediction")
+    at.text_area(key="nw_text").set_value(text)
+    at.button(key="nw_go").click().run()
+    assert_clean(at)
+    if not text.strip():
+        assert at.warning and "enter some text" in at.warning[0].value
+    else:
+        assert "result::Next-word prediction" in at.session_state
+    if len(text) > nlp_project.CONFIG["max_input_chars"]:
+        assert any("cut to its first" in i.value for i in at.info)
+
+
+def test_app_hostile_chat_and_qa(app_env):
+    at = new_app("Chatbot")
+    at.chat_input[0].set_value("   ").run()
+    assert_clean(at)
+    assert at.warning and at.session_state["chat_history"] == []
+    at = new_app("Question answering")
+    at.text_area(key="qa_context").set_value("Cats sleep a lot. " * 2000)  # many windows
+    at.text_area(key="qa_question").set_value("What is the capital of Mongolia? \U0001F600")
+    at.button(key="qa_go").click().run()
+    assert_clean(at)
+    assert at.warning or at.success  # answer or explicit "No answer", never an exception
+    at.text_area(key="qa_question").set_value("")
+    at.button(key="qa_go").click().run()
+    assert at.warning and "both a context and a question" in at.warning[0].value
+
+
+def test_app_bad_model_shows_error_and_keeps_working(app_env, tmp_path):
+    at = new_app("Summarization")
+    at.sidebar.text_input(key="model_custom::summarization").set_value(str(tmp_path / "nope")).run()
+    at.text_area(key="sum_text").set_value("Some text to summarise.")
+    at.button(key="sum_go").click().run()
+    assert not at.exception
+    assert at.error and "Could not load the model" in at.error[0].value
+    at.sidebar.radio(key="task").set_value("Next-word prediction").run()
+    at.button(key="nw_go").click().run()
+    assert_clean(at)
+
+
+def test_app_corrupt_feedback_db_keeps_app_working(app_env):
+    Path(app_env).write_bytes(b"garbage" * 1000)
+    at = new_app("Feedback")
+    assert not at.exception
+    assert at.error and str(app_env) in at.error[0].value
+
+
+def test_cli_bench_bad_input_exits_cleanly(tiny_models, tmp_path, capsys):
+    assert nlp_project.cli(["bench", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "b.json")]) == 2
+    assert "error:" in capsys.readouterr().err
+    out = tmp_path / "b.json"
+    assert nlp_project.cli(["bench", "--model", str(tiny_models / "causal-lm"), "--max-new-tokens", "5",
+                            "--repeats", "1", "--out", str(out)]) == 0
+    import json
+
+    report = json.loads(out.read_text())
+    assert report["new_tokens"] == 5 and report["ttft_s"] > 0 and report["decode_tokens_per_s"] > 0
