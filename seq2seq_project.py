@@ -1,0 +1,870 @@
+"""
+seq2seq_project.py -- an LSTM encoder-decoder with additive (Bahdanau) attention that learns to
+reverse integer sequences, scored honestly on held-out data and compared with the very same model
+without attention.
+
+    python seq2seq_project.py                    # data -> train both models -> evaluate -> results/seq2seq/
+    python seq2seq_project.py --report           # rebuild tables and plots from the saved pickles
+    python seq2seq_project.py --predict 3 1 7 9  # load the saved model, print "9 7 1 3" and its attention map
+
+Reads top to bottom: config, data, model, training loop, evaluation, reporting, CLI.
+Everything here runs on a laptop CPU in minutes and uses CUDA when it is present.
+
+References
+  Sutskever, Vinyals & Le, "Sequence to Sequence Learning with Neural Networks", NeurIPS 2014.
+  Bahdanau, Cho & Bengio, "Neural Machine Translation by Jointly Learning to Align and Translate", ICLR 2015.
+  Bengio et al., "Scheduled Sampling for Sequence Prediction with RNNs", NeurIPS 2015 (teacher forcing ratio).
+"""
+import argparse
+import copy
+import csv
+import io
+import json
+import math
+import os
+import pickle
+import random
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+# -----------------------------------------------------------------------------
+# config
+# -----------------------------------------------------------------------------
+# One dict; every key is also a CLI flag (underscores -> dashes). Units in the comments.
+CONFIG = dict(
+    # data
+    vocab_size=10,            # number of integer symbols 0..vocab_size-1 (10 = the digits)
+    min_len=1,                # shortest training/validation/test sequence (tokens)
+    max_len=10,               # longest training/validation/test sequence (tokens)
+    n_train=10_000,           # training sequences
+    n_val=1_000,              # validation sequences (chooses the checkpoint and stops training)
+    n_test=1_000,             # test sequences (only reported, never used to choose anything)
+    gen_max_len=20,           # length-generalisation test sets cover max_len+1 .. gen_max_len
+    n_gen_per_len=100,        # sequences per length in each length-generalisation test set
+    # model
+    emb_dim=32,               # token embedding size (features)
+    hidden_size=128,          # LSTM hidden size per direction in the encoder, and in the decoder (features)
+    num_layers=1,             # stacked LSTM layers in the encoder and in the decoder
+    bidirectional=True,       # bidirectional encoder (Bahdanau et al. 2015 use one)
+    dropout=0.0,              # dropout between stacked LSTM layers (only used when num_layers > 1)
+    # optimisation
+    epochs=30,                # maximum passes over the training set, per model
+    batch_size=64,            # sequences per optimiser step
+    lr=3e-3,                  # Adam learning rate
+    grad_clip=1.0,            # max global L2 norm of the gradients (RNNs occasionally spike)
+    teacher_forcing_ratio=1.0,  # probability of feeding the gold previous token at epoch 1 ...
+    teacher_forcing_min=0.5,    # ... decayed linearly to this by the last epoch (scheduled sampling)
+    patience=5,               # stop after this many epochs without a better validation exact match
+    max_train_seconds=300.0,  # wall-clock training budget per model (s); both models get the same one
+    seed=0,                   # seeds data, initialisation and batch order
+    device="auto",            # "auto" = cuda if available else cpu; or e.g. "cpu", "cuda", "cuda:1"
+    results_dir="results/seq2seq",
+)
+
+# Special tokens are kept apart from the integers: integer k is token id k + N_SPECIAL.
+PAD, SOS, EOS = 0, 1, 2
+N_SPECIAL = 3
+MODEL_KINDS = ("attention", "baseline")  # baseline = same encoder-decoder, attention context removed
+
+
+class UserError(Exception):
+    """Bad input from the user (bad flag value, missing or corrupt results file): reported without a traceback."""
+
+
+def set_seed(seed):
+    """Seed Python, NumPy and torch (all devices) so a run is repeatable."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name):
+    """Return a torch.device: CUDA when available for "auto", else CPU; raises UserError for an unusable name."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"--device {name!r} is not a device name ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but CUDA is not available on this machine")
+    return device
+
+
+def validate_config(cfg):
+    """Raise UserError when a config value makes no sense (caught before any work is done)."""
+    if cfg["vocab_size"] < 2:
+        raise UserError("--vocab-size must be at least 2")
+    if cfg["min_len"] < 1:
+        raise UserError("--min-len must be at least 1")
+    if cfg["min_len"] > cfg["max_len"]:
+        raise UserError(f"--min-len ({cfg['min_len']}) must not exceed --max-len ({cfg['max_len']})")
+    for key in ("n_train", "n_val", "n_test", "emb_dim", "hidden_size", "num_layers", "epochs", "batch_size"):
+        if cfg[key] < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be at least 1")
+    if not (cfg["lr"] > 0):
+        raise UserError("--lr must be positive")
+    for key in ("teacher_forcing_ratio", "teacher_forcing_min"):
+        if not (0.0 <= cfg[key] <= 1.0):
+            raise UserError(f"--{key.replace('_', '-')} must lie in [0, 1]")
+    needed = cfg["n_train"] + cfg["n_val"] + cfg["n_test"]
+    available = sum(cfg["vocab_size"] ** n for n in range(cfg["min_len"], cfg["max_len"] + 1))
+    if needed > available:
+        raise UserError(f"only {available} distinct sequences exist for vocab {cfg['vocab_size']} and lengths "
+                        f"{cfg['min_len']}..{cfg['max_len']}, but the splits need {needed} distinct ones")
+
+
+# -----------------------------------------------------------------------------
+# data
+# -----------------------------------------------------------------------------
+def encode(seq):
+    """Integer sequence -> token ids (integer k becomes k + N_SPECIAL)."""
+    return [int(k) + N_SPECIAL for k in seq]
+
+
+def decode(ids):
+    """Token ids -> integer sequence, stopping at the first EOS and dropping PAD/SOS."""
+    out = []
+    for i in ids:
+        i = int(i)
+        if i == EOS:
+            break
+        if i >= N_SPECIAL:
+            out.append(i - N_SPECIAL)
+    return out
+
+
+def sample_unique_sequences(rng, n, vocab_size, min_len, max_len, exclude=frozenset()):
+    """Draw n distinct integer sequences, lengths uniform in [min_len, max_len], none of them in `exclude`.
+
+    A draw that repeats an earlier one is rejected, so lengths with few possible sequences (length 1 has
+    only vocab_size) end up under-represented rather than duplicated. Returns a list of tuples of ints.
+    """
+    seen, out = set(exclude), []
+    while len(out) < n:
+        length = int(rng.integers(min_len, max_len + 1))
+        seq = tuple(int(x) for x in rng.integers(0, vocab_size, size=length))
+        if seq not in seen:
+            seen.add(seq)
+            out.append(seq)
+    return out
+
+
+def make_splits(cfg):
+    """Seeded train/val/test splits plus length-generalisation sets; all splits are disjoint.
+
+    Returns a dict name -> list of integer tuples: "train", "val", "test" (lengths min_len..max_len) and
+    "gen" (lengths max_len+1..gen_max_len, n_gen_per_len of each). The target of a sequence is its reverse.
+    """
+    rng = np.random.default_rng(cfg["seed"])
+    n_main = cfg["n_train"] + cfg["n_val"] + cfg["n_test"]
+    pool = sample_unique_sequences(rng, n_main, cfg["vocab_size"], cfg["min_len"], cfg["max_len"])
+    order = rng.permutation(n_main)  # shuffle so that rejection order does not bias one split
+    pool = [pool[i] for i in order]
+    splits = dict(test=pool[:cfg["n_test"]],
+                  val=pool[cfg["n_test"]:cfg["n_test"] + cfg["n_val"]],
+                  train=pool[cfg["n_test"] + cfg["n_val"]:])
+    gen = []
+    for length in range(cfg["max_len"] + 1, cfg["gen_max_len"] + 1):
+        gen += sample_unique_sequences(rng, cfg["n_gen_per_len"], cfg["vocab_size"], length, length)
+    splits["gen"] = gen
+    return splits
+
+
+class SeqDataset:
+    """Padded source/target tensors for a list of integer sequences, held on `device`.
+
+    src: (N, S) token ids, PAD after each sequence; tgt: (N, S+1) reversed sequence then EOS, then PAD;
+    lengths: (N,) source lengths on the CPU (pack_padded_sequence wants them there).
+    """
+
+    def __init__(self, seqs, device):
+        self.seqs = list(seqs)
+        n, S = len(self.seqs), max(len(s) for s in self.seqs)
+        src = torch.full((n, S), PAD, dtype=torch.long)
+        tgt = torch.full((n, S + 1), PAD, dtype=torch.long)
+        for i, s in enumerate(self.seqs):
+            ids = encode(s)
+            src[i, :len(ids)] = torch.tensor(ids)
+            tgt[i, :len(ids) + 1] = torch.tensor(ids[::-1] + [EOS])
+        self.lengths = torch.tensor([len(s) for s in self.seqs], dtype=torch.long)
+        self.src, self.tgt = src.to(device), tgt.to(device)
+
+    def __len__(self):
+        return len(self.seqs)
+
+    def batches(self, batch_size, generator=None):
+        """Yield (src, lengths, tgt) batches, each padded only to its own longest sequence.
+
+        Shuffled when a torch.Generator is given, in order otherwise.
+        """
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            lengths = self.lengths[idx]
+            S = int(lengths.max())  # CPU tensor: no device sync
+            idx_dev = idx.to(self.src.device)
+            yield self.src[idx_dev, :S], lengths, self.tgt[idx_dev, :S + 1]
+
+
+# -----------------------------------------------------------------------------
+# model
+# -----------------------------------------------------------------------------
+class Encoder(nn.Module):
+    """Embedding + (bi)LSTM reading the source; returns every hidden state (Sutskever et al. 2014).
+
+    forward(src (B, S) long, lengths (B,) long CPU) ->
+      outputs (B, S, D) with D = hidden_size * (2 if bidirectional else 1), zeros at padded positions;
+      (h, c) each (num_layers, B, D): the final states, forward and backward directions concatenated.
+    Packing keeps the backward direction from reading the padding.
+    """
+
+    def __init__(self, n_tokens, emb_dim, hidden_size, num_layers, bidirectional, dropout):
+        super().__init__()
+        self.embedding = nn.Embedding(n_tokens, emb_dim, padding_idx=PAD)
+        self.rnn = nn.LSTM(emb_dim, hidden_size, num_layers, batch_first=True, bidirectional=bidirectional,
+                           dropout=dropout if num_layers > 1 else 0.0)
+        self.num_layers, self.num_dirs = num_layers, 2 if bidirectional else 1
+        self.out_dim = hidden_size * self.num_dirs
+
+    def forward(self, src, lengths):
+        B, S = src.shape
+        packed = pack_padded_sequence(self.embedding(src), lengths.cpu(), batch_first=True, enforce_sorted=False)
+        outputs, (h, c) = self.rnn(packed)
+        outputs, _ = pad_packed_sequence(outputs, batch_first=True, total_length=S)
+
+        def merge(x):  # (layers*dirs, B, H) -> (layers, B, dirs*H)
+            return x.view(self.num_layers, self.num_dirs, B, -1).permute(0, 2, 1, 3).reshape(self.num_layers, B, -1)
+
+        return outputs, (merge(h), merge(c))
+
+
+class AdditiveAttention(nn.Module):
+    """Additive attention (Bahdanau, Cho & Bengio, ICLR 2015): score_j = v^T tanh(W_s s + W_h h_j).
+
+    forward(query (B, Q), keys (B, S, D), projected_keys (B, S, A) = project(keys), mask (B, S) bool,
+    True at real source positions) -> context (B, D), weights (B, S).
+    Weights are a softmax over source positions with padding set to -inf first, so each row sums to 1 and
+    padded positions get exactly 0. Every row needs at least one real position.
+    """
+
+    def __init__(self, query_dim, key_dim, attn_dim):
+        super().__init__()
+        self.W_s = nn.Linear(query_dim, attn_dim, bias=False)
+        self.W_h = nn.Linear(key_dim, attn_dim, bias=True)
+        self.v = nn.Linear(attn_dim, 1, bias=False)
+
+    def project(self, keys):
+        """W_h h_j for every source position, computed once per sequence: (B, S, D) -> (B, S, A)."""
+        return self.W_h(keys)
+
+    def forward(self, query, keys, projected_keys, mask):
+        scores = self.v(torch.tanh(projected_keys + self.W_s(query).unsqueeze(1))).squeeze(-1)  # (B, S)
+        weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        context = torch.bmm(weights.unsqueeze(1), keys).squeeze(1)  # (B, D)
+        return context, weights
+
+
+class Decoder(nn.Module):
+    """One decoding step: embedding of the previous token (+ attention context) -> LSTM -> linear over vocab.
+
+    step(prev (B,) long, state (h, c) each (num_layers, B, H), enc_out (B, S, D), proj_keys (B, S, A) or None,
+    mask (B, S) bool) -> logits (B, V), new state, attention weights (B, S) or None.
+    With use_attention=False this is the plain Sutskever et al. (2014) decoder: the context is removed.
+    """
+
+    def __init__(self, n_tokens, emb_dim, hidden_size, enc_dim, num_layers, use_attention, dropout):
+        super().__init__()
+        self.embedding = nn.Embedding(n_tokens, emb_dim, padding_idx=PAD)
+        self.attention = AdditiveAttention(hidden_size, enc_dim, hidden_size) if use_attention else None
+        in_dim = emb_dim + (enc_dim if use_attention else 0)
+        self.rnn = nn.LSTM(in_dim, hidden_size, num_layers, batch_first=True,
+                           dropout=dropout if num_layers > 1 else 0.0)
+        self.out = nn.Linear(hidden_size, n_tokens)
+
+    def step(self, prev, state, enc_out, proj_keys, mask):
+        x = self.embedding(prev)  # (B, E)
+        weights = None
+        if self.attention is not None:
+            # the query is the previous top-layer decoder state s_{t-1}, as in Bahdanau et al.
+            context, weights = self.attention(state[0][-1], enc_out, proj_keys, mask)
+            x = torch.cat([x, context], dim=-1)
+        out, state = self.rnn(x.unsqueeze(1), state)
+        return self.out(out.squeeze(1)), state, weights
+
+
+class Seq2Seq(nn.Module):
+    """LSTM encoder-decoder, with or without additive attention (Sutskever 2014; Bahdanau 2015).
+
+    forward(src (B, S), lengths (B,) CPU, tgt (B, T) or None, teacher_forcing_ratio, max_steps) ->
+      logits (B, T', V) and attention (B, T', S) (None for the baseline).
+    Decoding always starts from SOS. With tgt given, T' = T and each step's input is the gold previous
+    token with probability teacher_forcing_ratio, else the model's own argmax (per sequence, per step).
+    With tgt=None it is free-running greedy decoding for max_steps steps that stops early once every
+    sequence has produced EOS (tokens after a sequence's EOS are ignored by the metrics).
+    """
+
+    def __init__(self, n_tokens, emb_dim, hidden_size, num_layers, bidirectional, use_attention, dropout=0.0):
+        super().__init__()
+        self.encoder = Encoder(n_tokens, emb_dim, hidden_size, num_layers, bidirectional, dropout)
+        D = self.encoder.out_dim
+        # bridge: the encoder's final (bi)directional state initialises the decoder (Bahdanau: s_0 = tanh(W h))
+        self.bridge_h = nn.Linear(D, hidden_size)
+        self.bridge_c = nn.Linear(D, hidden_size)
+        self.decoder = Decoder(n_tokens, emb_dim, hidden_size, D, num_layers, use_attention, dropout)
+        self.use_attention = use_attention
+
+    def forward(self, src, lengths, tgt=None, teacher_forcing_ratio=0.0, max_steps=None):
+        B, S = src.shape
+        enc_out, (h, c) = self.encoder(src, lengths)
+        state = (torch.tanh(self.bridge_h(h)).contiguous(), self.bridge_c(c).contiguous())
+        mask = src != PAD  # (B, S)
+        proj = self.decoder.attention.project(enc_out) if self.use_attention else None
+        steps = tgt.size(1) if tgt is not None else (max_steps or S + 2)
+        prev = torch.full((B,), SOS, dtype=torch.long, device=src.device)
+        finished = torch.zeros(B, dtype=torch.bool, device=src.device)
+        all_logits, all_weights = [], []
+        for t in range(steps):
+            logits, state, weights = self.decoder.step(prev, state, enc_out, proj, mask)
+            all_logits.append(logits)
+            if weights is not None:
+                all_weights.append(weights)
+            pred = logits.argmax(-1)
+            if tgt is None:
+                finished |= pred == EOS
+                if bool(finished.all()):  # eval only: one sync per step to stop early
+                    break
+                prev = pred
+            elif teacher_forcing_ratio >= 1.0:
+                prev = tgt[:, t]
+            elif teacher_forcing_ratio <= 0.0:
+                prev = pred
+            else:
+                use_gold = torch.rand(B, device=src.device) < teacher_forcing_ratio
+                prev = torch.where(use_gold, tgt[:, t], pred)
+        logits = torch.stack(all_logits, dim=1)
+        attention = torch.stack(all_weights, dim=1) if all_weights else None
+        return logits, attention
+
+
+def build_model(cfg, use_attention):
+    """A Seq2Seq sized from the config; token ids cover the integers plus PAD, SOS, EOS."""
+    return Seq2Seq(cfg["vocab_size"] + N_SPECIAL, cfg["emb_dim"], cfg["hidden_size"], cfg["num_layers"],
+                   cfg["bidirectional"], use_attention, cfg["dropout"])
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+# -----------------------------------------------------------------------------
+def clean_predictions(pred):
+    """Greedy outputs (B, T') -> same shape with every token after a sequence's first EOS set to PAD."""
+    is_eos = pred == EOS
+    after_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+    return pred.masked_fill(after_eos, PAD)
+
+
+@torch.no_grad()
+def evaluate(model, data, batch_size=512, keep_predictions=False):
+    """Score a model on a SeqDataset: free-running greedy decoding for the accuracies, teacher-forced loss.
+
+    Returns dict with loss (mean cross-entropy per non-pad target token, nats, teacher forced), token_acc
+    (fraction of non-pad target positions, EOS included, predicted right), exact_match (fraction of sequences
+    whose whole output up to and including EOS is right), precision / recall / f1 (scikit-learn macro averages
+    over the integer tokens and EOS at target positions), n (sequences); with keep_predictions also
+    per-sequence arrays y_true/y_pred (flattened tokens) and seq_correct (bool, per sequence).
+    """
+    from sklearn.metrics import precision_recall_fscore_support
+
+    model.eval()
+    loss_sum = torch.zeros((), device=data.src.device)
+    n_tok = 0
+    y_true, y_pred, seq_correct, tok_correct, tok_count = [], [], [], [], []
+    for src, lengths, tgt in data.batches(batch_size):
+        logits, _ = model(src, lengths, tgt=tgt, teacher_forcing_ratio=1.0)
+        loss_sum += F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=PAD, reduction="sum")
+        n_tok += int((lengths + 1).sum())
+        gen_logits, _ = model(src, lengths, max_steps=src.size(1) + 2)
+        pred = clean_predictions(gen_logits.argmax(-1))
+        T = tgt.size(1)
+        if pred.size(1) < T:  # stopped early (everyone emitted EOS): pad to the target length
+            pred = F.pad(pred, (0, T - pred.size(1)), value=PAD)
+        # a sequence is right when every target position matches and nothing but PAD follows the EOS
+        extra = (pred[:, T:] != PAD).any(dim=1) if pred.size(1) > T else torch.zeros_like(lengths, dtype=torch.bool, device=pred.device)
+        pred = pred[:, :T]
+        valid = tgt != PAD
+        match = (pred == tgt) & valid
+        seq_correct.append(((match.sum(1) == valid.sum(1)) & ~extra).cpu())
+        tok_correct.append(match.sum(1).cpu())
+        tok_count.append(valid.sum(1).cpu())
+        y_true.append(tgt[valid].cpu())
+        y_pred.append(pred[valid].cpu())
+    seq_correct = torch.cat(seq_correct).numpy()
+    tok_correct, tok_count = torch.cat(tok_correct).numpy(), torch.cat(tok_count).numpy()
+    y_true, y_pred = torch.cat(y_true).numpy(), torch.cat(y_pred).numpy()
+    # classes = output tokens (integers and EOS) that occur in the targets or the predictions; a PAD/SOS
+    # prediction (output ended early) is simply wrong for the true class, not a class of its own
+    labels = sorted(int(x) for x in np.union1d(y_true, y_pred) if x == EOS or x >= N_SPECIAL)
+    p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+    out = dict(loss=float(loss_sum) / max(n_tok, 1), token_acc=float(tok_correct.sum() / max(tok_count.sum(), 1)),
+               exact_match=float(seq_correct.mean()), precision=float(p), recall=float(r), f1=float(f),
+               n=int(len(data)))
+    if keep_predictions:
+        out.update(seq_correct=seq_correct, tok_correct=tok_correct, tok_count=tok_count)
+    return out
+
+
+def accuracy_by_length(model, datasets, batch_size=512):
+    """Per source length, exact match and token accuracy over the given SeqDatasets.
+
+    Returns dict with NumPy arrays: length, n, exact_match, token_acc (one entry per length present).
+    """
+    by_len = {}
+    for data in datasets:
+        res = evaluate(model, data, batch_size, keep_predictions=True)
+        for L, ok, tc, tn in zip(data.lengths.tolist(), res["seq_correct"], res["tok_correct"], res["tok_count"]):
+            d = by_len.setdefault(L, [0, 0, 0, 0])
+            d[0] += 1; d[1] += int(ok); d[2] += int(tc); d[3] += int(tn)
+    lengths = sorted(by_len)
+    return dict(length=np.array(lengths), n=np.array([by_len[L][0] for L in lengths]),
+                exact_match=np.array([by_len[L][1] / by_len[L][0] for L in lengths]),
+                token_acc=np.array([by_len[L][2] / by_len[L][3] for L in lengths]))
+
+
+@torch.no_grad()
+def attention_examples(model, seqs, device):
+    """Greedy-decode a few integer sequences and return their attention maps.
+
+    Returns a list of dicts: source (list of ints), prediction (list of ints), weights (NumPy (T_out, S)
+    array: row t = attention over the source positions while emitting output token t, EOS row included).
+    Empty list for the no-attention baseline.
+    """
+    if not model.use_attention:
+        return []
+    model.eval()
+    out = []
+    for seq in seqs:
+        src = torch.tensor([encode(seq)], device=device)
+        logits, attn = model(src, torch.tensor([len(seq)]), max_steps=len(seq) + 2)
+        ids = logits.argmax(-1)[0].tolist()
+        n_out = ids.index(EOS) + 1 if EOS in ids else len(ids)
+        out.append(dict(source=list(seq), prediction=decode(ids),
+                        weights=attn[0, :n_out].cpu().numpy().astype(np.float32)))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# training loop
+# -----------------------------------------------------------------------------
+def teacher_forcing_at(cfg, epoch):
+    """Teacher forcing ratio for a 0-based epoch: linear from teacher_forcing_ratio to teacher_forcing_min."""
+    if cfg["epochs"] <= 1:
+        return cfg["teacher_forcing_ratio"]
+    frac = epoch / (cfg["epochs"] - 1)
+    return cfg["teacher_forcing_ratio"] + frac * (cfg["teacher_forcing_min"] - cfg["teacher_forcing_ratio"])
+
+
+def train_model(cfg, kind, data, device, log=print):
+    """Train one model ("attention" or "baseline") with Adam, gradient clipping and scheduled teacher forcing.
+
+    After each epoch both the validation set and a fixed training subset (as large as the validation set) are
+    scored with free-running greedy decoding. The checkpoint with the best validation exact match (ties: lower
+    validation loss) is kept; training stops after `patience` epochs without improvement, when validation
+    exact match reaches 1.0, at `epochs`, or once max_train_seconds have passed. The test set is not touched.
+    Returns (model with the chosen weights, history dict of per-epoch lists, info dict).
+    """
+    from tqdm.auto import tqdm
+
+    set_seed(cfg["seed"])  # same initialisation stream and batch order for both models
+    model = build_model(cfg, use_attention=(kind == "attention")).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    # halve the learning rate when validation exact match stalls: late epochs refine instead of oscillating
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=1)
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    train_probe = SeqDataset(data["train"].seqs[:len(data["val"])], device)
+    hist = {k: [] for k in ("epoch", "teacher_forcing_ratio", "train_loss_running", "train_loss", "train_token_acc",
+                            "train_exact_match", "val_loss", "val_token_acc", "val_exact_match", "lr", "elapsed_s")}
+    best, best_state, best_epoch, since_best = None, None, -1, 0
+    t0, stop_reason = time.perf_counter(), "epochs"
+    for epoch in range(cfg["epochs"]):
+        model.train()
+        tf = teacher_forcing_at(cfg, epoch)
+        loss_sum = torch.zeros((), device=device)  # accumulated on the device: no per-step .item() sync
+        n_tok = 0
+        n_batches = math.ceil(len(data["train"]) / cfg["batch_size"])
+        bar = tqdm(data["train"].batches(cfg["batch_size"], gen), total=n_batches, leave=False,
+                   desc=f"{kind} epoch {epoch + 1}/{cfg['epochs']}", disable=None, mininterval=1.0)
+        for src, lengths, tgt in bar:
+            logits, _ = model(src, lengths, tgt=tgt, teacher_forcing_ratio=tf)
+            loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=PAD)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            opt.step()
+            k = int((lengths + 1).sum())  # CPU lengths: no sync
+            loss_sum += loss.detach() * k
+            n_tok += k
+        bar.close()
+        tr, va = evaluate(model, train_probe), evaluate(model, data["val"])
+        elapsed = time.perf_counter() - t0
+        for key, val in (("epoch", epoch + 1), ("teacher_forcing_ratio", tf),
+                         ("train_loss_running", float(loss_sum) / n_tok), ("train_loss", tr["loss"]),
+                         ("train_token_acc", tr["token_acc"]), ("train_exact_match", tr["exact_match"]),
+                         ("val_loss", va["loss"]), ("val_token_acc", va["token_acc"]),
+                         ("val_exact_match", va["exact_match"]), ("lr", opt.param_groups[0]["lr"]),
+                         ("elapsed_s", elapsed)):
+            hist[key].append(val)
+        sched.step(va["exact_match"])
+        improved = best is None or (va["exact_match"], -va["loss"]) > best
+        if improved:
+            best, best_epoch, since_best = (va["exact_match"], -va["loss"]), epoch + 1, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            since_best += 1
+        log(f"[{kind}] epoch {epoch + 1:2d}  tf {tf:.2f}  train loss {float(loss_sum) / n_tok:.4f}  "
+            f"val loss {va['loss']:.4f}  val tok acc {va['token_acc']:.4f}  val exact {va['exact_match']:.4f}"
+            f"{'  *' if improved else ''}  ({elapsed:.0f}s)")
+        if va["exact_match"] >= 1.0:
+            stop_reason = "validation exact match reached 1.0"
+            break
+        if since_best >= cfg["patience"]:
+            stop_reason = f"no validation improvement in {cfg['patience']} epochs"
+            break
+        if elapsed >= cfg["max_train_seconds"]:
+            stop_reason = f"training budget of {cfg['max_train_seconds']:.0f}s used"
+            break
+    model.load_state_dict(best_state)
+    info = dict(train_seconds=time.perf_counter() - t0, best_epoch=best_epoch, epochs_run=len(hist["epoch"]),
+                stop_reason=stop_reason, n_params=sum(p.numel() for p in model.parameters()))
+    return model, hist, info
+
+
+# -----------------------------------------------------------------------------
+# results: atomic files, pickles, plots, tables
+# -----------------------------------------------------------------------------
+def atomic_write_bytes(path, data):
+    """Write bytes to `path` via a temp file in the same folder + os.replace, so a killed run never leaves half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_pickle(path, obj):
+    atomic_write_bytes(path, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def load_results(results_dir):
+    """Load results.pkl from results_dir; raises UserError naming the file when it is missing or corrupt."""
+    path = os.path.join(results_dir, "results.pkl")
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: run `python seq2seq_project.py --results-dir {results_dir}` first")
+    try:
+        with open(path, "rb") as f:
+            res = pickle.load(f)
+        if not isinstance(res, dict) or "config" not in res or "models" not in res:
+            raise ValueError("not a seq2seq results dict")
+    except Exception as e:
+        raise UserError(f"{path} is corrupt or not a results file ({type(e).__name__}: {e})") from None
+    return res
+
+
+def save_weights(path, model):
+    """torch.save(state_dict) atomically; load with torch.load(..., weights_only=True)."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_figure(fig, path):
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+METRIC_KEYS = ("exact_match", "token_acc", "precision", "recall", "f1", "loss")
+
+
+def comparison_table(res):
+    """Markdown table of test metrics, training time and epochs for every model in a results dict."""
+    head = "| model | exact match | token acc | precision | recall | F1 | loss (nats) | train time (s) | epochs (best) | params |"
+    rows = [head, "|" + "---|" * 10]
+    for kind, m in res["models"].items():
+        t, i = m["test"], m["info"]
+        rows.append(f"| {kind} | {t['exact_match']:.4f} | {t['token_acc']:.4f} | {t['precision']:.4f} | "
+                    f"{t['recall']:.4f} | {t['f1']:.4f} | {t['loss']:.4f} | {i['train_seconds']:.1f} | "
+                    f"{i['epochs_run']} ({i['best_epoch']}) | {i['n_params']:,} |")
+    return "\n".join(rows)
+
+
+def length_table(res):
+    """Markdown table of exact match per source length for every model (lengths beyond max_len are unseen)."""
+    kinds = list(res["models"])
+    if not kinds:
+        return ""
+    lengths = res["models"][kinds[0]]["by_length"]["length"]
+    rows = ["| length | n | " + " | ".join(f"{k} exact match" for k in kinds) + " |", "|" + "---|" * (2 + len(kinds))]
+    for j, L in enumerate(lengths):
+        n = res["models"][kinds[0]]["by_length"]["n"][j]
+        rows.append(f"| {int(L)} | {int(n)} | " + " | ".join(f"{res['models'][k]['by_length']['exact_match'][j]:.3f}"
+                                                          for k in kinds) + " |")
+    return "\n".join(rows)
+
+
+def write_summary(res, results_dir):
+    """summary.json (config + test metrics + info per model) and summary.csv (one row per model), atomically."""
+    summary = dict(config=res["config"], device=res.get("device"), hardware=res.get("hardware"),
+                   models={k: dict(test=m["test"], info=m["info"]) for k, m in res["models"].items()})
+    atomic_write_bytes(os.path.join(results_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["model", *METRIC_KEYS, "train_seconds", "epochs_run", "best_epoch", "n_params"])
+    for k, m in res["models"].items():
+        w.writerow([k, *(f"{m['test'][key]:.6f}" for key in METRIC_KEYS), f"{m['info']['train_seconds']:.1f}",
+                    m["info"]["epochs_run"], m["info"]["best_epoch"], m["info"]["n_params"]])
+    atomic_write_bytes(os.path.join(results_dir, "summary.csv"), buf.getvalue().encode())
+
+
+def make_plots(res, results_dir):
+    """Loss curves, accuracy curves, accuracy vs length and attention heatmaps as PNGs in results_dir."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models, colors = res["models"], {"attention": "tab:blue", "baseline": "tab:orange"}
+    if not models:
+        return []
+    written = []
+    for name, keys, ylabel in (("loss_curves.png", ("train_loss", "val_loss"), "cross-entropy (nats/token, teacher forced)"),
+                               ("accuracy_curves.png", ("train_exact_match", "val_exact_match"), "sequence exact match (greedy)")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for kind, m in models.items():
+            h = m["history"]
+            for key, style in zip(keys, ("--", "-")):
+                ax.plot(h["epoch"], h[key], style, color=colors.get(kind), marker="o", ms=3,
+                        label=f"{kind} {key.split('_')[0]}")
+        ax.set_xlabel("epoch"); ax.set_ylabel(ylabel); ax.grid(alpha=0.3); ax.legend()
+        if "loss" in name:
+            ax.set_yscale("log")
+        ax.set_title(f"reversal, lengths {res['config']['min_len']}..{res['config']['max_len']}: "
+                     f"{'loss' if 'loss' in name else 'accuracy'} per epoch")
+        save_figure(fig, os.path.join(results_dir, name)); plt.close(fig); written.append(name)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for kind, m in models.items():
+        b = m["by_length"]
+        ax.plot(b["length"], b["exact_match"], "-o", color=colors.get(kind), ms=4, label=f"{kind} exact match")
+        ax.plot(b["length"], b["token_acc"], ":", color=colors.get(kind), label=f"{kind} token acc")
+    ax.axvline(res["config"]["max_len"] + 0.5, color="grey", lw=1)
+    ax.text(res["config"]["max_len"] + 0.7, 0.5, "unseen lengths →", color="grey")
+    ax.set_xlabel("source length (tokens)"); ax.set_ylabel("accuracy (test sets)"); ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3); ax.legend(fontsize=8); ax.set_title("accuracy vs sequence length")
+    save_figure(fig, os.path.join(results_dir, "accuracy_vs_length.png")); plt.close(fig)
+    written.append("accuracy_vs_length.png")
+
+    examples = models.get("attention", {}).get("attention_examples", [])
+    if examples:
+        fig, axes = plt.subplots(1, len(examples), figsize=(3.6 * len(examples), 3.8), squeeze=False)
+        for ax, ex in zip(axes[0], examples):
+            draw_heatmap(ax, ex)
+        fig.suptitle("additive attention, test sequences (rows: outputs, columns: source)")
+        fig.tight_layout()
+        save_figure(fig, os.path.join(results_dir, "attention_heatmaps.png")); plt.close(fig)
+        written.append("attention_heatmaps.png")
+    return written
+
+
+def draw_heatmap(ax, ex):
+    """One attention map on a matplotlib axis: rows are output tokens (then EOS), columns source tokens."""
+    w = np.asarray(ex["weights"])
+    ax.imshow(w, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(w.shape[1])); ax.set_xticklabels([str(x) for x in ex["source"]])
+    ylabels = [str(x) for x in ex["prediction"]] + ["EOS"]
+    ax.set_yticks(range(w.shape[0])); ax.set_yticklabels(ylabels[:w.shape[0]])
+    ax.set_xlabel("source"); ax.set_ylabel("output")
+    ok = ex["prediction"] == ex["source"][::-1]
+    ax.set_title(f"len {len(ex['source'])}: {'correct' if ok else 'wrong'}", fontsize=9)
+
+
+def report(res, results_dir, log=print):
+    """Print the comparison and length tables and (re)write summary files and plots from a results dict."""
+    write_summary(res, results_dir)
+    written = make_plots(res, results_dir)
+    log(f"\nTest set (lengths {res['config']['min_len']}..{res['config']['max_len']}, "
+        f"{res['config']['n_test']} sequences, free-running greedy decoding) on {res.get('device')}:\n")
+    log(comparison_table(res))
+    log("\nExact match by source length (beyond max_len: never seen in training):\n")
+    log(length_table(res))
+    log(f"\nwrote summary.json, summary.csv, {', '.join(written)} in {results_dir}")
+
+
+# -----------------------------------------------------------------------------
+# main pipeline and prediction
+# -----------------------------------------------------------------------------
+def hardware_string(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
+
+
+def run(cfg, log=print):
+    """Generate data, train and evaluate both models, write results; returns the results dict.
+
+    Results are written after each model finishes, so a run killed halfway keeps the finished model's results.
+    """
+    validate_config(cfg)
+    device = pick_device(cfg["device"])
+    results_dir = cfg["results_dir"]
+    t_data = time.perf_counter()
+    splits = make_splits(cfg)
+    train_set = set(splits["train"])
+    overlap = sum(s in train_set for s in splits["val"] + splits["test"])
+    if overlap:  # guaranteed by make_splits; checked here so a broken change can never go unnoticed
+        raise RuntimeError(f"{overlap} validation/test sequences also appear in the training set")
+    data = {k: SeqDataset(v, device) for k, v in splits.items()}
+    log(f"data: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test sequences, "
+        f"lengths {cfg['min_len']}..{cfg['max_len']}, + {len(splits['gen'])} at lengths {cfg['max_len'] + 1}.."
+        f"{cfg['gen_max_len']}; no val/test sequence is in train ({time.perf_counter() - t_data:.1f}s) on {device}")
+    res = dict(config=dict(cfg), device=str(device), hardware=hardware_string(device), torch=str(torch.__version__),
+               data=dict(train_length_counts=np.bincount([len(s) for s in splits["train"]]),
+                         test_length_counts=np.bincount([len(s) for s in splits["test"]]),
+                         train_test_overlap=0),
+               models={})
+    # a few test sequences (longest ones, plus one medium) for the attention heatmaps
+    by_len = sorted(splits["test"], key=len, reverse=True)
+    heat_seqs = [by_len[0], next((s for s in by_len if len(s) <= max(cfg["min_len"], cfg["max_len"] // 2 + 1)), by_len[-1]),
+                 splits["gen"][-1] if splits["gen"] else by_len[1 % len(by_len)]]
+    for kind in MODEL_KINDS:
+        model, hist, info = train_model(cfg, kind, data, device, log)
+        test = evaluate(model, data["test"])
+        gens = [data["test"]] + ([data["gen"]] if len(data["gen"]) else [])
+        res["models"][kind] = dict(history=hist, info=info, test=test, by_length=accuracy_by_length(model, gens),
+                                   attention_examples=attention_examples(model, heat_seqs, device))
+        save_weights(os.path.join(results_dir, f"{kind}_model.pt"), model)
+        save_pickle(os.path.join(results_dir, "results.pkl"), res)
+        atomic_write_bytes(os.path.join(results_dir, "config.json"), json.dumps(dict(cfg), indent=2).encode())
+        log(f"[{kind}] test exact match {test['exact_match']:.4f}  token acc {test['token_acc']:.4f}  "
+            f"F1 {test['f1']:.4f}  trained {info['train_seconds']:.1f}s, best epoch {info['best_epoch']} "
+            f"({info['stop_reason']})")
+    report(res, results_dir, log)
+    return res
+
+
+def load_model(results_dir, kind="attention", device="cpu"):
+    """Rebuild a saved model from results_dir/config.json and {kind}_model.pt (weights_only=True)."""
+    cfg_path, w_path = os.path.join(results_dir, "config.json"), os.path.join(results_dir, f"{kind}_model.pt")
+    for p in (cfg_path, w_path):
+        if not os.path.exists(p):
+            raise UserError(f"{p} not found: train first with `python seq2seq_project.py --results-dir {results_dir}`")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        model = build_model(cfg, use_attention=(kind == "attention"))
+        model.load_state_dict(torch.load(w_path, map_location=device, weights_only=True))
+    except Exception as e:
+        raise UserError(f"could not load the saved model from {w_path} / {cfg_path} ({type(e).__name__}: {e})") from None
+    return model.to(device).eval(), cfg
+
+
+def predict(tokens, results_dir, device="cpu", png=None, log=print):
+    """Reverse `tokens` with the saved attention model; print the output and its attention map as text.
+
+    Raises UserError when a token lies outside 0..vocab_size-1 of the saved model. Returns the output list.
+    """
+    model, cfg = load_model(results_dir, "attention", device)
+    bad = [t for t in tokens if not 0 <= t < cfg["vocab_size"]]
+    if bad:
+        raise UserError(f"token(s) {bad} outside the vocabulary 0..{cfg['vocab_size'] - 1} of the saved model")
+    if not tokens:
+        raise UserError("--predict needs at least one token")
+    ex = attention_examples(model, [tuple(tokens)], device)[0]
+    log(" ".join(str(x) for x in ex["prediction"]))
+    if not cfg["min_len"] <= len(tokens) <= cfg["max_len"]:
+        log(f"(note: trained on lengths {cfg['min_len']}..{cfg['max_len']}; length {len(tokens)} was never seen)")
+    w = ex["weights"]
+    log("\nattention (rows: output token, columns: source token, weights x100):")
+    log("       " + "".join(f"{s:>5}" for s in tokens))
+    for label, row in zip([str(x) for x in ex["prediction"]] + ["EOS"], w):
+        log(f"{label:>5}  " + "".join(f"{100 * v:5.0f}" for v in row))
+    if png:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(1 + 0.5 * len(tokens), 1 + 0.5 * len(w)))
+        draw_heatmap(ax, ex)
+        save_figure(fig, png); plt.close(fig)
+        log(f"wrote {png}")
+    return ex["prediction"]
+
+
+# -----------------------------------------------------------------------------
+# CLI
+# -----------------------------------------------------------------------------
+def str2bool(s):
+    if s.lower() in ("1", "true", "yes", "y"):
+        return True
+    if s.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--report", action="store_true", help="rebuild tables and plots from results-dir/results.pkl")
+    mode.add_argument("--predict", type=int, nargs="+", metavar="TOKEN",
+                      help="reverse these integers with the saved attention model and print its attention map")
+    p.add_argument("--predict-png", default=None, metavar="PATH", help="with --predict: also draw the attention map here")
+    for key, default in CONFIG.items():
+        flag = "--" + key.replace("_", "-")
+        kind = str2bool if isinstance(default, bool) else type(default)
+        p.add_argument(flag, type=kind, default=default, metavar=kind.__name__.upper() if kind is not str2bool else "BOOL")
+    return p
+
+
+def main(argv=None):
+    """CLI entry point; returns the process exit status (0 ok, 2 bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # unknown flags / bad types: argparse prints usage and exits 2
+    cfg = {k: getattr(args, k) for k in CONFIG}
+    try:
+        if args.report:
+            res = load_results(cfg["results_dir"])
+            report(res, cfg["results_dir"])
+        elif args.predict is not None:
+            predict(args.predict, cfg["results_dir"], pick_device(cfg["device"]), args.predict_png)
+        else:
+            run(cfg)
+    except UserError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
