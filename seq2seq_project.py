@@ -567,6 +567,7 @@ def atomic_write_bytes(path, data):
 
 
 def save_pickle(path, obj):
+    """Pickle `obj` (plain Python types and NumPy arrays only) to `path` atomically."""
     atomic_write_bytes(path, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
@@ -593,6 +594,7 @@ def save_weights(path, model):
 
 
 def save_figure(fig, path):
+    """Save a matplotlib figure as PNG to `path` atomically."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     atomic_write_bytes(path, buf.getvalue())
@@ -718,6 +720,7 @@ def report(res, results_dir, log=print):
 # main pipeline and prediction
 # -----------------------------------------------------------------------------
 def hardware_string(device):
+    """Human-readable name of the hardware a run used (GPU name, or CPU model and core count)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     import platform
@@ -827,6 +830,7 @@ def predict(tokens, results_dir, device="cpu", png=None, log=print):
 # CLI
 # -----------------------------------------------------------------------------
 def str2bool(s):
+    """argparse type for boolean flags: true/false, yes/no, 1/0."""
     if s.lower() in ("1", "true", "yes", "y"):
         return True
     if s.lower() in ("0", "false", "no", "n"):
@@ -835,6 +839,7 @@ def str2bool(s):
 
 
 def build_parser():
+    """The argparse parser: --report / --predict modes plus one flag per CONFIG key."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     mode = p.add_mutually_exclusive_group()
