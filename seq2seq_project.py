@@ -648,6 +648,7 @@ def make_plots(res, results_dir):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     models, colors = res["models"], {"attention": "tab:blue", "baseline": "tab:orange"}
     if not models:
@@ -662,6 +663,7 @@ def make_plots(res, results_dir):
                 ax.plot(h["epoch"], h[key], style, color=colors.get(kind), marker="o", ms=3,
                         label=f"{kind} {key.split('_')[0]}")
         ax.set_xlabel("epoch"); ax.set_ylabel(ylabel); ax.grid(alpha=0.3); ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if "loss" in name:
             ax.set_yscale("log")
         ax.set_title(f"reversal, lengths {res['config']['min_len']}..{res['config']['max_len']}: "
@@ -674,7 +676,7 @@ def make_plots(res, results_dir):
         ax.plot(b["length"], b["exact_match"], "-o", color=colors.get(kind), ms=4, label=f"{kind} exact match")
         ax.plot(b["length"], b["token_acc"], ":", color=colors.get(kind), label=f"{kind} token acc")
     ax.axvline(res["config"]["max_len"] + 0.5, color="grey", lw=1)
-    ax.text(res["config"]["max_len"] + 0.7, 0.5, "unseen lengths →", color="grey")
+    ax.text(res["config"]["max_len"] + 0.7, 0.03, "unseen lengths →", color="grey", fontsize=8)
     ax.set_xlabel("source length (tokens)"); ax.set_ylabel("accuracy (test sets)"); ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3); ax.legend(fontsize=8); ax.set_title("accuracy vs sequence length")
     save_figure(fig, os.path.join(results_dir, "accuracy_vs_length.png")); plt.close(fig)
@@ -682,26 +684,33 @@ def make_plots(res, results_dir):
 
     examples = models.get("attention", {}).get("attention_examples", [])
     if examples:
-        fig, axes = plt.subplots(1, len(examples), figsize=(3.6 * len(examples), 3.8), squeeze=False)
+        fig, axes = plt.subplots(1, len(examples), figsize=(4.0 * len(examples) + 1.0, 4.0), squeeze=False)
+        fig.subplots_adjust(wspace=0.35)
         for ax, ex in zip(axes[0], examples):
-            draw_heatmap(ax, ex)
-        fig.suptitle("additive attention, test sequences (rows: outputs, columns: source)")
-        fig.tight_layout()
+            im = draw_heatmap(ax, ex, res["config"]["max_len"])
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="attention weight")
+        fig.suptitle("additive attention on held-out sequences (rows: outputs, columns: source)")
         save_figure(fig, os.path.join(results_dir, "attention_heatmaps.png")); plt.close(fig)
         written.append("attention_heatmaps.png")
     return written
 
 
-def draw_heatmap(ax, ex):
-    """One attention map on a matplotlib axis: rows are output tokens (then EOS), columns source tokens."""
+def draw_heatmap(ax, ex, max_train_len=None):
+    """One attention map on a matplotlib axis: rows are output tokens (then EOS), columns source tokens.
+
+    Returns the AxesImage (for a colorbar). Lengths above max_train_len are marked as unseen in the title.
+    """
     w = np.asarray(ex["weights"])
-    ax.imshow(w, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    im = ax.imshow(w, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_xticks(range(w.shape[1])); ax.set_xticklabels([str(x) for x in ex["source"]])
     ylabels = [str(x) for x in ex["prediction"]] + ["EOS"]
     ax.set_yticks(range(w.shape[0])); ax.set_yticklabels(ylabels[:w.shape[0]])
     ax.set_xlabel("source"); ax.set_ylabel("output")
     ok = ex["prediction"] == ex["source"][::-1]
-    ax.set_title(f"len {len(ex['source'])}: {'correct' if ok else 'wrong'}", fontsize=9)
+    unseen = max_train_len is not None and len(ex["source"]) > max_train_len
+    ax.set_title(f"len {len(ex['source'])}{' (unseen length)' if unseen else ''}: {'correct' if ok else 'wrong'}",
+                 fontsize=9)
+    return im
 
 
 def report(res, results_dir, log=print):
@@ -820,7 +829,7 @@ def predict(tokens, results_dir, device="cpu", png=None, log=print):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(1 + 0.5 * len(tokens), 1 + 0.5 * len(w)))
-        draw_heatmap(ax, ex)
+        draw_heatmap(ax, ex, cfg["max_len"])
         save_figure(fig, png); plt.close(fig)
         log(f"wrote {png}")
     return ex["prediction"]
