@@ -1066,12 +1066,12 @@ def run_app() -> None:  # noqa: C901 - one page script, read top to bottom
                 st.caption(f"Ratings stored in `{store.path}` (1-5 stars).")
                 if summary:
                     st.subheader("Ratings per task and model")
-                    st.dataframe(summary, hide_index=True)
+                    st.table(summary)  # a small HTML table (also legible in screenshots)
                 else:
                     st.info("No ratings yet: rate an output with the stars under it.")
                 st.subheader("Latest comments")
                 if comments:
-                    st.dataframe(comments, hide_index=True)
+                    st.table(comments)
                 else:
                     st.caption("No comments yet.")
                 st.download_button("Download all feedback (CSV)", csv_text, file_name="feedback.csv",

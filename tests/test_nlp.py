@@ -359,7 +359,7 @@ def test_app_feedback_page(app_env):
     store.record("b", "Chatbot", "m1", "hi", "meh", 2)
     at = new_app("Feedback")
     assert_clean(at)
-    frames = at.dataframe
+    frames = at.table
     assert len(frames) == 2
     summary = frames[0].value
     assert list(summary["ratings"]) == [2] and list(summary["mean_rating"]) == [3.5]

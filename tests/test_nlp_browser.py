@@ -85,9 +85,11 @@ def choose_task(page, task: str) -> None:
 
 
 def wait_idle(page, timeout_ms: int) -> None:
-    """Wait until Streamlit has finished the script run (the 'running' status widget disappears)."""
-    page.wait_for_timeout(500)
-    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=timeout_ms)
+    """Wait until Streamlit's script run is over (stApp's data-test-script-state is 'notRunning')."""
+    page.wait_for_timeout(700)  # let the rerun triggered by the last action begin
+    page.wait_for_function(
+        "() => document.querySelector('[data-testid=stApp]')?.getAttribute('data-test-script-state')"
+        " === 'notRunning'", timeout=timeout_ms)
 
 
 def rate(page, stars: int, comment: str, timeout_ms: int) -> None:
@@ -193,10 +195,10 @@ def capture_real(out: Path, db: Path, model_dir: str | None = None) -> None:
         page.screenshot(path=str(out / "smollm2_story.png"), full_page=True)
 
         choose_task(page, "Chatbot")
-        for message in ["What is the capital of France?", "Give me one famous landmark there."]:
+        for turn, message in enumerate(["What is the capital of France?", "Give me one famous landmark there."]):
             page.get_by_placeholder("Say something").fill(message)
             page.get_by_placeholder("Say something").press("Enter")
-            page.wait_for_timeout(1000)
+            page.locator('[data-testid="stFeedback"]').nth(turn).wait_for(timeout=timeout_ms)  # reply + rating
             wait_idle(page, timeout_ms)
         rate(page, 4, "correct and short", timeout_ms)
         page.screenshot(path=str(out / "smollm2_chat.png"), full_page=True)
@@ -204,6 +206,7 @@ def capture_real(out: Path, db: Path, model_dir: str | None = None) -> None:
         choose_task(page, "Feedback")
         page.get_by_text("Ratings per task and model").wait_for(timeout=timeout_ms)
         wait_idle(page, timeout_ms)
+        page.get_by_text("Rome is the top word").wait_for(timeout=timeout_ms)
         page.screenshot(path=str(out / "feedback_page.png"), full_page=True)
     print(f"screenshots in {out}")
 
