@@ -69,7 +69,7 @@ CONFIG = {
     "image_size": 512,               # image: width = height (pixels, multiple of 8)
     "max_input_chars": 20_000,       # any text box: characters kept before tokenising (notice shown)
     "stream_timeout_s": 600,         # streaming: give up if no token arrives for this long (seconds)
-    "feedback_db": "results/feedback.db",
+    "feedback_db": "results/feedback.db",  # relative to this file's folder; NLP_APP_FEEDBACK_DB overrides
     "latest_comments": 10,           # Feedback page: how many recent comments to list
 }
 
@@ -744,7 +744,8 @@ def run_app() -> None:  # noqa: C901 - one page script, read top to bottom
 
     def get_store():
         try:
-            return cached_store(os.environ.get("NLP_APP_FEEDBACK_DB", CONFIG["feedback_db"]))
+            path = os.environ.get("NLP_APP_FEEDBACK_DB") or str(Path(__file__).resolve().parent / CONFIG["feedback_db"])
+            return cached_store(path)
         except FeedbackStoreError as exc:
             st.error(f"Feedback is not being saved: {exc}")
             return None
