@@ -719,6 +719,7 @@ class ResultsFileError(RuntimeError):
 
 
 def result_path(results_dir: Path, dataset: str, model: str) -> Path:
+    """Where one (dataset, model) record lives: <results_dir>/cnn/<dataset>/<model>.pkl."""
     return Path(results_dir) / "cnn" / dataset / f"{model}.pkl"
 
 
@@ -730,6 +731,7 @@ def save_pickle(obj, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             pickle.dump(obj, f, protocol=4)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -801,6 +803,7 @@ def write_summaries(results: dict, results_dir: Path) -> None:
         writer.writeheader()
         for row in summary_rows(results):
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    os.chmod(tmp, 0o644)
     os.replace(tmp, results_dir / "cnn_summary.csv")
 
 
@@ -809,6 +812,7 @@ def write_summaries(results: dict, results_dir: Path) -> None:
 # =============================================================================================
 
 def _fmt(v, pattern="{:.2%}"):
+    """Format a number for the table; None (not measured / not reached) prints as '-'."""
     return "-" if v is None else pattern.format(v)
 
 
@@ -880,7 +884,8 @@ def make_plots(results: dict, results_dir: Path) -> list:
                 ax.bar(xs + (i - 1.5) * 0.2, [r[m] for r in sub], 0.2, label=m.replace("test_", ""))
             ax.set_xticks(xs, [r["model"] for r in sub], rotation=30, ha="right")
             low = min(r[m] for r in sub for m in metrics)
-            ax.set_ylim(max(0.0, low - 0.02), 1.0)
+            high = max(r[m] for r in sub for m in metrics)
+            ax.set_ylim(max(0.0, low - 0.02), min(1.0, high + 0.01))
             ax.set_title(f"{dataset}: test metrics (macro)")
             ax.grid(axis="y", alpha=0.3)
         axes[0, 0].legend(fontsize=8, loc="lower right")
@@ -903,9 +908,10 @@ def make_plots(results: dict, results_dir: Path) -> list:
     return paths
 
 
-def report(results_dir: Path) -> dict:
-    """Rebuild combined pickle, CSV, table and plots from results_dir/cnn/*/*.pkl."""
-    results = collect_results(results_dir)
+def report(results_dir: Path, results: dict | None = None) -> dict:
+    """Rebuild combined pickle, CSV, table and plots from results_dir/cnn/*/*.pkl (or from
+    `results`, already collected from there). Raises ResultsFileError if there are none."""
+    results = collect_results(results_dir) if results is None else results
     if not results:
         raise ResultsFileError(f"no results under {Path(results_dir) / 'cnn'}: train first "
                                f"(python cnn_project.py)")
@@ -934,6 +940,7 @@ def versions() -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check the command line; unknown model/dataset names exit with status 2."""
     p = argparse.ArgumentParser(
         description="Train LeNet-5, AlexNet, VGG, ResNet, GoogLeNet, Xception and SENet from scratch "
                     "on MNIST, Fashion-MNIST and CIFAR-10, and compare them.")
@@ -1023,7 +1030,9 @@ def run_grid(args: argparse.Namespace) -> dict:
                   + (f", test accuracy {test['accuracy']:.2%}" if test else "")
                   + f", {record['wall_time_s']:.0f} s -> {result_path(args.results_dir, dataset, model)}",
                   flush=True)
-    results = report(args.results_dir)
+    results = collect_results(args.results_dir)
+    if results:
+        report(args.results_dir, results)
     if unavailable:
         raise DatasetUnavailable(f"not trained, dataset unavailable: {', '.join(unavailable)} "
                                  f"(see the message above)")
