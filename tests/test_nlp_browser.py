@@ -187,11 +187,11 @@ def capture_real(out: Path, db: Path, model_dir: str | None = None) -> None:
         page.get_by_role("button", name="Predict").click()
         page.locator('[data-testid="stFeedback"]').wait_for(timeout=timeout_ms)
         wait_idle(page, timeout_ms)
-        rate(page, 5, "Rome is the top word", timeout_ms)
+        rate(page, 5, "scripted rating (capture run): next word", timeout_ms)
         page.screenshot(path=str(out / "smollm2_next_word.png"), full_page=True)
 
         run_story(page, "Once upon a time, in a quiet village by the sea, there lived a young girl who", timeout_ms)
-        rate(page, 4, "coherent little story", timeout_ms)
+        rate(page, 4, "scripted rating (capture run): story", timeout_ms)
         page.screenshot(path=str(out / "smollm2_story.png"), full_page=True)
 
         choose_task(page, "Chatbot")
@@ -200,13 +200,13 @@ def capture_real(out: Path, db: Path, model_dir: str | None = None) -> None:
             page.get_by_placeholder("Say something").press("Enter")
             page.locator('[data-testid="stFeedback"]').nth(turn).wait_for(timeout=timeout_ms)  # reply + rating
             wait_idle(page, timeout_ms)
-        rate(page, 4, "correct and short", timeout_ms)
+        rate(page, 4, "scripted rating (capture run): chat", timeout_ms)
         page.screenshot(path=str(out / "smollm2_chat.png"), full_page=True)
 
         choose_task(page, "Feedback")
         page.get_by_text("Ratings per task and model").wait_for(timeout=timeout_ms)
         wait_idle(page, timeout_ms)
-        page.get_by_text("Rome is the top word").wait_for(timeout=timeout_ms)
+        page.get_by_text("scripted rating (capture run): chat").wait_for(timeout=timeout_ms)
         page.screenshot(path=str(out / "feedback_page.png"), full_page=True)
     print(f"screenshots in {out}")
 
