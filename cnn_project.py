@@ -3,16 +3,19 @@
     python cnn_project.py                          # every model on every dataset, preset by device
     python cnn_project.py --models resnet senet --datasets mnist --epochs 5
     python cnn_project.py --report                 # rebuild table and plots from results/ alone
+    accelerate launch --multi_gpu --num_processes 4 cnn_project.py   # data parallel on 4 GPUs
+    torchrun --standalone --nproc_per_node 2 cnn_project.py          # ... or 2 CPU processes
 
 Architectures (our own code, native 28x28 / 32x32 input, no pretrained weights, no upscaling):
 LeNet-5, AlexNet, VGG-16-BN, ResNet-18, GoogLeNet, Xception, SE-ResNet-18.
 
 One training recipe for every model (SGD + Nesterov, one-cycle LR, weight decay, label smoothing,
-bf16/fp16 autocast, channels_last, batched tensor augmentation). 5,000 training images are held
-out as a validation split: it picks each model's checkpoint and the best model per dataset; the test
-set is only scored at the end. Every (model, dataset) result is pickled atomically under
-results/cnn/<dataset>/<model>.pkl as soon as it finishes, so an interrupted grid resumes where it
-stopped. Evidence (accuracies, wall time, hardware, torch version) is in README.md.
+bf16/fp16 autocast, channels_last, batched tensor augmentation, fused SGD on GPUs). Under torchrun
+or accelerate launch every process trains on its slice of each global batch (DDP, via accelerate).
+5,000 training images are held out as a validation split: it picks each model's checkpoint and the
+best model per dataset; the test set is only scored at the end. Every (model, dataset) result is
+pickled atomically under results/cnn/<dataset>/<model>.pkl as soon as it finishes, so an interrupted
+grid resumes where it stopped. Evidence (accuracies, wall time, hardware, torch version) is in README.md.
 
 Sections: CONFIG, DATA, MODELS, TRAINING, RESULTS, REPORT, CLI.
 To add an architecture: write its nn.Module in MODELS and add it to MODELS_REGISTRY (and to the two
@@ -575,27 +578,89 @@ def evaluate(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, spec: Dat
              accelerator, batch_size: int):
     """Score a model on uint8 images N x C x H x W with labels N.
 
+    With several processes each scores every num_processes-th image, after taking process 0's
+    BatchNorm running statistics, and the results are gathered, so every process returns the same.
     Returns (mean cross-entropy in nats without label smoothing, accuracy in [0, 1],
     predicted labels as an int64 CPU tensor of length N).
     """
-    model.eval()
+    module = accelerator.unwrap_model(model)  # no DDP hooks: the shards may differ by one batch
+    module.eval()
+    world = accelerator.num_processes
+    if world > 1:  # DDP keeps parameters equal, not the running statistics of each process
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+    idx = torch.arange(accelerator.process_index, len(y), world, device=y.device)
     loss_sum = torch.zeros((), device=y.device)
     preds = []
-    for i in range(0, len(y), batch_size):
-        x = normalize(x_uint8[i:i + batch_size], spec).contiguous(memory_format=torch.channels_last)
+    for i in range(0, len(idx), batch_size):
+        x = normalize(x_uint8[idx[i:i + batch_size]], spec).contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():
-            logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y[i:i + batch_size], reduction="sum")
+            logits = module(x).float()
+        loss_sum += F.cross_entropy(logits, y[idx[i:i + batch_size]], reduction="sum")
         preds.append(logits.argmax(1))
-    preds = torch.cat(preds)
+    preds = torch.cat(preds) if preds else y[:0]
+    if world > 1:
+        loss_sum = accelerator.reduce(loss_sum, "sum")
+        gathered_idx = accelerator.gather(accelerator.pad_across_processes(idx, pad_index=-1))
+        gathered = accelerator.gather(accelerator.pad_across_processes(preds, pad_index=-1))
+        keep = gathered_idx >= 0
+        preds = torch.empty_like(y)
+        preds[gathered_idx[keep]] = gathered[keep]
     return (loss_sum / len(y)).item(), (preds == y).float().mean().item(), preds.cpu()
 
 
+def train_batch(model: nn.Module, optimizer, scheduler, criterion, x_uint8: torch.Tensor,
+                y: torch.Tensor, spec: DatasetSpec, generator: torch.Generator, accelerator):
+    """One optimizer step on a batch of uint8 images N x C x H x W (labels N): normalise,
+    augment, forward under autocast, backward, step. The benchmark times exactly this.
+
+    Returns (mean training loss of the batch, logits N x num_classes), both detached.
+    """
+    x = augment(normalize(x_uint8, spec), spec, generator)
+    with accelerator.autocast():
+        logits = model(x)
+        loss = criterion(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach(), logits.detach()
+
+
+def make_optimizer(model: nn.Module, cfg: dict, total_steps: int, fused: bool | None = None):
+    """The shared recipe's SGD (Nesterov) and one-cycle schedule for `total_steps` steps.
+
+    fused: torch's fused SGD kernel (one kernel for all parameters); None = only for parameters on
+    a GPU, where it saves a launch per parameter. On the CPU it was no faster than the default SGD
+    in benchmarks/cnn_benchmark.py (README), so the default is kept there.
+    """
+    if fused is None:
+        fused = next(model.parameters()).is_cuda
+    kwargs = dict(lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True)
+    optimizer = None
+    if fused:
+        try:
+            optimizer = torch.optim.SGD(parameter_groups(model, cfg["weight_decay"]), fused=True,
+                                        **kwargs)
+        except (RuntimeError, TypeError):  # an older torch or a device without the fused kernel
+            optimizer = None
+    if optimizer is None:
+        optimizer = torch.optim.SGD(parameter_groups(model, cfg["weight_decay"]), **kwargs)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg["lr"], total_steps=total_steps,
+        pct_start=cfg["warmup_fraction"], anneal_strategy="linear",
+        base_momentum=0.85, max_momentum=cfg["momentum"])
+    return optimizer, scheduler
+
+
 def train_one(model_name: str, spec: DatasetSpec, data: Splits, epochs: int, width: float,
-              cfg: dict, accelerator, seed: int, show_progress: bool = True) -> dict:
+              cfg: dict, accelerator, seed: int, show_progress: bool = True,
+              stop_at_val_accuracy: float | None = None) -> dict:
     """Train one architecture on one dataset with the shared recipe; return its result record.
 
     The checkpoint with the best validation accuracy is restored before the test set is scored.
+    `stop_at_val_accuracy` (in [0, 1]) ends training after the first epoch whose validation
+    accuracy reaches it (time-to-accuracy runs); the test set never decides anything.
     A diverged run returns a record with status 'failed' and the reason instead of raising.
     """
     from accelerate.utils import set_seed
@@ -607,17 +672,23 @@ def train_one(model_name: str, spec: DatasetSpec, data: Splits, epochs: int, wid
     model = build_model(model_name, spec.in_channels, num_classes, width, spec.image_size)
     model = model.to(memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in model.parameters())
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg["batch_size"] % world:
+        raise ValueError(f"--batch-size {cfg['batch_size']} must be a multiple of the number of "
+                         f"processes ({world})")
     steps_per_epoch = max(1, len(data.train_y) // cfg["batch_size"])  # drop the ragged last batch
     images_per_epoch = min(steps_per_epoch * cfg["batch_size"], len(data.train_y))
-    optimizer = torch.optim.SGD(parameter_groups(model, cfg["weight_decay"]), lr=cfg["lr"],
-                                momentum=cfg["momentum"], nesterov=True)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg["lr"], total_steps=epochs * steps_per_epoch,
-        pct_start=cfg["warmup_fraction"], anneal_strategy="linear",
-        base_momentum=0.85, max_momentum=cfg["momentum"])
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model = model.to(accelerator.device)  # before the optimizer, which picks its kernel by device
+    optimizer, scheduler = make_optimizer(model, cfg, epochs * steps_per_epoch)
+    # The scheduler is not handed to accelerate: it would step it once per process, for a batch
+    # that grows with the processes; here the global batch is split, so one step is one step.
+    model, optimizer = accelerator.prepare(model, optimizer)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
-    generator = torch.Generator().manual_seed(seed)  # shuffling and augmentation, on the CPU
+    # Shuffling: one generator seeded alike on every process, so all agree on each global batch and
+    # each takes its own slice of it (DDP averages the gradients: the step is that of the whole
+    # batch). Augmentation: a generator of each process's own. Both on the CPU, for reproducibility.
+    shuffle_generator = torch.Generator().manual_seed(seed)
+    augment_generator = torch.Generator().manual_seed(seed + 1 + rank)
 
     history = {k: [] for k in ("epoch", "train_loss", "train_accuracy", "val_loss",
                                "val_accuracy", "lr", "epoch_time_s")}
@@ -629,26 +700,23 @@ def train_one(model_name: str, spec: DatasetSpec, data: Splits, epochs: int, wid
         for epoch in range(1, epochs + 1):
             model.train()
             t0 = time.perf_counter()
-            perm = torch.randperm(len(data.train_y), generator=generator).to(data.train_y.device)
+            perm = torch.randperm(len(data.train_y), generator=shuffle_generator).to(data.train_y.device)
             loss_sum = torch.zeros((), device=data.train_y.device)
             correct = torch.zeros((), device=data.train_y.device, dtype=torch.int64)
-            bar = tqdm(range(steps_per_epoch), desc=f"{label} epoch {epoch}/{epochs}",
-                       leave=False, disable=not show_progress, dynamic_ncols=True)
+            bar = tqdm(range(steps_per_epoch), desc=f"{label} epoch {epoch}/{epochs}", leave=False,
+                       disable=not (show_progress and accelerator.is_local_main_process),
+                       dynamic_ncols=True)
             for step in bar:
-                idx = perm[step * cfg["batch_size"]:(step + 1) * cfg["batch_size"]]
-                x = augment(normalize(data.train_x[idx], spec), spec, generator)
+                idx = perm[step * cfg["batch_size"]:(step + 1) * cfg["batch_size"]][rank::world]
                 y = data.train_y[idx]
-                with accelerator.autocast():
-                    logits = model(x)
-                    loss = criterion(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                loss_sum += loss.detach() * len(y)
+                loss, logits = train_batch(model, optimizer, scheduler, criterion, data.train_x[idx],
+                                           y, spec, augment_generator, accelerator)
+                loss_sum += loss * len(y)
                 correct += (logits.argmax(1) == y).sum()
-                if step % 50 == 49 and not torch.isfinite(loss_sum):  # one sync per 50 steps
-                    raise TrainingDiverged(f"training loss became {loss_sum.item()} in epoch {epoch}")
+                # One sync per 50 steps; summed over processes so that all stop together.
+                if step % 50 == 49 and not torch.isfinite(accelerator.reduce(loss_sum, "sum")):
+                    raise TrainingDiverged(f"training loss became non-finite in epoch {epoch}")
+            loss_sum, correct = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(correct, "sum")
             train_loss = (loss_sum / images_per_epoch).item()
             train_acc = (correct.float() / images_per_epoch).item()
             epoch_time = time.perf_counter() - t0
@@ -658,7 +726,7 @@ def train_one(model_name: str, spec: DatasetSpec, data: Splits, epochs: int, wid
             for k, v in zip(history, (epoch, train_loss, train_acc, val_loss, val_acc,
                                       scheduler.get_last_lr()[0], epoch_time)):
                 history[k].append(v)
-            print(f"  {label} epoch {epoch:>2}/{epochs}: train loss {train_loss:.4f} acc "
+            accelerator.print(f"  {label} epoch {epoch:>2}/{epochs}: train loss {train_loss:.4f} acc "
                   f"{train_acc:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | {epoch_time:.1f}s",
                   flush=True)
             if not math.isfinite(train_loss):
@@ -672,9 +740,11 @@ def train_one(model_name: str, spec: DatasetSpec, data: Splits, epochs: int, wid
                         "state": copy.deepcopy(accelerator.unwrap_model(model).state_dict())}
             if time_to_target is None and target is not None and val_acc >= target:
                 time_to_target = train_time
+            if stop_at_val_accuracy is not None and val_acc >= stop_at_val_accuracy:
+                break
     except TrainingDiverged as err:
         status, failure = "failed", str(err)
-        print(f"  {label}: FAILED, {failure}", flush=True)
+        accelerator.print(f"  {label}: FAILED, {failure}", flush=True)
 
     record = {
         "format": RESULTS_FORMAT, "model": model_name, "model_display_name": MODELS_REGISTRY[model_name][0],
@@ -985,8 +1055,10 @@ def run_grid(args: argparse.Namespace) -> dict:
         "gpu" if accelerator.device.type == "cuda" else "cpu")
     preset = PRESETS[preset_name]
     cfg = dict(RECIPE, batch_size=args.batch_size, lr=args.lr)
-    print(f"device {accelerator.device}, precision {accelerator.mixed_precision}, preset {preset_name}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    log = accelerator.print  # only the main process prints and writes; all of them train
+    log(f"device {accelerator.device}, precision {accelerator.mixed_precision}, preset {preset_name}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads x {accelerator.num_processes} "
+        f"process(es)", flush=True)
     unavailable = []
     for dataset in args.datasets:
         spec = DATASETS[dataset]
@@ -995,7 +1067,7 @@ def run_grid(args: argparse.Namespace) -> dict:
             path = result_path(args.results_dir, dataset, model)
             if path.exists() and not args.force:
                 load_result(path)  # a corrupt file stops the run here, naming it, and is kept
-                print(f"{dataset}/{model}: finished earlier ({path}), skipped (--force retrains)")
+                log(f"{dataset}/{model}: finished earlier ({path}), skipped (--force retrains)")
             else:
                 todo.append(model)
         if not todo:
@@ -1004,10 +1076,11 @@ def run_grid(args: argparse.Namespace) -> dict:
             data = load_splits(spec, args.data_dir, args.seed, cfg["val_size"], args.subset,
                                accelerator.device)
         except DatasetUnavailable as err:  # go on with the other datasets, fail at the end
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            if accelerator.is_main_process:
+                print(f"error: {err}", file=sys.stderr, flush=True)
             unavailable.append(dataset)
             continue
-        print(f"{dataset}: {len(data.train_y)} train / {len(data.val_y)} validation / "
+        log(f"{dataset}: {len(data.train_y)} train / {len(data.val_y)} validation / "
               f"{len(data.test_y)} test images", flush=True)
         for model in todo:
             epochs, width = preset[dataset][model]
@@ -1024,14 +1097,17 @@ def run_grid(args: argparse.Namespace) -> dict:
                                     channels_last=True, optimizer="SGD(nesterov)",
                                     schedule="one-cycle, linear")
             record["versions"] = versions()
-            save_pickle(record, result_path(args.results_dir, dataset, model))
+            record["config"]["num_processes"] = accelerator.num_processes
+            if accelerator.is_main_process:
+                save_pickle(record, result_path(args.results_dir, dataset, model))
+            accelerator.wait_for_everyone()  # the next pair's skip check sees this file on all
             test = record["test"]
-            print(f"{dataset}/{model}: {record['status']}"
+            log(f"{dataset}/{model}: {record['status']}"
                   + (f", test accuracy {test['accuracy']:.2%}" if test else "")
                   + f", {record['wall_time_s']:.0f} s -> {result_path(args.results_dir, dataset, model)}",
                   flush=True)
     results = collect_results(args.results_dir)
-    if results:
+    if results and accelerator.is_main_process:
         report(args.results_dir, results)
     if unavailable:
         raise DatasetUnavailable(f"not trained, dataset unavailable: {', '.join(unavailable)} "

@@ -1,0 +1,67 @@
+"""Two-process data-parallel training of cnn_project.py through torchrun + accelerate on the CPU.
+
+Launched with `python -m torch.distributed.run --standalone --nproc_per_node 2` (gloo backend); needs
+the real MNIST in ../shared/data and skips without it.
+"""
+
+import math
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_cnn import HISTORY_KEYS, RECORD_KEYS, SHARED_DATA, TEST_KEYS, assert_plain
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(),
+                                reason="real MNIST not found in ../shared/data")
+
+
+def launch(results_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "cnn_project.py"), "--models", "lenet5", "--datasets", "mnist",
+           "--epochs", "2", "--subset", "8192", "--data-dir", str(SHARED_DATA),
+           "--results-dir", str(results_dir), "--no-progress", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+
+
+def test_two_processes_train_once_write_once_and_resume(tmp_path):
+    first = launch(tmp_path)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
+    assert "x 2 process(es)" in first.stdout
+    # Only the main process prints and writes: one result line, one file, no temp files left.
+    assert first.stdout.count("mnist/lenet5: ok") == 1, first.stdout
+    path = tmp_path / "cnn" / "mnist" / "lenet5.pkl"
+    assert sorted(p.name for p in (tmp_path / "cnn" / "mnist").iterdir()) == ["lenet5.pkl"]
+    assert not list(tmp_path.rglob("*.tmp"))
+    with open(path, "rb") as f:
+        record = pickle.load(f)
+    assert_plain(record)
+    assert RECORD_KEYS <= set(record) and HISTORY_KEYS == set(record["history"])
+    assert TEST_KEYS == set(record["test"])
+    assert record["config"]["num_processes"] == 2 and record["history"]["epoch"] == [1, 2]
+    t = record["test"]
+    # Every test image scored once, each process's share gathered back in order: a wrong order
+    # or a lost gradient all-reduce would leave LeNet-5 near chance (10%).
+    assert t["n_images"] == 8192 and t["confusion_matrix"].sum() == 8192
+    assert math.isclose(t["accuracy"], np.trace(t["confusion_matrix"]) / 8192, rel_tol=1e-6)
+    assert t["accuracy"] > 0.85, t
+    assert (tmp_path / "cnn_results.pkl").is_file() and (tmp_path / "cnn_summary.csv").is_file()
+
+    # A resumed grid skips the finished pair on both processes and leaves the file untouched.
+    mtime = path.stat().st_mtime_ns
+    again = launch(tmp_path)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "mnist/lenet5: finished earlier" in again.stdout and "epoch" not in again.stdout
+    assert path.stat().st_mtime_ns == mtime
+
+
+def test_batch_not_divisible_by_processes_is_a_clear_error(tmp_path):
+    run = launch(tmp_path, "--batch-size", "255")
+    assert run.returncode != 0
+    assert "must be a multiple of the number of processes (2)" in run.stdout + run.stderr
