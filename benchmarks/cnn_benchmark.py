@@ -21,7 +21,9 @@ FLOP/s / the dense matmul FLOP/s this machine reaches in the same precision, mea
 The images are random uint8 (speed does not depend on pixel values), except that the naive and
 seeds' pipelines read the real MNIST through torchvision when --data-dir holds it.
 
-Evidence (numbers, command, machine, torch version) is in README.md and results/benchmarks/.
+Evidence (2 AMD EPYC cores, no GPU, torch 2.14.1, 2026-11-22; full tables in README.md and
+results/benchmarks/): ours trains 155x the seeds' LeNet-5 pipeline and 2.0-3.4x the naive one; ResNet-18
+and VGG-16-BN reach 72-82% MFU in bf16; Fashion-MNIST 93% validation in 234 s of training (VGG 0.25).
 """
 
 from __future__ import annotations
