@@ -637,14 +637,9 @@ def make_optimizer(model: nn.Module, cfg: dict, total_steps: int, fused: bool | 
     if fused is None:
         fused = next(model.parameters()).is_cuda
     kwargs = dict(lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True)
-    optimizer = None
-    if fused:
-        try:
-            optimizer = torch.optim.SGD(parameter_groups(model, cfg["weight_decay"]), fused=True,
-                                        **kwargs)
-        except (RuntimeError, TypeError):  # an older torch or a device without the fused kernel
-            optimizer = None
-    if optimizer is None:
+    try:
+        optimizer = torch.optim.SGD(parameter_groups(model, cfg["weight_decay"]), fused=fused, **kwargs)
+    except (RuntimeError, TypeError):  # an older torch or a device without the fused kernel
         optimizer = torch.optim.SGD(parameter_groups(model, cfg["weight_decay"]), **kwargs)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg["lr"], total_steps=total_steps,
@@ -793,19 +788,35 @@ def result_path(results_dir: Path, dataset: str, model: str) -> Path:
     return Path(results_dir) / "cnn" / dataset / f"{model}.pkl"
 
 
-def save_pickle(obj, path: Path) -> None:
-    """Write a pickle atomically (temp file + rename): a kill leaves the old file or the new one."""
+def _write_atomically(path: Path, write, binary: bool = True) -> None:
+    """Call write(file) on a temp file beside `path`, then rename it over `path`: a kill leaves the
+    old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(obj, f, protocol=4)
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
+            write(f)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_pickle(obj, path: Path) -> None:
+    """Write a pickle atomically (plain types and NumPy arrays, protocol 4)."""
+    _write_atomically(path, lambda f: pickle.dump(obj, f, protocol=4))
+
+
+def save_csv(rows: list, columns: list, path: Path) -> None:
+    """Write dict rows as a CSV table atomically; floats with 6 significant digits."""
+    def write(f):
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    _write_atomically(path, write, binary=False)
 
 
 def load_result(path: Path) -> dict:
@@ -867,14 +878,7 @@ def write_summaries(results: dict, results_dir: Path) -> None:
     results_dir = Path(results_dir)
     save_pickle({"format": RESULTS_FORMAT, "results": results, "best_by_validation": best_models(results)},
                 results_dir / "cnn_results.pkl")
-    fd, tmp = tempfile.mkstemp(dir=results_dir, suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
-        writer.writeheader()
-        for row in summary_rows(results):
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, results_dir / "cnn_summary.csv")
+    save_csv(summary_rows(results), SUMMARY_COLUMNS, results_dir / "cnn_summary.csv")
 
 
 # =============================================================================================
@@ -1095,9 +1099,9 @@ def run_grid(args: argparse.Namespace) -> dict:
                                     device=str(accelerator.device),
                                     precision=str(accelerator.mixed_precision),
                                     channels_last=True, optimizer="SGD(nesterov)",
-                                    schedule="one-cycle, linear")
+                                    schedule="one-cycle, linear",
+                                    num_processes=accelerator.num_processes)
             record["versions"] = versions()
-            record["config"]["num_processes"] = accelerator.num_processes
             if accelerator.is_main_process:
                 save_pickle(record, result_path(args.results_dir, dataset, model))
             accelerator.wait_for_everyone()  # the next pair's skip check sees this file on all

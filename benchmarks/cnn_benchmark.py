@@ -29,7 +29,6 @@ and VGG-16-BN reach 72-82% MFU in bf16; Fashion-MNIST 93% validation in 234 s of
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import platform
@@ -221,20 +220,19 @@ def pil_dataset(shape_name: str, transform, data_dir: str | None):
     import torchvision
     if shape_name == "1x28x28" and data_dir:
         try:
-            return torchvision.datasets.MNIST(data_dir, train=True, transform=transform), "MNIST"
+            return torchvision.datasets.MNIST(data_dir, train=True, transform=transform)
         except RuntimeError:
             pass
     rng = np.random.default_rng(0)
     shape = (4096, 28, 28) if shape_name == "1x28x28" else (4096, 32, 32, 3)
     return PILDataset(rng.integers(0, 256, shape, dtype=np.uint8),
-                      rng.integers(0, 10, 4096), transform), "random"
+                      rng.integers(0, 10, 4096), transform)
 
 
 def run_dataloader(model: nn.Module, shape_name: str, transform, batch: int, cfg: dict,
-                   data_dir: str | None, device: str, input_shape: tuple) -> dict:
-    """Train `model` in fp32 NCHW from a DataLoader over per-image PIL transforms."""
-    dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
-    dataset, source = pil_dataset(shape_name, transform, data_dir)
+                   data_dir: str | None, dev: torch.device, input_shape: tuple) -> dict:
+    """Train `model` in fp32 NCHW from a DataLoader over per-image PIL transforms, on `dev`."""
+    dataset = pil_dataset(shape_name, transform, data_dir)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(0))
     flops = train_flops_per_image(model, input_shape)
@@ -258,7 +256,7 @@ def run_dataloader(model: nn.Module, shape_name: str, transform, batch: int, cfg
 
     out = timed_steps(step, dev, batch, cfg)
     return dict(out, precision="fp32", batch_size=batch, flops=flops, device=dev,
-                precision_key="fp32", source=source)
+                precision_key="fp32")
 
 
 def naive_transform(spec):
@@ -301,7 +299,7 @@ def throughput(args) -> list:
                 model = cp.build_model(model_name, spec.in_channels, 10, cfg["width"], spec.image_size)
                 results.append(("naive", run_dataloader(model, shape_name, naive_transform(spec),
                                                         cfg["batch_size"], cfg, args.data_dir,
-                                                        args.device, in_shape)))
+                                                        dev, in_shape)))
             if "seeds" in args.pipelines and shape_name == "1x28x28":
                 torch.manual_seed(0)
                 seeds_models = [("seeds", SeedsLeNet5())] if model_name == "lenet5" else []
@@ -311,7 +309,7 @@ def throughput(args) -> list:
                 for label, model in seeds_models:  # seconds per step at 224 px: fewer steps
                     results.append((label, run_dataloader(
                         model, shape_name, seeds_transform(), cfg["seeds_batch_size"], slow,
-                        args.data_dir, args.device, (3, 224, 224))))
+                        args.data_dir, dev, (3, 224, 224))))
             ours_ips = results[0][1]["images_per_s"]
             for pipeline, r in results:
                 achieved = r["images_per_s"] * r["flops"] / 1e12
@@ -331,18 +329,6 @@ def throughput(args) -> list:
                       f"x{row['ours_speedup']:>7.1f}  {row['train_gflop_per_image']:8.4f} GFLOP/img "
                       f"MFU {row['mfu']:6.1%}", flush=True)
     return rows
-
-
-def write_csv(rows: list, path: Path) -> None:
-    """All rows to `path` (atomically: a temp file then os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    os.replace(tmp, path)
 
 
 def plot(rows: list, path: Path) -> None:
@@ -464,17 +450,12 @@ def main(argv=None) -> int:
     if args.time_to_accuracy:
         rows = time_to_accuracy(args)
         if rows:
-            path = out / "cnn_time_to_accuracy.csv"
-            out.mkdir(parents=True, exist_ok=True)
-            with open(path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-            print(f"wrote {path}")
+            cp.save_csv(rows, list(rows[0]), out / "cnn_time_to_accuracy.csv")
+            print(f"wrote {out / 'cnn_time_to_accuracy.csv'}")
         return 0
     t0 = time.perf_counter()
     rows = throughput(args)
-    write_csv(rows, out / "cnn_throughput.csv")
+    cp.save_csv(rows, CSV_COLUMNS, out / "cnn_throughput.csv")
     plot(rows, out / "cnn_throughput.png")
     print(f"wrote {out / 'cnn_throughput.csv'} and {out / 'cnn_throughput.png'} "
           f"({time.perf_counter() - t0:.0f} s; {platform.processor() or platform.machine()}, "
