@@ -243,7 +243,10 @@ class LeNet5(nn.Module):
     C1 conv5x5 (6) -> S2 pool -> C3 conv5x5 (16) -> S4 pool -> C5 (120) -> F6 (84) -> output.
     Modern substitutions: ReLU for the scaled tanh, max pooling for trainable subsampling, full
     C3 connectivity, a linear output for the RBF layer. A 28x28 input is zero-padded by 2 in C1,
-    which is exactly the paper's 32x32 field; a 32x32 input is used as is.
+    which is exactly the paper's 32x32 field; a 32x32 input is used as is. The activation follows
+    the pooling, as the paper's squashing follows its subsampling: ReLU and max commute, so this is
+    the same function as ReLU-then-pool, with the ReLU on a quarter of the elements (LeNet-5 is
+    bound by such elementwise passes on a CPU; benchmarks/cnn_benchmark.py).
     Input N x in_channels x 28|32 x 28|32 -> logits N x num_classes.
     """
 
@@ -252,9 +255,10 @@ class LeNet5(nn.Module):
         super().__init__()
         c1, c3, c5, f6 = ch(6, width), ch(16, width), ch(120, width), ch(84, width)
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 5, padding=2 if image_size == 28 else 0), nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(c1, c3, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+            nn.Conv2d(in_channels, c1, 5, padding=2 if image_size == 28 else 0),  # C1
+            nn.MaxPool2d(2), nn.ReLU(inplace=True),                              # S2
+            nn.Conv2d(c1, c3, 5),                                                # C3
+            nn.MaxPool2d(2), nn.ReLU(inplace=True))                              # S4
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(c3 * 5 * 5, c5), nn.ReLU(inplace=True),
             nn.Linear(c5, f6), nn.ReLU(inplace=True), nn.Linear(f6, num_classes))

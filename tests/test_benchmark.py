@@ -60,12 +60,17 @@ def test_flop_count_of_a_small_mlp_is_exact():
 def test_time_to_accuracy_row(tmp_path):
     assert bench.main(["--time-to-accuracy", "--data-dir", str(SHARED_DATA), "--tta-datasets", "mnist",
                        "--tta-model", "lenet5", "--tta-epochs", "1", "--tta-width", "0.5",
+                       "--tta-batch-size", "64", "--tta-lr", "0.05", "--tta-seeds", "0", "1",
                        "--subset", "2048", "--out", str(tmp_path)]) == 0
-    (row,) = read_csv(tmp_path / "cnn_time_to_accuracy.csv")
-    assert row["dataset"] == "mnist" and row["model"] == "lenet5" and row["epochs_run"] == "1"
-    assert float(row["wall_seconds"]) > 0 and 0 <= float(row["test_accuracy"]) <= 1
-    # 2,048 images for one epoch cannot reach 99.5%: the row says so instead of inventing a time.
-    assert row["reached"] == "False" and row["train_seconds_to_target"] == "nan"
+    rows = read_csv(tmp_path / "cnn_time_to_accuracy.csv")
+    assert [r["seed"] for r in rows] == ["0", "1"]
+    for row in rows:
+        assert row["dataset"] == "mnist" and row["model"] == "lenet5" and row["epochs_run"] == "1"
+        assert row["batch_size"] == "64" and float(row["lr"]) == 0.05
+        assert float(row["wall_seconds"]) >= float(row["train_seconds"]) > 0
+        assert 0 <= float(row["test_accuracy"]) <= 1
+        # 2,048 images for one epoch cannot reach 99.5%: the row says so instead of inventing a time.
+        assert row["reached"] == "False" and row["train_seconds_to_target"] == "nan"
 
 
 def test_depthwise_convolution_backward_counts_groups():

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import cnn_project as cp
 
@@ -81,6 +82,25 @@ def test_width_multiplier_scales_parameters():
     full = sum(p.numel() for p in cp.build_model("resnet", 3, 10, 1.0, 32).parameters())
     assert 10 * small < full  # conv weights scale with width squared
     assert 10e6 < full < 12e6  # ResNet-18 for CIFAR has 11.2M parameters
+
+def test_lenet5_pool_then_relu_is_relu_then_pool():
+    """LeNet-5 pools before its ReLU (the paper's order, and cheaper); values and gradients must
+    match the usual ReLU-then-pool ordering exactly."""
+    torch.manual_seed(0)
+    model = cp.build_model("lenet5", 1, 10, 1.0, 28)
+    conv1, conv3 = model.features[0], model.features[3]
+    x = torch.randn(4, 1, 28, 28)
+
+    def relu_then_pool(t):
+        t = F.max_pool2d(F.relu(conv1(t)), 2)
+        return model.classifier(F.max_pool2d(F.relu(conv3(t)), 2))
+
+    ours, reference = model(x), relu_then_pool(x)
+    assert torch.equal(ours, reference)
+    g_ours = torch.autograd.grad(ours.sum(), conv1.weight)[0]
+    g_ref = torch.autograd.grad(reference.sum(), conv1.weight)[0]
+    assert torch.equal(g_ours, g_ref) and g_ours.abs().sum() > 0
+
 
 
 def test_unknown_model_raises_with_known_names():
