@@ -198,11 +198,13 @@ def normalize(x_uint8: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
 
 
 def augment(x: torch.Tensor, spec: DatasetSpec, generator: torch.Generator) -> torch.Tensor:
-    """Batched augmentation on a normalised batch N x C x H x W (same shape out).
+    """Batched augmentation of raw images N x C x H x W (uint8 or float; same shape and dtype out).
 
-    Random translation by up to `spec.pad` pixels (zero-pad then random crop; zero is the
-    normalised background's neighbour, not its exact value, as with torchvision's RandomCrop), and a
-    random horizontal flip when `spec.hflip`. One gather for the whole batch, no per-image Python.
+    Random translation by up to `spec.pad` pixels (pad with black, then random crop: torchvision's
+    RandomCrop(padding=pad) placed before ToTensor/Normalize, as usual), and a random horizontal
+    flip when `spec.hflip`. It runs before `normalize`: padding a normalised batch with zeros would
+    frame each digit in grey (0 is the mean, not the black background) that test images never show.
+    One gather for the whole batch, no per-image Python.
     """
     n, _, h, w = x.shape
     p = spec.pad
@@ -218,7 +220,7 @@ def augment(x: torch.Tensor, spec: DatasetSpec, generator: torch.Generator) -> t
     if spec.hflip:
         flip = (torch.rand(n, generator=generator) < 0.5).to(x.device).view(n, 1, 1, 1)
         x = torch.where(flip, x.flip(3), x)
-    return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 # =============================================================================================
@@ -615,12 +617,12 @@ def evaluate(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, spec: Dat
 
 def train_batch(model: nn.Module, optimizer, scheduler, criterion, x_uint8: torch.Tensor,
                 y: torch.Tensor, spec: DatasetSpec, generator: torch.Generator, accelerator):
-    """One optimizer step on a batch of uint8 images N x C x H x W (labels N): normalise,
-    augment, forward under autocast, backward, step. The benchmark times exactly this.
+    """One optimizer step on a batch of uint8 images N x C x H x W (labels N): augment,
+    normalise, forward under autocast, backward, step. The benchmark times exactly this.
 
     Returns (mean training loss of the batch, logits N x num_classes), both detached.
     """
-    x = augment(normalize(x_uint8, spec), spec, generator)
+    x = normalize(augment(x_uint8, spec, generator), spec).contiguous(memory_format=torch.channels_last)
     with accelerator.autocast():
         logits = model(x)
         loss = criterion(logits.float(), y)

@@ -114,11 +114,11 @@ def test_unknown_model_raises_with_known_names():
 
 def test_augment_translates_within_pad():
     spec = cp.DATASETS["mnist"]
-    x = torch.zeros(64, 1, 28, 28)
-    x[:, 0, 14, 14] = 1.0
+    x = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
+    x[:, 0, 14, 14] = 255
     out = cp.augment(x, spec, torch.Generator().manual_seed(0))
-    assert out.shape == x.shape
-    assert torch.equal(out.sum((1, 2, 3)), torch.ones(64))  # the pixel is moved, never lost
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    assert torch.equal(out.sum((1, 2, 3)), torch.full((64,), 255))  # the pixel is moved, never lost
     rows, cols = out[:, 0].nonzero()[:, 1], out[:, 0].nonzero()[:, 2]
     assert (rows - 14).abs().max() <= spec.pad and (cols - 14).abs().max() <= spec.pad
     assert len(set(zip(rows.tolist(), cols.tolist()))) > 5  # offsets really vary across the batch
@@ -132,6 +132,31 @@ def test_augment_flips_only_where_asked():
     assert 0 < flipped < 16
     assert torch.equal(cp.augment(x[:, :1], cp.DatasetSpec(**{**no_pad.__dict__, "hflip": False}),
                                   torch.Generator()), x[:, :1])
+
+
+def test_translation_pads_with_the_black_background():
+    """The model must see a translated black image as black everywhere (the normalised value of 0),
+    not framed by a border of another value: augmentation runs before normalisation."""
+    spec = cp.DATASETS["mnist"]
+    seen = []
+
+    class Capture(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(28 * 28, 10)
+
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return self.fc(x.flatten(1))
+
+    model = Capture()
+    accelerator = cp.make_accelerator("cpu", "no")
+    optimizer, scheduler = cp.make_optimizer(model, dict(cp.RECIPE), total_steps=10)
+    cp.train_batch(model, optimizer, scheduler, nn.CrossEntropyLoss(),
+                   torch.zeros(32, 1, 28, 28, dtype=torch.uint8), torch.zeros(32, dtype=torch.long),
+                   spec, torch.Generator().manual_seed(0), accelerator)
+    black = (0.0 - spec.mean[0]) / spec.std[0]
+    assert torch.allclose(seen[0], torch.full_like(seen[0], black))
 
 
 @needs_mnist
