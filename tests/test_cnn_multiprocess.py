@@ -50,7 +50,7 @@ def test_two_processes_train_once_write_once_and_resume(tmp_path):
     # or a lost gradient all-reduce would leave LeNet-5 near chance (10%).
     assert t["n_images"] == 8192 and t["confusion_matrix"].sum() == 8192
     assert math.isclose(t["accuracy"], np.trace(t["confusion_matrix"]) / 8192, rel_tol=1e-6)
-    assert t["accuracy"] > 0.85, t
+    assert t["accuracy"] > 0.75, t  # 2 epochs on 8k images: about 85%; chance is 10%
     assert (tmp_path / "cnn_results.pkl").is_file() and (tmp_path / "cnn_summary.csv").is_file()
 
     # A resumed grid skips the finished pair on both processes and leaves the file untouched.
