@@ -191,10 +191,11 @@ def load_splits(spec: DatasetSpec, root: str, seed: int, val_size: int, subset: 
 
 
 def normalize(x_uint8: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
-    """uint8 N x C x H x W -> float32 standardised with the dataset's channel mean/std."""
+    """uint8 N x C x H x W -> the models' input: float32 standardised with the dataset's channel
+    mean/std, in channels_last memory (the layout the models are converted to)."""
     mean = torch.tensor(spec.mean, device=x_uint8.device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=x_uint8.device).view(1, -1, 1, 1)
-    return (x_uint8.float() / 255.0 - mean) / std
+    return ((x_uint8.float() / 255.0 - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 def augment(x: torch.Tensor, spec: DatasetSpec, generator: torch.Generator) -> torch.Tensor:
@@ -599,7 +600,7 @@ def evaluate(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, spec: Dat
     loss_sum = torch.zeros((), device=y.device)
     preds = []
     for i in range(0, len(idx), batch_size):
-        x = normalize(x_uint8[idx[i:i + batch_size]], spec).contiguous(memory_format=torch.channels_last)
+        x = normalize(x_uint8[idx[i:i + batch_size]], spec)
         with accelerator.autocast():
             logits = module(x).float()
         loss_sum += F.cross_entropy(logits, y[idx[i:i + batch_size]], reduction="sum")
@@ -622,7 +623,7 @@ def train_batch(model: nn.Module, optimizer, scheduler, criterion, x_uint8: torc
 
     Returns (mean training loss of the batch, logits N x num_classes), both detached.
     """
-    x = normalize(augment(x_uint8, spec, generator), spec).contiguous(memory_format=torch.channels_last)
+    x = normalize(augment(x_uint8, spec, generator), spec)
     with accelerator.autocast():
         logits = model(x)
         loss = criterion(logits.float(), y)

@@ -83,6 +83,7 @@ def test_width_multiplier_scales_parameters():
     assert 10 * small < full  # conv weights scale with width squared
     assert 10e6 < full < 12e6  # ResNet-18 for CIFAR has 11.2M parameters
 
+
 def test_lenet5_pool_then_relu_is_relu_then_pool():
     """LeNet-5 pools before its ReLU (the paper's order, and cheaper); values and gradients must
     match the usual ReLU-then-pool ordering exactly."""
@@ -100,7 +101,6 @@ def test_lenet5_pool_then_relu_is_relu_then_pool():
     g_ours = torch.autograd.grad(ours.sum(), conv1.weight)[0]
     g_ref = torch.autograd.grad(reference.sum(), conv1.weight)[0]
     assert torch.equal(g_ours, g_ref) and g_ours.abs().sum() > 0
-
 
 
 def test_unknown_model_raises_with_known_names():
