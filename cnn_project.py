@@ -105,17 +105,21 @@ class DatasetSpec:
     pad: int               # random-translation range in pixels (pad then random crop)
     hflip: bool            # random horizontal flip (clothes and objects; never digits)
     classes: tuple
+    object_size: int | None = None  # --predict: the object's longer side in the frame, in pixels
+                                    # (None: a whole photo, resized to image_size)
 
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 DATASETS = {
     "mnist": DatasetSpec("mnist", "MNIST", "MNIST/raw", MNIST_FILES, 1, 28,
-                         (0.1307,), (0.3081,), 2, False, tuple(str(i) for i in range(10))),
+                         (0.1307,), (0.3081,), 2, False, tuple(str(i) for i in range(10)),
+                         object_size=20),  # LeCun et al.: digits fit a 20x20 box, centred by mass
     "fashion_mnist": DatasetSpec("fashion_mnist", "FashionMNIST", "FashionMNIST/raw", MNIST_FILES,
                                  1, 28, (0.2860,), (0.3530,), 2, True,
                                  ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                                  "Shirt", "Sneaker", "Bag", "Ankle boot")),
+                                  "Shirt", "Sneaker", "Bag", "Ankle boot"),
+                                 object_size=28),  # Xiao et al. 2017: longest edge scaled to 28
     "cifar10": DatasetSpec("cifar10", "CIFAR10", "cifar-10-batches-py",
                            ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
                             "data_batch_5", "test_batch", "batches.meta"),
@@ -555,19 +559,42 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf, or stayed at chance level (ln num_classes) after an epoch."""
 
 
-def make_accelerator(device: str, precision: str):
-    """One accelerate.Accelerator for this process: device placement and autocast.
+def choose_precision(requested: str, on_cpu: bool) -> tuple:
+    """The autocast precision for this process's device, and why: (precision, reason).
 
-    device: 'auto' | 'cpu' | 'cuda'; precision: 'auto' (bf16 on CPU and on GPUs that support it,
-    else fp16 with loss scaling) | 'bf16' | 'fp16' | 'no'. Raises ValueError for CUDA without a GPU.
+    requested: 'auto' | 'bf16' | 'fp16' | 'no' (fp32); anything but 'auto' is kept as asked.
+    'auto' follows the hardware, not torch.cuda.is_bf16_supported() (which also counts emulated
+    bf16, so it says True on a T4):
+      - a CPU: bf16;
+      - a CUDA GPU of compute capability >= 8.0 (A100, L4, RTX 30xx on): bf16, native there;
+      - 7.0 <= capability < 8.0 (V100, T4, RTX 20xx): fp16 with loss scaling (tensor cores do fp16,
+        bf16 is emulated);
+      - below 7.0 (P100, K80): fp32, as there are no tensor cores for mixed precision to use.
+    """
+    if requested != "auto":
+        return requested, "as asked (--precision)"
+    if on_cpu:
+        return "bf16", "CPU"
+    major, minor = torch.cuda.get_device_capability()
+    gpu = f"{torch.cuda.get_device_name()}, compute capability {major}.{minor}"
+    if major >= 8:
+        return "bf16", f"{gpu} >= 8.0: native bf16"
+    if major >= 7:
+        return "fp16", f"{gpu} < 8.0: bf16 only emulated, fp16 with loss scaling"
+    return "no", f"{gpu} < 7.0: no tensor cores, fp32"
+
+
+def make_accelerator(device: str, precision: str):
+    """One accelerate.Accelerator for this process: device placement, autocast and (fp16) loss
+    scaling. device: 'auto' | 'cpu' | 'cuda'; precision: see choose_precision.
+    Raises ValueError for --device cuda without a visible GPU.
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA GPU is visible")
     on_cpu = device == "cpu" or not torch.cuda.is_available()
-    if precision == "auto":
-        precision = "bf16" if on_cpu or torch.cuda.is_bf16_supported() else "fp16"
+    precision, _ = choose_precision(precision, on_cpu)
     AcceleratorState._reset_state(True)  # a fresh state: tests and notebooks may call main() twice
     return Accelerator(cpu=on_cpu, mixed_precision=precision)
 
@@ -655,20 +682,89 @@ def make_optimizer(model: nn.Module, cfg: dict, total_steps: int, fused: bool | 
     return optimizer, scheduler
 
 
+def train_epoch(model, optimizer, scheduler, criterion, data: Splits, spec: DatasetSpec, cfg: dict,
+                accelerator, generators: dict, epoch: int, desc: str, show_progress: bool) -> tuple:
+    """One pass over the training split in global batches of cfg['batch_size'] (the ragged last
+    batch dropped); each process takes its slice of every global batch.
+
+    Returns (mean label-smoothed training loss in nats, training accuracy in [0, 1]), over all
+    processes. Raises TrainingDiverged when the loss becomes non-finite.
+    """
+    from tqdm.auto import tqdm
+    world, rank, batch = accelerator.num_processes, accelerator.process_index, cfg["batch_size"]
+    steps = max(1, len(data.train_y) // batch)
+    model.train()
+    perm = torch.randperm(len(data.train_y), generator=generators["shuffle"]).to(data.train_y.device)
+    loss_sum = torch.zeros((), device=data.train_y.device)
+    correct = torch.zeros((), device=data.train_y.device, dtype=torch.int64)
+    bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True,
+               disable=not (show_progress and accelerator.is_local_main_process))
+    for step in bar:
+        idx = perm[step * batch:(step + 1) * batch][rank::world]
+        y = data.train_y[idx]
+        loss, logits = train_batch(model, optimizer, scheduler, criterion, data.train_x[idx], y,
+                                   spec, generators["augment"], accelerator)
+        loss_sum += loss * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        # One sync per 50 steps; summed over processes so that all stop together.
+        if step % 50 == 49 and not torch.isfinite(accelerator.reduce(loss_sum, "sum")):
+            raise TrainingDiverged(f"training loss became non-finite in epoch {epoch}")
+    images = min(steps * batch, len(data.train_y))
+    loss_sum, correct = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(correct, "sum")
+    return (loss_sum / images).item(), (correct.float() / images).item()
+
+
+def check_divergence(epoch: int, steps_per_epoch: int, train_loss: float, val_acc: float,
+                     num_classes: int) -> None:
+    """Raise TrainingDiverged for a non-finite loss, or one still at chance level (ln num_classes,
+    with validation accuracy at chance) after DIVERGED_MIN_STEPS optimizer steps."""
+    if not math.isfinite(train_loss):
+        raise TrainingDiverged(f"training loss became {train_loss} in epoch {epoch}")
+    if (epoch * steps_per_epoch >= DIVERGED_MIN_STEPS and val_acc <= 1.5 / num_classes
+            and train_loss > 0.95 * math.log(num_classes)):
+        raise TrainingDiverged(f"loss stuck at chance level (ln {num_classes} = "
+                               f"{math.log(num_classes):.3f}) after epoch {epoch}")
+
+
+def score_test(model, data: Splits, spec: DatasetSpec, cfg: dict, accelerator) -> dict:
+    """Score the (already restored) checkpoint on the test set: loss, accuracy, macro precision,
+    recall and F1 (scikit-learn), and the confusion matrix (int64 NumPy, true x predicted)."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+    labels = list(range(len(spec.classes)))
+    loss, accuracy, preds = evaluate(model, data.test_x, data.test_y, spec, accelerator,
+                                     cfg["eval_batch_size"])
+    y_true, y_pred = data.test_y.cpu().numpy(), preds.numpy()
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, average="macro", zero_division=0)
+    return {"loss": loss, "accuracy": accuracy, "precision": float(precision),
+            "recall": float(recall), "f1": float(f1), "n_images": int(len(y_true)),
+            "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels)}
+
+
+def new_progress() -> dict:
+    """What a run has learned so far and what a checkpoint keeps of it: the per-epoch history, the
+    best validation epoch and its weights, and the training seconds at which the target was hit."""
+    return {"history": {k: [] for k in ("epoch", "train_loss", "train_accuracy", "val_loss",
+                                        "val_accuracy", "lr", "epoch_time_s")},
+            "best_epoch": 0, "best_val_accuracy": -1.0, "best_state": None, "time_to_target": None}
+
+
 def train_one(model_name: str, spec: DatasetSpec, data: Splits, epochs: int, width: float,
               cfg: dict, accelerator, seed: int, show_progress: bool = True,
-              stop_at_val_accuracy: float | None = None) -> dict:
-    """Train one architecture on one dataset with the shared recipe; return its result record.
+              stop_at_val_accuracy: float | None = None, checkpoint: Path | None = None,
+              settings: dict | None = None) -> tuple:
+    """Train one architecture on one dataset with the shared recipe.
 
-    The checkpoint with the best validation accuracy is restored before the test set is scored.
-    `stop_at_val_accuracy` (in [0, 1]) ends training after the first epoch whose validation
-    accuracy reaches it (time-to-accuracy runs); the test set never decides anything.
-    A diverged run returns a record with status 'failed' and the reason instead of raising.
+    Returns (record, best_state): the result record (plain types, see RESULTS) and the state_dict
+    of the epoch with the best validation accuracy, which is restored before the test set is scored
+    (None if the run failed). `stop_at_val_accuracy` (in [0, 1]) ends training after the first
+    epoch whose validation accuracy reaches it (time-to-accuracy runs). With `checkpoint`, the
+    complete training state is written there atomically after every epoch (by the main process),
+    and a checkpoint already there whose settings equal `settings` is resumed from its last epoch:
+    on one CPU process the result is then bit-identical to an uninterrupted run. A diverged run
+    returns a record with status 'failed' and the reason instead of raising.
     """
     from accelerate.utils import set_seed
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-    from tqdm.auto import tqdm
-
     set_seed(seed)
     num_classes = len(spec.classes)
     model = build_model(model_name, spec.in_channels, num_classes, width, spec.image_size)
@@ -689,101 +785,164 @@ def train_one(model_name: str, spec: DatasetSpec, data: Splits, epochs: int, wid
     # Shuffling: one generator seeded alike on every process, so all agree on each global batch and
     # each takes its own slice of it (DDP averages the gradients: the step is that of the whole
     # batch). Augmentation: a generator of each process's own. Both on the CPU, for reproducibility.
-    shuffle_generator = torch.Generator().manual_seed(seed)
-    augment_generator = torch.Generator().manual_seed(seed + 1 + rank)
-
-    history = {k: [] for k in ("epoch", "train_loss", "train_accuracy", "val_loss",
-                               "val_accuracy", "lr", "epoch_time_s")}
-    best = {"val_accuracy": -1.0, "epoch": 0, "state": None}
-    status, failure, train_time, time_to_target = "ok", None, 0.0, None
+    generators = {"shuffle": torch.Generator().manual_seed(seed),
+                  "augment": torch.Generator().manual_seed(seed + 1 + rank)}
+    progress = new_progress()
+    if checkpoint is not None:
+        progress = restore_checkpoint(checkpoint, settings, model, optimizer, scheduler,
+                                      accelerator, generators) or progress
+    history = progress["history"]
     target = TARGET_VAL_ACCURACY.get(spec.name)
     label = f"{MODELS_REGISTRY[model_name][0]} / {spec.name}"
+    status, failure = "ok", None
     try:
-        for epoch in range(1, epochs + 1):
-            model.train()
+        for epoch in range(len(history["epoch"]) + 1, epochs + 1):
             t0 = time.perf_counter()
-            perm = torch.randperm(len(data.train_y), generator=shuffle_generator).to(data.train_y.device)
-            loss_sum = torch.zeros((), device=data.train_y.device)
-            correct = torch.zeros((), device=data.train_y.device, dtype=torch.int64)
-            bar = tqdm(range(steps_per_epoch), desc=f"{label} epoch {epoch}/{epochs}", leave=False,
-                       disable=not (show_progress and accelerator.is_local_main_process),
-                       dynamic_ncols=True)
-            for step in bar:
-                idx = perm[step * cfg["batch_size"]:(step + 1) * cfg["batch_size"]][rank::world]
-                y = data.train_y[idx]
-                loss, logits = train_batch(model, optimizer, scheduler, criterion, data.train_x[idx],
-                                           y, spec, augment_generator, accelerator)
-                loss_sum += loss * len(y)
-                correct += (logits.argmax(1) == y).sum()
-                # One sync per 50 steps; summed over processes so that all stop together.
-                if step % 50 == 49 and not torch.isfinite(accelerator.reduce(loss_sum, "sum")):
-                    raise TrainingDiverged(f"training loss became non-finite in epoch {epoch}")
-            loss_sum, correct = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(correct, "sum")
-            train_loss = (loss_sum / images_per_epoch).item()
-            train_acc = (correct.float() / images_per_epoch).item()
+            train_loss, train_acc = train_epoch(model, optimizer, scheduler, criterion, data, spec,
+                                                cfg, accelerator, generators, epoch,
+                                                f"{label} epoch {epoch}/{epochs}", show_progress)
             epoch_time = time.perf_counter() - t0
-            train_time += epoch_time
             val_loss, val_acc, _ = evaluate(model, data.val_x, data.val_y, spec, accelerator,
                                             cfg["eval_batch_size"])
             for k, v in zip(history, (epoch, train_loss, train_acc, val_loss, val_acc,
                                       scheduler.get_last_lr()[0], epoch_time)):
                 history[k].append(v)
+            check_divergence(epoch, steps_per_epoch, train_loss, val_acc, num_classes)
+            if val_acc > progress["best_val_accuracy"]:
+                progress.update(best_val_accuracy=val_acc, best_epoch=epoch, best_state=copy.deepcopy(
+                    accelerator.unwrap_model(model).state_dict()))
+            if progress["time_to_target"] is None and target is not None and val_acc >= target:
+                progress["time_to_target"] = sum(history["epoch_time_s"])
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, settings, progress, model, optimizer, scheduler,
+                                accelerator, generators)
             accelerator.print(f"  {label} epoch {epoch:>2}/{epochs}: train loss {train_loss:.4f} acc "
-                  f"{train_acc:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | {epoch_time:.1f}s",
-                  flush=True)
-            if not math.isfinite(train_loss):
-                raise TrainingDiverged(f"training loss became {train_loss} in epoch {epoch}")
-            if (epoch * steps_per_epoch >= DIVERGED_MIN_STEPS and val_acc <= 1.5 / num_classes
-                    and train_loss > 0.95 * math.log(num_classes)):
-                raise TrainingDiverged(f"loss stuck at chance level (ln {num_classes} = "
-                                       f"{math.log(num_classes):.3f}) after epoch {epoch}")
-            if val_acc > best["val_accuracy"]:
-                best = {"val_accuracy": val_acc, "epoch": epoch,
-                        "state": copy.deepcopy(accelerator.unwrap_model(model).state_dict())}
-            if time_to_target is None and target is not None and val_acc >= target:
-                time_to_target = train_time
+                              f"{train_acc:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | "
+                              f"{epoch_time:.1f}s", flush=True)
             if stop_at_val_accuracy is not None and val_acc >= stop_at_val_accuracy:
                 break
     except TrainingDiverged as err:
         status, failure = "failed", str(err)
         accelerator.print(f"  {label}: FAILED, {failure}", flush=True)
 
+    train_time = float(sum(history["epoch_time_s"]))
     record = {
         "format": RESULTS_FORMAT, "model": model_name, "model_display_name": MODELS_REGISTRY[model_name][0],
         "dataset": spec.name, "status": status, "failure_reason": failure,
-        "history": history, "best_epoch": best["epoch"],
-        "best_val_accuracy": best["val_accuracy"] if best["state"] is not None else None,
+        "history": history, "best_epoch": progress["best_epoch"],
+        "best_val_accuracy": (progress["best_val_accuracy"] if progress["best_state"] is not None
+                              else None),
         "params": n_params, "train_time_s": train_time,
         "throughput_img_s": (len(history["epoch"]) * images_per_epoch / train_time
                              if history["epoch"] else None),
-        "target_val_accuracy": target, "time_to_target_s": time_to_target,
+        "target_val_accuracy": target, "time_to_target_s": progress["time_to_target"],
         "test": None, "classes": list(spec.classes),
     }
-    if status == "ok":
-        accelerator.unwrap_model(model).load_state_dict(best["state"])
-        test_loss, test_acc, preds = evaluate(model, data.test_x, data.test_y, spec, accelerator,
-                                              cfg["eval_batch_size"])
-        y_true = data.test_y.cpu().numpy()
-        y_pred = preds.numpy()
-        precision, recall, f1, _ = precision_recall_fscore_support(
-            y_true, y_pred, labels=list(range(num_classes)), average="macro", zero_division=0)
-        record["test"] = {
-            "loss": test_loss, "accuracy": test_acc, "precision": float(precision),
-            "recall": float(recall), "f1": float(f1), "n_images": int(len(y_true)),
-            "confusion_matrix": confusion_matrix(y_true, y_pred, labels=list(range(num_classes))),
-        }
-    return record
+    if status != "ok":
+        return record, None
+    accelerator.unwrap_model(model).load_state_dict(progress["best_state"])
+    record["test"] = score_test(model, data, spec, cfg, accelerator)
+    return record, progress["best_state"]
+
+
+# =============================================================================================
+# CHECKPOINTS (resume inside a pair: a disconnect costs at most the epoch in progress)
+# =============================================================================================
+
+def _rng_states(accelerator, generators: dict) -> dict:
+    """Every random state training draws from, one entry per process (gathered to all): the
+    shuffle and augmentation generators, torch's global CPU generator (dropout) and CUDA's."""
+    from accelerate.utils import gather_object
+    mine = {"augment": generators["augment"].get_state(), "torch": torch.get_rng_state(),
+            "cuda": (torch.cuda.get_rng_state(accelerator.device)
+                     if accelerator.device.type == "cuda" else None)}
+    return {"shuffle": generators["shuffle"].get_state(), "per_process": gather_object([mine])}
+
+
+def save_checkpoint(path: Path, settings: dict, progress: dict, model, optimizer, scheduler,
+                    accelerator, generators: dict) -> None:
+    """Write the complete training state after an epoch (torch.save, atomically, main process
+    only): the run's settings, model, optimizer, one-cycle schedule, fp16 loss scaler, every RNG
+    state and `progress`. Every process must call it (the RNG states are gathered)."""
+    rng = _rng_states(accelerator, generators)
+    if not accelerator.is_main_process:
+        return
+    state = {"format": CHECKPOINT_FORMAT, "settings": settings, "progress": progress, "rng": rng,
+             "model": accelerator.unwrap_model(model).state_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
+    _write_atomically(path, lambda f: torch.save(state, f))
+
+
+def read_checkpoint(path: Path, settings: dict | None) -> dict | None:
+    """The checkpoint at `path` if there is one and it belongs to a run with these `settings`;
+    None otherwise. An unreadable one is renamed to *.corrupt (kept, one line printed) and None
+    returned, so the pair starts over instead of failing."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not (isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT):
+            raise ValueError("not a checkpoint of this program")
+    except Exception as err:  # noqa: BLE001 - truncated, garbage, or foreign
+        if is_main_process():
+            bad = path.with_name(path.name + ".corrupt")
+            os.replace(path, bad)
+            print(f"warning: {path} is unreadable ({type(err).__name__}); kept as {bad.name}, "
+                  f"the pair starts from epoch 1", file=sys.stderr, flush=True)
+        return None
+    if state["settings"] != settings:
+        if is_main_process():
+            print(f"  {path.name} is of a run with other settings "
+                  f"({settings_diff(state['settings'], settings)}): replaced, training starts at "
+                  f"epoch 1", flush=True)
+        return None
+    return state
+
+
+def restore_checkpoint(path: Path, settings: dict | None, model, optimizer, scheduler, accelerator,
+                       generators: dict) -> dict | None:
+    """Load a matching checkpoint (see read_checkpoint) into the model, optimizer, schedule, loss
+    scaler and RNGs of this process, print where training resumes, and return its progress;
+    None (and nothing changed) when there is none."""
+    state = read_checkpoint(path, settings)
+    if state is None:
+        return None
+    accelerator.unwrap_model(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler is not None and state["scaler"] is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    if len(rng["per_process"]) != accelerator.num_processes:
+        raise ValueError(f"{path} was written by {len(rng['per_process'])} process(es), this run has "
+                         f"{accelerator.num_processes}: launch it as before, or delete the checkpoint")
+    mine = rng["per_process"][accelerator.process_index]
+    generators["shuffle"].set_state(rng["shuffle"])
+    generators["augment"].set_state(mine["augment"])
+    torch.set_rng_state(mine["torch"])
+    if mine["cuda"] is not None and accelerator.device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda"], accelerator.device)
+    done = len(state["progress"]["history"]["epoch"])
+    accelerator.print(f"  resuming from the checkpoint after epoch {done} ({path})", flush=True)
+    return state["progress"]
 
 
 # =============================================================================================
 # RESULTS (plain Python types and NumPy arrays only: pickle.load opens them without this file)
 # =============================================================================================
 
-RESULTS_FORMAT = "cnn_project/1"
-SUMMARY_COLUMNS = ("dataset", "model", "status", "params", "epochs", "width", "best_epoch",
-                   "best_val_accuracy", "test_accuracy", "test_precision", "test_recall", "test_f1",
-                   "test_loss", "train_time_s", "throughput_img_s", "time_to_target_s",
-                   "failure_reason")
+RESULTS_FORMAT = "cnn_project/2"        # /2 added settings-keyed runs, weights and plain versions
+READABLE_FORMATS = ("cnn_project/1", RESULTS_FORMAT)
+CHECKPOINT_FORMAT = "cnn_project/checkpoint/1"
+# The settings that define a run: a pair is skipped only when its record has exactly these.
+SETTINGS_KEYS = ("model", "dataset", "epochs", "width", *RECIPE, "seed", "precision", "preset",
+                 "subset")
+SUMMARY_COLUMNS = ("dataset", "model", "status", "params", "epochs", "width", "preset", "precision",
+                   "seed", "subset", "best_epoch", "best_val_accuracy", "test_accuracy",
+                   "test_precision", "test_recall", "test_f1", "test_loss", "train_time_s",
+                   "throughput_img_s", "time_to_target_s", "failure_reason")
 
 
 class ResultsFileError(RuntimeError):
@@ -791,8 +950,38 @@ class ResultsFileError(RuntimeError):
 
 
 def result_path(results_dir: Path, dataset: str, model: str) -> Path:
-    """Where one (dataset, model) record lives: <results_dir>/cnn/<dataset>/<model>.pkl."""
+    """Where one (dataset, model) record lives: <results_dir>/cnn/<dataset>/<model>.pkl. Its
+    weights are beside it (<model>.safetensors), and its checkpoint while it trains
+    (<model>.checkpoint.pt)."""
     return Path(results_dir) / "cnn" / dataset / f"{model}.pkl"
+
+
+def weights_path(results_dir: Path, dataset: str, model: str) -> Path:
+    """The validation-chosen weights of a finished pair (safetensors; see save_weights)."""
+    return result_path(results_dir, dataset, model).with_suffix(".safetensors")
+
+
+def checkpoint_path(results_dir: Path, dataset: str, model: str) -> Path:
+    """The training state of an unfinished pair, rewritten after every epoch."""
+    return result_path(results_dir, dataset, model).with_suffix(".checkpoint.pt")
+
+
+def run_settings(model: str, dataset: str, epochs: int, width: float, cfg: dict, seed: int,
+                 precision: str, preset: str, subset: int | None) -> dict:
+    """The SETTINGS_KEYS of one run as a dict of plain values (compared with ==)."""
+    values = dict(cfg, model=model, dataset=dataset, epochs=epochs, width=float(width), seed=seed,
+                  precision=precision, preset=preset, subset=subset)
+    return {k: values[k] for k in SETTINGS_KEYS}
+
+
+def settings_of(record: dict) -> dict:
+    """The settings a record was trained with (missing ones, in older records, are None)."""
+    return {k: record.get("config", {}).get(k) for k in SETTINGS_KEYS}
+
+
+def settings_diff(old: dict, new: dict) -> str:
+    """'epochs 3 -> 10, width 0.25 -> 1.0': the settings that differ, for one log line."""
+    return ", ".join(f"{k} {old[k]} -> {new[k]}" for k in SETTINGS_KEYS if old[k] != new[k])
 
 
 def _write_atomically(path: Path, write, binary: bool = True) -> None:
@@ -835,10 +1024,43 @@ def load_result(path: Path) -> dict:
     except Exception as err:  # noqa: BLE001 - truncated, garbage, or needs a missing class
         raise ResultsFileError(f"{path} is not a readable results pickle ({type(err).__name__}: "
                                f"{err}). Delete it, or rerun that pair with --force.") from None
-    if not isinstance(record, dict) or record.get("format") != RESULTS_FORMAT:
+    if not isinstance(record, dict) or record.get("format") not in READABLE_FORMATS:
         raise ResultsFileError(f"{path} is not a {RESULTS_FORMAT} results record. Move it out of "
                                f"the results folder, or rerun that pair with --force.")
     return record
+
+
+def save_weights(path: Path, state: dict, record: dict) -> None:
+    """Write a state_dict with safetensors, atomically; the metadata says how to rebuild the model
+    (model, dataset, width, settings as JSON), so --predict needs nothing else."""
+    import json
+    from safetensors.torch import save
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    meta = {"format": "cnn_project/weights/1", "model": record["model"], "dataset": record["dataset"],
+            "width": repr(record["config"]["width"]), "settings": json.dumps(settings_of(record)),
+            "best_epoch": str(record["best_epoch"])}
+    data = save(tensors, metadata=meta)
+    _write_atomically(path, lambda f: f.write(data))
+
+
+def supersede(results_dir: Path, dataset: str, model: str) -> Path | None:
+    """Move a pair's old record (and its weights) into <dataset>/superseded/, named by when it
+    finished, so a run with other settings replaces it without losing it. Returns the new path of
+    the record, or None if there was none."""
+    old = result_path(results_dir, dataset, model)
+    if not old.exists():
+        return None
+    record = load_result(old)
+    stamp = record.get("finished_utc") or time.strftime(
+        "%Y%m%dT%H%M%SZ", time.gmtime(old.stat().st_mtime))
+    folder = old.parent / "superseded"
+    folder.mkdir(exist_ok=True)
+    kept = folder / f"{model}-{stamp}.pkl"
+    weights = weights_path(results_dir, dataset, model)
+    if weights.exists():  # the weights first: a kill between the two moves leaves both findable
+        os.replace(weights, kept.with_suffix(".safetensors"))
+    os.replace(old, kept)
+    return kept
 
 
 def collect_results(results_dir: Path) -> dict:
@@ -858,10 +1080,12 @@ def summary_rows(results: dict) -> list:
     for dataset, by_model in results.items():
         for model, r in by_model.items():
             test = r["test"] or {}
+            cfg = r.get("config", {})
             rows.append({
                 "dataset": dataset, "model": r["model_display_name"], "status": r["status"],
                 "params": r["params"], "epochs": len(r["history"]["epoch"]),
-                "width": r["config"]["width"], "best_epoch": r["best_epoch"],
+                **{k: cfg.get(k) for k in ("width", "preset", "precision", "seed", "subset")},
+                "best_epoch": r["best_epoch"],
                 "best_val_accuracy": r["best_val_accuracy"], "test_accuracy": test.get("accuracy"),
                 "test_precision": test.get("precision"), "test_recall": test.get("recall"),
                 "test_f1": test.get("f1"), "test_loss": test.get("loss"),
@@ -897,25 +1121,40 @@ def _fmt(v, pattern="{:.2%}"):
     return "-" if v is None else pattern.format(v)
 
 
+def mixed_settings(results: dict) -> dict:
+    """{dataset: 'preset (cpu, gpu), seed (0, 1)'} for the settings, beyond each model's own epochs
+    and width, in which a dataset's records differ; datasets whose records agree are left out."""
+    shared = [k for k in SETTINGS_KEYS if k not in ("model", "dataset", "epochs", "width")]
+    notes = {}
+    for dataset, by_model in results.items():
+        values = {k: sorted({repr(settings_of(r)[k]) for r in by_model.values()}) for k in shared}
+        differ = [f"{k} ({', '.join(v)})" for k, v in values.items() if len(v) > 1]
+        if differ:
+            notes[dataset] = ", ".join(differ)
+    return notes
+
+
 def print_table(results: dict) -> None:
     """Print the comparison table and the best model per dataset (chosen on validation)."""
     best = best_models(results)
-    header = (f"{'dataset':<14}{'model':<14}{'params':>9}{'ep':>4}{'val acc':>9}{'test acc':>10}"
+    header = (f"{'dataset':<14}{'model':<14}{'params':>9}{'ep':>4}{'width':>6}{'val acc':>9}{'test acc':>10}"
               f"{'prec':>8}{'recall':>8}{'F1':>8}{'train s':>9}{'img/s':>8}{'to target':>10}")
     print("\n" + header + "\n" + "-" * len(header))
     for row in summary_rows(results):
         mark = " *" if best.get(row["dataset"]) == next(
             k for k, (name, _) in MODELS_REGISTRY.items() if name == row["model"]) else ""
         if row["status"] != "ok":
-            print(f"{row['dataset']:<14}{row['model']:<14}{row['params']:>9,}{row['epochs']:>4}  "
-                  f"FAILED: {row['failure_reason']}")
+            print(f"{row['dataset']:<14}{row['model']:<14}{row['params']:>9,}{row['epochs']:>4}"
+                  f"{_fmt(row['width'], '{:g}'):>6}  FAILED: {row['failure_reason']}")
             continue
         print(f"{row['dataset']:<14}{row['model']:<14}{row['params']:>9,}{row['epochs']:>4}"
-              f"{_fmt(row['best_val_accuracy']):>9}{_fmt(row['test_accuracy']):>10}"
+              f"{_fmt(row['width'], '{:g}'):>6}{_fmt(row['best_val_accuracy']):>9}{_fmt(row['test_accuracy']):>10}"
               f"{_fmt(row['test_precision']):>8}{_fmt(row['test_recall']):>8}{_fmt(row['test_f1']):>8}"
               f"{row['train_time_s']:>9.0f}{_fmt(row['throughput_img_s'], '{:.0f}'):>8}"
               f"{_fmt(row['time_to_target_s'], '{:.0f} s'):>10}{mark}")
     print("\n* best model per dataset, chosen by validation accuracy; its test figures are reported")
+    for dataset, note in mixed_settings(results).items():
+        print(f"  note: the {dataset} rows were trained with different {note}: compare with care")
     for dataset, model in best.items():
         r = results[dataset][model]
         print(f"  {dataset}: {r['model_display_name']} (val {r['best_val_accuracy']:.2%}, "
@@ -1004,6 +1243,113 @@ def report(results_dir: Path, results: dict | None = None) -> dict:
 
 
 # =============================================================================================
+# PREDICT (a user's own image through the kept weights)
+# =============================================================================================
+
+def load_trained(results_dir: Path, dataset: str, model: str) -> nn.Module:
+    """Rebuild a finished pair's network from its safetensors weights, in eval mode on the CPU.
+    Raises ResultsFileError (one line) when the weights are missing or unreadable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    path = weights_path(results_dir, dataset, model)
+    if not path.exists():
+        raise ResultsFileError(f"no trained weights at {path}: train that pair first (python "
+                               f"cnn_project.py --models {model} --datasets {dataset}), or point "
+                               f"--results-dir at a folder that has them")
+    spec = DATASETS[dataset]
+    try:
+        state = load_file(path)
+        with open(path, "rb") as f:  # the header's metadata: how the network was built
+            import json
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        width = float(header["__metadata__"]["width"])
+        net = build_model(model, spec.in_channels, len(spec.classes), width, spec.image_size)
+        net.load_state_dict(state)
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as err:
+        raise ResultsFileError(f"{path} is not usable weights of {dataset}/{model} "
+                               f"({type(err).__name__}); train that pair again with --force") from None
+    return net.eval()
+
+
+def prepare_image(path: str, spec: DatasetSpec) -> torch.Tensor:
+    """A user's PNG/JPG as the training data look: uint8 1 x C x H x W.
+
+    Transparency is flattened onto white. Grey datasets (MNIST, Fashion-MNIST): light objects on a
+    black background, so a dark-on-light picture is inverted (judged by its border), the background
+    level is subtracted and the contrast stretched, the object is cropped to its bounding box,
+    scaled so its longer side is spec.object_size px and centred (MNIST: by its centre of mass).
+    Colour datasets (CIFAR-10): the centre square, resized. Raises ValueError (one line) for a
+    missing file or one that is not an image.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            img.load()
+    except FileNotFoundError:
+        raise ValueError(f"--predict: no such file: {path}") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"--predict: {path} is not an image that Pillow can read "
+                         f"({type(err).__name__})") from None
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+    size = spec.image_size
+    if spec.in_channels == 3:
+        img = ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.LANCZOS)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).unsqueeze(0)
+    g = np.asarray(img.convert("L"), dtype=np.float32)
+    border = np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])
+    if border.mean() > 127:
+        g, border = 255 - g, 255 - border
+    g = np.clip(g - np.median(border), 0, None)
+    g = g * (255 / g.max()) if g.max() > 0 else g
+    rows, cols = np.nonzero(g > 0.2 * 255)
+    if len(rows):
+        g = g[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    scale = (spec.object_size or size) / max(g.shape)
+    obj = Image.fromarray(g.astype(np.uint8)).resize(
+        (max(1, round(g.shape[1] * scale)), max(1, round(g.shape[0] * scale))), Image.Resampling.LANCZOS)
+    obj = np.asarray(obj, dtype=np.float32)
+    top, left = (size - obj.shape[0]) // 2, (size - obj.shape[1]) // 2
+    if spec.object_size and spec.object_size < size and obj.sum() > 0:  # centre of mass -> centre
+        ys, xs = np.indices(obj.shape)
+        top = int(np.clip(round(size / 2 - (ys * obj).sum() / obj.sum()), 0, size - obj.shape[0]))
+        left = int(np.clip(round(size / 2 - (xs * obj).sum() / obj.sum()), 0, size - obj.shape[1]))
+    canvas = np.zeros((size, size), dtype=np.float32)
+    canvas[top:top + obj.shape[0], left:left + obj.shape[1]] = obj
+    return torch.from_numpy(canvas.round().clip(0, 255).astype(np.uint8))[None, None]
+
+
+def predict(args: argparse.Namespace) -> list:
+    """Print the top-3 classes (softmax probabilities) of each --predict image under one dataset's
+    model: --models NAME, or the validation-chosen best of --results-dir. Returns
+    [(path, [(class, probability), ...])]. Raises ValueError / ResultsFileError (one line)."""
+    if len(args.datasets) != 1:
+        raise ValueError("--predict needs one dataset: --dataset mnist | fashion_mnist | cifar10")
+    dataset, spec = args.datasets[0], DATASETS[args.datasets[0]]
+    if len(args.models) == 1:
+        model = args.models[0]
+    else:
+        best = best_models({dataset: {m: load_result(result_path(args.results_dir, dataset, m))
+                                      for m in MODELS_REGISTRY
+                                      if result_path(args.results_dir, dataset, m).exists()}})
+        if dataset not in best:
+            raise ResultsFileError(f"no finished {dataset} records in {Path(args.results_dir) / 'cnn'}: "
+                                   f"train first, or name the model with --model")
+        model = best[dataset]
+    net = load_trained(args.results_dir, dataset, model)
+    print(f"{dataset} / {MODELS_REGISTRY[model][0]} ({weights_path(args.results_dir, dataset, model)})")
+    out = []
+    for path in args.predict:
+        with torch.no_grad():
+            probs = net(normalize(prepare_image(path, spec), spec)).float().softmax(1)[0]
+        top = [(spec.classes[i], float(probs[i])) for i in probs.argsort(descending=True)[:3]]
+        print(f"{path}: " + ", ".join(f"{c} {p:.1%}" for c, p in top), flush=True)
+        out.append((path, top))
+    return out
+
+
+# =============================================================================================
 # CLI
 # =============================================================================================
 
@@ -1012,38 +1358,60 @@ def versions() -> dict:
     import accelerate
     import sklearn
     import torchvision
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "accelerate": accelerate.__version__,
+    return {"python": platform.python_version(), "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__), "accelerate": accelerate.__version__,
             "numpy": np.__version__, "scikit-learn": sklearn.__version__,
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except where there is none (None, False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse and check the command line; unknown model/dataset names exit with status 2."""
     p = argparse.ArgumentParser(
         description="Train LeNet-5, AlexNet, VGG, ResNet, GoogLeNet, Xception and SENet from scratch "
-                    "on MNIST, Fashion-MNIST and CIFAR-10, and compare them.")
+                    "on MNIST, Fashion-MNIST and CIFAR-10, and compare them. A pair is skipped when "
+                    "its record has the same settings; an interrupted pair resumes from its last "
+                    "epoch.", formatter_class=_HelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS_REGISTRY), metavar="NAME",
-                   help=f"architectures to train (default all): {' '.join(MODELS_REGISTRY)}")
+                   help=f"architectures: {' '.join(MODELS_REGISTRY)}")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), metavar="NAME",
-                   help=f"datasets (default all): {' '.join(DATASETS)}")
-    p.add_argument("--epochs", type=int, help="epochs for every model (default: the preset's per model)")
+                   help=f"datasets: {' '.join(DATASETS)}")
+    p.add_argument("--epochs", type=int, help="epochs for every model (default: the preset's, per model)")
     p.add_argument("--width", type=float, help="width multiplier for every model (default: preset's)")
-    p.add_argument("--batch-size", type=int, default=RECIPE["batch_size"])
+    p.add_argument("--batch-size", type=int, default=RECIPE["batch_size"], help="images per step")
     p.add_argument("--lr", type=float, default=RECIPE["lr"], help="peak one-cycle learning rate")
     p.add_argument("--preset", choices=("auto", "cpu", "gpu"), default="auto",
                    help="per-model epochs and widths; auto picks gpu when CUDA is used, else cpu")
     p.add_argument("--data-dir", default="./data", help="torchvision dataset root (downloads there)")
-    p.add_argument("--results-dir", default="./results")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--results-dir", default="./results",
+                   help="records, weights, checkpoints and plots go to <this>/cnn; the committed "
+                        "reference run is in results/reference_cpu")
+    p.add_argument("--seed", type=int, default=0, help="seeds the split, the weights and the batches")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: the GPU when CUDA sees one, else the CPU")
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "no"), default="auto",
-                   help="autocast precision (auto: bf16 on CPU and recent GPUs, fp16 on older GPUs)")
+                   help="autocast precision; auto: bf16 on a CPU and on GPUs of compute capability "
+                        ">= 8.0, fp16 with loss scaling on 7.x (T4, V100), fp32 ('no') below; the "
+                        "first log line says what was chosen and why")
     p.add_argument("--subset", type=int, help="cap every split at this many images (quick runs)")
-    p.add_argument("--force", action="store_true", help="retrain pairs that already have results")
+    p.add_argument("--force", action="store_true",
+                   help="retrain pairs whose record has these settings (the old record is kept "
+                        "in superseded/)")
     p.add_argument("--report", action="store_true", help="only rebuild table and plots from results")
+    p.add_argument("--predict", nargs="+", metavar="IMAGE",
+                   help="classify your own PNG/JPG images with a trained pair's weights: top-3 "
+                        "classes; with --dataset NAME and optionally --model NAME (default: the "
+                        "best on validation)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     args = p.parse_args(argv)
     for kind, names, known in (("model", args.models, MODELS_REGISTRY), ("dataset", args.datasets, DATASETS)):
@@ -1058,29 +1426,79 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def wants_training(args: argparse.Namespace, dataset: str, model: str, settings: dict, log) -> bool:
+    """Whether a pair trains: not when its record has these very settings (unless --force). Says
+    in one line what happens to an existing record or checkpoint. A corrupt record raises
+    ResultsFileError naming it (and is kept)."""
+    path = result_path(args.results_dir, dataset, model)
+    ckpt = checkpoint_path(args.results_dir, dataset, model)
+    if path.exists():
+        old = settings_of(load_result(path))
+        if old == settings and not args.force:
+            log(f"{dataset}/{model}: finished earlier with these settings ({path}), skipped "
+                f"(--force retrains)")
+            return False
+        why = "--force" if old == settings else f"its record has other settings ({settings_diff(old, settings)})"
+        log(f"{dataset}/{model}: {why}: training; the old record will move to "
+            f"{path.parent / 'superseded'}/ when the new one is written")
+    if args.force and ckpt.exists() and is_main_process():
+        ckpt.unlink()
+        log(f"{dataset}/{model}: --force: its checkpoint is deleted, training starts at epoch 1")
+    return True
+
+
+def finish_pair(args, record: dict, best_state: dict | None, log) -> None:
+    """Main process: keep the old record (superseded/), write the weights, then the record (the
+    pair's 'done' mark), then delete the checkpoint. A kill between any two steps loses nothing: the
+    rerun resumes from the checkpoint, or finds the finished record."""
+    dataset, model = record["dataset"], record["model"]
+    path = result_path(args.results_dir, dataset, model)
+    kept = supersede(args.results_dir, dataset, model)
+    if kept:
+        log(f"{dataset}/{model}: the old record is kept as {kept}")
+    record["weights"] = None
+    if best_state is not None:
+        record["weights"] = weights_path(args.results_dir, dataset, model).name
+        save_weights(weights_path(args.results_dir, dataset, model), best_state, record)
+    save_pickle(record, path)
+    checkpoint_path(args.results_dir, dataset, model).unlink(missing_ok=True)
+
+
+def is_main_process() -> bool:
+    """True in a single process and in the main process of a torchrun/accelerate launch."""
+    from accelerate.state import PartialState
+    return PartialState().is_main_process
+
+
 def run_grid(args: argparse.Namespace) -> dict:
-    """Train every requested (dataset, model) pair not yet finished, writing each record as soon as
-    it is done; then rebuild the summaries and plots. Returns {dataset: {model: record}}."""
+    """Train every requested (dataset, model) pair whose record is missing or has other settings,
+    resuming an interrupted pair from its checkpoint, writing each record as soon as it is done;
+    then rebuild the summaries and plots. Returns {dataset: {model: record}}."""
     accelerator = make_accelerator(args.device, args.precision)
+    precision, why = choose_precision(args.precision, accelerator.device.type != "cuda")
     preset_name = args.preset if args.preset != "auto" else (
         "gpu" if accelerator.device.type == "cuda" else "cpu")
-    preset = PRESETS[preset_name]
     cfg = dict(RECIPE, batch_size=args.batch_size, lr=args.lr)
     log = accelerator.print  # only the main process prints and writes; all of them train
-    log(f"device {accelerator.device}, precision {accelerator.mixed_precision}, preset {preset_name}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads x {accelerator.num_processes} "
-        f"process(es)", flush=True)
+    log(f"device {accelerator.device}, precision {accelerator.mixed_precision} ({why}), preset "
+        f"{preset_name}, torch {torch.__version__}, {torch.get_num_threads()} threads x "
+        f"{accelerator.num_processes} process(es), results in {Path(args.results_dir) / 'cnn'}",
+        flush=True)
     unavailable = []
     for dataset in args.datasets:
         spec = DATASETS[dataset]
-        todo = []
+        if accelerator.is_main_process:  # half-written temp files of a killed run
+            for tmp in (Path(args.results_dir) / "cnn" / dataset).glob("*.tmp"):
+                tmp.unlink()
+        todo = {}
         for model in args.models:
-            path = result_path(args.results_dir, dataset, model)
-            if path.exists() and not args.force:
-                load_result(path)  # a corrupt file stops the run here, naming it, and is kept
-                log(f"{dataset}/{model}: finished earlier ({path}), skipped (--force retrains)")
-            else:
-                todo.append(model)
+            epochs, width = PRESETS[preset_name][dataset][model]
+            settings = run_settings(model, dataset, args.epochs or epochs, args.width or width, cfg,
+                                    args.seed, str(accelerator.mixed_precision), preset_name,
+                                    args.subset)
+            if wants_training(args, dataset, model, settings, log):
+                todo[model] = settings
+        accelerator.wait_for_everyone()  # --force deletions are seen by every process
         if not todo:
             continue
         try:
@@ -1092,31 +1510,27 @@ def run_grid(args: argparse.Namespace) -> dict:
             unavailable.append(dataset)
             continue
         log(f"{dataset}: {len(data.train_y)} train / {len(data.val_y)} validation / "
-              f"{len(data.test_y)} test images", flush=True)
-        for model in todo:
-            epochs, width = preset[dataset][model]
-            epochs = args.epochs or epochs
-            width = args.width or width
+            f"{len(data.test_y)} test images", flush=True)
+        for model, settings in todo.items():
             t0 = time.perf_counter()
-            record = train_one(model, spec, data, epochs, width, cfg, accelerator, args.seed,
-                               show_progress=not args.no_progress)
-            record["wall_time_s"] = time.perf_counter() - t0
-            record["config"] = dict(cfg, model=model, dataset=dataset, epochs=epochs, width=width,
-                                    seed=args.seed, preset=preset_name, subset=args.subset,
-                                    device=str(accelerator.device),
-                                    precision=str(accelerator.mixed_precision),
-                                    channels_last=True, optimizer="SGD(nesterov)",
-                                    schedule="one-cycle, linear",
-                                    num_processes=accelerator.num_processes)
+            record, best_state = train_one(
+                model, spec, data, settings["epochs"], settings["width"], cfg, accelerator,
+                args.seed, show_progress=not args.no_progress, settings=settings,
+                checkpoint=checkpoint_path(args.results_dir, dataset, model))
+            record["wall_time_s"] = time.perf_counter() - t0  # this process's share, if resumed
+            record["finished_utc"] = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            record["config"] = dict(settings, device=str(accelerator.device), channels_last=True,
+                                    optimizer="SGD(nesterov)", schedule="one-cycle, linear",
+                                    precision_reason=why, num_processes=accelerator.num_processes)
             record["versions"] = versions()
             if accelerator.is_main_process:
-                save_pickle(record, result_path(args.results_dir, dataset, model))
+                finish_pair(args, record, best_state, log)
             accelerator.wait_for_everyone()  # the next pair's skip check sees this file on all
             test = record["test"]
             log(f"{dataset}/{model}: {record['status']}"
-                  + (f", test accuracy {test['accuracy']:.2%}" if test else "")
-                  + f", {record['wall_time_s']:.0f} s -> {result_path(args.results_dir, dataset, model)}",
-                  flush=True)
+                + (f", test accuracy {test['accuracy']:.2%}" if test else "")
+                + f", {record['wall_time_s']:.0f} s -> {result_path(args.results_dir, dataset, model)}",
+                flush=True)
     results = collect_results(args.results_dir)
     if results and accelerator.is_main_process:
         report(args.results_dir, results)
@@ -1130,7 +1544,9 @@ def main(argv=None) -> int:
     """Entry point; returns the process exit status (0 ok, 1 data/results problem, 130 interrupted)."""
     args = parse_args(argv)
     try:
-        if args.report:
+        if args.predict:
+            predict(args)
+        elif args.report:
             report(args.results_dir)
         else:
             run_grid(args)
@@ -1138,7 +1554,8 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted: finished pairs are saved; run the same command again to resume.",
+        print("\ninterrupted: finished pairs and the last epoch of the current one are saved; run "
+              "the same command again to resume.",
               file=sys.stderr)
         return 130
     return 0

@@ -392,7 +392,7 @@ def time_to_accuracy(args) -> list:
             data = cp.load_splits(spec, args.data_dir, seed, cfg["val_size"], args.subset,
                                   accelerator.device)
             t0 = time.perf_counter()
-            record = cp.train_one(run["model"], spec, data, run["epochs"], run["width"], cfg,
+            record, _ = cp.train_one(run["model"], spec, data, run["epochs"], run["width"], cfg,
                                   accelerator, seed=seed, show_progress=False,
                                   stop_at_val_accuracy=run["target"])
             wall = time.perf_counter() - t0
