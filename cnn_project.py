@@ -3,6 +3,7 @@
     python cnn_project.py                          # every model on every dataset, preset by device
     python cnn_project.py --models resnet senet --datasets mnist --epochs 5
     python cnn_project.py --report                 # rebuild table and plots from results/ alone
+    python cnn_project.py --predict digit.png --dataset mnist --model vgg   # your own image
     accelerate launch --multi_gpu --num_processes 4 cnn_project.py   # data parallel on 4 GPUs
     torchrun --standalone --nproc_per_node 2 cnn_project.py          # ... or 2 CPU processes
 
@@ -10,14 +11,17 @@ Architectures (our own code, native 28x28 / 32x32 input, no pretrained weights, 
 LeNet-5, AlexNet, VGG-16-BN, ResNet-18, GoogLeNet, Xception, SE-ResNet-18.
 
 One training recipe for every model (SGD + Nesterov, one-cycle LR, weight decay, label smoothing,
-bf16/fp16 autocast, channels_last, batched tensor augmentation, fused SGD on GPUs). Under torchrun
+autocast by device: bf16 on CPUs and GPUs of compute capability >= 8.0, fp16 with loss scaling on
+7.x such as Colab's T4; channels_last, batched tensor augmentation, fused SGD on GPUs). Under torchrun
 or accelerate launch every process trains on its slice of each global batch (DDP, via accelerate).
 5,000 training images are held out as a validation split: it picks each model's checkpoint and the
 best model per dataset; the test set is only scored at the end. Every (model, dataset) result is
-pickled atomically under results/cnn/<dataset>/<model>.pkl as soon as it finishes, so an interrupted
-grid resumes where it stopped. Evidence (accuracies, wall time, hardware, torch version) is in README.md.
+pickled atomically under results/cnn/<dataset>/<model>.pkl, keyed by its settings, with the chosen
+weights beside it (.safetensors); during training a checkpoint after every epoch lets a rerun resume
+an interrupted pair from its last epoch. The committed reference run is in results/reference_cpu.
+Evidence (accuracies, wall time, hardware, torch version) is in README.md.
 
-Sections: CONFIG, DATA, MODELS, TRAINING, RESULTS, REPORT, CLI.
+Sections: CONFIG, DATA, MODELS, TRAINING, CHECKPOINTS, RESULTS, REPORT, PREDICT, CLI.
 To add an architecture: write its nn.Module in MODELS and add it to MODELS_REGISTRY (and to the two
 presets' per-model budgets). To add a dataset: add a DatasetSpec to DATASETS.
 """

@@ -6,8 +6,14 @@ fixture in torchvision's format; nothing here touches the network.
 
 import csv
 import math
+import os
 import pickle
+import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import urllib.error
 from pathlib import Path
 
@@ -19,14 +25,15 @@ import torch.nn.functional as F
 
 import cnn_project as cp
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
 needs_mnist = pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(),
                                  reason="real MNIST not found in ../shared/data")
 
 RECORD_KEYS = {"format", "model", "model_display_name", "dataset", "status", "failure_reason",
                "history", "best_epoch", "best_val_accuracy", "params", "train_time_s",
                "throughput_img_s", "target_val_accuracy", "time_to_target_s", "test", "classes",
-               "wall_time_s", "config", "versions"}
+               "wall_time_s", "config", "versions", "weights", "finished_utc"}
 HISTORY_KEYS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
                 "epoch_time_s"}
 TEST_KEYS = {"loss", "accuracy", "precision", "recall", "f1", "n_images", "confusion_matrix"}
@@ -348,3 +355,262 @@ def test_nan_loss_is_reported_as_failed_and_grid_goes_on(cifar_root, tmp_path, m
     assert failed["test"] is None
     assert cp.load_result(cp.result_path(res, "cifar10", "lenet5"))["status"] == "ok"
     assert cp.best_models(cp.collect_results(res)) == {"cifar10": "lenet5"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision by capability (faked: there is no GPU here)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("capability,name,expected", [
+    ((7, 5), "Tesla T4", "fp16"), ((7, 0), "Tesla V100-SXM2-16GB", "fp16"),
+    ((8, 0), "NVIDIA A100-SXM4-40GB", "bf16"), ((8, 9), "NVIDIA L4", "bf16"),
+    ((9, 0), "NVIDIA H100", "bf16"), ((6, 0), "Tesla P100-PCIE-16GB", "no")])
+def test_auto_precision_follows_compute_capability(monkeypatch, capability, name, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # as on a T4
+    precision, why = cp.choose_precision("auto", on_cpu=False)
+    assert precision == expected
+    assert name in why and f"{capability[0]}.{capability[1]}" in why
+
+
+def test_precision_on_cpu_and_as_asked():
+    assert cp.choose_precision("auto", on_cpu=True) == ("bf16", "CPU")
+    assert cp.choose_precision("fp16", on_cpu=False)[0] == "fp16"
+    assert cp.choose_precision("no", on_cpu=True)[0] == "no"
+
+
+def test_help_shows_defaults_and_the_precision_rule(capsys):
+    with pytest.raises(SystemExit):
+        cp.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "compute capability >= 8.0" in out and "fp16 with loss scaling" in out
+    assert "(default: 256)" in out and "(default: ./results)" in out and "--predict" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs keyed by their settings; the committed reference run
+# ---------------------------------------------------------------------------------------------
+
+def test_other_settings_retrain_and_keep_the_old_record(tiny_run, tmp_path, capsys):
+    results, args = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(results, copy)
+    old = cp.load_result(cp.result_path(copy, "mnist", "lenet5"))
+    base = ["--models", "lenet5"] + args[3:]
+    base[base.index("--results-dir") + 1] = str(copy)
+    epochs = base.index("--epochs") + 1
+    base[epochs] = "2"  # the README's `--epochs N` example: other settings, so it trains
+    assert cp.main(base) == 0
+    out = capsys.readouterr().out
+    assert "its record has other settings (epochs 1 -> 2)" in out and "training" in out
+    new = cp.load_result(cp.result_path(copy, "mnist", "lenet5"))
+    assert new["history"]["epoch"] == [1, 2] and new["config"]["epochs"] == 2
+    kept = [p for p in (copy / "cnn" / "mnist" / "superseded").glob("lenet5-*.pkl")
+            if cp.load_result(p)["finished_utc"] == old["finished_utc"]]
+    assert len(kept) == 1 and cp.load_result(kept[0])["history"] == old["history"]
+    assert kept[0].with_suffix(".safetensors").is_file()  # its weights went with it
+    # The table says the rows differ in nothing but their own epochs: same preset, seed, ...
+    assert "note:" not in out
+    assert cp.main(base) == 0 and "finished earlier with these settings" in capsys.readouterr().out
+
+
+def test_reference_run_does_not_stop_a_first_run():
+    """The committed CPU run lives in results/reference_cpu; a user's default results/cnn is empty
+    in a fresh clone, so `python cnn_project.py` trains."""
+    tracked = subprocess.run(["git", "ls-files", "results/cnn", "results/cnn_results.pkl"],
+                             cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode:
+        pytest.skip("not a git checkout")
+    assert tracked.stdout == ""
+    reference = cp.collect_results(ROOT / "results" / "reference_cpu")
+    assert set(reference) == {"mnist", "fashion_mnist"}
+    assert all(len(by_model) == 7 for by_model in reference.values())
+
+
+def test_mixed_settings_are_named_in_the_table(tiny_run, capsys):
+    results, _ = tiny_run
+    collected = cp.collect_results(results)
+    collected["mnist"]["resnet"] = dict(collected["mnist"]["resnet"], config=dict(
+        collected["mnist"]["resnet"]["config"], preset="gpu", precision="fp16"))
+    cp.print_table(collected)
+    out = capsys.readouterr().out
+    assert "note: the mnist rows were trained with different precision ('bf16', 'fp16'), " \
+           "preset ('cpu', 'gpu')" in out
+
+
+def test_every_committed_record_opens_without_torch():
+    code = ("import glob, pickle, sys\n"
+            "sys.modules['torch'] = None  # import torch now fails\n"
+            "paths = glob.glob('results/**/*.pkl', recursive=True)\n"
+            "for p in paths:\n"
+            "    with open(p, 'rb') as f:\n"
+            "        pickle.load(f)\n"
+            "print(len(paths))\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) >= 16  # 14 reference records, their summary, seq2seq's results
+
+
+# ---------------------------------------------------------------------------------------------
+# Kill and resume (real SIGKILLs of a subprocess)
+# ---------------------------------------------------------------------------------------------
+
+def cli(results_dir: Path, *args: str) -> list:
+    return [sys.executable, str(ROOT / "cnn_project.py"), *args, "--data-dir", str(SHARED_DATA),
+            "--results-dir", str(results_dir), "--no-progress"]
+
+
+def comparable(record: dict) -> dict:
+    """A record without its timings, which no two runs share."""
+    history = {k: v for k, v in record["history"].items() if k != "epoch_time_s"}
+    test = dict(record["test"], confusion_matrix=record["test"]["confusion_matrix"].tolist())
+    return {"history": history, "test": test, "best_epoch": record["best_epoch"],
+            "best_val_accuracy": record["best_val_accuracy"], "status": record["status"]}
+
+
+def load_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(path)
+
+
+@needs_mnist
+def test_killed_after_epoch_k_resumes_bit_identical(tmp_path):
+    # AlexNet has dropout: the resumed run must also restore torch's global RNG.
+    args = ("--models", "alexnet", "--datasets", "mnist", "--epochs", "3", "--width", "0.125",
+            "--subset", "2000")
+    assert subprocess.run(cli(tmp_path / "ref", *args), capture_output=True).returncode == 0
+    proc = subprocess.Popen(cli(tmp_path / "run", *args), stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "epoch  1/3" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert cp.checkpoint_path(tmp_path / "run", "mnist", "alexnet").exists()
+    assert not cp.result_path(tmp_path / "run", "mnist", "alexnet").exists()
+    rerun = subprocess.run(cli(tmp_path / "run", *args), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    done = int(rerun.stdout.split("resuming from the checkpoint after epoch ")[1].split()[0])
+    assert 1 <= done < 3 and "epoch  1/3" not in rerun.stdout and "epoch  3/3" in rerun.stdout
+    assert not cp.checkpoint_path(tmp_path / "run", "mnist", "alexnet").exists()
+    a, b = (cp.load_result(cp.result_path(tmp_path / d, "mnist", "alexnet")) for d in ("ref", "run"))
+    assert comparable(a) == comparable(b)
+    wa, wb = (load_weights(cp.weights_path(tmp_path / d, "mnist", "alexnet")) for d in ("ref", "run"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@needs_mnist
+def test_ten_sigkills_at_random_moments_lose_nothing(tmp_path):
+    if not (SHARED_DATA / "FashionMNIST" / "raw").is_dir():
+        pytest.skip("real Fashion-MNIST not found in ../shared/data")
+    args = ("--models", "lenet5", "alexnet", "--datasets", "mnist", "fashion_mnist", "--epochs", "3",
+            "--width", "0.125", "--subset", "1500")
+    assert subprocess.run(cli(tmp_path / "ref", *args), capture_output=True).returncode == 0
+    run, rng = tmp_path / "run", random.Random(0)
+    finished, saw_checkpoint = {}, False
+    for _ in range(10):
+        proc = subprocess.Popen(cli(run, *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(2.0, 7.0))
+        proc.kill()
+        proc.wait(timeout=60)
+        for path in run.rglob("*.pkl"):
+            cp.load_result(path)  # raises on a corrupt record
+            mtime = path.stat().st_mtime_ns
+            assert finished.setdefault(path, mtime) == mtime, f"{path} was retrained"
+        for path in run.rglob("*.checkpoint.pt"):
+            saw_checkpoint = True
+            assert torch.load(path, weights_only=True)["format"] == cp.CHECKPOINT_FORMAT
+        assert not list(run.rglob("*.corrupt"))
+    assert saw_checkpoint
+    final = subprocess.run(cli(run, *args), capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    for path, mtime in finished.items():
+        if path.parent.name != "cnn" and path.name != "cnn_results.pkl":
+            assert path.stat().st_mtime_ns == mtime, f"{path} was retrained"
+    assert not list(run.rglob("*.checkpoint.pt")) and not list(run.rglob("*.tmp"))
+    for dataset in ("mnist", "fashion_mnist"):
+        for model in ("lenet5", "alexnet"):
+            a, b = (cp.load_result(cp.result_path(d, dataset, model)) for d in (tmp_path / "ref", run))
+            assert comparable(a) == comparable(b), (dataset, model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kept weights and --predict
+# ---------------------------------------------------------------------------------------------
+
+def user_picture(tmp_path: Path, digit: torch.Tensor) -> Path:
+    """An MNIST digit as a user's photo would be: dark ink on white paper, 6x larger, off-centre,
+    in RGB with a grey paper tone."""
+    from PIL import Image
+    ink = 255 - digit.numpy()
+    ink = np.clip(ink * 0.85 + 20, 0, 255).astype(np.uint8)  # paper ~237, ink ~20
+    canvas = np.full((240, 200), 237, dtype=np.uint8)
+    big = np.asarray(Image.fromarray(ink).resize((168, 168), Image.Resampling.BILINEAR))
+    canvas[50:218, 10:178] = big
+    path = tmp_path / "digit.png"
+    Image.fromarray(canvas).convert("RGB").save(path)
+    return path
+
+
+@needs_mnist
+def test_prepare_image_makes_a_photo_look_like_mnist(tmp_path):
+    s = cp.load_splits(cp.DATASETS["mnist"], str(SHARED_DATA), 0, 5000, 50, torch.device("cpu"))
+    for i in range(5):
+        digit = s.test_x[i, 0]
+        x = cp.prepare_image(str(user_picture(tmp_path, digit)), cp.DATASETS["mnist"])
+        assert x.shape == (1, 1, 28, 28) and x.dtype == torch.uint8
+        a, b = x[0, 0].float().flatten(), digit.float().flatten()
+        corr = torch.corrcoef(torch.stack([a, b]))[0, 1]
+        assert corr > 0.8, (i, corr)  # without inversion it would be strongly negative
+
+
+def test_prepare_image_cifar_is_a_resized_rgb_square(tmp_path):
+    from PIL import Image
+    path = tmp_path / "photo.jpg"
+    Image.new("RGB", (640, 480), (200, 30, 30)).save(path)
+    x = cp.prepare_image(str(path), cp.DATASETS["cifar10"])
+    assert x.shape == (1, 3, 32, 32) and abs(int(x[0, 0, 16, 16]) - 200) <= 3
+
+
+def test_weights_are_kept_and_predict_prints_top3(tiny_run, tmp_path, capsys):
+    results, _ = tiny_run
+    from safetensors.torch import load_file
+    state = load_file(cp.weights_path(results, "mnist", "lenet5"))
+    record = cp.load_result(cp.result_path(results, "mnist", "lenet5"))
+    assert record["weights"] == "lenet5.safetensors" and sum(v.numel() for k, v in state.items()
+                                                              if "running" not in k and "num_batches" not in k) == record["params"]
+    from PIL import Image
+    img = tmp_path / "seven.png"
+    Image.new("L", (100, 100), 255).save(img)
+    assert cp.main(["--predict", str(img), "--dataset", "mnist", "--model", "lenet5",
+                    "--results-dir", str(results)]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith(str(img)))
+    probs = [float(p.rstrip("%")) for p in line.split(": ", 1)[1].replace(",", "").split()[1::2]]
+    assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 100.05
+    # No --model: the best on validation; its weights are the ones the record points to.
+    assert cp.main(["--predict", str(img), "--dataset", "mnist", "--results-dir", str(results)]) == 0
+    best = cp.best_models(cp.collect_results(results))["mnist"]
+    assert cp.MODELS_REGISTRY[best][0] in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["missing image", "not an image", "no weights", "two datasets"])
+def test_predict_errors_are_one_line(tiny_run, tmp_path, capsys, case):
+    results, _ = tiny_run
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    from PIL import Image
+    good = tmp_path / "ok.png"
+    Image.new("RGBA", (30, 30), (0, 0, 0, 0)).save(good)  # transparent: flattened onto white
+    argv = {"missing image": ["--predict", str(tmp_path / "nope.png"), "--dataset", "mnist",
+                              "--model", "lenet5"],
+            "not an image": ["--predict", str(text), "--dataset", "mnist", "--model", "lenet5"],
+            "no weights": ["--predict", str(good), "--dataset", "mnist", "--model", "vgg"],
+            "two datasets": ["--predict", str(good), "--datasets", "mnist", "cifar10"]}[case]
+    assert cp.main(argv + ["--results-dir", str(results)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
+    expected = {"missing image": "no such file", "not an image": "not an image",
+                "no weights": "no trained weights", "two datasets": "needs one dataset"}[case]
+    assert expected in err

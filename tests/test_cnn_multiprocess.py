@@ -7,6 +7,7 @@ the real MNIST in ../shared/data and skips without it.
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +22,19 @@ pytestmark = pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(),
                                 reason="real MNIST not found in ../shared/data")
 
 
-def launch(results_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+def command(results_dir: Path, *extra: str) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "cnn_project.py"), "--models", "lenet5", "--datasets", "mnist",
            "--epochs", "2", "--subset", "8192", "--data-dir", str(SHARED_DATA),
            "--results-dir", str(results_dir), "--no-progress", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def launch(results_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command(results_dir, *extra), capture_output=True, text=True, timeout=600,
+                          env=ENV, cwd=ROOT)
 
 
 def test_two_processes_train_once_write_once_and_resume(tmp_path):
@@ -37,7 +44,8 @@ def test_two_processes_train_once_write_once_and_resume(tmp_path):
     # Only the main process prints and writes: one result line, one file, no temp files left.
     assert first.stdout.count("mnist/lenet5: ok") == 1, first.stdout
     path = tmp_path / "cnn" / "mnist" / "lenet5.pkl"
-    assert sorted(p.name for p in (tmp_path / "cnn" / "mnist").iterdir()) == ["lenet5.pkl"]
+    assert sorted(p.name for p in (tmp_path / "cnn" / "mnist").iterdir()) == [
+        "lenet5.pkl", "lenet5.safetensors"]
     assert not list(tmp_path.rglob("*.tmp"))
     with open(path, "rb") as f:
         record = pickle.load(f)
@@ -59,6 +67,27 @@ def test_two_processes_train_once_write_once_and_resume(tmp_path):
     assert again.returncode == 0, again.stderr[-4000:]
     assert "mnist/lenet5: finished earlier" in again.stdout and "epoch" not in again.stdout
     assert path.stat().st_mtime_ns == mtime
+
+    # Other settings (3 epochs) train; SIGKILL the whole launch (torchrun and both workers) after
+    # epoch 1, and the relaunch resumes from the main process's checkpoint on both processes.
+    proc = subprocess.Popen(command(tmp_path, "--epochs", "3"), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=ENV, cwd=ROOT,
+                            start_new_session=True)
+    for line in proc.stdout:
+        if "epoch  1/3" in line:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert (tmp_path / "cnn" / "mnist" / "lenet5.checkpoint.pt").is_file()
+    resumed = launch(tmp_path, "--epochs", "3")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert resumed.stdout.count("resuming from the checkpoint after epoch") == 1, resumed.stdout
+    assert "epoch  1/3" not in resumed.stdout and "epoch  3/3" in resumed.stdout
+    with open(path, "rb") as f:
+        record = pickle.load(f)
+    assert record["history"]["epoch"] == [1, 2, 3] and record["test"]["accuracy"] > 0.75
+    assert not (tmp_path / "cnn" / "mnist" / "lenet5.checkpoint.pt").exists()
+    assert len(list((tmp_path / "cnn" / "mnist" / "superseded").glob("lenet5-*.pkl"))) == 1
 
 
 def test_batch_not_divisible_by_processes_is_a_clear_error(tmp_path):
