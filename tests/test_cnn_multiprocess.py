@@ -32,6 +32,27 @@ def command(results_dir: Path, *extra: str) -> list:
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts its workers in sessions of their
+    own, so killing its process group would leave them running). Linux /proc."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, tree = [pid], []
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def launch(results_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(command(results_dir, *extra), capture_output=True, text=True, timeout=600,
                           env=ENV, cwd=ROOT)
@@ -75,7 +96,7 @@ def test_two_processes_train_once_write_once_and_resume(tmp_path):
                             start_new_session=True)
     for line in proc.stdout:
         if "epoch  1/3" in line:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             break
     proc.wait(timeout=60)
     assert (tmp_path / "cnn" / "mnist" / "lenet5.checkpoint.pt").is_file()
