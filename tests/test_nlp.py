@@ -38,6 +38,7 @@ def app_env(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setenv("NLP_APP_MODEL_DIR", str(tiny_models))
     monkeypatch.setenv("NLP_APP_FEEDBACK_DB", str(db))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("NLP_APP_SHARED", "0")  # private mode (sharing mode has its own tests)
     return db
 
 
@@ -359,7 +360,7 @@ def test_app_feedback_page(app_env):
     store.record("b", "Chatbot", "m1", "hi", "meh", 2)
     at = new_app("Feedback")
     assert_clean(at)
-    frames = at.table
+    frames = at.dataframe
     assert len(frames) == 2
     summary = frames[0].value
     assert list(summary["ratings"]) == [2] and list(summary["mean_rating"]) == [3.5]
@@ -427,5 +428,5 @@ def test_cli_bench_bad_input_exits_cleanly(tiny_models, tmp_path, capsys):
                             "--repeats", "1", "--out", str(out)]) == 0
     import json
 
-    report = json.loads(out.read_text())
+    report = json.loads(out.read_text())["backends"]["transformers"]
     assert report["new_tokens"] == 5 and report["ttft_s"] > 0 and report["decode_tokens_per_s"] > 0
