@@ -299,6 +299,42 @@ def llama_cpp_available(env: dict | None = None) -> bool:
 # =====================================================================================================
 # llama.cpp backend: a GGUF causal LM with the few operations the tasks need.
 # =====================================================================================================
+_LLAMA_PARAMS_LOCK = threading.Lock()
+
+
+class _llama_model_params:  # noqa: N801 - used as a context manager
+    """While active, llama.cpp models load with `use_extra_bufts = extra_buffers`.
+
+    llama.cpp's extra CPU buffer types hold AMX tiles / repacked weights. On a VM that reports AMX but
+    cannot run it (this project's 2-core test machine), the first matmul dies with SIGILL
+    (`tilezero`), so they are off unless NLP_APP_LLAMA_EXTRA_BUFFERS=1. llama-cpp-python has no
+    constructor argument for it; its default-params function is wrapped for the duration.
+    """
+
+    def __init__(self, extra_buffers: bool):
+        self.extra_buffers = extra_buffers
+
+    def __enter__(self):
+        import llama_cpp.llama_cpp as lib
+
+        _LLAMA_PARAMS_LOCK.acquire()
+        self.lib, self.original = lib, lib.llama_model_default_params
+
+        def params():
+            value = self.original()
+            if hasattr(value, "use_extra_bufts"):
+                value.use_extra_bufts = self.extra_buffers
+            return value
+
+        lib.llama_model_default_params = params
+        return self
+
+    def __exit__(self, *exc):
+        self.lib.llama_model_default_params = self.original
+        _LLAMA_PARAMS_LOCK.release()
+        return False
+
+
 class LlamaCppLM:
     """A GGUF chat/causal model run by llama.cpp (llama-cpp-python), on CPU threads.
 
@@ -317,8 +353,9 @@ class LlamaCppLM:
         self.n_threads = n_threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                          else (os.cpu_count() or 1))
         try:
-            self.llm = Llama(model_path=self.path, n_ctx=int(n_ctx), n_threads=self.n_threads,
-                             n_threads_batch=self.n_threads, n_batch=512, logits_all=False, verbose=False)
+            with _llama_model_params(extra_buffers=os.environ.get("NLP_APP_LLAMA_EXTRA_BUFFERS") == "1"):
+                self.llm = Llama(model_path=self.path, n_ctx=int(n_ctx), n_threads=self.n_threads,
+                                 n_threads_batch=self.n_threads, n_batch=512, logits_all=False, verbose=False)
         except Exception as exc:  # noqa: BLE001 - llama.cpp raises ValueError / RuntimeError
             raise ModelLoadError(f"llama.cpp cannot load {Path(path).name}: {_describe_error(exc)}") from exc
         self.lock = threading.Lock()  # one llama.cpp context: one generation at a time
@@ -333,6 +370,12 @@ class LlamaCppLM:
         if token_id is None or token_id < 0:
             return ""
         return self.llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
+
+    def is_end(self, token: int) -> bool:
+        """True for an end-of-generation token (EOS, <|im_end|>, ...)."""
+        import llama_cpp
+
+        return token == self.eos_id or bool(llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token))
 
     @property
     def context_length(self) -> int:
@@ -368,7 +411,10 @@ class LlamaCppLM:
         with self.lock:
             self.llm.reset()
             self.llm.eval(list(ids))
-            logits = np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float64)
+            import llama_cpp
+
+            pointer = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)  # the last evaluated token's row
+            logits = np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),)).astype(np.float64)
         logits -= logits.max()
         probs = np.exp(logits)
         return (probs / probs.sum()).astype(np.float32)
@@ -393,7 +439,7 @@ class LlamaCppLM:
                 for token in tokens:
                     if stop is not None and stop.is_set():
                         break
-                    if self.llm._model.token_is_eog(token) and stats.new_tokens >= settings.min_new_tokens:
+                    if self.is_end(token) and stats.new_tokens >= settings.min_new_tokens:
                         break
                     stats.token()
                     piece = decoder.decode(self.llm.detokenize([token]))
