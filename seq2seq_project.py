@@ -65,7 +65,7 @@ CONFIG = dict(
     max_train_seconds=300.0,  # wall-clock training budget per model (s); both models get the same one
     seed=0,                   # seeds data, initialisation and batch order
     device="auto",            # "auto" = cuda if available else cpu; or e.g. "cpu", "cuda", "cuda:1"
-    results_dir="results/seq2seq",
+    results_dir="results/seq2seq",  # where results.pkl, the weights, summaries and plots go
 )
 
 # Special tokens are kept apart from the integers: integer k is token id k + N_SPECIAL.
@@ -848,8 +848,20 @@ def str2bool(s):
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
+def config_help() -> dict:
+    """{key: its comment in CONFIG above}: the CONFIG dict's comments are the flags' help, so the
+    description and units live in one place. Keys without a comment get an empty help."""
+    import re
+    with open(__file__, encoding="utf-8") as f:
+        source = f.read()
+    block = source[source.index("CONFIG = dict("):]
+    block = block[:block.index("\n)\n")]
+    return {m[1]: m[2].strip() for m in re.finditer(r"^\s+(\w+)=[^#\n]*#\s*(.*)$", block, re.M)}
+
+
 def build_parser():
-    """The argparse parser: --report / --predict modes plus one flag per CONFIG key."""
+    """The argparse parser: --report / --predict modes plus one flag per CONFIG key, each with its
+    CONFIG comment and default as help."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     mode = p.add_mutually_exclusive_group()
@@ -857,10 +869,12 @@ def build_parser():
     mode.add_argument("--predict", type=int, nargs="+", metavar="TOKEN",
                       help="reverse these integers with the saved attention model and print its attention map")
     p.add_argument("--predict-png", default=None, metavar="PATH", help="with --predict: also draw the attention map here")
+    helps = config_help()
     for key, default in CONFIG.items():
         flag = "--" + key.replace("_", "-")
         kind = str2bool if isinstance(default, bool) else type(default)
-        p.add_argument(flag, type=kind, default=default, metavar=kind.__name__.upper() if kind is not str2bool else "BOOL")
+        p.add_argument(flag, type=kind, default=default, help=helps.get(key, " "),
+                       metavar=kind.__name__.upper() if kind is not str2bool else "BOOL")
     return p
 
 

@@ -15,7 +15,7 @@ Pipelines, per architecture and input shape (1x28x28 MNIST-like, 3x32x32 CIFAR-l
   seeds  the seeds' pipeline: PIL Resize(224), ToTensor, 1 -> 3 channel repeat, ImageNet
          Normalize, DataLoader batch 32, fp32, around a LeNet-5 built for 3x224x224 (SeedsLeNet5)
          and around our models where a 224 px step fits in the time budget.
-FLOPs per training image (forward + backward) are counted by torch.utils.flop_counter.FlopCounterMode
+FLOPs per training image (forward + backward) are counted by cnn_project.count_flops (torch.utils.flop_counter)
 (convolutions and matmuls; elementwise work is not counted, as usual for MFU). MFU = achieved
 FLOP/s / the dense matmul FLOP/s this machine reaches in the same precision, measured in the same run.
 The images are random uint8 (speed does not depend on pixel values), except that the naive and
@@ -113,27 +113,9 @@ def machine_peak_tflops(device: torch.device, dtype: torch.dtype, size: int) -> 
     return max(matmul_tflops(device, dtype, side) for side in (size, 2 * size))
 
 
-def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
-                        transposed, _output_padding, _groups, output_mask, out_shape=None, **kwargs):
-    """FLOPs of aten.convolution_backward: the input gradient and the weight gradient each cost
-    what the forward convolution costs. torch's own formula leaves `groups` out of the weight
-    gradient and so counts a depthwise convolution's (Xception's) C times over."""
-    from torch.utils.flop_counter import conv_flop_count
-    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
-    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
-
-
-def train_flops_per_image(model: nn.Module, shape: tuple, batch: int = 2) -> float:
-    """Forward + backward FLOPs per image counted by FlopCounterMode on a CPU copy of the model
-    (matmuls and convolutions, 2 FLOPs per multiply-add; the images need no gradient)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    import copy
-    m = copy.deepcopy(model).float().cpu().train()
-    x = torch.randn(batch, *shape)
-    mapping = {torch.ops.aten.convolution_backward: conv_backward_flops}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        m(x).float().sum().backward()
-    return counter.get_total_flops() / batch
+def train_flops_per_image(model: nn.Module, shape: tuple) -> float:
+    """Forward + backward FLOPs per training image: cnn_project's counter, the one its records use."""
+    return cp.count_flops(model, shape, backward=True)
 
 
 class SeedsLeNet5(nn.Module):

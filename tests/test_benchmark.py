@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import cnn_benchmark as bench  # noqa: E402
+import cnn_project as cp  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -53,7 +54,7 @@ def test_flop_count_of_a_small_mlp_is_exact():
     # backward: both weight gradients, and the input gradient of the second layer only (the
     # images need no gradient), 2 FLOPs per multiply-add each.
     backward = 2 * (12 * 5 + 5 * 3) + 2 * 5 * 3
-    assert bench.train_flops_per_image(model, (3, 2, 2)) == forward + backward
+    assert cp.count_flops(model, (3, 2, 2), backward=True) == forward + backward
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="real MNIST not in ../shared/data")
@@ -78,4 +79,4 @@ def test_depthwise_convolution_backward_counts_groups():
     conv = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
     forward = 2 * 5 * 5 * 4 * 1 * 9  # per image: output pixels x out channels x (in/groups) x 3x3
     # backward: the weight gradient only (the images need no gradient), as costly as the forward.
-    assert bench.train_flops_per_image(conv, (4, 5, 5)) == 2 * forward
+    assert cp.count_flops(conv, (4, 5, 5), backward=True) == 2 * forward

@@ -33,10 +33,12 @@ needs_mnist = pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(),
 RECORD_KEYS = {"format", "model", "model_display_name", "dataset", "status", "failure_reason",
                "history", "best_epoch", "best_val_accuracy", "params", "train_time_s",
                "throughput_img_s", "target_val_accuracy", "time_to_target_s", "test", "classes",
-               "wall_time_s", "config", "versions", "weights", "finished_utc"}
+               "wall_time_s", "config", "versions", "weights", "finished_utc", "macs_per_image",
+               "train_flops_per_image", "train_flops"}
 HISTORY_KEYS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
                 "epoch_time_s"}
-TEST_KEYS = {"loss", "accuracy", "precision", "recall", "f1", "n_images", "confusion_matrix"}
+TEST_KEYS = {"loss", "accuracy", "precision", "recall", "f1", "n_images", "confusion_matrix",
+             "per_class_accuracy", "predictions", "confidence", "misclassified"}
 
 
 @pytest.fixture(autouse=True)
@@ -108,6 +110,105 @@ def test_lenet5_pool_then_relu_is_relu_then_pool():
     g_ours = torch.autograd.grad(ours.sum(), conv1.weight)[0]
     g_ref = torch.autograd.grad(reference.sum(), conv1.weight)[0]
     assert torch.equal(g_ours, g_ref) and g_ours.abs().sum() > 0
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def conv_biases_left_out(model: nn.Module) -> int:
+    """The values a conv bias before each BN would add (references that keep those biases)."""
+    return sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d) and m.bias is None)
+
+
+# Parameter counts of references nobody here wrote, at width 1.0 on 3x32x32 with 10 classes, each
+# instantiated once (random init, no download) from its source:
+#   kuangliu/pytorch-cifar (models/lenet.py LeNet, vgg.py VGG('VGG16'), resnet.py ResNet18,
+#   googlenet.py GoogLeNet) and timm 1.0.31 legacy_xception(num_classes=10).
+REFERENCE_PARAMS = {"lenet5": 62_006, "vgg": 14_728_266, "resnet": 11_173_962,
+                    "googlenet": 6_166_250, "xception": 20_827_442}
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet", "xception"])
+def test_parameters_equal_the_reference(name):
+    """Same layers as the reference: the same count, to the parameter."""
+    assert n_params(cp.build_model(name, 3, 10, 1.0, 32)) == REFERENCE_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", ["vgg", "googlenet"])
+def test_parameters_equal_the_reference_less_its_conv_biases(name):
+    """kuangliu's VGG-16 and GoogLeNet keep a bias in every conv before BN (BN's shift makes it
+    redundant); ours do not. Ours plus exactly those biases is the reference count."""
+    model = cp.build_model(name, 3, 10, 1.0, 32)
+    assert n_params(model) + conv_biases_left_out(model) == REFERENCE_PARAMS[name]
+
+
+def test_se_resnet18_is_resnet18_plus_one_se_unit_per_block():
+    """SE-ResNet-18 (Hu et al. 2018): ResNet-18's count plus, in each of its 8 basic blocks, an SE
+    unit C -> C/16 -> C with biases (two blocks per width 64, 128, 256, 512)."""
+    se = sum(2 * (c * (c // 16) + c // 16 + (c // 16) * c + c) for c in (64, 128, 256, 512))
+    assert se == 89_080
+    assert n_params(cp.build_model("senet", 3, 10, 1.0, 32)) == REFERENCE_PARAMS["resnet"] + se
+
+
+def test_xception_exit_flow_widens_in_its_last_separable_conv():
+    """Chollet 2017, Fig. 5: exit flow 728 -> 728 -> 1024 (then 1536, 2048)."""
+    model = cp.build_model("xception", 3, 10, 1.0, 32)
+    block = model.exit_flow[0]
+    widths = [(m.pointwise.in_channels, m.pointwise.out_channels)
+              for m in block.residual if isinstance(m, cp.SeparableConv2d)]
+    assert widths == [(728, 728), (728, 1024)]
+
+
+def test_alexnet_is_torchvisions_less_its_documented_changes():
+    """torchvision's AlexNet (the paper's layers) at 10 classes, less what the docstring says is
+    changed for 32 px: a 3x3/1 stem for the 11x11/4 one, FC1 on 256x2x2 instead of 256x6x6, BN
+    (with bias-free convs) for LRN. conv2 keeps the paper's 5x5, conv3-5 their 3x3."""
+    import torchvision
+    ref = torchvision.models.alexnet(num_classes=10)
+    ours = cp.build_model("alexnet", 3, 10, 1.0, 32)
+    ref_convs = [m for m in ref.modules() if isinstance(m, nn.Conv2d)]
+    our_convs = [m for m in ours.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.weight.shape for c in our_convs[1:]] == [c.weight.shape for c in ref_convs[1:]]
+    assert our_convs[1].kernel_size == (5, 5) and ref_convs[0].kernel_size == (11, 11)
+    ref_fcs = [m for m in ref.modules() if isinstance(m, nn.Linear)]
+    our_fcs = [m for m in ours.modules() if isinstance(m, nn.Linear)]
+    assert [f.weight.shape for f in our_fcs[1:]] == [f.weight.shape for f in ref_fcs[1:]]
+    stem = ref_convs[0].weight.numel() - our_convs[0].weight.numel()
+    fc1 = ref_fcs[0].weight.numel() - our_fcs[0].weight.numel()
+    bn = sum(p.numel() for m in ours.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
+    assert n_params(ours) == n_params(ref) - stem - fc1 + bn - conv_biases_left_out(ours)
+    assert n_params(ours) == 23_470_026
+
+
+def test_lenet5_forward_macs_counted_by_hand():
+    """C1 28x28x6x25 + C3 10x10x16x150 + 400x120 + 120x84 + 84x10 multiply-adds."""
+    model = cp.build_model("lenet5", 1, 10, 1.0, 28)
+    macs = 28 * 28 * 6 * 25 + 10 * 10 * 16 * 150 + 400 * 120 + 120 * 84 + 84 * 10
+    assert cp.count_flops(model, (1, 28, 28)) == 2 * macs == 2 * 416_520
+
+
+def test_flop_count_draws_no_random_numbers_and_leaves_the_model():
+    model = cp.build_model("alexnet", 3, 10, 0.25, 32)  # has dropout
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = torch.get_rng_state()
+    assert cp.count_flops(model, (3, 32, 32), backward=True) > 2 * cp.count_flops(model, (3, 32, 32))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert next(model.parameters()).device.type == "cpu" and model.training
+
+
+def test_every_schedule_length_steps_without_error():
+    """OneCycleLR divides by (warm-up steps - 1): 5 steps at 20% warm-up used to raise."""
+    model = nn.Linear(2, 2)
+    for total in range(1, 301):
+        optimizer, scheduler = cp.make_optimizer(model, dict(cp.RECIPE), total)
+        lrs = []
+        for _ in range(total):
+            optimizer.step()
+            scheduler.step()
+            lrs.append(scheduler.get_last_lr()[0])
+        assert max(lrs) <= cp.RECIPE["lr"] * (1 + 1e-9), total
 
 
 def test_unknown_model_raises_with_known_names():
@@ -274,6 +375,45 @@ def test_tiny_run_writes_complete_records(tiny_run):
         assert record["params"] > 0 and record["throughput_img_s"] > 0
 
 
+def test_tiny_run_records_cost_and_what_each_network_gets_wrong(tiny_run):
+    results, _ = tiny_run
+    data = cp.load_splits(cp.DATASETS["mnist"], str(SHARED_DATA), 0, 5000, 300, torch.device("cpu"))
+    for model in ("lenet5", "resnet"):
+        r = cp.load_result(cp.result_path(results, "mnist", model))
+        net = cp.build_model(model, 1, 10, r["config"]["width"], 28)
+        assert r["macs_per_image"] == cp.count_flops(net, (1, 28, 28)) / 2 > 0
+        assert r["train_flops_per_image"] > 2 * r["macs_per_image"]
+        assert r["train_flops"] == r["train_flops_per_image"] * 256  # 1 step of 256 images
+        t, matrix = r["test"], r["test"]["confusion_matrix"]
+        assert t["predictions"].dtype == np.int8 and t["predictions"].shape == (300,)
+        assert np.array_equal(matrix, np.histogram2d(data.test_y.numpy(), t["predictions"],
+                                                     bins=(range(11), range(11)))[0])
+        assert np.allclose(t["per_class_accuracy"], matrix.diagonal() / matrix.sum(1))
+        assert t["confidence"].dtype == np.float16 and (0 < t["confidence"]).all()
+        assert (t["confidence"] <= 1).all()
+        wrong = t["misclassified"]
+        errors = int(300 - np.trace(matrix))
+        assert len(wrong["index"]) == min(24, errors) > 0
+        assert (wrong["true"] != wrong["predicted"]).all()
+        assert np.array_equal(wrong["true"], data.test_y.numpy()[wrong["index"]])
+        assert np.array_equal(wrong["predicted"], t["predictions"][wrong["index"]])
+        assert np.array_equal(wrong["image"], data.test_x.numpy()[wrong["index"]])
+        assert wrong["image"].dtype == np.uint8 and wrong["image"].shape[1:] == (1, 28, 28)
+        assert (np.diff(wrong["confidence"]) <= 0).all()  # most confident mistakes first
+        others = np.setdiff1d(np.flatnonzero(t["predictions"] != data.test_y.numpy()), wrong["index"])
+        assert (t["confidence"][others] <= wrong["confidence"].min() + 1e-3).all()
+
+
+def test_a_five_step_schedule_trains(tmp_path):
+    """--epochs 1 --subset 1280: 5 optimizer steps of 256, the length that used to crash the grid."""
+    if not (SHARED_DATA / "MNIST" / "raw").is_dir():
+        pytest.skip("real MNIST not found in ../shared/data")
+    assert cp.main(["--models", "lenet5", "--datasets", "mnist", "--epochs", "1", "--subset", "1280",
+                    "--data-dir", str(SHARED_DATA), "--results-dir", str(tmp_path),
+                    "--no-progress"]) == 0
+    assert cp.load_result(cp.result_path(tmp_path, "mnist", "lenet5"))["status"] == "ok"
+
+
 def test_tiny_run_writes_summaries_and_plots(tiny_run):
     results, _ = tiny_run
     with open(results / "cnn_results.pkl", "rb") as f:
@@ -284,10 +424,57 @@ def test_tiny_run_writes_summaries_and_plots(tiny_run):
         rows = list(csv.DictReader(f))
     assert {r["model"] for r in rows} == {"LeNet-5", "ResNet-18"}
     assert set(cp.SUMMARY_COLUMNS) == set(rows[0])
+    assert {"macs_per_image", "train_flops", "train_time_s", "throughput_img_s"} <= set(rows[0])
+    assert all(float(r["macs_per_image"]) > 0 and float(r["train_flops"]) > 0 for r in rows)
     plots = results / "cnn" / "plots"
-    best = combined["best_by_validation"]["mnist"]
-    for name in ("curves_mnist.png", "test_metrics.png", f"confusion_mnist_{best}.png"):
+    for name in ("curves_mnist.png", "test_metrics.png", "cost_accuracy.png", "confusion_mnist.png",
+                 "misclassified_mnist.png"):
         assert (plots / name).stat().st_size > 10_000, name
+
+
+def test_plots_start_bars_at_zero_mark_the_best_and_leave_nothing_stale(tiny_run, tmp_path,
+                                                                        monkeypatch):
+    results, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(results / "cnn", copy / "cnn")
+    stale = copy / "cnn" / "plots" / "confusion_mnist_vgg.png"
+    stale.write_bytes(b"an old best model's figure")
+    figures, save = {}, cp._figure
+
+    def keep(plt, path, fig):
+        figures[path.name] = [(ax.get_ylim(), [t.get_text() for t in ax.get_xticklabels()],
+                               ax.get_legend_handles_labels()[1]) for ax in fig.axes]
+        return save(plt, path, fig)
+
+    monkeypatch.setattr(cp, "_figure", keep)
+    written = cp.make_plots(cp.collect_results(copy), copy)
+    assert not stale.exists() and all(p.exists() for p in written)
+    best = cp.MODELS_REGISTRY[cp.best_models(cp.collect_results(copy))["mnist"]][0]
+    (ylim, ticks, _), = figures["test_metrics.png"]
+    assert ylim[0] == 0 and f"{best} *" in ticks and sum("*" in t for t in ticks) == 1
+    cost_axes = figures["cost_accuracy.png"]
+    assert len(cost_axes) == 2 and all("best on validation" in labels for _, _, labels in cost_axes)
+
+
+def test_grid_progress_eta_rescales_with_measured_pairs():
+    lines = []
+
+    def log(line, flush=False):
+        lines.append(line)
+
+    plan = {"mnist": {"lenet5": {"epochs": 10, "width": 1.0}, "vgg": {"epochs": 5, "width": 0.25}}}
+    grid = cp.GridProgress(plan, None, True, log)
+    first = cp.SECONDS_PER_EPOCH["lenet5"] * 10 + cp.SECONDS_PER_EPOCH["vgg"] * 5
+    grid.start("mnist", "lenet5", plan["mnist"]["lenet5"])
+    assert lines[-1].startswith("[pair 1/2] mnist/lenet5: 10 epochs at width 1")
+    assert lines[-1].endswith(f"grid ETA {cp._duration(first)}")
+    grid.finish("mnist", "lenet5", 2 * cp.SECONDS_PER_EPOCH["lenet5"] * 10)  # this machine: 2x slower
+    grid.start("mnist", "vgg", plan["mnist"]["vgg"])
+    assert lines[-1].startswith("[pair 2/2]")
+    assert lines[-1].endswith(f"grid ETA {cp._duration(2 * cp.SECONDS_PER_EPOCH['vgg'] * 5)}")
+    unmeasured = cp.GridProgress(plan, 5500, False, log)  # e.g. the gpu preset
+    unmeasured.start("mnist", "lenet5", plan["mnist"]["lenet5"])
+    assert lines[-1].endswith("grid ETA after the first pair")
 
 
 def test_rerun_skips_finished_pairs_and_force_retrains(tiny_run, capsys):
@@ -461,10 +648,17 @@ def cli(results_dir: Path, *args: str) -> list:
             "--results-dir", str(results_dir), "--no-progress"]
 
 
+def as_lists(obj):
+    """NumPy arrays (at any depth of dicts) as lists, so that == compares every value."""
+    if isinstance(obj, dict):
+        return {k: as_lists(v) for k, v in obj.items()}
+    return obj.tolist() if isinstance(obj, np.ndarray) else obj
+
+
 def comparable(record: dict) -> dict:
     """A record without its timings, which no two runs share."""
     history = {k: v for k, v in record["history"].items() if k != "epoch_time_s"}
-    test = dict(record["test"], confusion_matrix=record["test"]["confusion_matrix"].tolist())
+    test = as_lists(record["test"])
     return {"history": history, "test": test, "best_epoch": record["best_epoch"],
             "best_val_accuracy": record["best_val_accuracy"], "status": record["status"]}
 
@@ -510,10 +704,24 @@ def test_ten_sigkills_at_random_moments_lose_nothing(tmp_path):
     run, rng = tmp_path / "run", random.Random(0)
     finished, saw_checkpoint = {}, False
     for _ in range(10):
-        proc = subprocess.Popen(cli(run, *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(2.0, 7.0))
+        # A random moment: 0.5-3 s after the start (loading, planning), or 0-0.5 s after a random
+        # epoch line of this run (training, checkpoint writes, scoring, record writes). Counted
+        # from the run's own output, so the kills land inside the work on a fast or a slow machine.
+        after_epochs, delay = rng.randint(0, 3), rng.uniform(0.0, 0.5)
+        proc = subprocess.Popen(cli(run, *args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True)
+        if after_epochs == 0:
+            delay = rng.uniform(0.5, 3.0)
+        else:
+            seen = 0
+            for line in proc.stdout:
+                seen += " epoch " in line
+                if seen == after_epochs:
+                    break
+        time.sleep(delay)
         proc.kill()
         proc.wait(timeout=60)
+        proc.stdout.close()
         for path in run.rglob("*.pkl"):
             cp.load_result(path)  # raises on a corrupt record
             if path.name == "cnn_results.pkl":  # the combined summary: rewritten by every report

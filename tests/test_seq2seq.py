@@ -274,3 +274,16 @@ def test_cli_exit_status_and_no_traceback(tiny_run, tmp_path):
         p = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert p.returncode == 2, (args, p.stderr)
         assert needle in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_help_describes_every_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        s2s.build_parser().parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for key, default in s2s.CONFIG.items():
+        flag = "--" + key.replace("_", "-")
+        after = out.split(flag, 2)[2]  # the options list, past the usage line
+        described = after.split(" --", 1)[0]
+        assert f"(default: {default})" in described, flag
+        assert len(described.split("(default:")[0].split(maxsplit=1)[-1]) > 8, flag  # real words
+    assert "Adam learning rate (default: 0.003)" in out
