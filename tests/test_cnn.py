@@ -468,13 +468,20 @@ def test_grid_progress_eta_rescales_with_measured_pairs():
     grid.start("mnist", "lenet5", plan["mnist"]["lenet5"])
     assert lines[-1].startswith("[pair 1/2] mnist/lenet5: 10 epochs at width 1")
     assert lines[-1].endswith(f"grid ETA {cp._duration(first)}")
-    grid.finish("mnist", "lenet5", 2 * cp.SECONDS_PER_EPOCH["lenet5"] * 10)  # this machine: 2x slower
+    lenet = cp.SECONDS_PER_EPOCH["lenet5"] * 10
+    grid.finish("mnist", "lenet5", 2 * lenet)  # this machine: 2x slower than the table
     grid.start("mnist", "vgg", plan["mnist"]["vgg"])
     assert lines[-1].startswith("[pair 2/2]")
-    assert lines[-1].endswith(f"grid ETA {cp._duration(2 * cp.SECONDS_PER_EPOCH['vgg'] * 5)}")
+    prior = cp.GridProgress.PRIOR_SECONDS  # the table's own weight as evidence
+    scale = (2 * lenet + prior) / (lenet + prior)
+    assert 1 < scale < 2
+    assert lines[-1].endswith(f"grid ETA {cp._duration(scale * cp.SECONDS_PER_EPOCH['vgg'] * 5)}")
     unmeasured = cp.GridProgress(plan, 5500, False, log)  # e.g. the gpu preset
     unmeasured.start("mnist", "lenet5", plan["mnist"]["lenet5"])
     assert lines[-1].endswith("grid ETA after the first pair")
+    unmeasured.finish("mnist", "lenet5", 3 * lenet / 10)  # subset 5,500: a tenth of the images
+    unmeasured.start("mnist", "vgg", plan["mnist"]["vgg"])  # no prior: 3x the table, exactly
+    assert lines[-1].endswith(f"grid ETA {cp._duration(3 * cp.SECONDS_PER_EPOCH['vgg'] * 5 / 10)}")
 
 
 def test_rerun_skips_finished_pairs_and_force_retrains(tiny_run, capsys):
@@ -613,6 +620,36 @@ def test_reference_run_does_not_stop_a_first_run():
     reference = cp.collect_results(ROOT / "results" / "reference_cpu")
     assert set(reference) == {"mnist", "fashion_mnist"}
     assert all(len(by_model) == 7 for by_model in reference.values())
+
+
+def test_reference_records_hold_cost_and_mistakes_and_its_best_weights_predict(tmp_path, capsys):
+    """The committed CPU run: every record has its cost and what it gets wrong; the weights of each
+    dataset's best model on validation are committed, and `--predict` with them names real test
+    images (saved as PNGs, as a user would) correctly."""
+    reference = ROOT / "results" / "reference_cpu"
+    results = cp.collect_results(reference)
+    for dataset, by_model in results.items():
+        for model, r in by_model.items():
+            net = cp.build_model(model, 1, 10, r["config"]["width"], 28)
+            assert r["params"] == n_params(net), (dataset, model)
+            assert r["macs_per_image"] == cp.count_flops(net, (1, 28, 28)) / 2, (dataset, model)
+            assert r["train_flops"] > 0 and len(r["test"]["predictions"]) == 10_000
+            assert len(r["test"]["misclassified"]["index"]) == 24
+    if not (SHARED_DATA / "MNIST" / "raw").is_dir():
+        pytest.skip("real MNIST not found in ../shared/data")
+    from PIL import Image
+    for dataset, model in cp.best_models(results).items():
+        assert cp.weights_path(reference, dataset, model).is_file(), (dataset, model)
+        data = cp.load_splits(cp.DATASETS[dataset], str(SHARED_DATA), 0, 5000, 20, torch.device("cpu"))
+        paths = []
+        for i in range(20):
+            paths.append(tmp_path / f"{dataset}_{i}.png")
+            Image.fromarray(data.test_x[i, 0].numpy()).save(paths[-1])
+        predicted = cp.predict(cp.parse_args(["--predict", *map(str, paths), "--dataset", dataset,
+                                              "--results-dir", str(reference)]))
+        classes = cp.DATASETS[dataset].classes
+        right = sum(top[0][0] == classes[int(y)] for (_, top), y in zip(predicted, data.test_y))
+        assert right >= 17, (dataset, right)  # the test set's first 20 images, 99.5% / 93% models
 
 
 def test_mixed_settings_are_named_in_the_table(tiny_run, capsys):
