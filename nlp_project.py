@@ -1075,7 +1075,7 @@ def answer_by_prompt(model, tokenizer, question: str, context: str,
     Same dict as answer_question, with score None, by_prompt True and in_context telling whether the
     answer occurs in the context (case and spacing ignored; start/end then locate it). An answer that
     is not in the context is a guess and must not be shown as a found answer. The answer is cut to
-    max_answer_chars characters.
+    max_answer_chars characters. An "answer" that is (nearly) the whole context counts as not found.
     """
     answer = generate_by_prompt(
         model, tokenizer, "Answer the question using only the context. If the context does not contain the "
@@ -1083,6 +1083,8 @@ def answer_by_prompt(model, tokenizer, question: str, context: str,
     answer = answer[:max_answer_chars]
     no_answer = not answer or answer.lower().strip(" .!") == "no answer"
     start, end = (-1, -1) if no_answer else _find_in_context(answer, context)
+    if start >= 0 and end - start >= 0.9 * len(context.strip()):  # the context repeated back is no answer
+        start, end = -1, -1
     return {"answer": "" if no_answer else answer, "score": None, "no_answer": no_answer, "start": start,
             "end": end, "windows_cut": False, "by_prompt": True, "in_context": start >= 0}
 

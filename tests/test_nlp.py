@@ -594,7 +594,8 @@ def test_answer_by_prompt_is_only_sure_when_in_context(monkeypatch):
     context = "The Eiffel Tower was completed in 1889 and stands in Paris, France."
     for generated, no_answer, in_context in [("The Eiffel Tower is in Paris.", False, False),
                                              ("1889.", False, True), ("in  PARIS, france", False, True),
-                                             ("No answer.", True, False), ("x" * 5000, False, False)]:
+                                             ("No answer.", True, False), ("x" * 5000, False, False),
+                                             (context, False, False)]:  # the context repeated back
         monkeypatch.setattr(nlp_project, "generate_by_prompt", lambda *a, g=generated, **k: g)
         res = nlp_project.answer_by_prompt(None, None, "Q?", context)
         assert (res["no_answer"], res["in_context"], res["by_prompt"]) == (no_answer, in_context, True), generated
