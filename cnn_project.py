@@ -86,8 +86,8 @@ PRESETS = {
     },
 }
 
-# Seconds per epoch of each model with the CPU preset (55k images, bf16, the preset's widths, 2 AMD
-# EPYC cores; the mean over both datasets of the 2026-11-30 reference run, README): the grid's ETA
+# Seconds per epoch of each model with the CPU preset (55k images, bf16, the preset's widths, 2 Intel
+# Xeon cores; the mean over both datasets of the 2026-11-30 reference run, README): the grid's ETA
 # starts from these (GridProgress).
 SECONDS_PER_EPOCH = {"lenet5": 4, "alexnet": 19, "vgg": 26, "resnet": 44, "googlenet": 93,
                      "xception": 122, "senet": 71}
