@@ -1732,14 +1732,14 @@ class GridProgress:
         self.left = dict(self.estimate)
         self.done_estimate = self.done_seconds = 0.0
         self.prior = self.PRIOR_SECONDS if measured_preset else 0.0
-        self.scale = 1.0 if measured_preset else None
         self.start_time, self.count, self.log = time.perf_counter(), 0, log
 
     def start(self, dataset: str, model: str, settings: dict) -> None:
         """Log the line for the pair about to train."""
         self.count += 1
-        eta = ("after the first pair" if self.scale is None
-               else _duration(self.scale * sum(self.left.values())))
+        evidence = self.done_estimate + self.prior  # seconds of estimate checked against the clock
+        eta = ("after the first pair" if not evidence else _duration(
+            (self.done_seconds + self.prior) / evidence * sum(self.left.values())))
         epochs = f"{settings['epochs']} epoch{'s' * (settings['epochs'] != 1)}"
         self.log(f"[pair {self.count}/{len(self.estimate)}] {dataset}/{model}: {epochs} at width "
                  f"{settings['width']:g} | elapsed {_duration(time.perf_counter() - self.start_time)}"
@@ -1751,7 +1751,6 @@ class GridProgress:
         if seconds is not None:
             self.done_estimate += estimate
             self.done_seconds += seconds
-            self.scale = (self.done_seconds + self.prior) / (self.done_estimate + self.prior)
 
 
 def plan_grid(args: argparse.Namespace, accelerator, preset_name: str, cfg: dict, log) -> dict:

@@ -113,11 +113,6 @@ def machine_peak_tflops(device: torch.device, dtype: torch.dtype, size: int) -> 
     return max(matmul_tflops(device, dtype, side) for side in (size, 2 * size))
 
 
-def train_flops_per_image(model: nn.Module, shape: tuple) -> float:
-    """Forward + backward FLOPs per training image: cnn_project's counter, the one its records use."""
-    return cp.count_flops(model, shape, backward=True)
-
-
 class SeedsLeNet5(nn.Module):
     """LeNet-5 (LeCun et al. 1998) as the seeds' pipeline needs it for 3x224x224 input: conv5x5(6),
     pool, conv5x5(16), pool, then 16x53x53 -> 120 -> 84 -> num_classes. Input N x 3 x 224 x 224."""
@@ -162,7 +157,8 @@ def run_ours(model_name: str, shape_name: str, cfg: dict, device: str, variant: 
     torch.manual_seed(0)
     model = cp.build_model(model_name, spec.in_channels, 10, cfg["width"], spec.image_size)
     model = model.to(dev, memory_format=torch.channels_last)
-    flops = train_flops_per_image(model, (spec.in_channels, spec.image_size, spec.image_size))
+    shape = (spec.in_channels, spec.image_size, spec.image_size)
+    flops = cp.count_flops(model, shape, backward=True)
     optimizer, scheduler = cp.make_optimizer(model, dict(cp.RECIPE), total_steps=10 ** 6,
                                             fused=v["fused"])
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -222,7 +218,7 @@ def run_dataloader(model: nn.Module, shape_name: str, transform, batch: int, cfg
     dataset = pil_dataset(shape_name, transform, data_dir)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(0))
-    flops = train_flops_per_image(model, input_shape)
+    flops = cp.count_flops(model, input_shape, backward=True)
     model = model.to(dev).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     criterion = nn.CrossEntropyLoss()
