@@ -1,0 +1,164 @@
+"""colab.ipynb, executed top to bottom on this CPU the way a Colab user runs it, minus the cells tagged
+`colab-only` (install, Drive, tunnel): tiny settings through the NB_* variables its `parameters` cell
+reads, the real MNIST from ../shared/data, results in a temp folder. Asserts on what the cells show:
+the table, the figures, one record opened with pickle, and a second run of the training cell that
+skips the finished pairs instead of training them again. Nothing is downloaded."""
+
+import copy
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "colab.ipynb"
+MODELS = ["lenet5", "vgg"]
+SEQ2SEQ_TINY = ("--n-train 300 --n-val 60 --n-test 60 --max-len 6 --gen-max-len 8 --n-gen-per-len 10 "
+                "--epochs 2 --hidden-size 16 --emb-dim 8 --device cpu")
+
+
+def tags(cell) -> set:
+    return set(cell.get("metadata", {}).get("tags", []))
+
+
+def text_of(cell) -> str:
+    """Everything the cell printed (streams and text results)."""
+    parts = []
+    for out in cell.get("outputs", []):
+        if out["output_type"] == "stream":
+            parts.append(out["text"])
+        elif "data" in out and "text/plain" in out["data"]:
+            parts.append(out["data"]["text/plain"])
+    return "".join(parts)
+
+
+def images_of(cell) -> int:
+    return sum("image/png" in out.get("data", {}) for out in cell.get("outputs", []))
+
+
+def test_colab_only_cells_hold_everything_that_needs_colab():
+    """The cells the suite skips are exactly the ones that need Colab (Drive, pip, the tunnel's
+    download), and the parameters cell reads every NB_* variable the suite sets."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        needs_colab = re.search(r"google\.colab|pip\", \"install|git\", \"clone|urlretrieve", cell.source)
+        assert bool(needs_colab) == ("colab-only" in tags(cell)), cell.source[:120]
+    params = [c for c in nb.cells if "parameters" in tags(c)]
+    assert len(params) == 1
+    for var in ("NB_DATA_DIR", "NB_RESULTS_DIR", "NB_DATASETS", "NB_MODELS", "NB_EPOCHS", "NB_WIDTH",
+                "NB_SUBSET", "NB_SEQ2SEQ_ARGS"):
+        assert f'"{var}"' in params[0].source
+    assert sum("train" in tags(c) for c in nb.cells) == 1
+    # the defaults are the real run on Colab: results on Drive, datasets on the VM's disk
+    assert '"/content/drive/MyDrive/' in params[0].source and '"/content/data"' in params[0].source
+    assert "drive.flush_and_unmount()" in nb.cells[-1].source
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    if not (SHARED_DATA / "MNIST").is_dir():
+        pytest.skip(f"real MNIST not found in {SHARED_DATA}")
+    tmp = tmp_path_factory.mktemp("notebook")
+    # A kernel of this very Python (the venv with the programs' requirements), whatever kernels
+    # the machine has installed.
+    spec = tmp / "jupyter" / "kernels" / "project-python"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "project python", "language": "python"}))
+    env = {"JUPYTER_PATH": str(tmp / "jupyter"), "NB_DATA_DIR": str(SHARED_DATA),
+           "NB_RESULTS_DIR": str(tmp / "results"), "NB_DATASETS": "mnist",
+           "NB_MODELS": " ".join(MODELS), "NB_EPOCHS": "1", "NB_WIDTH": "0.125", "NB_SUBSET": "1000",
+           "NB_SEQ2SEQ_ARGS": SEQ2SEQ_TINY}
+    mp = pytest.MonkeyPatch()
+    for key, value in env.items():
+        mp.setenv(key, value)
+    mp.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend shows the figures
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cells = []
+    for cell in nb.cells:
+        if "colab-only" in tags(cell):
+            continue
+        cells.append(cell)
+        if "train" in tags(cell):  # run the training cell twice, as after a recycled runtime
+            again = copy.deepcopy(cell)
+            again.metadata["tags"] = ["train", "second-run"]
+            again["id"] = cell["id"] + "-again"
+            cells.append(again)
+    nb.cells = cells
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="project-python",
+                                     resources={"metadata": {"path": str(ROOT)}})
+    start = time.monotonic()
+    try:
+        client.execute()
+    finally:
+        mp.undo()
+    seconds = time.monotonic() - start
+    nbformat.write(nb, tmp / "colab.executed.ipynb")  # to look at when a test fails
+    print(f"\ncolab.ipynb executed in {seconds:.0f} s: {tmp / 'colab.executed.ipynb'}")
+    return nb, tmp / "results", seconds
+
+
+def cell_after(nb, heading: str):
+    """The first code cell after the markdown cell whose heading starts with `heading`."""
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown" and cell.source.startswith(f"## {heading}"):
+            return next(c for c in nb.cells[i + 1:] if c.cell_type == "code")
+    raise AssertionError(f"no section {heading!r}")
+
+
+def test_the_training_cell_trains_then_a_second_run_skips(executed):
+    nb, results, _ = executed
+    first, second = [c for c in nb.cells if "train" in tags(c)]
+    out1, out2 = text_of(first), text_of(second)
+    for model in MODELS:
+        assert (results / "cnn" / "mnist" / f"{model}.pkl").is_file()
+        assert f"mnist/{model}:" in out1 and f"mnist/{model}: finished earlier" not in out1
+        assert re.search(rf"mnist/{model}: finished earlier with these settings .* skipped", out2), out2
+    assert "resuming from the checkpoint" not in out2 and "[pair" not in out2
+
+
+def test_the_report_cell_shows_the_table_and_every_plot_it_lists(executed):
+    nb, results, _ = executed
+    cell = cell_after(nb, "The comparison table")
+    out = text_of(cell)
+    assert "LeNet-5" in out and "VGG-16-BN" in out and "test" in out
+    plots = [line for line in out.splitlines() if line.strip().startswith("plot: ")]
+    assert plots and images_of(cell) == len(plots)
+    assert all(str(results) in line for line in plots)  # drawn into the results folder (Drive)
+
+
+def test_the_pickle_cell_opens_a_record_and_plots_its_curve(executed):
+    nb, _, _ = executed
+    cell = cell_after(nb, "One record")
+    out = text_of(cell)
+    assert re.search(r"LeNet-5 on mnist \| test accuracy 0\.\d{4} \| best epoch 1", out), out
+    assert images_of(cell) == 1
+
+
+def test_the_gpu_cell_names_the_precision(executed):
+    nb, _, _ = executed
+    out = text_of(cell_after(nb, "The GPU"))
+    import torch
+    import cnn_project as cp
+    precision, why = cp.choose_precision("auto", on_cpu=not torch.cuda.is_available())
+    assert f"cnn_project.py will train with precision {precision} ({why})" in out
+
+
+def test_the_seq2seq_cell_trains_and_shows_its_figures(executed):
+    nb, results, _ = executed
+    cell = cell_after(nb, "Seq2seq")
+    assert (results / "seq2seq" / "results.pkl").is_file()
+    assert images_of(cell) == 4
