@@ -1,12 +1,16 @@
 """colab.ipynb, executed top to bottom on this CPU the way a Colab user runs it, minus the cells tagged
-`colab-only` (install, Drive, tunnel): tiny settings through the NB_* variables its `parameters` cell
-reads, the real MNIST from ../shared/data, results in a temp folder. Asserts on what the cells show:
-the table, the figures, one record opened with pickle, and a second run of the training cell that
-skips the finished pairs instead of training them again. Nothing is downloaded."""
+`colab-only` (install, Drive, cloudflared's download): tiny settings through the NB_* variables its
+`parameters` cell reads, the real MNIST from ../shared/data, results in a temp folder, a stand-in
+`cloudflared` on PATH. Asserts on what the cells show: the precision line, the table, the figures, one
+record opened with pickle, seq2seq's figures, the app's public-URL line in sharing mode, and a second
+run of the training cell that skips the finished pairs instead of training them again. Nothing is
+downloaded."""
 
 import copy
 import json
+import os
 import re
+import socket
 import sys
 import time
 from pathlib import Path
@@ -22,6 +26,14 @@ pytest.importorskip("ipykernel")
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "colab.ipynb"
 MODELS = ["lenet5", "vgg"]
+FAKE_URL = "https://notebook-test.trycloudflare.com"
+STOP_APP = """
+import urllib.request
+with urllib.request.urlopen(f"http://127.0.0.1:{APP_PORT}/_stcore/health", timeout=10) as reply:
+    print("health", reply.status, reply.read().decode())
+app.terminate()
+print("app exit code", app.wait(timeout=60))
+"""
 SEQ2SEQ_TINY = ("--n-train 300 --n-val 60 --n-test 60 --max-len 6 --gen-max-len 8 --n-gen-per-len 10 "
                 "--epochs 2 --hidden-size 16 --emb-dim 8 --device cpu")
 
@@ -77,7 +89,19 @@ def executed(tmp_path_factory):
     (spec / "kernel.json").write_text(json.dumps({
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "project python", "language": "python"}))
-    env = {"JUPYTER_PATH": str(tmp / "jupyter"), "NB_DATA_DIR": str(SHARED_DATA),
+    # A stand-in for cloudflared: prints a quick tunnel's URL the way cloudflared logs it, then waits.
+    fake_bin = tmp / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "cloudflared").write_text(
+        "#!/bin/sh\necho 'INF Requesting new quick Tunnel on trycloudflare.com...'\n"
+        f"echo 'INF |  {FAKE_URL}  |'\nexec sleep 600\n")
+    (fake_bin / "cloudflared").chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "NB_APP_PORT": str(port),
+           "NLP_APP_FEEDBACK_DB": str(tmp / "feedback.db"), "TMPDIR": str(tmp),
+           "JUPYTER_PATH": str(tmp / "jupyter"), "NB_DATA_DIR": str(SHARED_DATA),
            "NB_RESULTS_DIR": str(tmp / "results"), "NB_DATASETS": "mnist",
            "NB_MODELS": " ".join(MODELS), "NB_EPOCHS": "1", "NB_WIDTH": "0.125", "NB_SUBSET": "1000",
            "NB_SEQ2SEQ_ARGS": SEQ2SEQ_TINY}
@@ -97,6 +121,8 @@ def executed(tmp_path_factory):
             again.metadata["tags"] = ["train", "second-run"]
             again["id"] = cell["id"] + "-again"
             cells.append(again)
+        if "app" in tags(cell):  # what a visitor's browser first asks, then stop the app
+            cells.append(nbformat.v4.new_code_cell(STOP_APP, metadata={"tags": ["test-stop-app"]}))
     nb.cells = cells
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="project-python",
                                      resources={"metadata": {"path": str(ROOT)}})
@@ -162,3 +188,12 @@ def test_the_seq2seq_cell_trains_and_shows_its_figures(executed):
     cell = cell_after(nb, "Seq2seq")
     assert (results / "seq2seq" / "results.pkl").is_file()
     assert images_of(cell) == 4
+
+
+def test_the_app_cell_serves_in_sharing_mode_behind_the_tunnel_and_prints_its_url(executed):
+    nb, _, _ = executed
+    out = text_of(next(c for c in nb.cells if "app" in tags(c)))
+    assert f"public URL: {FAKE_URL}" in out, out
+    assert "(sharing mode)" in out and "A stranger with that URL can" in out and "cannot" in out
+    stop = text_of(next(c for c in nb.cells if "test-stop-app" in tags(c)))
+    assert "health 200 ok" in stop and "app exit code" in stop
