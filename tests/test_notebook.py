@@ -61,9 +61,11 @@ def test_colab_only_cells_hold_everything_that_needs_colab():
     """The cells the suite skips are exactly the ones that need Colab (Drive, pip, the tunnel's
     download), and the parameters cell reads every NB_* variable the suite sets."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
+        assert not cell.outputs and cell.execution_count is None  # committed clean
         needs_colab = re.search(r"google\.colab|pip\", \"install|git\", \"clone|urlretrieve", cell.source)
         assert bool(needs_colab) == ("colab-only" in tags(cell)), cell.source[:120]
     params = [c for c in nb.cells if "parameters" in tags(c)]
