@@ -2,10 +2,11 @@
 `colab-only` (install, Drive, cloudflared's download): tiny settings through the NB_* variables its
 `parameters` cell reads, the real MNIST from ../shared/data, results in a temp folder, a stand-in
 `cloudflared` on PATH. Asserts on what the cells show: the precision line, the table, the figures, one
-record opened with pickle, seq2seq's figures, the app's public-URL line in sharing mode, and a second
-run of the training cell that skips the finished pairs instead of training them again. Nothing is
-downloaded."""
+record opened with pickle, seq2seq's figures, the app's public-URL line in sharing mode, and the
+training cell interrupted in the middle of a pair (as its stop button does) and run again: the finished
+pair is skipped, the other resumes from its checkpoint. Nothing is downloaded."""
 
+import asyncio
 import copy
 import json
 import os
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "colab.ipynb"
 MODELS = ["lenet5", "vgg"]
 FAKE_URL = "https://notebook-test.trycloudflare.com"
+INTERRUPT_AT = "VGG-16-BN / mnist epoch  1/2"
 STOP_APP = """
 import urllib.request
 with urllib.request.urlopen(f"http://127.0.0.1:{APP_PORT}/_stcore/health", timeout=10) as reply:
@@ -105,7 +107,7 @@ def executed(tmp_path_factory):
            "NLP_APP_FEEDBACK_DB": str(tmp / "feedback.db"), "TMPDIR": str(tmp),
            "JUPYTER_PATH": str(tmp / "jupyter"), "NB_DATA_DIR": str(SHARED_DATA),
            "NB_RESULTS_DIR": str(tmp / "results"), "NB_DATASETS": "mnist",
-           "NB_MODELS": " ".join(MODELS), "NB_EPOCHS": "1", "NB_WIDTH": "0.125", "NB_SUBSET": "1000",
+           "NB_MODELS": " ".join(MODELS), "NB_EPOCHS": "2", "NB_WIDTH": "0.125", "NB_SUBSET": "1000",
            "NB_SEQ2SEQ_ARGS": SEQ2SEQ_TINY}
     mp = pytest.MonkeyPatch()
     for key, value in env.items():
@@ -118,7 +120,10 @@ def executed(tmp_path_factory):
         if "colab-only" in tags(cell):
             continue
         cells.append(cell)
-        if "train" in tags(cell):  # run the training cell twice, as after a recycled runtime
+        if "train" in tags(cell):
+            # The first run is interrupted (the cell's stop button: SIGINT to the kernel and the
+            # program) in VGG's second epoch, after LeNet-5 has finished; then the cell runs again.
+            cell.metadata["tags"] = ["train", "interrupted", "raises-exception"]
             again = copy.deepcopy(cell)
             again.metadata["tags"] = ["train", "second-run"]
             again["id"] = cell["id"] + "-again"
@@ -126,8 +131,8 @@ def executed(tmp_path_factory):
         if "app" in tags(cell):  # what a visitor's browser first asks, then stop the app
             cells.append(nbformat.v4.new_code_cell(STOP_APP, metadata={"tags": ["test-stop-app"]}))
     nb.cells = cells
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="project-python",
-                                     resources={"metadata": {"path": str(ROOT)}})
+    client = InterruptingClient(nb, timeout=600, kernel_name="project-python",
+                                resources={"metadata": {"path": str(ROOT)}})
     start = time.monotonic()
     try:
         client.execute()
@@ -139,6 +144,20 @@ def executed(tmp_path_factory):
     return nb, tmp / "results", seconds
 
 
+class InterruptingClient(nbclient.NotebookClient):
+    """Interrupts the kernel once, as the stop button does, when the cell tagged `interrupted`
+    prints INTERRUPT_AT (VGG-16-BN's first epoch line: its checkpoint is already written)."""
+    interrupted = False
+
+    def output(self, outs, msg, display_id, cell_index):
+        out = super().output(outs, msg, display_id, cell_index)
+        if (not self.interrupted and "interrupted" in tags(self.nb.cells[cell_index])
+                and msg["msg_type"] == "stream" and INTERRUPT_AT in "".join(o.get("text", "") for o in outs)):
+            self.interrupted = True
+            asyncio.ensure_future(nbclient.util.ensure_async(self.km.interrupt_kernel()))
+        return out
+
+
 def cell_after(nb, heading: str):
     """The first code cell after the markdown cell whose heading starts with `heading`."""
     for i, cell in enumerate(nb.cells):
@@ -147,15 +166,22 @@ def cell_after(nb, heading: str):
     raise AssertionError(f"no section {heading!r}")
 
 
-def test_the_training_cell_trains_then_a_second_run_skips(executed):
+def test_the_training_cell_interrupted_then_run_again_skips_and_resumes(executed):
     nb, results, _ = executed
     first, second = [c for c in nb.cells if "train" in tags(c)]
     out1, out2 = text_of(first), text_of(second)
+    errors = [o for o in first.outputs if o["output_type"] == "error"]
+    assert errors and errors[0]["ename"] == "KeyboardInterrupt"
+    assert "mnist/lenet5: ok" in out1 and INTERRUPT_AT in out1 and "mnist/vgg: ok" not in out1
+    assert "interrupted: finished pairs and the last epoch of the current one are saved" in out1
+    # the second run: LeNet-5 is not trained again, VGG-16-BN goes on from its epoch 1
+    assert re.search(r"mnist/lenet5: finished earlier with these settings .* skipped", out2), out2
+    assert "LeNet-5 / mnist epoch" not in out2
+    assert "resuming from the checkpoint after epoch 1" in out2 and "VGG-16-BN / mnist epoch  1/2" not in out2
+    assert "VGG-16-BN / mnist epoch  2/2" in out2 and "mnist/vgg: ok" in out2
     for model in MODELS:
         assert (results / "cnn" / "mnist" / f"{model}.pkl").is_file()
-        assert f"mnist/{model}:" in out1 and f"mnist/{model}: finished earlier" not in out1
-        assert re.search(rf"mnist/{model}: finished earlier with these settings .* skipped", out2), out2
-    assert "resuming from the checkpoint" not in out2 and "[pair" not in out2
+    assert not list((results / "cnn" / "mnist").glob("*.checkpoint.pt"))
 
 
 def test_the_report_cell_shows_the_table_and_every_plot_it_lists(executed):
@@ -172,7 +198,7 @@ def test_the_pickle_cell_opens_a_record_and_plots_its_curve(executed):
     nb, _, _ = executed
     cell = cell_after(nb, "One record")
     out = text_of(cell)
-    assert re.search(r"LeNet-5 on mnist \| test accuracy 0\.\d{4} \| best epoch 1", out), out
+    assert re.search(r"LeNet-5 on mnist \| test accuracy 0\.\d{4} \| best epoch [12]\n", out), out
     assert images_of(cell) == 1
 
 
