@@ -113,6 +113,7 @@ def executed(tmp_path_factory):
     for key, value in env.items():
         mp.setenv(key, value)
     mp.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend shows the figures
+    mp.delenv("PYTHONUNBUFFERED", raising=False)  # as on Colab: the notebook must ask for it itself
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     cells = []
