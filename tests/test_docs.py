@@ -149,3 +149,15 @@ def test_readme_app_speed_matches_the_committed_bench():
     bench = json.loads((ROOT / "results" / "nlp" / "bench_smollm2.json").read_text())["backends"]["llama.cpp"]
     text = " ".join(README.read_text().split())
     assert f"({bench['decode_tokens_per_s']:.0f} tokens/s decode, {bench['load_s']:.1f} s load;" in text
+
+
+def test_readme_cnn_wall_time_and_throughput_match_the_committed_logs():
+    text = " ".join(README.read_text().split())
+    log = (ROOT / "results" / "reference_cpu" / "cnn" / "run_log.txt").read_text()
+    h, m, s = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\d+):(\d+):(\d+)", log).groups()
+    assert f"14 trainings in {60 * int(h) + int(m)} min {s} s" in text
+    import csv
+    rows = list(csv.DictReader(open(ROOT / "results" / "benchmarks" / "cnn_throughput.csv")))
+    speedups = [float(r["ours_speedup"]) for r in rows if r["pipeline"] == "naive"]
+    mfu = max(float(r["mfu"]) for r in rows if r["pipeline"] == "ours")
+    assert f"({min(speedups):.1f}-{max(speedups):.1f}× faster, MFU up to {100 * mfu:.0f}% on CPU)" in text
