@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA
-
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "colab.ipynb"
+SHARED_DATA = ROOT.parent / "shared" / "data"  # real MNIST in torchvision's layout, beside the checkout
 MODELS = ["lenet5", "vgg"]
 FAKE_URL = "https://notebook-test.trycloudflare.com"
 INTERRUPT_AT = "VGG-16-BN / mnist epoch  1/2"
@@ -83,7 +82,7 @@ def test_colab_only_cells_hold_everything_that_needs_colab():
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
-    if not (SHARED_DATA / "MNIST").is_dir():
+    if not (SHARED_DATA / "MNIST" / "raw").is_dir():
         pytest.skip(f"real MNIST not found in {SHARED_DATA}")
     tmp = tmp_path_factory.mktemp("notebook")
     # A kernel of this very Python (the venv with the programs' requirements), whatever kernels
