@@ -34,6 +34,10 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
+import functools
+import hashlib
+import io
 import math
 import os
 import pickle
@@ -65,30 +69,34 @@ RECIPE = dict(
     eval_batch_size=1024,   # images per forward pass at evaluation
 )
 
-# Per-architecture budget: {dataset: {model: (epochs, width multiplier)}}. The GPU preset uses the
-# canonical widths. The CPU preset (2 cores: the whole 7-model MNIST + Fashion-MNIST grid in under an
-# hour) uses quarter-width networks and gives each the epochs its measured seconds per epoch allow
-# (SECONDS_PER_EPOCH below); MNIST needs fewer passes than Fashion-MNIST. Fashion-MNIST's VGG got 16
-# epochs after 10 stopped at 93.54% validation accuracy (a 16-epoch probe reached 93.94%).
-_GPU = {m: (15, 1.0) for m in ("lenet5", "alexnet", "vgg", "resnet", "googlenet", "xception", "senet")}
+# One budget rule for every model: on a dataset, every architecture trains the same number of
+# epochs (the literature's way of comparing them), with the recipe above; no model's budget is set
+# from its own accuracy. A preset says how many epochs per dataset, and each model's width: the GPU
+# preset trains the canonical widths; the CPU preset (2 cores: the whole 21-pair grid in about 2
+# hours) quarter-width networks, LeNet-5 at its own full width (62k parameters already).
+# A learner's own image folder ("image_folder") trains the preset's folder epochs.
+BUDGET_RULE = "equal epochs for every model on a dataset"
 PRESETS = {
-    "gpu": {"mnist": _GPU, "fashion_mnist": _GPU,
-            "cifar10": {m: (30, w) for m, (_, w) in _GPU.items()}},
-    "cpu": {
-        "mnist": {"lenet5": (10, 1.0), "alexnet": (5, 0.25), "vgg": (5, 0.25), "resnet": (3, 0.25),
-                  "googlenet": (3, 0.25), "xception": (3, 0.25), "senet": (3, 0.25)},
-        "fashion_mnist": {"lenet5": (15, 1.0), "alexnet": (10, 0.25), "vgg": (16, 0.25),
-                          "resnet": (8, 0.25), "googlenet": (4, 0.25), "xception": (4, 0.25),
-                          "senet": (5, 0.25)},
-        "cifar10": {"lenet5": (15, 1.0), "alexnet": (10, 0.25), "vgg": (10, 0.25),
-                    "resnet": (8, 0.25), "googlenet": (4, 0.25), "xception": (4, 0.25),
-                    "senet": (5, 0.25)},
-    },
+    "gpu": {"epochs": {"mnist": 15, "fashion_mnist": 15, "cifar10": 30, "image_folder": 30},
+            "width": {}},                          # every model at width 1.0
+    "cpu": {"epochs": {"mnist": 4, "fashion_mnist": 6, "cifar10": 10, "image_folder": 10},
+            "width": {"lenet5": 1.0}},             # every other model at width 0.25
 }
+DEFAULT_WIDTH = {"gpu": 1.0, "cpu": 0.25}
 
-# Seconds per epoch of each model with the CPU preset (55k images, bf16, the preset's widths, 2 Intel
-# Xeon cores; the mean over both datasets of the 2026-11-30 reference run, README): the grid's ETA
-# starts from these (GridProgress).
+
+def budget(preset: str, dataset: str, model: str) -> tuple:
+    """(epochs, width) of one pair under BUDGET_RULE: the preset's epochs for the dataset (a
+    learner's folder: its 'image_folder' epochs), the preset's width for the model."""
+    epochs = PRESETS[preset]["epochs"]
+    return (epochs.get(dataset, epochs["image_folder"]),
+            PRESETS[preset]["width"].get(model, DEFAULT_WIDTH[preset]))
+
+
+# Seconds per epoch of each model with the CPU preset on 45k-55k images (bf16 autocast, the
+# preset's widths, 2 AMD EPYC cores with AVX-512 BF16, no AMX; measured by benchmarks/
+# cnn_benchmark.py --epoch-seconds, docs/benchmarks.md): the grid's ETA starts from these
+# (GridProgress) and rescales them by the pairs it has timed.
 SECONDS_PER_EPOCH = {"lenet5": 4, "alexnet": 19, "vgg": 26, "resnet": 44, "googlenet": 93,
                      "xception": 122, "senet": 71}
 
@@ -106,20 +114,23 @@ DIVERGED_MIN_STEPS = 200
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """How to fetch one dataset with torchvision and how to normalise it."""
-    name: str              # CLI name
-    torchvision_class: str  # class in torchvision.datasets
-    folder: str            # what torchvision creates under --data-dir
+    """How to read one dataset (torchvision's files, or an image folder) and how to normalise it."""
+    name: str              # CLI name (and the results folder's)
+    torchvision_class: str | None  # class in torchvision.datasets; None: an image folder only
+    folder: str            # torchvision: what it creates under --data-dir; image folder: its path
     files: tuple           # files torchvision needs there (for the offline error message)
-    in_channels: int
-    image_size: int        # pixels per side
-    mean: tuple
-    std: tuple
+    in_channels: int       # 1 (grey) or 3 (RGB); an image folder's: inferred from its images
+    image_size: int        # pixels per side (square); an image folder's: inferred or --image-size
+    mean: tuple            # per-channel mean and std on the 0-1 scale (an image folder's: computed
+    std: tuple             # on its training split)
     pad: int               # random-translation range in pixels (pad then random crop)
     hflip: bool            # random horizontal flip (clothes and objects; never digits)
     classes: tuple
     object_size: int | None = None  # --predict: the object's longer side in the frame, in pixels
                                     # (None: a whole photo, resized to image_size)
+    title: str = ""        # how tables and plots name it ("CIFAR-10")
+    image_folders: tuple = ()  # folders under --data-dir holding an image-folder copy
+                               # (train/<class>/*, test/<class>/*), read when torchvision's are not
 
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -127,30 +138,37 @@ MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 DATASETS = {
     "mnist": DatasetSpec("mnist", "MNIST", "MNIST/raw", MNIST_FILES, 1, 28,
                          (0.1307,), (0.3081,), 2, False, tuple(str(i) for i in range(10)),
-                         object_size=20),  # LeCun et al.: digits fit a 20x20 box, centred by mass
+                         object_size=20,  # LeCun et al.: digits fit a 20x20 box, centred by mass
+                         title="MNIST"),
     "fashion_mnist": DatasetSpec("fashion_mnist", "FashionMNIST", "FashionMNIST/raw", MNIST_FILES,
                                  1, 28, (0.2860,), (0.3530,), 2, True,
                                  ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                                   "Shirt", "Sneaker", "Bag", "Ankle boot"),
-                                 object_size=28),  # Xiao et al. 2017: longest edge scaled to 28
+                                 object_size=28,  # Xiao et al. 2017: longest edge scaled to 28
+                                 title="Fashion-MNIST"),
     "cifar10": DatasetSpec("cifar10", "CIFAR10", "cifar-10-batches-py",
                            ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
                             "data_batch_5", "test_batch", "batches.meta"),
                            3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 4, True,
                            ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
-                            "horse", "ship", "truck")),
+                            "horse", "ship", "truck"), title="CIFAR-10",
+                           image_folders=("CIFAR10-JPEG", "cifar10", "CIFAR-10")),
 }
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+FOLDER_TEST_FRACTION = 0.2  # a folder without train/ and test/: this share of each class is test
+CACHE_FORMAT = "cnn_project/folder-cache/1"
 
 
 class DatasetUnavailable(RuntimeError):
-    """The dataset is neither on disk nor downloadable (offline)."""
+    """The dataset is neither on disk nor downloadable (offline), or an image folder is unusable."""
 
 
-def _torchvision_split(spec: DatasetSpec, root: str, train: bool):
+def _torchvision_split(spec: DatasetSpec, root: str, train: bool, download: bool = True):
     """Return one split as (uint8 images N x C x H x W, int64 labels N), downloading if needed.
 
     Raises DatasetUnavailable with a one-paragraph explanation if the files are missing and the
-    download fails.
+    download fails (or download=False).
     """
     import torchvision
     cls = getattr(torchvision.datasets, spec.torchvision_class)
@@ -158,15 +176,21 @@ def _torchvision_split(spec: DatasetSpec, root: str, train: bool):
         try:
             ds = cls(root, train=train, download=False)
         except RuntimeError:  # not on disk (or corrupt): fetch it, as torchvision does when online
+            if not download:
+                raise
             ds = cls(root, train=train, download=True)
     except Exception as err:  # noqa: BLE001 - any download failure means the same thing to the user
         where = Path(root).resolve() / spec.folder
+        copies = (f", or put an image-folder copy (train/<class>/*, test/<class>/*) in "
+                  f"{' or '.join(str(Path(root).resolve() / f) for f in spec.image_folders)}"
+                  if spec.image_folders else "")
         raise DatasetUnavailable(
             f"Dataset '{spec.name}' is not in {where} and could not be downloaded "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}). "
             f"torchvision expects the files {', '.join(spec.files)} in that folder. Either connect "
-            f"to the internet and run again (torchvision downloads it), copy the files there, or "
-            f"point --data-dir at the folder that holds '{spec.folder.split('/')[0]}'.") from None
+            f"to the internet and run again (torchvision downloads it), copy the files there"
+            f"{copies}, or point --data-dir at the folder that holds "
+            f"'{spec.folder.split('/')[0]}'.") from None
     images = ds.data
     images = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
     if images.ndim == 3:                      # MNIST-like: N x H x W
@@ -186,25 +210,283 @@ class Splits:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+    spec: DatasetSpec | None = None   # the dataset's spec (an image folder's, as read from it)
+    source: dict | None = None        # where the images came from (read_dataset)
+
+
+# --- image folders: a learner's own data, or a copy of CIFAR-10 ------------------------------
+
+def folder_layout(root: Path) -> dict:
+    """{'train': [(path, class index)], 'test': [...] or None, 'classes': (...)} of an image folder:
+    <root>/train/<class>/* and <root>/test/<class>/*, or <root>/<class>/* (split later by
+    split_folder). Classes are the sorted sub-folder names (torchvision ImageFolder's rule).
+    Raises DatasetUnavailable (one line naming the folder) for a missing folder, an empty class
+    folder, fewer than two classes, or train/ and test/ with different classes."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetUnavailable(f"image folder {root} does not exist")
+    parts = {"train": root / "train", "test": root / "test"}
+    if not all(p.is_dir() for p in parts.values()):
+        parts = {"train": root, "test": None}
+    found = {}
+    for split, folder in parts.items():
+        if folder is None:
+            found[split] = None
+            continue
+        classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if len(classes) < 2:
+            raise DatasetUnavailable(f"image folder {folder} has {len(classes)} class sub-folder"
+                                     f"{'s' * (len(classes) != 1)}; it needs one per class, at least two")
+        files = []
+        for k, name in enumerate(classes):
+            images = sorted(p for p in (folder / name).rglob("*")
+                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not images:
+                raise DatasetUnavailable(f"class folder {folder / name} holds no images "
+                                         f"({', '.join(IMAGE_EXTENSIONS)})")
+            files += [(p, k) for p in images]
+        found[split] = files
+        if "classes" in found and tuple(classes) != found["classes"]:
+            raise DatasetUnavailable(f"{parts['train']} and {folder} have different class folders")
+        found["classes"] = tuple(classes)
+    return found
+
+
+def split_folder(files: list, seed: int) -> tuple:
+    """Seeded, per class: FOLDER_TEST_FRACTION of each class's files (at least one) to the test
+    split, the rest to training. Returns (train files, test files)."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for k in sorted({c for _, c in files}):
+        mine = [f for f in files if f[1] == k]
+        order = rng.permutation(len(mine))
+        n_test = max(1, round(FOLDER_TEST_FRACTION * len(mine))) if len(mine) > 1 else 0
+        test += [mine[i] for i in sorted(order[:n_test])]
+        train += [mine[i] for i in sorted(order[n_test:])]
+    return train, test
+
+
+@functools.lru_cache(maxsize=1)
+def _jpeg_quality_tables() -> dict:
+    """{luminance quantisation table: quality 1-100} of the IJG encoder that Pillow uses."""
+    from PIL import Image
+    tables = {}
+    for q in range(1, 101):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(buf, "JPEG", quality=q)
+        tables.setdefault(tuple(Image.open(buf).quantization[0]), q)
+    return tables
+
+
+def jpeg_quality(img) -> int | None:
+    """The IJG quality (1-100) a Pillow JPEG image was saved with, or None (not a JPEG, or a
+    non-standard table)."""
+    table = getattr(img, "quantization", None) or {}
+    return _jpeg_quality_tables().get(tuple(table[0])) if 0 in table else None
+
+
+def decode_images(files: list, root: Path, image_size: int | None, show_progress: bool,
+                  expect_side: int | None = None) -> dict:
+    """Decode image files once with Pillow into uint8 N x 3 x H x W (or N x 1 x H x W when every
+    image is grey), with their labels, their formats ('PNG', 'JPEG q75') and a content hash
+    (sha256 over the lines '<sha256 of the file>  <path relative to root>', in the files' order).
+    image_size None: every image must be square and of one size (expect_side's, else the first
+    image's); else each is resized (Lanczos) to image_size x image_size. Raises DatasetUnavailable
+    naming the file that is not an image, not square, or of another size."""
+    from PIL import Image, UnidentifiedImageError
+    from tqdm.auto import tqdm
+    arrays, grey, formats, digest = [], True, set(), hashlib.sha256()
+    side, reference = expect_side, "the training images are"
+    for path, _ in tqdm(files, desc="decoding images", leave=False, disable=not show_progress):
+        data = Path(path).read_bytes()
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                quality = jpeg_quality(img) if img.format == "JPEG" else None
+                formats.add(f"JPEG q{quality}" if quality else str(img.format))
+                grey &= img.mode in ("1", "L", "LA", "I", "I;16", "F")
+                rgb = img.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            raise DatasetUnavailable(f"{path} is not an image Pillow can read ({type(err).__name__}); "
+                                     f"remove it from the folder") from None
+        w, h = rgb.size
+        if image_size:
+            if rgb.size != (image_size, image_size):
+                rgb = rgb.resize((image_size, image_size), Image.Resampling.LANCZOS)
+        elif w != h:
+            raise DatasetUnavailable(f"{path} is {w}x{h}, not square: pass --image-size N to "
+                                     f"resize every image to N x N")
+        elif side is None:
+            side, reference = w, f"{path} is"
+        elif w != side:
+            reference = reference if expect_side is None else "the training images are"
+            raise DatasetUnavailable(
+                f"{path} is {w}x{h} but {reference} {side}x{side}: the images have mixed sizes; "
+                f"pass --image-size N to resize every image to N x N")
+        arrays.append(np.asarray(rgb))
+        rel = Path(path).relative_to(root).as_posix()
+        digest.update(f"{hashlib.sha256(data).hexdigest()}  {rel}\n".encode())
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return {"x": (x[:, :1] if grey else x).contiguous(),
+            "y": torch.tensor([k for _, k in files], dtype=torch.int64),
+            "sha256": digest.hexdigest(), "formats": sorted(formats)}
+
+
+def folder_listing(root: Path, image_size: int | None, seed: int) -> tuple:
+    """(layout, train files, test files, key) of an image folder: the key (20 hex digits) hashes
+    every file's path, class, size and mtime with image_size (and the seed, for a folder split by
+    split_folder), so it changes when the folder does; it names the cache and a run's data."""
+    layout = folder_layout(root)
+    train, test = (layout["train"], layout["test"]) if layout["test"] is not None else \
+        split_folder(layout["train"], seed)
+    listing = hashlib.sha256(f"{CACHE_FORMAT} {image_size} {seed if layout['test'] is None else ''}"
+                             .encode())
+    for split, files in (("train", train), ("test", test)):
+        for path, k in files:
+            st = path.stat()
+            listing.update(f"{split} {path.relative_to(root).as_posix()} {k} {st.st_size} "
+                           f"{st.st_mtime_ns}\n".encode())
+    return layout, train, test, listing.hexdigest()[:20]
+
+
+def read_image_folder(root: Path, image_size: int | None, seed: int, cache_dir: Path | None,
+                      show_progress: bool = True) -> dict:
+    """An image folder (see folder_layout) as uint8 tensors: {'train_x', 'train_y', 'test_x',
+    'test_y', 'classes', 'source'}, 'source' saying where the images came from (path, file count,
+    content hash, JPEG qualities). Decoded once: the tensors are cached in `cache_dir` under a key
+    of every file's path, size and mtime (and image_size, seed), so a changed folder is decoded
+    again; an unwritable cache only costs the decoding next time. Raises DatasetUnavailable."""
+    root = Path(root).resolve()
+    layout, train, test, key = folder_listing(root, image_size, seed)
+    cache = Path(cache_dir) / f"{root.name}-{key}.pt" if cache_dir else None
+    if cache is not None and cache.exists():
+        try:
+            return torch.load(cache, weights_only=True)
+        except Exception:  # noqa: BLE001 - a broken cache is only decoded again
+            pass
+    if not test:
+        raise DatasetUnavailable(f"image folder {root} has too few images to split off a test set")
+    print(f"decoding {len(train) + len(test)} images of {root} (once; cached)", flush=True)
+    tr = decode_images(train, root, image_size, show_progress)
+    te = decode_images(test, root, image_size, show_progress, expect_side=tr["x"].shape[-1])
+    if tr["x"].shape[1] != te["x"].shape[1]:  # grey train, colour test (or the reverse): colour
+        tr["x"], te["x"] = tr["x"].expand(-1, 3, -1, -1), te["x"].expand(-1, 3, -1, -1)
+    h = hashlib.sha256(f"{tr['sha256']}\n{te['sha256']}\n".encode()).hexdigest()
+    out = {"train_x": tr["x"].contiguous(), "train_y": tr["y"], "test_x": te["x"].contiguous(),
+           "test_y": te["y"], "classes": list(layout["classes"]),
+           "source": {"kind": "image folder", "path": str(root), "files": len(train) + len(test),
+                      "train_files": len(train), "test_files": len(test),
+                      "split": "train/ and test/" if layout["test"] is not None else
+                               f"seeded {FOLDER_TEST_FRACTION:.0%} of each class to test (seed {seed})",
+                      "sha256": h, "formats": sorted(set(tr["formats"]) | set(te["formats"])),
+                      "resized_to": image_size}}
+    if cache is not None:
+        try:
+            save_tensors = lambda f: torch.save(out, f)  # noqa: E731
+            _write_atomically(cache, save_tensors)
+        except OSError as err:
+            print(f"note: could not cache the decoded images in {cache.parent} ({err.strerror}); "
+                  f"they will be decoded again next time", flush=True)
+    return out
+
+
+def image_folder_spec(path: str, hflip: bool = True) -> DatasetSpec:
+    """The DatasetSpec of a learner's own image folder before it is read: named after the folder
+    (a results folder's name: lower case, [a-z0-9_]); channels, size, classes and statistics are
+    filled in by load_splits from the images. Augmented as CIFAR-10 is: translation by an eighth of
+    the side, and horizontal flips unless hflip=False (--no-flip: digits, text)."""
+    name = "".join(c if c.isalnum() else "_" for c in Path(path).resolve().name.lower()) or "images"
+    name = f"{name}_folder" if name in DATASETS else name
+    return DatasetSpec(name, None, str(Path(path).resolve()), (), 0, 0, (), (), 0, hflip, (),
+                       title=Path(path).resolve().name)
+
+
+def data_source(spec: DatasetSpec, root: str) -> str | None:
+    """Which copy of a dataset load_splits reads: None for torchvision's files (on disk, or to be
+    downloaded), else the image folder's path: a learner's folder, or a copy of a torchvision
+    dataset under --data-dir (spec.image_folders) when torchvision's files are not there."""
+    if spec.torchvision_class is None:
+        return spec.folder
+    if all((Path(root) / spec.folder / f).exists() for f in spec.files):
+        return None
+    return next((str(Path(root) / f) for f in spec.image_folders if (Path(root) / f).is_dir()), None)
+
+
+def data_identity(spec: DatasetSpec, root: str, image_size: int | None, seed: int) -> str:
+    """What a run's settings record of its data: 'torchvision', or 'image folder <key>' (see
+    folder_listing), so a changed folder or another copy is a run of other settings."""
+    folder = data_source(spec, root)
+    return "torchvision" if folder is None else f"image folder {folder_listing(Path(folder).resolve(), image_size, seed)[3]}"
+
+
+def data_label(spec: DatasetSpec, source: dict | None) -> str:
+    """How tables and plots name the data: 'CIFAR-10', 'CIFAR-10, JPEG q75 copy', 'flowers (image
+    folder)'."""
+    title = spec.title or spec.name
+    if not source or source.get("kind") != "image folder":
+        return title
+    if spec.torchvision_class is None:
+        return f"{title} (image folder)"
+    formats = source.get("formats") or []
+    return f"{title}, {formats[0]} copy" if len(formats) == 1 and formats[0].startswith("JPEG") \
+        else f"{title}, image-folder copy"
+
+
+def read_dataset(spec: DatasetSpec, root: str, seed: int, image_size: int | None,
+                 cache_dir: str | None, show_progress: bool) -> dict:
+    """{'train_x', 'train_y', 'test_x', 'test_y', 'classes', 'source'}: uint8 N x C x H x W images
+    and int64 labels of the copy data_source picks. A copy of a torchvision dataset must have its
+    classes, channels and size. Raises DatasetUnavailable."""
+    folder = data_source(spec, root)
+    if folder is None:
+        x, y = _torchvision_split(spec, root, train=True)
+        test_x, test_y = _torchvision_split(spec, root, train=False)
+        return {"train_x": x, "train_y": y, "test_x": test_x, "test_y": test_y,
+                "classes": list(spec.classes),
+                "source": {"kind": "torchvision", "class": spec.torchvision_class,
+                           "path": str((Path(root) / spec.folder).resolve()),
+                           "files": list(spec.files)}}
+    raw = read_image_folder(Path(folder), image_size, seed, cache_dir, show_progress)
+    if spec.torchvision_class is not None:
+        got = (tuple(raw["classes"]), raw["train_x"].shape[1], raw["train_x"].shape[-1])
+        if got != (spec.classes, spec.in_channels, spec.image_size):
+            raise DatasetUnavailable(
+                f"{folder} is not a copy of {spec.title}: it has classes {', '.join(got[0])} at "
+                f"{got[1]}x{got[2]}x{got[2]}, {spec.title} has {', '.join(spec.classes)} at "
+                f"{spec.in_channels}x{spec.image_size}x{spec.image_size}")
+    return raw
 
 
 def load_splits(spec: DatasetSpec, root: str, seed: int, val_size: int, subset: int | None,
-                device: torch.device) -> Splits:
-    """Decode a dataset once into uint8 tensors and hold out a seeded validation split.
+                device: torch.device, image_size: int | None = None, cache_dir: str | None = None,
+                show_progress: bool = False) -> Splits:
+    """Decode a dataset once into uint8 tensors and hold out a seeded validation split (val_size
+    images, at most a tenth of the training images).
 
-    `subset` caps every split at that many images (for quick runs and tests).
-    Raises DatasetUnavailable (see _torchvision_split).
+    `subset` caps every split at that many images (for quick runs and tests). An image folder's
+    spec comes back complete (Splits.spec): its classes, channels, size, and channel mean and std
+    computed on the training split. Raises DatasetUnavailable (see read_dataset).
     """
-    x, y = _torchvision_split(spec, root, train=True)
-    test_x, test_y = _torchvision_split(spec, root, train=False)
+    raw = read_dataset(spec, root, seed, image_size, cache_dir, show_progress)
+    x, y, test_x, test_y = raw["train_x"], raw["train_y"], raw["test_x"], raw["test_y"]
+    if len(x) < 4:
+        raise DatasetUnavailable(f"{spec.folder} has {len(x)} training images; at least 4 are needed")
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    val_size = min(val_size, len(x) // 10) if subset else val_size
+    val_size = max(1, min(val_size, len(x) // 10))
     val_idx, train_idx = perm[:val_size], perm[val_size:]
     if subset:
         train_idx, val_idx = train_idx[:subset], val_idx[:subset]
         test_x, test_y = test_x[:subset], test_y[:subset]
+    if spec.torchvision_class is None:  # a learner's folder: what its images say
+        pixels = x[train_idx].float().div(255).transpose(0, 1).reshape(x.shape[1], -1)
+        side = x.shape[-1]
+        spec = dataclasses.replace(
+            spec, in_channels=x.shape[1], image_size=side, classes=tuple(raw["classes"]),
+            mean=tuple(round(v, 4) for v in pixels.mean(1).tolist()),
+            std=tuple(round(max(v, 1e-3), 4) for v in pixels.std(1).tolist()),
+            pad=max(1, side // 8))
     return Splits(*(t.to(device) for t in (x[train_idx], y[train_idx], x[val_idx], y[val_idx],
-                                             test_x, test_y)))
+                                             test_x, test_y)), spec=spec, source=raw["source"])
 
 
 def normalize(x_uint8: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
@@ -267,20 +549,23 @@ class LeNet5(nn.Module):
     the pooling, as the paper's squashing follows its subsampling: ReLU and max commute, so this is
     the same function as ReLU-then-pool, with the ReLU on a quarter of the elements (LeNet-5 is
     bound by such elementwise passes on a CPU; benchmarks/cnn_benchmark.py).
-    Input N x in_channels x 28|32 x 28|32 -> logits N x num_classes.
+    Other sizes (image folders): smaller ones are padded up to 32, larger ones widen C5's input.
+    Input N x in_channels x image_size x image_size -> logits N x num_classes.
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: float = 1.0,
                  image_size: int = 28):
         super().__init__()
         c1, c3, c5, f6 = ch(6, width), ch(16, width), ch(120, width), ch(84, width)
+        pad = max(0, (32 - image_size) // 2)      # 28 -> 2: the paper's 32x32 field
+        side = ((image_size + 2 * pad - 4) // 2 - 4) // 2  # S4's map: 5x5 at 28 and 32 px
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 5, padding=2 if image_size == 28 else 0),  # C1
+            nn.Conv2d(in_channels, c1, 5, padding=pad),                          # C1
             nn.MaxPool2d(2), nn.ReLU(inplace=True),                              # S2
             nn.Conv2d(c1, c3, 5),                                                # C3
             nn.MaxPool2d(2), nn.ReLU(inplace=True))                              # S4
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(c3 * 5 * 5, c5), nn.ReLU(inplace=True),
+            nn.Flatten(), nn.Linear(c3 * side * side, c5), nn.ReLU(inplace=True),
             nn.Linear(c5, f6), nn.ReLU(inplace=True), nn.Linear(f6, num_classes))
 
     def forward(self, x):
@@ -611,13 +896,23 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf, or stayed at chance level (ln num_classes) after an epoch."""
 
 
+def cpu_bf16_support() -> str:
+    """The CPU's native bf16 instructions as torch reports them: 'AMX', 'AVX-512 BF16', both
+    joined by ' and ', or '' when it has neither (AVX2-only CPUs, most laptops)."""
+    found = [name for name, probe in (("AVX-512 BF16", "_is_avx512_bf16_supported"),
+                                      ("AMX", "_is_amx_tile_supported"))
+             if getattr(torch.cpu, probe, lambda: False)()]
+    return " and ".join(found)
+
+
 def choose_precision(requested: str, on_cpu: bool) -> tuple:
     """The autocast precision for this process's device, and why: (precision, reason).
 
     requested: 'auto' | 'bf16' | 'fp16' | 'no' (fp32); anything but 'auto' is kept as asked.
     'auto' follows the hardware, not torch.cuda.is_bf16_supported() (which also counts emulated
     bf16, so it says True on a T4):
-      - a CPU: bf16;
+      - a CPU with native bf16 (AVX-512 BF16 or AMX, as torch reports them: cpu_bf16_support):
+        bf16; without it fp32 ('no'), since emulated bf16 trains 7-12x slower than fp32 there;
       - a CUDA GPU of compute capability >= 8.0 (A100, L4, RTX 30xx on): bf16, native there;
       - 7.0 <= capability < 8.0 (V100, T4, RTX 20xx): fp16 with loss scaling (tensor cores do fp16,
         bf16 is emulated);
@@ -626,7 +921,10 @@ def choose_precision(requested: str, on_cpu: bool) -> tuple:
     if requested != "auto":
         return requested, "as asked (--precision)"
     if on_cpu:
-        return "bf16", "CPU"
+        native = cpu_bf16_support()
+        if native:
+            return "bf16", f"CPU with native bf16 ({native})"
+        return "no", "CPU without native bf16 (no AVX-512 BF16, no AMX): fp32, emulated bf16 is slower"
     major, minor = torch.cuda.get_device_capability()
     gpu = f"{torch.cuda.get_device_name()}, compute capability {major}.{minor}"
     if major >= 8:
@@ -746,6 +1044,17 @@ def make_optimizer(model: nn.Module, cfg: dict, total_steps: int, fused: bool | 
     return optimizer, scheduler
 
 
+def epoch_batches(n_train: int, batch_size: int) -> tuple:
+    """(steps, images per step) of one epoch: full batches, the ragged last one dropped. A
+    training split smaller than one batch (a small image folder) is one step of its images, cut to
+    a multiple of 8: oneDNN's backward of a strided 1x1 convolution in channels_last (ResNet's
+    projection shortcut) crashes the process on batches of other sizes when it has few input
+    channels (torch 2.11 and 2.14 on the CPU; docs/cnn_project.md)."""
+    if n_train >= batch_size:
+        return n_train // batch_size, batch_size
+    return 1, n_train - n_train % 8 if n_train >= 8 else n_train
+
+
 def train_epoch(model, optimizer, scheduler, criterion, data: Splits, spec: DatasetSpec, cfg: dict,
                 accelerator, generators: dict, epoch: int, desc: str, show_progress: bool) -> tuple:
     """One pass over the training split in global batches of cfg['batch_size'] (the ragged last
@@ -755,8 +1064,8 @@ def train_epoch(model, optimizer, scheduler, criterion, data: Splits, spec: Data
     processes. Raises TrainingDiverged when the loss becomes non-finite.
     """
     from tqdm.auto import tqdm
-    world, rank, batch = accelerator.num_processes, accelerator.process_index, cfg["batch_size"]
-    steps = max(1, len(data.train_y) // batch)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    steps, batch = epoch_batches(len(data.train_y), cfg["batch_size"])
     model.train()
     perm = torch.randperm(len(data.train_y), generator=generators["shuffle"]).to(data.train_y.device)
     loss_sum = torch.zeros((), device=data.train_y.device)
@@ -863,7 +1172,7 @@ def setup_training(model_name: str, spec: DatasetSpec, n_train: int, epochs: int
     model = model.to(memory_format=torch.channels_last)
     shape = (spec.in_channels, spec.image_size, spec.image_size)
     macs, train_flops = count_flops(model, shape) / 2, count_flops(model, shape, backward=True)
-    steps_per_epoch = max(1, n_train // cfg["batch_size"])  # drop the ragged last batch
+    steps_per_epoch, batch = epoch_batches(n_train, cfg["batch_size"])
     model = model.to(accelerator.device)  # before the optimizer, which picks its kernel by device
     optimizer, scheduler = make_optimizer(model, cfg, epochs * steps_per_epoch)
     # The scheduler is not handed to accelerate: it would step it once per process, for a batch
@@ -876,7 +1185,7 @@ def setup_training(model_name: str, spec: DatasetSpec, n_train: int, epochs: int
                   "augment": torch.Generator().manual_seed(seed + 1 + accelerator.process_index)}
     return Trainee(prepared, optimizer, scheduler,
                    nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"]), generators,
-                   steps_per_epoch, min(steps_per_epoch * cfg["batch_size"], n_train),
+                   steps_per_epoch, steps_per_epoch * batch,
                    sum(p.numel() for p in model.parameters()), int(macs), float(train_flops))
 
 
@@ -1065,8 +1374,8 @@ READABLE_FORMATS = ("cnn_project/1", RESULTS_FORMAT)
 CHECKPOINT_FORMAT = "cnn_project/checkpoint/1"
 # The settings that define a run: a pair is skipped only when its record has exactly these.
 SETTINGS_KEYS = ("model", "dataset", "epochs", "width", *RECIPE, "seed", "precision", "preset",
-                 "subset")
-SUMMARY_COLUMNS = ("dataset", "model", "status", "params", "macs_per_image", "train_flops",
+                 "subset", "data")
+SUMMARY_COLUMNS = ("dataset", "data", "model", "status", "params", "macs_per_image", "train_flops",
                    "epochs", "width", "preset", "precision",
                    "seed", "subset", "best_epoch", "best_val_accuracy", "test_accuracy",
                    "test_precision", "test_recall", "test_f1", "test_loss", "train_time_s",
@@ -1095,10 +1404,11 @@ def checkpoint_path(results_dir: Path, dataset: str, model: str) -> Path:
 
 
 def run_settings(model: str, dataset: str, epochs: int, width: float, cfg: dict, seed: int,
-                 precision: str, preset: str, subset: int | None) -> dict:
-    """The SETTINGS_KEYS of one run as a dict of plain values (compared with ==)."""
+                 precision: str, preset: str, subset: int | None, data: str = "torchvision") -> dict:
+    """The SETTINGS_KEYS of one run as a dict of plain values (compared with ==); `data` is the
+    data's identity (data_identity)."""
     values = dict(cfg, model=model, dataset=dataset, epochs=epochs, width=float(width), seed=seed,
-                  precision=precision, preset=preset, subset=subset)
+                  precision=precision, preset=preset, subset=subset, data=data)
     return {k: values[k] for k in SETTINGS_KEYS}
 
 
@@ -1192,9 +1502,12 @@ def supersede(results_dir: Path, dataset: str, model: str) -> Path | None:
 
 
 def collect_results(results_dir: Path) -> dict:
-    """All records under results_dir/cnn as {dataset: {model: record}}, in registry order."""
-    found = {}
-    for dataset in DATASETS:
+    """All records under results_dir/cnn as {dataset: {model: record}}: the built-in datasets
+    first, then image folders by name; models in registry order."""
+    found, folder = {}, Path(results_dir) / "cnn"
+    others = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in DATASETS
+                    and p.name != "plots") if folder.is_dir() else []
+    for dataset in (*DATASETS, *others):
         for model in MODELS_REGISTRY:
             path = result_path(results_dir, dataset, model)
             if path.exists():
@@ -1210,7 +1523,8 @@ def summary_rows(results: dict) -> list:
             test = r["test"] or {}
             cfg = r.get("config", {})
             rows.append({
-                "dataset": dataset, "model": r["model_display_name"], "model_key": model,
+                "dataset": dataset, "data": (r.get("data") or {}).get("label") or spec_of(r).title,
+                "model": r["model_display_name"], "model_key": model,
                 "status": r["status"], "params": r["params"],
                 "macs_per_image": r.get("macs_per_image"), "train_flops": r.get("train_flops"),
                 "epochs": len(r["history"]["epoch"]),
@@ -1252,10 +1566,40 @@ def _fmt(v, pattern="{:.2%}"):
     return "-" if v is None else pattern.format(v)
 
 
+def spec_of(record: dict) -> DatasetSpec:
+    """The DatasetSpec a record was trained with (an image folder's is stored in the record;
+    records from before image folders are of a built-in dataset)."""
+    stored = (record.get("data") or {}).get("spec")
+    if stored:
+        return DatasetSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+    return DATASETS[record["dataset"]]
+
+
+def data_labels(results: dict) -> dict:
+    """{dataset: how its records name their data ('CIFAR-10, JPEG q75 copy')}; the labels of a
+    dataset's records joined when they differ."""
+    labels = {}
+    for dataset, by_model in results.items():
+        found = dict.fromkeys((r.get("data") or {}).get("label") or spec_of(r).title or dataset
+                              for r in by_model.values())
+        labels[dataset] = " / ".join(found)
+    return labels
+
+
+def budget_note(results: dict) -> str:
+    """The budget rule the records were trained under, for the table and the plots."""
+    rules = {r.get("config", {}).get("budget_rule") for by_model in results.values()
+             for r in by_model.values()}
+    if rules == {BUDGET_RULE}:
+        return f"budget: {BUDGET_RULE}"
+    return ("budget: " + " / ".join(sorted(r for r in rules if r))
+            + (" and, in records from before the rule, epochs per model" if None in rules else ""))
+
+
 def mixed_settings(results: dict) -> dict:
     """{dataset: 'preset (cpu, gpu), seed (0, 1)'} for the settings, beyond each model's own epochs
     and width, in which a dataset's records differ; datasets whose records agree are left out."""
-    shared = [k for k in SETTINGS_KEYS if k not in ("model", "dataset", "epochs", "width")]
+    shared = [k for k in SETTINGS_KEYS if k not in ("model", "dataset", "epochs", "width", "data")]
     notes = {}
     for dataset, by_model in results.items():
         values = {k: sorted({repr(settings_of(r)[k]) for r in by_model.values()}) for k in shared}
@@ -1268,11 +1612,12 @@ def mixed_settings(results: dict) -> dict:
 def print_table(results: dict) -> None:
     """Print the comparison table (accuracy beside cost), the best model per dataset (chosen on
     validation) and its weakest classes."""
-    best = best_models(results)
+    best, labels = best_models(results), data_labels(results)
     header = (f"{'dataset':<14}{'model':<14}{'params':>11}{'MMACs':>7}{'ep':>4}{'width':>6}"
               f"{'val acc':>9}{'test acc':>10}{'prec':>8}{'recall':>8}{'F1':>8}{'train s':>9}"
               f"{'img/s':>8}{'to target':>10}")
-    print("\n" + header + "\n" + "-" * len(header))
+    print(f"\n{budget_note(results)}; data: " + "; ".join(f"{d} = {lab}" for d, lab in labels.items()))
+    print(header + "\n" + "-" * len(header))
     for row in summary_rows(results):
         mark = " *" if best.get(row["dataset"]) == row["model_key"] else ""
         lead = (f"{row['dataset']:<14}{row['model']:<14}{row['params']:>11,}"
@@ -1291,7 +1636,7 @@ def print_table(results: dict) -> None:
         print(f"  note: the {dataset} rows were trained with different {note}: compare with care")
     for dataset, model in best.items():
         r = results[dataset][model]
-        print(f"  {dataset}: {r['model_display_name']} (val {r['best_val_accuracy']:.2%}, "
+        print(f"  {labels[dataset]}: {r['model_display_name']} (val {r['best_val_accuracy']:.2%}, "
               f"test accuracy {r['test']['accuracy']:.2%}, macro F1 {r['test']['f1']:.4f})")
         per_class = r["test"].get("per_class_accuracy")
         if per_class is not None:
@@ -1309,7 +1654,7 @@ def _figure(plt, path: Path, fig) -> Path:
 
 def plot_curves(plt, results: dict, out: Path) -> list:
     """curves_<dataset>.png: training/validation loss and accuracy per epoch, every model."""
-    paths = []
+    paths, labels, note = [], data_labels(results), budget_note(results)
     for dataset, by_model in results.items():
         fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
         for r in by_model.values():
@@ -1324,13 +1669,13 @@ def plot_curves(plt, results: dict, out: Path) -> list:
         for ax in axes[1]:
             ax.set_xlabel("epoch")
         axes[0, 0].legend(fontsize=8)
-        fig.suptitle(f"{dataset}: training curves")
+        fig.suptitle(f"{labels[dataset]}: training curves ({note})")
         fig.tight_layout()
         paths.append(_figure(plt, out / f"curves_{dataset}.png", fig))
     return paths
 
 
-def plot_test_metrics(plt, rows: list, best: dict, out: Path) -> Path:
+def plot_test_metrics(plt, rows: list, best: dict, out: Path, note: str = "") -> Path:
     """test_metrics.png: test error (1 - accuracy, precision, recall, F1; macro) per model, bars
     from zero so their lengths compare honestly; the validation-chosen best is starred."""
     metrics = ("test_accuracy", "test_precision", "test_recall", "test_f1")
@@ -1347,7 +1692,8 @@ def plot_test_metrics(plt, rows: list, best: dict, out: Path) -> Path:
         ax.set_xticks(xs, [r["model"] + (" *" if best.get(dataset) == r["model_key"] else "")
                            for r in sub], rotation=30, ha="right")
         ax.set_ylabel("test error, % (lower is better)")
-        ax.set_title(f"{dataset}: test error (macro metrics); * best on validation")
+        ax.set_title(f"{sub[0]['data']}: test error (macro metrics)\n* best on validation; {note}",
+                     fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         ax.margins(y=0.12)
     handles, names = axes[0, 0].get_legend_handles_labels()
@@ -1356,7 +1702,7 @@ def plot_test_metrics(plt, rows: list, best: dict, out: Path) -> Path:
     return _figure(plt, out / "test_metrics.png", fig)
 
 
-def plot_cost(plt, rows: list, best: dict, out: Path) -> Path:
+def plot_cost(plt, rows: list, best: dict, out: Path, note: str = "") -> Path:
     """cost_accuracy.png: test accuracy against training compute (FLOPs) and training time
     (seconds), log axes, one point per model per dataset (one row of panels per dataset); the
     validation-chosen best is ringed."""
@@ -1380,11 +1726,13 @@ def plot_cost(plt, rows: list, best: dict, out: Path) -> Path:
             ax.xaxis.set_minor_formatter(plt.NullFormatter())  # 2x10^1 3x10^1 ... overlap
             ax.set_xlabel(xlabel)
             ax.set_ylabel("test accuracy, %")
-            ax.set_title(f"{dataset}: accuracy against training {'compute' if key == 'train_flops' else 'time'}")
+            ax.set_title(f"{sub[0]['data']}: accuracy against training "
+                         f"{'compute' if key == 'train_flops' else 'time'}", fontsize=10)
             ax.grid(alpha=0.3, which="both")
             ax.margins(x=0.15, y=0.15)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(note, fontsize=9)
     fig.tight_layout()
     return _figure(plt, out / "cost_accuracy.png", fig)
 
@@ -1395,7 +1743,7 @@ def plot_confusion(plt, dataset: str, r: dict, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 6))
     ConfusionMatrixDisplay(r["test"]["confusion_matrix"], display_labels=r["classes"]).plot(
         ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45)
-    ax.set_title(f"{dataset}: {r['model_display_name']} (best on validation), "
+    ax.set_title(f"{r.get('data', {}).get('label') or dataset}: {r['model_display_name']} (best on validation), "
                  f"test accuracy {r['test']['accuracy']:.2%}")
     fig.tight_layout()
     return _figure(plt, out / f"confusion_{dataset}.png", fig)
@@ -1419,7 +1767,7 @@ def plot_misclassified(plt, dataset: str, r: dict, out: Path, columns: int = 8) 
         ax.set_title(f"true: {classes[wrong['true'][k]]}\npred: {classes[wrong['predicted'][k]]}"
                      f" ({wrong['confidence'][k]:.0%})", fontsize=7.5)
     errors = int(r["test"]["n_images"] - np.trace(r["test"]["confusion_matrix"]))
-    fig.suptitle(f"{dataset}: the {n} most confident of {r['model_display_name']}'s {errors} "
+    fig.suptitle(f"{r.get('data', {}).get('label') or dataset}: the {n} most confident of {r['model_display_name']}'s {errors} "
                  f"test mistakes (label smoothing 0.1 keeps its probabilities below about 91%)",
                  fontsize=10)
     fig.tight_layout()
@@ -1441,7 +1789,8 @@ def make_plots(results: dict, results_dir: Path) -> list:
     paths = plot_curves(plt, results, out)
     rows, best = [r for r in summary_rows(results) if r["status"] == "ok"], best_models(results)
     if rows:
-        paths += [plot_test_metrics(plt, rows, best, out), plot_cost(plt, rows, best, out)]
+        note = budget_note(results)
+        paths += [plot_test_metrics(plt, rows, best, out, note), plot_cost(plt, rows, best, out, note)]
     for dataset, model in best.items():
         paths.append(plot_confusion(plt, dataset, results[dataset][model], out))
         paths.append(plot_misclassified(plt, dataset, results[dataset][model], out))
@@ -1474,6 +1823,17 @@ def report(results_dir: Path, results: dict | None = None) -> dict:
 # PREDICT (a user's own image through the kept weights)
 # =============================================================================================
 
+def pair_spec(results_dir: Path, dataset: str, model: str) -> DatasetSpec:
+    """The DatasetSpec a finished pair was trained with: from its record (an image folder's
+    classes, size and statistics), else the built-in dataset's. Raises ResultsFileError."""
+    record = result_path(results_dir, dataset, model)
+    if record.exists():
+        return spec_of(load_result(record))
+    if dataset not in DATASETS:
+        raise ResultsFileError(f"no record of {dataset}/{model} at {record}: train it first")
+    return DATASETS[dataset]
+
+
 def load_trained(results_dir: Path, dataset: str, model: str) -> nn.Module:
     """Rebuild a finished pair's network from its safetensors weights, in eval mode on the CPU.
     Raises ResultsFileError (one line) when the weights are missing or unreadable."""
@@ -1484,7 +1844,7 @@ def load_trained(results_dir: Path, dataset: str, model: str) -> nn.Module:
         raise ResultsFileError(f"no trained weights at {path}: train that pair first (python "
                                f"cnn_project.py --models {model} --datasets {dataset}), or point "
                                f"--results-dir at a folder that has them")
-    spec = DATASETS[dataset]
+    spec = pair_spec(results_dir, dataset, model)
     try:
         state = load_file(path)
         with open(path, "rb") as f:  # the header's metadata: how the network was built
@@ -1554,7 +1914,7 @@ def predict(args: argparse.Namespace) -> list:
     [(path, [(class, probability), ...])]. Raises ValueError / ResultsFileError (one line)."""
     if len(args.datasets) != 1:
         raise ValueError("--predict needs one dataset: --dataset mnist | fashion_mnist | cifar10")
-    dataset, spec = args.datasets[0], DATASETS[args.datasets[0]]
+    dataset = args.datasets[0]
     if len(args.models) == 1:
         model = args.models[0]
     else:
@@ -1565,7 +1925,7 @@ def predict(args: argparse.Namespace) -> list:
             raise ResultsFileError(f"no finished {dataset} records in {Path(args.results_dir) / 'cnn'}: "
                                    f"train first, or name the model with --model")
         model = best[dataset]
-    net = load_trained(args.results_dir, dataset, model)
+    net, spec = load_trained(args.results_dir, dataset, model), pair_spec(args.results_dir, dataset, model)
     print(f"{dataset} / {MODELS_REGISTRY[model][0]} ({weights_path(args.results_dir, dataset, model)})")
     out = []
     for path in args.predict:
@@ -1613,7 +1973,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=list(MODELS_REGISTRY), metavar="NAME",
                    help=f"architectures: {' '.join(MODELS_REGISTRY)}")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), metavar="NAME",
-                   help=f"datasets: {' '.join(DATASETS)}")
+                   help=f"datasets: {' '.join(DATASETS)}, or the path of your own image folder "
+                        f"(train/<class>/* and test/<class>/*, or <class>/* split "
+                        f"{1 - FOLDER_TEST_FRACTION:.0%}%/{FOLDER_TEST_FRACTION:.0%}% by --seed); "
+                        f"CIFAR-10 is read from an image-folder copy under --data-dir ("
+                        f"{', '.join(DATASETS['cifar10'].image_folders)}) when torchvision's files "
+                        f"are not there")
     p.add_argument("--epochs", type=int, help="epochs for every model (default: the preset's, per model)")
     p.add_argument("--width", type=float, help="width multiplier for every model (default: preset's)")
     p.add_argument("--batch-size", type=int, default=RECIPE["batch_size"], help="images per step")
@@ -1621,6 +1986,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=("auto", "cpu", "gpu"), default="auto",
                    help="per-model epochs and widths; auto picks gpu when CUDA is used, else cpu")
     p.add_argument("--data-dir", default="./data", help="torchvision dataset root (downloads there)")
+    p.add_argument("--image-size", type=int,
+                   help="image folders: resize every image to N x N (default: the images' own "
+                        "size, which must then be one square size)")
+    p.add_argument("--no-flip", action="store_true",
+                   help="image folders: no random horizontal flips (digits, text)")
+    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "cnn_project"),
+                   help="decoded image folders are cached here as uint8 tensors")
     p.add_argument("--results-dir", default="./results",
                    help="records, weights, checkpoints and plots go to <this>/cnn; the committed "
                         "reference run is in results/reference_cpu")
@@ -1628,9 +2000,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: the GPU when CUDA sees one, else the CPU")
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "no"), default="auto",
-                   help="autocast precision; auto: bf16 on a CPU and on GPUs of compute capability "
-                        ">= 8.0, fp16 with loss scaling on 7.x (T4, V100), fp32 ('no') below; the "
-                        "first log line says what was chosen and why")
+                   help="autocast precision; auto: bf16 on a CPU with native bf16 (AVX-512 BF16 "
+                        "or AMX; fp32 on other CPUs) and on GPUs of compute capability >= 8.0, "
+                        "fp16 with loss scaling on 7.x (T4, V100), fp32 ('no') below; the first "
+                        "log line says what was chosen and why")
     p.add_argument("--subset", type=int, help="cap every split at this many images (quick runs)")
     p.add_argument("--force", action="store_true",
                    help="retrain pairs whose record has these settings (the old record is kept "
@@ -1642,11 +2015,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "best on validation)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     args = p.parse_args(argv)
-    for kind, names, known in (("model", args.models, MODELS_REGISTRY), ("dataset", args.datasets, DATASETS)):
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            p.error(f"unknown {kind} name(s): {', '.join(unknown)}; choose from {', '.join(known)}")
-    for flag in ("epochs", "batch_size", "subset"):
+    unknown = [n for n in args.models if n not in MODELS_REGISTRY]
+    if unknown:
+        p.error(f"unknown model name(s): {', '.join(unknown)}; choose from {', '.join(MODELS_REGISTRY)}")
+    args.specs = {}
+    for name in args.datasets:
+        if name in DATASETS:
+            spec = DATASETS[name]
+        elif Path(name).is_dir():
+            spec = image_folder_spec(name, hflip=not args.no_flip)
+        elif (args.predict or args.report) and (Path(args.results_dir) / "cnn" / name).is_dir():
+            spec = dataclasses.replace(image_folder_spec(name), name=name)  # trained earlier
+        else:
+            p.error(f"unknown dataset name {name!r} and no such folder; choose from "
+                    f"{', '.join(DATASETS)} or give the path of an image folder")
+        args.specs[spec.name] = spec
+    args.datasets = list(args.specs)
+    for flag in ("epochs", "batch_size", "subset", "image_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.width is not None and args.width <= 0:
@@ -1758,14 +2143,18 @@ def plan_grid(args: argparse.Namespace, accelerator, preset_name: str, cfg: dict
     why for each pair. Also removes the half-written temp files of a killed run."""
     plan = {}
     for dataset in args.datasets:
+        try:
+            identity = data_identity(args.specs[dataset], args.data_dir, args.image_size, args.seed)
+        except DatasetUnavailable:
+            identity = "unavailable"  # run_grid says why when it tries to read it
         if accelerator.is_main_process:
             for tmp in (Path(args.results_dir) / "cnn" / dataset).glob("*.tmp"):
                 tmp.unlink()
         for model in args.models:
-            epochs, width = PRESETS[preset_name][dataset][model]
+            epochs, width = budget(preset_name, dataset, model)
             settings = run_settings(model, dataset, args.epochs or epochs, args.width or width, cfg,
                                     args.seed, str(accelerator.mixed_precision), preset_name,
-                                    args.subset)
+                                    args.subset, identity)
             if wants_training(args, dataset, model, settings, log):
                 plan.setdefault(dataset, {})[model] = settings
     accelerator.wait_for_everyone()  # --force deletions are seen by every process
@@ -1784,8 +2173,11 @@ def train_pair(args, accelerator, spec: DatasetSpec, data: Splits, model: str, s
     record["finished_utc"] = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     record["config"] = dict(settings, device=str(accelerator.device), channels_last=True,
                             optimizer="SGD(nesterov)", schedule="one-cycle, linear",
-                            precision_reason=why, num_processes=accelerator.num_processes)
+                            precision_reason=why, num_processes=accelerator.num_processes,
+                            budget_rule=BUDGET_RULE)
     record["versions"] = versions()
+    record["data"] = {"label": data_label(spec, data.source), "source": data.source,
+                      "spec": dataclasses.asdict(spec)}
     if accelerator.is_main_process:
         finish_pair(args, record, best_state, log)
     accelerator.wait_for_everyone()  # the next pair's skip check sees this file on all
@@ -1795,6 +2187,13 @@ def train_pair(args, accelerator, spec: DatasetSpec, data: Splits, model: str, s
         + f", {record['wall_time_s']:.0f} s -> {result_path(args.results_dir, spec.name, model)}",
         flush=True)
     return record
+
+
+def _where(source: dict) -> str:
+    """'torchvision files in data/MNIST/raw' or 'image folder data/CIFAR10-JPEG, 60000 files'."""
+    if source["kind"] == "torchvision":
+        return f"torchvision files in {source['path']}"
+    return f"image folder {source['path']}, {source['files']} files, {', '.join(source['formats'])}"
 
 
 def run_grid(args: argparse.Namespace) -> dict:
@@ -1815,10 +2214,10 @@ def run_grid(args: argparse.Namespace) -> dict:
     grid = GridProgress(plan, args.subset, preset_name == "cpu", log)
     unavailable = []
     for dataset, todo in plan.items():
-        spec = DATASETS[dataset]
         try:
-            data = load_splits(spec, args.data_dir, args.seed, cfg["val_size"], args.subset,
-                               accelerator.device)
+            data = load_splits(args.specs[dataset], args.data_dir, args.seed, cfg["val_size"],
+                               args.subset, accelerator.device, args.image_size, args.cache_dir,
+                               not args.no_progress)
         except DatasetUnavailable as err:  # go on with the other datasets, fail at the end
             if accelerator.is_main_process:
                 print(f"error: {err}", file=sys.stderr, flush=True)
@@ -1826,8 +2225,11 @@ def run_grid(args: argparse.Namespace) -> dict:
             for model in todo:
                 grid.finish(dataset, model, None)
             continue
-        log(f"{dataset}: {len(data.train_y)} train / {len(data.val_y)} validation / "
-            f"{len(data.test_y)} test images", flush=True)
+        spec = data.spec
+        log(f"{dataset} ({data_label(spec, data.source)}, {_where(data.source)}): "
+            f"{len(data.train_y)} train / {len(data.val_y)} validation / {len(data.test_y)} test "
+            f"images of {spec.in_channels}x{spec.image_size}x{spec.image_size}, "
+            f"{len(spec.classes)} classes", flush=True)
         for model, settings in todo.items():
             grid.start(dataset, model, settings)
             record = train_pair(args, accelerator, spec, data, model, settings, cfg, why, log)

@@ -60,8 +60,11 @@ BENCH = dict(
     peak_size=2048,        # square matmul side for the machine's peak FLOP/s
 )
 # Variants of our pipeline, for before/after figures of what was tried (--variants).
+# "auto-no-bf16" is --precision auto as it runs on a CPU without native bf16 (AVX2-only laptops):
+# the capability probe is faked to say so, and auto must then train at fp32 ("fp32") speed.
 VARIANTS = {
     "ours": dict(precision="auto", compile=False, batch_size=None, fused=None),
+    "auto-no-bf16": dict(precision="auto", compile=False, batch_size=None, fused=None, no_bf16=True),
     "fp32": dict(precision="no", compile=False, batch_size=None, fused=None),
     "compile": dict(precision="auto", compile=True, batch_size=None, fused=None),
     "fused": dict(precision="auto", compile=False, batch_size=None, fused=True),
@@ -151,7 +154,13 @@ def run_ours(model_name: str, shape_name: str, cfg: dict, device: str, variant: 
     """Our trainer's step (cnn_project.train_batch) on random uint8 data held on the device."""
     v = VARIANTS[variant]
     spec = cp.DATASETS[SHAPE_SPECS[shape_name]]
-    accelerator = cp.make_accelerator(device, v["precision"])
+    real_probe = cp.cpu_bf16_support
+    if v.get("no_bf16"):
+        cp.cpu_bf16_support = lambda: ""
+    try:
+        accelerator = cp.make_accelerator(device, v["precision"])
+    finally:
+        cp.cpu_bf16_support = real_probe
     dev = accelerator.device
     batch = v["batch_size"] or cfg["batch_size"]
     torch.manual_seed(0)
@@ -178,7 +187,7 @@ def run_ours(model_name: str, shape_name: str, cfg: dict, device: str, variant: 
 
     out = timed_steps(step, dev, batch, cfg)
     base = accelerator.mixed_precision if accelerator.mixed_precision != "no" else "fp32"
-    label = base + ("+compile" if v["compile"] else "") + {None: "", True: "+fused-sgd",
+    label = base + (" (auto, no native bf16)" if v.get("no_bf16") else "") + ("+compile" if v["compile"] else "") + {None: "", True: "+fused-sgd",
                                                            False: "+default-sgd"}[v["fused"]]
     return dict(out, precision=label, batch_size=batch, flops=flops, device=dev, precision_key=base)
 

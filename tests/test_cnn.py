@@ -537,8 +537,6 @@ class NaNNet(nn.Module):
 
 def test_nan_loss_is_reported_as_failed_and_grid_goes_on(cifar_root, tmp_path, monkeypatch):
     monkeypatch.setitem(cp.MODELS_REGISTRY, "nannet", ("NaNNet", lambda c, k, w, s: NaNNet(c, k)))
-    for budget in cp.PRESETS["cpu"].values():
-        monkeypatch.setitem(budget, "nannet", (1, 1.0))
     res = tmp_path / "res"
     rc = cp.main(["--models", "nannet", "lenet5", "--datasets", "cifar10", "--epochs", "2",
                   "--subset", "100", "--data-dir", str(cifar_root), "--results-dir", str(res),
@@ -568,8 +566,9 @@ def test_auto_precision_follows_compute_capability(monkeypatch, capability, name
     assert name in why and f"{capability[0]}.{capability[1]}" in why
 
 
-def test_precision_on_cpu_and_as_asked():
-    assert cp.choose_precision("auto", on_cpu=True) == ("bf16", "CPU")
+def test_precision_on_cpu_and_as_asked(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert cp.choose_precision("auto", on_cpu=True) == ("bf16", "CPU with native bf16 (AVX-512 BF16)")
     assert cp.choose_precision("fp16", on_cpu=False)[0] == "fp16"
     assert cp.choose_precision("no", on_cpu=True)[0] == "no"
 
