@@ -44,14 +44,20 @@ def tags(cell) -> set:
 
 
 def text_of(cell) -> str:
-    """Everything the cell printed (streams and text results)."""
+    """Everything the cell printed (streams and text results). Fails, with the cell's output and
+    traceback, if the cell raised and was not tagged `raises-exception`."""
     parts = []
     for out in cell.get("outputs", []):
         if out["output_type"] == "stream":
             parts.append(out["text"])
         elif "data" in out and "text/plain" in out["data"]:
             parts.append(out["data"]["text/plain"])
-    return "".join(parts)
+    text = "".join(parts)
+    errors = [o for o in cell.get("outputs", []) if o["output_type"] == "error"]
+    if errors and "raises-exception" not in tags(cell):
+        trace = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(errors[0]["traceback"]))
+        raise AssertionError(f"cell {cell['id']} raised {errors[0]['ename']}:\n{text}\n{trace}")
+    return text
 
 
 def images_of(cell) -> int:
@@ -131,7 +137,8 @@ def executed(tmp_path_factory):
         if "app" in tags(cell):  # what a visitor's browser first asks, then stop the app
             cells.append(nbformat.v4.new_code_cell(STOP_APP, metadata={"tags": ["test-stop-app"]}))
     nb.cells = cells
-    client = InterruptingClient(nb, timeout=600, kernel_name="project-python",
+    # allow_errors: every cell runs, and each test below reports its own cell's error.
+    client = InterruptingClient(nb, timeout=600, kernel_name="project-python", allow_errors=True,
                                 resources={"metadata": {"path": str(ROOT)}})
     start = time.monotonic()
     try:
@@ -164,6 +171,13 @@ def cell_after(nb, heading: str):
         if cell.cell_type == "markdown" and cell.source.startswith(f"## {heading}"):
             return next(c for c in nb.cells[i + 1:] if c.cell_type == "code")
     raise AssertionError(f"no section {heading!r}")
+
+
+def test_no_cell_raises_but_the_interrupted_one(executed):
+    nb, _, _ = executed
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            text_of(cell)
 
 
 def test_the_training_cell_interrupted_then_run_again_skips_and_resumes(executed):
@@ -214,6 +228,7 @@ def test_the_gpu_cell_names_the_precision(executed):
 def test_the_seq2seq_cell_trains_and_shows_its_figures(executed):
     nb, results, _ = executed
     cell = cell_after(nb, "Seq2seq")
+    text_of(cell)
     assert (results / "seq2seq" / "results.pkl").is_file()
     assert images_of(cell) == 4
 
