@@ -22,7 +22,7 @@ an interrupted pair from its last epoch. A record holds accuracy beside cost (pa
 MACs per image and training FLOPs counted with torch.utils.flop_counter, seconds, images/s) and what
 the network gets wrong (per-class accuracy, every test prediction, its most confident mistakes).
 The committed reference run is in results/reference_cpu.
-Evidence (accuracies, wall time, hardware, torch version) is in README.md.
+Evidence (accuracies, wall time, hardware, torch version) is in docs/cnn_project.md.
 
 Sections: CONFIG, DATA, MODELS, TRAINING, CHECKPOINTS, RESULTS, REPORT, PREDICT, CLI.
 To add an architecture: write its nn.Module in MODELS and add it to MODELS_REGISTRY (and to the two
@@ -72,8 +72,9 @@ RECIPE = dict(
 # One budget rule for every model: on a dataset, every architecture trains the same number of
 # epochs (the literature's way of comparing them), with the recipe above; no model's budget is set
 # from its own accuracy. A preset says how many epochs per dataset, and each model's width: the GPU
-# preset trains the canonical widths; the CPU preset (2 cores: the whole 21-pair grid in about 2
-# hours) quarter-width networks, LeNet-5 at its own full width (62k parameters already).
+# preset trains the canonical widths; the CPU preset quarter-width networks, LeNet-5 at its own
+# full width (62k parameters already): on 2 cores CIFAR-10's 7 pairs took 68 min (2026-12-02), and
+# the whole 21-pair grid is about 2 h 15 min by SECONDS_PER_EPOCH below.
 # A learner's own image folder ("image_folder") trains the preset's folder epochs.
 BUDGET_RULE = "equal epochs for every model on a dataset"
 PRESETS = {
@@ -93,12 +94,13 @@ def budget(preset: str, dataset: str, model: str) -> tuple:
             PRESETS[preset]["width"].get(model, DEFAULT_WIDTH[preset]))
 
 
-# Seconds per epoch of each model with the CPU preset on 45k-55k images (bf16 autocast, the
-# preset's widths, 2 AMD EPYC cores with AVX-512 BF16, no AMX; measured by benchmarks/
-# cnn_benchmark.py --epoch-seconds, docs/benchmarks.md): the grid's ETA starts from these
-# (GridProgress) and rescales them by the pairs it has timed.
-SECONDS_PER_EPOCH = {"lenet5": 4, "alexnet": 19, "vgg": 26, "resnet": 44, "googlenet": 93,
-                     "xception": 122, "senet": 71}
+# Seconds per epoch of each model with the CPU preset: the mean epoch of the 2026-12-02 CIFAR-10
+# reference run (45,000 images of 3x32x32, bf16 autocast, the preset's widths, 2 AMD EPYC cores
+# with AVX-512 BF16 and no AMX; docs/cnn_project.md). An MNIST epoch (55,000 images of 1x28x28)
+# took within about 20% of these on that machine family. The grid's ETA starts from them
+# (GridProgress) and rescales them by the pairs it has timed, so it adapts to any machine.
+SECONDS_PER_EPOCH = {"lenet5": 5, "alexnet": 20, "vgg": 30, "resnet": 56, "googlenet": 109,
+                     "xception": 99, "senet": 68}
 
 # Validation accuracy whose first crossing is recorded as "time to target" (seconds of training).
 TARGET_VAL_ACCURACY = {"mnist": 0.99, "fashion_mnist": 0.90, "cifar10": 0.80}
@@ -1023,7 +1025,7 @@ def make_optimizer(model: nn.Module, cfg: dict, total_steps: int, fused: bool | 
 
     fused: torch's fused SGD kernel (one kernel for all parameters); None = only for parameters on
     a GPU, where it saves a launch per parameter. On the CPU it was no faster than the default SGD
-    in benchmarks/cnn_benchmark.py (README), so the default is kept there.
+    in benchmarks/cnn_benchmark.py (docs/benchmarks.md), so the default is kept there.
     """
     if fused is None:
         fused = next(model.parameters()).is_cuda
@@ -1431,7 +1433,10 @@ def _write_atomically(path: Path, write, binary: bool = True) -> None:
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
             write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
+        try:
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
+        except OSError:  # a mount without permissions (a FUSE mount such as Drive's may refuse)
+            pass
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -1586,14 +1591,16 @@ def data_labels(results: dict) -> dict:
     return labels
 
 
-def budget_note(results: dict) -> str:
-    """The budget rule the records were trained under, for the table and the plots."""
-    rules = {r.get("config", {}).get("budget_rule") for by_model in results.values()
-             for r in by_model.values()}
-    if rules == {BUDGET_RULE}:
-        return f"budget: {BUDGET_RULE}"
-    return ("budget: " + " / ".join(sorted(r for r in rules if r))
-            + (" and, in records from before the rule, epochs per model" if None in rules else ""))
+def budget_note(by_model: dict) -> str:
+    """The budget one dataset's records were trained under, for the table and the plots: '10
+    epochs for every model', or 'epochs per model (3-10), before the equal-epochs rule' for
+    records from before BUDGET_RULE."""
+    epochs = sorted({len(r["history"]["epoch"]) for r in by_model.values()})
+    span = f"{epochs[0]}" if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}"
+    if any(r.get("config", {}).get("budget_rule") != BUDGET_RULE for r in by_model.values()):
+        return f"epochs per model ({span}), before the equal-epochs rule"
+    return f"{span} epochs for every model" if len(epochs) == 1 else \
+        f"{span} epochs: runs of other settings mixed, or a failed run"
 
 
 def mixed_settings(results: dict) -> dict:
@@ -1616,7 +1623,9 @@ def print_table(results: dict) -> None:
     header = (f"{'dataset':<14}{'model':<14}{'params':>11}{'MMACs':>7}{'ep':>4}{'width':>6}"
               f"{'val acc':>9}{'test acc':>10}{'prec':>8}{'recall':>8}{'F1':>8}{'train s':>9}"
               f"{'img/s':>8}{'to target':>10}")
-    print(f"\n{budget_note(results)}; data: " + "; ".join(f"{d} = {lab}" for d, lab in labels.items()))
+    print("\none recipe for every model; data and budget per dataset:")
+    for dataset, by_model in results.items():
+        print(f"  {dataset} = {labels[dataset]}: {budget_note(by_model)}")
     print(header + "\n" + "-" * len(header))
     for row in summary_rows(results):
         mark = " *" if best.get(row["dataset"]) == row["model_key"] else ""
@@ -1654,7 +1663,7 @@ def _figure(plt, path: Path, fig) -> Path:
 
 def plot_curves(plt, results: dict, out: Path) -> list:
     """curves_<dataset>.png: training/validation loss and accuracy per epoch, every model."""
-    paths, labels, note = [], data_labels(results), budget_note(results)
+    paths, labels = [], data_labels(results)
     for dataset, by_model in results.items():
         fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
         for r in by_model.values():
@@ -1669,13 +1678,13 @@ def plot_curves(plt, results: dict, out: Path) -> list:
         for ax in axes[1]:
             ax.set_xlabel("epoch")
         axes[0, 0].legend(fontsize=8)
-        fig.suptitle(f"{labels[dataset]}: training curves ({note})")
+        fig.suptitle(f"{labels[dataset]}: training curves ({budget_note(by_model)})")
         fig.tight_layout()
         paths.append(_figure(plt, out / f"curves_{dataset}.png", fig))
     return paths
 
 
-def plot_test_metrics(plt, rows: list, best: dict, out: Path, note: str = "") -> Path:
+def plot_test_metrics(plt, rows: list, best: dict, out: Path, notes: dict) -> Path:
     """test_metrics.png: test error (1 - accuracy, precision, recall, F1; macro) per model, bars
     from zero so their lengths compare honestly; the validation-chosen best is starred."""
     metrics = ("test_accuracy", "test_precision", "test_recall", "test_f1")
@@ -1692,8 +1701,8 @@ def plot_test_metrics(plt, rows: list, best: dict, out: Path, note: str = "") ->
         ax.set_xticks(xs, [r["model"] + (" *" if best.get(dataset) == r["model_key"] else "")
                            for r in sub], rotation=30, ha="right")
         ax.set_ylabel("test error, % (lower is better)")
-        ax.set_title(f"{sub[0]['data']}: test error (macro metrics)\n* best on validation; {note}",
-                     fontsize=10)
+        ax.set_title(f"{sub[0]['data']}: test error (macro metrics)\n{notes[dataset]}; "
+                     f"* best on validation", fontsize=9.5)
         ax.grid(axis="y", alpha=0.3)
         ax.margins(y=0.12)
     handles, names = axes[0, 0].get_legend_handles_labels()
@@ -1702,13 +1711,16 @@ def plot_test_metrics(plt, rows: list, best: dict, out: Path, note: str = "") ->
     return _figure(plt, out / "test_metrics.png", fig)
 
 
-def plot_cost(plt, rows: list, best: dict, out: Path, note: str = "") -> Path:
+def plot_cost(plt, rows: list, best: dict, out: Path, notes: dict) -> Path:
     """cost_accuracy.png: test accuracy against training compute (FLOPs) and training time
-    (seconds), log axes, one point per model per dataset (one row of panels per dataset); the
-    validation-chosen best is ringed."""
+    (seconds), log axes, one point per model per dataset (one row of panels per dataset, its
+    budget in the title); each model has one colour and marker in every panel (the legend below),
+    and the validation-chosen best is ringed."""
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    fig, axes = plt.subplots(len(datasets), 2, figsize=(12, 4.2 * len(datasets)), squeeze=False)
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(12, 4.2 * len(datasets) + 0.6), squeeze=False)
     colours = {m: f"C{i}" for i, m in enumerate(MODELS_REGISTRY)}
+    markers = {m: "osD^vP*X<>"[i % 10] for i, m in enumerate(MODELS_REGISTRY)}
+    models = {}
     for row_axes, dataset in zip(axes, datasets):
         sub = [r for r in rows if r["dataset"] == dataset]
         for ax, key, xlabel in zip(row_axes, ("train_flops", "train_time_s"), (
@@ -1717,23 +1729,24 @@ def plot_cost(plt, rows: list, best: dict, out: Path, note: str = "") -> Path:
                 if not r[key]:
                     continue
                 x, y = r[key], 100 * r["test_accuracy"]
-                ax.scatter(x, y, s=45, color=colours[r["model_key"]], zorder=3)
+                models[r["model"]] = ax.scatter(x, y, s=55, color=colours[r["model_key"]],
+                                                marker=markers[r["model_key"]], zorder=3)
                 if best.get(dataset) == r["model_key"]:
-                    ax.scatter(x, y, s=260, facecolors="none", edgecolors="black", zorder=2,
-                               label="best on validation")
-                ax.annotate(r["model"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+                    ax.scatter(x, y, s=300, facecolors="none", edgecolors="black", zorder=2,
+                               label=f"best on validation: {r['model']}")
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(plt.NullFormatter())  # 2x10^1 3x10^1 ... overlap
             ax.set_xlabel(xlabel)
             ax.set_ylabel("test accuracy, %")
             ax.set_title(f"{sub[0]['data']}: accuracy against training "
-                         f"{'compute' if key == 'train_flops' else 'time'}", fontsize=10)
+                         f"{'compute' if key == 'train_flops' else 'time'}\n({notes[dataset]})",
+                         fontsize=10)
             ax.grid(alpha=0.3, which="both")
             ax.margins(x=0.15, y=0.15)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(note, fontsize=9)
-    fig.tight_layout()
+    fig.legend(list(models.values()), list(models), loc="lower center", ncol=len(models), fontsize=9)
+    fig.tight_layout(rect=(0, 0.6 / fig.get_figheight(), 1, 1))
     return _figure(plt, out / "cost_accuracy.png", fig)
 
 
@@ -1768,7 +1781,7 @@ def plot_misclassified(plt, dataset: str, r: dict, out: Path, columns: int = 8) 
                      f" ({wrong['confidence'][k]:.0%})", fontsize=7.5)
     errors = int(r["test"]["n_images"] - np.trace(r["test"]["confusion_matrix"]))
     fig.suptitle(f"{r.get('data', {}).get('label') or dataset}: the {n} most confident of {r['model_display_name']}'s {errors} "
-                 f"test mistakes (label smoothing 0.1 keeps its probabilities below about 91%)",
+                 f"test mistakes (label smoothing 0.1 trains it toward 91% on the right class)",
                  fontsize=10)
     fig.tight_layout()
     return _figure(plt, out / f"misclassified_{dataset}.png", fig)
@@ -1789,8 +1802,8 @@ def make_plots(results: dict, results_dir: Path) -> list:
     paths = plot_curves(plt, results, out)
     rows, best = [r for r in summary_rows(results) if r["status"] == "ok"], best_models(results)
     if rows:
-        note = budget_note(results)
-        paths += [plot_test_metrics(plt, rows, best, out, note), plot_cost(plt, rows, best, out, note)]
+        notes = {d: budget_note(by_model) for d, by_model in results.items()}
+        paths += [plot_test_metrics(plt, rows, best, out, notes), plot_cost(plt, rows, best, out, notes)]
     for dataset, model in best.items():
         paths.append(plot_confusion(plt, dataset, results[dataset][model], out))
         paths.append(plot_misclassified(plt, dataset, results[dataset][model], out))

@@ -21,7 +21,7 @@ FLOP/s / the dense matmul FLOP/s this machine reaches in the same precision, mea
 The images are random uint8 (speed does not depend on pixel values), except that the naive and
 seeds' pipelines read the real MNIST through torchvision when --data-dir holds it.
 
-Evidence (2 AMD EPYC cores, no GPU, torch 2.14.1, 2026-11-22; full tables in README.md and
+Evidence (2 AMD EPYC cores, no GPU, torch 2.14.1, 2026-11-22; full tables in docs/benchmarks.md and
 results/benchmarks/): ours trains 180x the seeds' LeNet-5 pipeline and 1.9-3.6x the naive one; ResNet-18
 and VGG-16-BN reach 79-83% MFU in bf16; Fashion-MNIST 93% validation in 204-245 s of training over 3
 seeds (VGG 0.25); MNIST 99.5% validation on 1 seed of 3, at 121 s.
@@ -75,7 +75,7 @@ VARIANTS = {
 # Time-to-accuracy runs: validation target in [0, 1], model, epochs of the one-cycle schedule, width;
 # batch size and peak lr are the recipe's (cnn_project.RECIPE). VGG-16-BN at quarter width was the
 # fastest of the seven to both targets in the CPU grid (results/cnn). Other schedules tried are
-# listed in README. The --tta-* flags override any field, and --tta-seeds repeats each run.
+# listed in docs/benchmarks.md. The --tta-* flags override any field, and --tta-seeds repeats each run.
 TIME_TO_ACCURACY = [
     dict(dataset="mnist", target=0.995, model="vgg", epochs=5, width=0.25),
     dict(dataset="fashion_mnist", target=0.93, model="vgg", epochs=11, width=0.25),
@@ -187,7 +187,8 @@ def run_ours(model_name: str, shape_name: str, cfg: dict, device: str, variant: 
 
     out = timed_steps(step, dev, batch, cfg)
     base = accelerator.mixed_precision if accelerator.mixed_precision != "no" else "fp32"
-    label = base + (" (auto, no native bf16)" if v.get("no_bf16") else "") + ("+compile" if v["compile"] else "") + {None: "", True: "+fused-sgd",
+    label = base + (" (auto, no native bf16)" if v.get("no_bf16") else "") \
+        + ("+compile" if v["compile"] else "") + {None: "", True: "+fused-sgd",
                                                            False: "+default-sgd"}[v["fused"]]
     return dict(out, precision=label, batch_size=batch, flops=flops, device=dev, precision_key=base)
 

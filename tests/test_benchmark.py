@@ -80,3 +80,14 @@ def test_depthwise_convolution_backward_counts_groups():
     forward = 2 * 5 * 5 * 4 * 1 * 9  # per image: output pixels x out channels x (in/groups) x 3x3
     # backward: the weight gradient only (the images need no gradient), as costly as the forward.
     assert cp.count_flops(conv, (4, 5, 5), backward=True) == 2 * forward
+
+
+def test_auto_on_a_cpu_without_native_bf16_is_measured_as_fp32(tmp_path, monkeypatch):
+    """The 'auto-no-bf16' variant fakes a CPU without AVX-512 BF16 or AMX: --precision auto must
+    then train in fp32, the variant the benchmark compares it with (docs/benchmarks.md)."""
+    monkeypatch.setattr(cp, "cpu_bf16_support", lambda: "AVX-512 BF16")  # whatever this CPU says
+    assert bench.main(["--tiny", "--models", "lenet5", "--shapes", "3x32x32", "--pipelines",
+                       "--variants", "ours", "auto-no-bf16", "fp32", "--out", str(tmp_path)]) == 0
+    rows = {r["precision"]: r for r in read_csv(tmp_path / "cnn_throughput.csv")}
+    assert set(rows) == {"bf16", "fp32 (auto, no native bf16)", "fp32"}
+    assert cp.cpu_bf16_support() == "AVX-512 BF16"  # the fake is undone after the measurement

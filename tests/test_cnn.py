@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -41,16 +40,8 @@ TEST_KEYS = {"loss", "accuracy", "precision", "recall", "f1", "n_images", "confu
              "per_class_accuracy", "predictions", "confidence", "misclassified"}
 
 
-@pytest.fixture(autouse=True)
-def no_downloads(monkeypatch):
-    """Make every torchvision download fail at once, as it does offline."""
-    import torchvision
-
-    def offline(self, *args, **kwargs):
-        raise urllib.error.URLError("network disabled in tests")
-
-    for name in ("MNIST", "FashionMNIST", "CIFAR10"):
-        monkeypatch.setattr(getattr(torchvision.datasets, name), "download", offline)
+# Every torchvision download fails at once, as offline (conftest.no_downloads).
+pytestmark = pytest.mark.usefixtures("no_downloads")
 
 
 def assert_plain(obj, where="record"):
@@ -453,7 +444,8 @@ def test_plots_start_bars_at_zero_mark_the_best_and_leave_nothing_stale(tiny_run
     (ylim, ticks, _), = figures["test_metrics.png"]
     assert ylim[0] == 0 and f"{best} *" in ticks and sum("*" in t for t in ticks) == 1
     cost_axes = figures["cost_accuracy.png"]
-    assert len(cost_axes) == 2 and all("best on validation" in labels for _, _, labels in cost_axes)
+    assert len(cost_axes) == 2
+    assert all(labels == [f"best on validation: {best}"] for _, _, labels in cost_axes)
 
 
 def test_grid_progress_eta_rescales_with_measured_pairs():
@@ -617,8 +609,12 @@ def test_reference_run_does_not_stop_a_first_run():
         pytest.skip("not a git checkout")
     assert tracked.stdout == ""
     reference = cp.collect_results(ROOT / "results" / "reference_cpu")
-    assert set(reference) == {"mnist", "fashion_mnist"}
+    assert set(reference) == {"mnist", "fashion_mnist", "cifar10"}
     assert all(len(by_model) == 7 for by_model in reference.values())
+    for r in reference["cifar10"].values():  # trained under the rule, on the named JPEG copy
+        assert r["config"]["budget_rule"] == cp.BUDGET_RULE and r["config"]["epochs"] == 10
+        assert r["data"]["label"] == "CIFAR-10, JPEG q75 copy"
+        assert r["data"]["source"]["files"] == 60_000 and r["data"]["source"]["formats"] == ["JPEG q75"]
 
 
 def test_reference_records_hold_cost_and_mistakes_and_its_best_weights_predict(tmp_path, capsys):
@@ -629,9 +625,11 @@ def test_reference_records_hold_cost_and_mistakes_and_its_best_weights_predict(t
     results = cp.collect_results(reference)
     for dataset, by_model in results.items():
         for model, r in by_model.items():
-            net = cp.build_model(model, 1, 10, r["config"]["width"], 28)
+            spec = cp.spec_of(r)
+            shape = (spec.in_channels, spec.image_size, spec.image_size)
+            net = cp.build_model(model, shape[0], 10, r["config"]["width"], shape[1])
             assert r["params"] == n_params(net), (dataset, model)
-            assert r["macs_per_image"] == cp.count_flops(net, (1, 28, 28)) / 2, (dataset, model)
+            assert r["macs_per_image"] == cp.count_flops(net, shape) / 2, (dataset, model)
             assert r["train_flops"] > 0 and len(r["test"]["predictions"]) == 10_000
             assert len(r["test"]["misclassified"]["index"]) == 24
     if not (SHARED_DATA / "MNIST" / "raw").is_dir():
@@ -639,6 +637,8 @@ def test_reference_records_hold_cost_and_mistakes_and_its_best_weights_predict(t
     from PIL import Image
     for dataset, model in cp.best_models(results).items():
         assert cp.weights_path(reference, dataset, model).is_file(), (dataset, model)
+        if dataset == "cifar10":
+            continue  # below, on the JPEG files themselves
         data = cp.load_splits(cp.DATASETS[dataset], str(SHARED_DATA), 0, 5000, 20, torch.device("cpu"))
         paths = []
         for i in range(20):
@@ -649,6 +649,16 @@ def test_reference_records_hold_cost_and_mistakes_and_its_best_weights_predict(t
         classes = cp.DATASETS[dataset].classes
         right = sum(top[0][0] == classes[int(y)] for (_, top), y in zip(predicted, data.test_y))
         assert right >= 17, (dataset, right)  # the test set's first 20 images, 99.5% / 93% models
+    copy = SHARED_DATA / "CIFAR10-JPEG" / "test"
+    if not copy.is_dir():
+        pytest.skip("the CIFAR-10 JPEG copy is not in ../shared/data")
+    classes = cp.DATASETS["cifar10"].classes
+    paths = [copy / name / f"{i:04d}.jpg" for name in classes for i in range(4)]  # 40 test images
+    predicted = cp.predict(cp.parse_args(["--predict", *map(str, paths), "--dataset", "cifar10",
+                                          "--results-dir", str(reference)]))
+    right = sum(top[0][0] == path.parent.name for (_, top), path in zip(predicted, paths))
+    best = results["cifar10"][cp.best_models(results)["cifar10"]]["test"]["accuracy"]
+    assert right >= 0.7 * len(paths), (right, best)  # a model of about 85% on the whole test set
 
 
 def test_mixed_settings_are_named_in_the_table(tiny_run, capsys):

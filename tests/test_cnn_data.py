@@ -4,7 +4,6 @@ decode cache, the one-line errors of a broken folder, equal epochs for every mod
 on CPUs that have it natively (faked both ways). Every folder here is made by the test."""
 
 import pickle
-import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +14,8 @@ from PIL import Image
 import cnn_project as cp
 
 
-@pytest.fixture(autouse=True)
-def no_downloads(monkeypatch):
-    """Make every torchvision download fail at once, as it does offline."""
-    import torchvision
-
-    def offline(self, *args, **kwargs):
-        raise urllib.error.URLError("network disabled in tests")
-
-    for name in ("MNIST", "FashionMNIST", "CIFAR10"):
-        monkeypatch.setattr(getattr(torchvision.datasets, name), "download", offline)
+# Every torchvision download fails at once, as offline (conftest.no_downloads).
+pytestmark = pytest.mark.usefixtures("no_downloads")
 
 
 def save_image(path: Path, size: tuple, colour: tuple, rng, mode: str = "RGB", **kwargs) -> Path:
@@ -262,10 +253,10 @@ def test_the_table_states_the_budget_rule(tmp_path, capsys):
                "0.125", "--data-dir", str(data_dir), "--results-dir", str(tmp_path / "res"),
                "--cache-dir", str(tmp_path / "c")) == 0
     out = capsys.readouterr().out
-    assert f"budget: {cp.BUDGET_RULE}; data: cifar10 = CIFAR-10, JPEG q75 copy" in out
+    assert "  cifar10 = CIFAR-10, JPEG q75 copy: 1 epochs for every model" in out
     results = cp.collect_results(tmp_path / "res")
     del results["cifar10"]["alexnet"]["config"]["budget_rule"]  # a record from before the rule
-    assert "records from before the rule, epochs per model" in cp.budget_note(results)
+    assert cp.budget_note(results["cifar10"]) == "epochs per model (1), before the equal-epochs rule"
 
 
 @pytest.mark.parametrize("avx512_bf16,amx,expected", [
