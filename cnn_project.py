@@ -10,9 +10,11 @@
 Architectures (our own code, native 28x28 / 32x32 input, no pretrained weights, no upscaling):
 LeNet-5, AlexNet, VGG-16-BN, ResNet-18, GoogLeNet, Xception, SE-ResNet-18.
 
-One training recipe for every model (SGD + Nesterov, one-cycle LR, weight decay, label smoothing,
-autocast by device: bf16 on CPUs and GPUs of compute capability >= 8.0, fp16 with loss scaling on
-7.x such as Colab's T4; channels_last, batched tensor augmentation, fused SGD on GPUs). Under torchrun
+One training recipe and one budget rule (equal epochs on a dataset) for every model (SGD +
+Nesterov, one-cycle LR, weight decay, label smoothing, autocast by device: bf16 on CPUs with native
+bf16 and GPUs of compute capability >= 8.0, fp32 on other CPUs, fp16 with loss scaling on 7.x such
+as Colab's T4; channels_last, batched tensor augmentation, fused SGD on GPUs). CIFAR-10 is read from
+torchvision's files or an image-folder copy; any folder of class sub-folders trains the same way. Under torchrun
 or accelerate launch every process trains on its slice of each global batch (DDP, via accelerate).
 5,000 training images are held out as a validation split: it picks each model's checkpoint and the
 best model per dataset; the test set is only scored at the end. Every (model, dataset) result is
@@ -25,8 +27,9 @@ The committed reference run is in results/reference_cpu.
 Evidence (accuracies, wall time, hardware, torch version) is in docs/cnn_project.md.
 
 Sections: CONFIG, DATA, MODELS, TRAINING, CHECKPOINTS, RESULTS, REPORT, PREDICT, CLI.
-To add an architecture: write its nn.Module in MODELS and add it to MODELS_REGISTRY (and to the two
-presets' per-model budgets). To add a dataset: add a DatasetSpec to DATASETS.
+To add an architecture: write its nn.Module in MODELS and add it to MODELS_REGISTRY (it trains each
+dataset's preset epochs, like every model). To add a dataset: add a DatasetSpec to DATASETS and its
+epochs to PRESETS, or pass an image folder's path to --datasets.
 """
 
 from __future__ import annotations
@@ -166,11 +169,11 @@ class DatasetUnavailable(RuntimeError):
     """The dataset is neither on disk nor downloadable (offline), or an image folder is unusable."""
 
 
-def _torchvision_split(spec: DatasetSpec, root: str, train: bool, download: bool = True):
+def _torchvision_split(spec: DatasetSpec, root: str, train: bool):
     """Return one split as (uint8 images N x C x H x W, int64 labels N), downloading if needed.
 
     Raises DatasetUnavailable with a one-paragraph explanation if the files are missing and the
-    download fails (or download=False).
+    download fails.
     """
     import torchvision
     cls = getattr(torchvision.datasets, spec.torchvision_class)
@@ -178,8 +181,6 @@ def _torchvision_split(spec: DatasetSpec, root: str, train: bool, download: bool
         try:
             ds = cls(root, train=train, download=False)
         except RuntimeError:  # not on disk (or corrupt): fetch it, as torchvision does when online
-            if not download:
-                raise
             ds = cls(root, train=train, download=True)
     except Exception as err:  # noqa: BLE001 - any download failure means the same thing to the user
         where = Path(root).resolve() / spec.folder
