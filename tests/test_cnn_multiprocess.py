@@ -86,7 +86,8 @@ def test_two_processes_train_once_write_once_and_resume(tmp_path):
     mtime = path.stat().st_mtime_ns
     again = launch(tmp_path)
     assert again.returncode == 0, again.stderr[-4000:]
-    assert "mnist/lenet5: finished earlier" in again.stdout and "epoch" not in again.stdout
+    assert "mnist/lenet5: finished earlier" in again.stdout
+    assert "/ mnist epoch" not in again.stdout and "[pair" not in again.stdout  # nothing trained
     assert path.stat().st_mtime_ns == mtime
 
     # Other settings (3 epochs) train; SIGKILL the whole launch (torchrun and both workers) after
