@@ -322,7 +322,6 @@ def decode_images(files: list, root: Path, image_size: int | None, show_progress
         elif side is None:
             side, reference = w, f"{path} is"
         elif w != side:
-            reference = reference if expect_side is None else "the training images are"
             raise DatasetUnavailable(
                 f"{path} is {w}x{h} but {reference} {side}x{side}: the images have mixed sizes; "
                 f"pass --image-size N to resize every image to N x N")
@@ -385,8 +384,7 @@ def read_image_folder(root: Path, image_size: int | None, seed: int, cache_dir: 
                       "resized_to": image_size}}
     if cache is not None:
         try:
-            save_tensors = lambda f: torch.save(out, f)  # noqa: E731
-            _write_atomically(cache, save_tensors)
+            _write_atomically(cache, lambda f: torch.save(out, f))
         except OSError as err:
             print(f"note: could not cache the decoded images in {cache.parent} ({err.strerror}); "
                   f"they will be decoded again next time", flush=True)
@@ -1529,7 +1527,7 @@ def summary_rows(results: dict) -> list:
             test = r["test"] or {}
             cfg = r.get("config", {})
             rows.append({
-                "dataset": dataset, "data": (r.get("data") or {}).get("label") or spec_of(r).title,
+                "dataset": dataset, "data": record_label(r),
                 "model": r["model_display_name"], "model_key": model,
                 "status": r["status"], "params": r["params"],
                 "macs_per_image": r.get("macs_per_image"), "train_flops": r.get("train_flops"),
@@ -1581,13 +1579,17 @@ def spec_of(record: dict) -> DatasetSpec:
     return DATASETS[record["dataset"]]
 
 
+def record_label(record: dict) -> str:
+    """How one record names its data ('CIFAR-10, JPEG q75 copy'; older records: the title)."""
+    return (record.get("data") or {}).get("label") or spec_of(record).title or record["dataset"]
+
+
 def data_labels(results: dict) -> dict:
     """{dataset: how its records name their data ('CIFAR-10, JPEG q75 copy')}; the labels of a
     dataset's records joined when they differ."""
     labels = {}
     for dataset, by_model in results.items():
-        found = dict.fromkeys((r.get("data") or {}).get("label") or spec_of(r).title or dataset
-                              for r in by_model.values())
+        found = dict.fromkeys(record_label(r) for r in by_model.values())
         labels[dataset] = " / ".join(found)
     return labels
 
@@ -1757,7 +1759,7 @@ def plot_confusion(plt, dataset: str, r: dict, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 6))
     ConfusionMatrixDisplay(r["test"]["confusion_matrix"], display_labels=r["classes"]).plot(
         ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45)
-    ax.set_title(f"{r.get('data', {}).get('label') or dataset}: {r['model_display_name']} (best on validation), "
+    ax.set_title(f"{record_label(r)}: {r['model_display_name']} (best on validation), "
                  f"test accuracy {r['test']['accuracy']:.2%}")
     fig.tight_layout()
     return _figure(plt, out / f"confusion_{dataset}.png", fig)
@@ -1781,7 +1783,7 @@ def plot_misclassified(plt, dataset: str, r: dict, out: Path, columns: int = 8) 
         ax.set_title(f"true: {classes[wrong['true'][k]]}\npred: {classes[wrong['predicted'][k]]}"
                      f" ({wrong['confidence'][k]:.0%})", fontsize=7.5)
     errors = int(r["test"]["n_images"] - np.trace(r["test"]["confusion_matrix"]))
-    fig.suptitle(f"{r.get('data', {}).get('label') or dataset}: the {n} most confident of {r['model_display_name']}'s {errors} "
+    fig.suptitle(f"{record_label(r)}: the {n} most confident of {r['model_display_name']}'s {errors} "
                  f"test mistakes (label smoothing 0.1 trains it toward 91% on the right class)",
                  fontsize=10)
     fig.tight_layout()
