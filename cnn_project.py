@@ -295,13 +295,17 @@ def decode_images(files: list, root: Path, image_size: int | None, show_progress
     (sha256 over the lines '<sha256 of the file>  <path relative to root>', in the files' order).
     image_size None: every image must be square and of one size (expect_side's, else the first
     image's); else each is resized (Lanczos) to image_size x image_size. Raises DatasetUnavailable
-    naming the file that is not an image, not square, or of another size."""
+    naming the file that cannot be read, is not an image, is not square, or is of another size."""
     from PIL import Image, UnidentifiedImageError
     from tqdm.auto import tqdm
     arrays, grey, formats, digest = [], True, set(), hashlib.sha256()
     side, reference = expect_side, "the training images are"
     for path, _ in tqdm(files, desc="decoding images", leave=False, disable=not show_progress):
-        data = Path(path).read_bytes()
+        try:
+            data = Path(path).read_bytes()
+        except OSError as err:  # removed or made unreadable since the folder was listed
+            raise DatasetUnavailable(f"{path} could not be read ({err.strerror}); run again once "
+                                     f"the folder is settled") from None
         try:
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
@@ -352,14 +356,16 @@ def folder_listing(root: Path, image_size: int | None, seed: int) -> tuple:
 
 
 def read_image_folder(root: Path, image_size: int | None, seed: int, cache_dir: Path | None,
-                      show_progress: bool = True) -> dict:
+                      show_progress: bool = True, listing: tuple | None = None) -> dict:
     """An image folder (see folder_layout) as uint8 tensors: {'train_x', 'train_y', 'test_x',
     'test_y', 'classes', 'source'}, 'source' saying where the images came from (path, file count,
     content hash, JPEG qualities). Decoded once: the tensors are cached in `cache_dir` under a key
     of every file's path, size and mtime (and image_size, seed), so a changed folder is decoded
-    again; an unwritable cache only costs the decoding next time. Raises DatasetUnavailable."""
+    again; an unwritable cache only costs the decoding next time. `listing`: folder_listing's
+    answer when the caller has it (a stat of every file: seconds for CIFAR-10's 60,000). Raises
+    DatasetUnavailable."""
     root = Path(root).resolve()
-    layout, train, test, key = folder_listing(root, image_size, seed)
+    layout, train, test, key = listing or folder_listing(root, image_size, seed)
     cache = Path(cache_dir) / f"{root.name}-{key}.pt" if cache_dir else None
     if cache is not None and cache.exists():
         try:
@@ -413,11 +419,19 @@ def data_source(spec: DatasetSpec, root: str) -> str | None:
     return next((str(Path(root) / f) for f in spec.image_folders if (Path(root) / f).is_dir()), None)
 
 
-def data_identity(spec: DatasetSpec, root: str, image_size: int | None, seed: int) -> str:
+def data_listing(spec: DatasetSpec, root: str, image_size: int | None, seed: int) -> tuple | None:
+    """folder_listing of the image folder data_source picks, or None for torchvision's files.
+    Raises DatasetUnavailable (see folder_layout)."""
+    folder = data_source(spec, root)
+    return None if folder is None else folder_listing(Path(folder).resolve(), image_size, seed)
+
+
+def data_identity(spec: DatasetSpec, root: str, image_size: int | None, seed: int,
+                  listing: tuple | None = None) -> str:
     """What a run's settings record of its data: 'torchvision', or 'image folder <key>' (see
     folder_listing), so a changed folder or another copy is a run of other settings."""
-    folder = data_source(spec, root)
-    return "torchvision" if folder is None else f"image folder {folder_listing(Path(folder).resolve(), image_size, seed)[3]}"
+    listing = listing or data_listing(spec, root, image_size, seed)
+    return "torchvision" if listing is None else f"image folder {listing[3]}"
 
 
 def data_label(spec: DatasetSpec, source: dict | None) -> str:
@@ -434,7 +448,7 @@ def data_label(spec: DatasetSpec, source: dict | None) -> str:
 
 
 def read_dataset(spec: DatasetSpec, root: str, seed: int, image_size: int | None,
-                 cache_dir: str | None, show_progress: bool) -> dict:
+                 cache_dir: str | None, show_progress: bool, listing: tuple | None = None) -> dict:
     """{'train_x', 'train_y', 'test_x', 'test_y', 'classes', 'source'}: uint8 N x C x H x W images
     and int64 labels of the copy data_source picks. A copy of a torchvision dataset must have its
     classes, channels and size. Raises DatasetUnavailable."""
@@ -447,7 +461,7 @@ def read_dataset(spec: DatasetSpec, root: str, seed: int, image_size: int | None
                 "source": {"kind": "torchvision", "class": spec.torchvision_class,
                            "path": str((Path(root) / spec.folder).resolve()),
                            "files": list(spec.files)}}
-    raw = read_image_folder(Path(folder), image_size, seed, cache_dir, show_progress)
+    raw = read_image_folder(Path(folder), image_size, seed, cache_dir, show_progress, listing)
     if spec.torchvision_class is not None:
         got = (tuple(raw["classes"]), raw["train_x"].shape[1], raw["train_x"].shape[-1])
         if got != (spec.classes, spec.in_channels, spec.image_size):
@@ -460,15 +474,16 @@ def read_dataset(spec: DatasetSpec, root: str, seed: int, image_size: int | None
 
 def load_splits(spec: DatasetSpec, root: str, seed: int, val_size: int, subset: int | None,
                 device: torch.device, image_size: int | None = None, cache_dir: str | None = None,
-                show_progress: bool = False) -> Splits:
+                show_progress: bool = False, listing: tuple | None = None) -> Splits:
     """Decode a dataset once into uint8 tensors and hold out a seeded validation split (val_size
     images, at most a tenth of the training images).
 
     `subset` caps every split at that many images (for quick runs and tests). An image folder's
     spec comes back complete (Splits.spec): its classes, channels, size, and channel mean and std
-    computed on the training split. Raises DatasetUnavailable (see read_dataset).
+    computed on the training split. `listing`: see read_image_folder. Raises DatasetUnavailable
+    (see read_dataset).
     """
-    raw = read_dataset(spec, root, seed, image_size, cache_dir, show_progress)
+    raw = read_dataset(spec, root, seed, image_size, cache_dir, show_progress, listing)
     x, y, test_x, test_y = raw["train_x"], raw["train_y"], raw["test_x"], raw["test_y"]
     if len(x) < 4:
         raise DatasetUnavailable(f"{spec.folder} has {len(x)} training images; at least 4 are needed")
@@ -2154,13 +2169,18 @@ class GridProgress:
             self.done_seconds += seconds
 
 
-def plan_grid(args: argparse.Namespace, accelerator, preset_name: str, cfg: dict, log) -> dict:
-    """{dataset: {model: settings}} of the requested pairs that will train; wants_training logs
-    why for each pair. Also removes the half-written temp files of a killed run."""
-    plan = {}
+def plan_grid(args: argparse.Namespace, accelerator, preset_name: str, cfg: dict,
+              log) -> tuple[dict, dict]:
+    """({dataset: {model: settings}} of the requested pairs that will train, {dataset: its image
+    folder's listing or None}, kept so the folder is listed once per run); wants_training logs why
+    for each pair. Also removes the half-written temp files of a killed run."""
+    plan, listings = {}, {}
     for dataset in args.datasets:
         try:
-            identity = data_identity(args.specs[dataset], args.data_dir, args.image_size, args.seed)
+            listings[dataset] = data_listing(args.specs[dataset], args.data_dir, args.image_size,
+                                             args.seed)
+            identity = data_identity(args.specs[dataset], args.data_dir, args.image_size,
+                                     args.seed, listings[dataset])
         except DatasetUnavailable:
             identity = "unavailable"  # run_grid says why when it tries to read it
         if accelerator.is_main_process:
@@ -2174,7 +2194,7 @@ def plan_grid(args: argparse.Namespace, accelerator, preset_name: str, cfg: dict
             if wants_training(args, dataset, model, settings, log):
                 plan.setdefault(dataset, {})[model] = settings
     accelerator.wait_for_everyone()  # --force deletions are seen by every process
-    return plan
+    return plan, listings
 
 
 def train_pair(args, accelerator, spec: DatasetSpec, data: Splits, model: str, settings: dict,
@@ -2226,14 +2246,14 @@ def run_grid(args: argparse.Namespace) -> dict:
         f"{preset_name}, torch {torch.__version__}, {torch.get_num_threads()} threads x "
         f"{accelerator.num_processes} process(es), results in {Path(args.results_dir) / 'cnn'}",
         flush=True)
-    plan = plan_grid(args, accelerator, preset_name, cfg, log)
+    plan, listings = plan_grid(args, accelerator, preset_name, cfg, log)
     grid = GridProgress(plan, args.subset, preset_name == "cpu", log)
     unavailable = []
     for dataset, todo in plan.items():
         try:
             data = load_splits(args.specs[dataset], args.data_dir, args.seed, cfg["val_size"],
                                args.subset, accelerator.device, args.image_size, args.cache_dir,
-                               not args.no_progress)
+                               not args.no_progress, listings.get(dataset))
         except DatasetUnavailable as err:  # go on with the other datasets, fail at the end
             if accelerator.is_main_process:
                 print(f"error: {err}", file=sys.stderr, flush=True)

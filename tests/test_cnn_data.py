@@ -180,6 +180,26 @@ def test_a_broken_folder_is_one_clear_line_and_loses_nothing(tmp_path, capsys, p
     assert pair_files(res) == kept  # nothing already written is lost
 
 
+def test_a_run_lists_its_folder_once_and_a_file_gone_since_is_one_line(tmp_path, capsys,
+                                                                       monkeypatch):
+    """Listing stats every file (seconds for CIFAR-10's 60,000): the plan's listing is the one
+    the data is read with. A file removed after that listing is named in one line."""
+    folder = own_folder(tmp_path / "f", per_class=4)
+    listed = []
+    real = cp.folder_listing
+    monkeypatch.setattr(cp, "folder_listing", lambda *a: listed.append(a[0]) or real(*a))
+    common = ["--datasets", str(folder), "--models", "lenet5", "--epochs", "1", "--image-size", "16"]
+    assert run(*common, "--results-dir", str(tmp_path / "res"), "--cache-dir", str(tmp_path / "c")) == 0
+    assert listed == [folder.resolve()]
+    gone = sorted((folder / "blue_things").iterdir())[0]
+    monkeypatch.setattr(cp, "folder_listing", lambda *a: (real(*a), gone.unlink())[0])
+    capsys.readouterr()
+    assert run(*common, "--results-dir", str(tmp_path / "res2"), "--cache-dir", str(tmp_path / "c2")) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith(f"error: {gone} could not be read"), err
+
+
 def test_an_unknown_dataset_that_is_no_folder_exits_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cp.parse_args(["--datasets", str(tmp_path / "nowhere")])
