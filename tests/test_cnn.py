@@ -611,8 +611,13 @@ def test_reference_run_does_not_stop_a_first_run():
     reference = cp.collect_results(ROOT / "results" / "reference_cpu")
     assert set(reference) == {"mnist", "fashion_mnist", "cifar10"}
     assert all(len(by_model) == 7 for by_model in reference.values())
-    for r in reference["cifar10"].values():  # trained under the rule, on the named JPEG copy
-        assert r["config"]["budget_rule"] == cp.BUDGET_RULE and r["config"]["epochs"] == 10
+    for dataset, by_model in reference.items():  # all 21 trained under the rule, the CPU preset's epochs
+        for r in by_model.values():
+            assert r["config"]["budget_rule"] == cp.BUDGET_RULE and r["config"]["preset"] == "cpu"
+            assert r["config"]["epochs"] == cp.PRESETS["cpu"]["epochs"][dataset], (dataset, r["model"])
+            if dataset != "cifar10":  # the official files
+                assert r["config"]["data"] == "torchvision" and r["data"]["source"]["kind"] == "torchvision"
+    for r in reference["cifar10"].values():  # on the named JPEG copy
         assert r["data"]["label"] == "CIFAR-10, JPEG q75 copy"
         assert r["data"]["source"]["files"] == 60_000 and r["data"]["source"]["formats"] == ["JPEG q75"]
 

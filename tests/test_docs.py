@@ -141,6 +141,10 @@ def test_readme_results_at_a_glance_match_the_committed_records(dataset, label):
     assert row["test accuracy"] == f"**{100 * records[best]['test']['accuracy']:.2f}%**"
     others = sorted(100 * records[m]["test"]["accuracy"] for m in MODELS if m != best)
     assert row["the other six"] == f"{others[0]:.2f}-{others[-1]:.2f}%"
+    epochs = {r["config"]["epochs"] for r in records.values()}
+    rules = {r["config"].get("budget_rule") for r in records.values()}
+    if len(epochs) == 1 and rules == {"equal epochs for every model on a dataset"}:
+        assert row["budget"] == f"**{epochs.pop()} epochs for every model**"
     label_in_records = records[best].get("data", {}).get("label")
     if label_in_records:  # records that name their data: the README row names it the same way
         assert row["dataset"] == label_in_records
@@ -169,13 +173,36 @@ def test_readme_app_speed_matches_the_committed_bench():
     assert f"({bench['decode_tokens_per_s']:.0f} tokens/s decode, {bench['load_s']:.1f} s load;" in text
 
 
+def _wall_seconds(log_name: str) -> int:
+    """The wall time /usr/bin/time -v wrote at the end of a committed run log."""
+    log = (ROOT / "results" / "reference_cpu" / log_name).read_text()
+    found = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):(\d+)", log)
+    h, m, s = (int(g or 0) for g in found.groups())
+    return 3600 * h + 60 * m + s
+
+
 def test_readme_cnn_wall_time_and_throughput_match_the_committed_logs():
     text = " ".join(README.read_text().split())
-    log = (ROOT / "results" / "reference_cpu" / "cnn" / "run_log.txt").read_text()
-    h, m, s = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\d+):(\d+):(\d+)", log).groups()
-    assert f"14 trainings in {60 * int(h) + int(m)} min {s} s" in text
+    mm, cifar = _wall_seconds("mnist_fashion_run.log"), _wall_seconds("cifar10_run.log")
+    for n, t in ((14, mm), (7, cifar), (21, mm + cifar)):
+        assert f"{n} trainings in {t // 60} min {t % 60:02d} s" in text, n
     import csv
     rows = list(csv.DictReader(open(ROOT / "results" / "benchmarks" / "cnn_throughput.csv")))
     speedups = [float(r["ours_speedup"]) for r in rows if r["pipeline"] == "naive"]
     mfu = max(float(r["mfu"]) for r in rows if r["pipeline"] == "ours")
     assert f"({min(speedups):.1f}-{max(speedups):.1f}× faster, MFU up to {100 * mfu:.0f}% on CPU)" in text
+
+
+def test_readme_ranges_of_the_five_later_designs_match_the_committed_records():
+    text = " ".join(README.read_text().split())
+    later = ("vgg", "resnet", "googlenet", "xception", "senet")
+    for dataset in ("mnist", "fashion_mnist", "cifar10"):
+        acc = sorted(100 * _record(dataset, m)["test"]["accuracy"] for m in later)
+        assert f"{acc[0]:.2f}-{acc[-1]:.2f}%" in text, dataset
+    for model in ("lenet5", "alexnet"):
+        assert f"({100 * _record('cifar10', model)['test']['accuracy']:.2f}%)" in text, model
+    if "Every model was still improving at its last epoch" in text:
+        for dataset in ("mnist", "fashion_mnist", "cifar10"):
+            for m in MODELS:
+                r = _record(dataset, m)
+                assert r["best_epoch"] == r["config"]["epochs"], (dataset, m)
