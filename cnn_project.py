@@ -99,8 +99,9 @@ def budget(preset: str, dataset: str, model: str) -> tuple:
 
 # Seconds per epoch of each model with the CPU preset: the mean epoch of the 2026-12-02 CIFAR-10
 # reference run (45,000 images of 3x32x32, bf16 autocast, the preset's widths, 2 AMD EPYC cores
-# with AVX-512 BF16 and no AMX; docs/cnn_project.md). An MNIST epoch (55,000 images of 1x28x28)
-# took within about 20% of these on that machine family. The grid's ETA starts from them
+# with AVX-512 BF16 and no AMX; docs/cnn_project.md). The same day's MNIST and Fashion-MNIST epochs
+# (55,000 images of 1x28x28) took 0.71-1.06x of these, LeNet-5 0.56-0.59x: the grid's first ETA
+# said 1 h 04 min for a run of 54 min 51 s. The grid's ETA starts from them
 # (GridProgress) and rescales them by the pairs it has timed, so it adapts to any machine.
 SECONDS_PER_EPOCH = {"lenet5": 5, "alexnet": 20, "vgg": 30, "resnet": 56, "googlenet": 109,
                      "xception": 99, "senet": 68}
