@@ -1696,6 +1696,7 @@ def plot_curves(plt, results: dict, out: Path) -> list:
             ax.grid(alpha=0.3)
         for ax in axes[1]:
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # no "epoch 1.5" on short runs
         axes[0, 0].legend(fontsize=8)
         fig.suptitle(f"{labels[dataset]}: training curves ({budget_note(by_model)})")
         fig.tight_layout()
