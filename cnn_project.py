@@ -109,6 +109,10 @@ SECONDS_PER_EPOCH = {"lenet5": 5, "alexnet": 20, "vgg": 30, "resnet": 56, "googl
 # Validation accuracy whose first crossing is recorded as "time to target" (seconds of training).
 TARGET_VAL_ACCURACY = {"mnist": 0.99, "fashion_mnist": 0.90, "cifar10": 0.80}
 
+# --predict calls an image "low confidence" when its top softmax probability is below this quantile
+# of the validation images' (chosen per trained pair on validation data; see confidence_threshold).
+OOD_VAL_QUANTILE = 0.05
+
 # A run whose training loss is still at ln(num_classes) and whose validation accuracy is at chance
 # after this many optimizer steps has diverged (or never started learning): it is marked failed.
 DIVERGED_MIN_STEPS = 200
@@ -1122,7 +1126,8 @@ def score_test(model, data: Splits, spec: DatasetSpec, cfg: dict, accelerator,
 
     Returns loss (nats), accuracy, macro precision, recall and F1 (scikit-learn), the confusion
     matrix (int64 NumPy, true x predicted), per-class accuracy (the matrix's recall per true class),
-    every test image's predicted label (int8, int16 past 127 classes) and its softmax probability
+    every test image's true and predicted label (int8, int16 past 127 classes; the true labels make
+    paired tests between models possible from the records alone) and its softmax probability
     (float16), and the `n_misclassified` most confident mistakes with their uint8 images
     (k x C x H x W), so the report can show what the network gets wrong from the record alone.
     """
@@ -1141,12 +1146,26 @@ def score_test(model, data: Splits, spec: DatasetSpec, cfg: dict, accelerator,
             "recall": float(recall), "f1": float(f1), "n_images": int(len(y_true)),
             "confusion_matrix": matrix,
             "per_class_accuracy": matrix.diagonal() / np.maximum(matrix.sum(1), 1),
-            "predictions": y_pred.astype(label_dtype), "confidence": conf.astype(np.float16),
+            "labels": y_true.astype(label_dtype), "predictions": y_pred.astype(label_dtype),
+            "confidence": conf.astype(np.float16),
             "misclassified": {
                 "index": worst.astype(np.int32),
                 "image": data.test_x[torch.as_tensor(worst, device=data.test_x.device)].cpu().numpy(),
                 "true": y_true[worst].astype(label_dtype), "predicted": y_pred[worst].astype(label_dtype),
                 "confidence": conf[worst].astype(np.float32)}}
+
+
+def confidence_threshold(model, data: Splits, spec: DatasetSpec, cfg: dict, accelerator) -> dict:
+    """The low-confidence rule of --predict, chosen on validation images (never on test): the
+    OOD_VAL_QUANTILE quantile of the chosen checkpoint's maximum softmax probability over the
+    validation split (Hendrycks & Gimpel, "A Baseline for Detecting Misclassified and
+    Out-of-Distribution Examples", 2017). An image scored below it is less sure than 95% of the
+    validation images were. Returns {"rule", "quantile", "threshold" in [0, 1], "n_images"}."""
+    _, _, _, confidence = evaluate(model, data.val_x, data.val_y, spec, accelerator,
+                                   cfg["eval_batch_size"])
+    return {"rule": "max softmax probability", "quantile": OOD_VAL_QUANTILE,
+            "threshold": float(np.quantile(confidence.numpy(), OOD_VAL_QUANTILE)),
+            "n_images": int(len(confidence))}
 
 
 def new_progress() -> dict:
@@ -1294,6 +1313,7 @@ def train_one(model_name: str, spec: DatasetSpec, data: Splits, epochs: int, wid
     if failure:
         return record, None
     accelerator.unwrap_model(t.model).load_state_dict(progress["best_state"])
+    record["confidence_threshold"] = confidence_threshold(t.model, data, spec, cfg, accelerator)
     record["test"] = score_test(t.model, data, spec, cfg, accelerator)
     return record, progress["best_state"]
 
@@ -1392,32 +1412,39 @@ CHECKPOINT_FORMAT = "cnn_project/checkpoint/1"
 # The settings that define a run: a pair is skipped only when its record has exactly these.
 SETTINGS_KEYS = ("model", "dataset", "epochs", "width", *RECIPE, "seed", "precision", "preset",
                  "subset", "data")
-SUMMARY_COLUMNS = ("dataset", "data", "model", "status", "params", "macs_per_image", "train_flops",
-                   "epochs", "width", "preset", "precision",
-                   "seed", "subset", "best_epoch", "best_val_accuracy", "test_accuracy",
-                   "test_precision", "test_recall", "test_f1", "test_loss", "train_time_s",
-                   "throughput_img_s", "time_to_target_s", "failure_reason")
+RUN_COLUMNS = ("dataset", "data", "model", "seed", "status", "params", "macs_per_image",
+               "train_flops", "epochs", "width", "preset", "precision", "subset", "best_epoch",
+               "best_val_accuracy", "still_improving", "test_accuracy", "test_precision",
+               "test_recall", "test_f1", "test_loss", "train_time_s", "throughput_img_s",
+               "time_to_target_s", "failure_reason")
+SUMMARY_COLUMNS = ("dataset", "data", "model", "n_seeds", "seeds", "epochs", "width", "preset",
+                   "precision", "params", "macs_per_image", "train_flops_mean",
+                   "best_val_accuracy_mean", "test_accuracy_mean", "test_accuracy_std",
+                   "test_accuracy_min", "test_accuracy_max", "test_f1_mean", "test_f1_std",
+                   "train_time_s_mean", "throughput_img_s_mean", "still_improving", "verdict",
+                   "difference", "ci_low", "ci_high", "p_max", "p_values")
 
 
 class ResultsFileError(RuntimeError):
     """A results pickle is corrupt or was not written by this program."""
 
 
-def result_path(results_dir: Path, dataset: str, model: str) -> Path:
-    """Where one (dataset, model) record lives: <results_dir>/cnn/<dataset>/<model>.pkl. Its
-    weights are beside it (<model>.safetensors), and its checkpoint while it trains
-    (<model>.checkpoint.pt)."""
-    return Path(results_dir) / "cnn" / dataset / f"{model}.pkl"
+def result_path(results_dir: Path, dataset: str, model: str, seed: int = 0) -> Path:
+    """Where one (dataset, model, seed) record lives: <results_dir>/cnn/<dataset>/<model>.pkl for
+    seed 0 (the default, and every record of a single-seed run) and <model>.seed<k>.pkl for seed k.
+    Its weights are beside it (.safetensors), and its checkpoint while it trains (.checkpoint.pt)."""
+    name = model if seed == 0 else f"{model}.seed{seed}"
+    return Path(results_dir) / "cnn" / dataset / f"{name}.pkl"
 
 
-def weights_path(results_dir: Path, dataset: str, model: str) -> Path:
-    """The validation-chosen weights of a finished pair (safetensors; see save_weights)."""
-    return result_path(results_dir, dataset, model).with_suffix(".safetensors")
+def weights_path(results_dir: Path, dataset: str, model: str, seed: int = 0) -> Path:
+    """The validation-chosen weights of a finished run (safetensors; see save_weights)."""
+    return result_path(results_dir, dataset, model, seed).with_suffix(".safetensors")
 
 
-def checkpoint_path(results_dir: Path, dataset: str, model: str) -> Path:
-    """The training state of an unfinished pair, rewritten after every epoch."""
-    return result_path(results_dir, dataset, model).with_suffix(".checkpoint.pt")
+def checkpoint_path(results_dir: Path, dataset: str, model: str, seed: int = 0) -> Path:
+    """The training state of an unfinished run, rewritten after every epoch."""
+    return result_path(results_dir, dataset, model, seed).with_suffix(".checkpoint.pt")
 
 
 def run_settings(model: str, dataset: str, epochs: int, width: float, cfg: dict, seed: int,
@@ -1501,11 +1528,11 @@ def save_weights(path: Path, state: dict, record: dict) -> None:
     _write_atomically(path, lambda f: f.write(data))
 
 
-def supersede(results_dir: Path, dataset: str, model: str) -> Path | None:
-    """Move a pair's old record (and its weights) into <dataset>/superseded/, named by when it
+def supersede(results_dir: Path, dataset: str, model: str, seed: int = 0) -> Path | None:
+    """Move a run's old record (and its weights) into <dataset>/superseded/, named by when it
     finished, so a run with other settings replaces it without losing it. Returns the new path of
     the record, or None if there was none."""
-    old = result_path(results_dir, dataset, model)
+    old = result_path(results_dir, dataset, model, seed)
     if not old.exists():
         return None
     record = load_result(old)
@@ -1513,68 +1540,242 @@ def supersede(results_dir: Path, dataset: str, model: str) -> Path | None:
         "%Y%m%dT%H%M%SZ", time.gmtime(old.stat().st_mtime))
     folder = old.parent / "superseded"
     folder.mkdir(exist_ok=True)
-    kept = folder / f"{model}-{stamp}.pkl"
-    weights = weights_path(results_dir, dataset, model)
+    kept = folder / f"{old.stem}-{stamp}.pkl"
+    weights = weights_path(results_dir, dataset, model, seed)
     if weights.exists():  # the weights first: a kill between the two moves leaves both findable
         os.replace(weights, kept.with_suffix(".safetensors"))
     os.replace(old, kept)
     return kept
 
 
-def collect_results(results_dir: Path) -> dict:
-    """All records under results_dir/cnn as {dataset: {model: record}}: the built-in datasets
-    first, then image folders by name; models in registry order."""
+def record_seeds(folder: Path, model: str) -> list:
+    """The seeds of a model's records in one dataset folder (<model>.pkl is seed 0), ascending."""
+    seeds = [0] if (folder / f"{model}.pkl").exists() else []
+    for path in folder.glob(f"{model}.seed*.pkl"):
+        suffix = path.name[len(model) + len(".seed"):-len(".pkl")]
+        if suffix.isdigit():
+            seeds.append(int(suffix))
+    return sorted(seeds)
+
+
+def collect_runs(results_dir: Path) -> dict:
+    """All records under results_dir/cnn as {dataset: {model: {seed: record}}}: the built-in
+    datasets first, then image folders by name; models in registry order, seeds ascending."""
     found, folder = {}, Path(results_dir) / "cnn"
     others = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in DATASETS
                     and p.name != "plots") if folder.is_dir() else []
     for dataset in (*DATASETS, *others):
         for model in MODELS_REGISTRY:
-            path = result_path(results_dir, dataset, model)
-            if path.exists():
-                found.setdefault(dataset, {})[model] = load_result(path)
+            for seed in record_seeds(folder / dataset, model):
+                found.setdefault(dataset, {}).setdefault(model, {})[seed] = load_result(
+                    result_path(results_dir, dataset, model, seed))
     return found
 
 
-def summary_rows(results: dict) -> list:
-    """One flat dict per (dataset, model) with the SUMMARY_COLUMNS."""
+def collect_results(results_dir: Path) -> dict:
+    """One record per pair, {dataset: {model: record}}: each pair's lowest seed (see collect_runs
+    for every seed)."""
+    return {d: {m: seeds[min(seeds)] for m, seeds in by_model.items()}
+            for d, by_model in collect_runs(results_dir).items()}
+
+
+def run_rows(runs: dict) -> list:
+    """One flat dict per run (dataset, model, seed) with the RUN_COLUMNS, plus 'model_key'."""
     rows = []
-    for dataset, by_model in results.items():
-        for model, r in by_model.items():
-            test = r["test"] or {}
-            cfg = r.get("config", {})
-            rows.append({
-                "dataset": dataset, "data": record_label(r),
-                "model": r["model_display_name"], "model_key": model,
-                "status": r["status"], "params": r["params"],
-                "macs_per_image": r.get("macs_per_image"), "train_flops": r.get("train_flops"),
-                "epochs": len(r["history"]["epoch"]),
-                **{k: cfg.get(k) for k in ("width", "preset", "precision", "seed", "subset")},
-                "best_epoch": r["best_epoch"],
-                "best_val_accuracy": r["best_val_accuracy"], "test_accuracy": test.get("accuracy"),
-                "test_precision": test.get("precision"), "test_recall": test.get("recall"),
-                "test_f1": test.get("f1"), "test_loss": test.get("loss"),
-                "train_time_s": r["train_time_s"], "throughput_img_s": r["throughput_img_s"],
-                "time_to_target_s": r["time_to_target_s"], "failure_reason": r["failure_reason"]})
+    for dataset, by_model in runs.items():
+        for model, by_seed in by_model.items():
+            for seed, r in by_seed.items():
+                test, cfg = r["test"] or {}, r.get("config", {})
+                rows.append({
+                    "dataset": dataset, "data": record_label(r), "model": r["model_display_name"],
+                    "model_key": model, "seed": cfg.get("seed", seed), "status": r["status"],
+                    "params": r["params"], "macs_per_image": r.get("macs_per_image"),
+                    "train_flops": r.get("train_flops"), "epochs": len(r["history"]["epoch"]),
+                    **{k: cfg.get(k) for k in ("width", "preset", "precision", "subset")},
+                    "best_epoch": r["best_epoch"], "best_val_accuracy": r["best_val_accuracy"],
+                    "still_improving": still_improving(r["history"]),
+                    **{f"test_{k}": test.get(k) for k in ("accuracy", "precision", "recall", "f1", "loss")},
+                    **{k: r[k] for k in ("train_time_s", "throughput_img_s", "time_to_target_s",
+                                         "failure_reason")}})
     return rows
 
 
-def best_models(results: dict) -> dict:
-    """{dataset: model} with the highest validation accuracy among finished runs (test not used)."""
+def pair_rows(runs: dict, summary: dict) -> list:
+    """One flat dict per (dataset, model) with the SUMMARY_COLUMNS (spread over seeds, verdict
+    against the best), plus 'model_key' and 'best' (True for the validation-chosen model)."""
+    rows = []
+    for dataset, by_model in runs.items():
+        for model, by_seed in by_model.items():
+            first = by_seed[min(by_seed)]
+            cfg, pair = first.get("config", {}), summary[dataset]["pairs"][model]
+            row = {**dict.fromkeys(SUMMARY_COLUMNS), **pair}
+            row.update(dataset=dataset, data=record_label(first), model=first["model_display_name"],
+                       model_key=model, best=summary[dataset]["best"] == model,
+                       seeds=" ".join(map(str, pair["seeds"])),
+                       epochs=" ".join(map(str, pair["epochs"])),
+                       p_values=" ".join(f"{p:.3g}" for p in pair.get("p_values") or []),
+                       params=first["params"], macs_per_image=first.get("macs_per_image"),
+                       **{k: cfg.get(k) for k in ("width", "preset", "precision")})
+            rows.append(row)
+    return rows
+
+
+def write_summaries(runs: dict, summary: dict, results_dir: Path) -> None:
+    """The combined pickle (cnn_results.pkl: every record, the spread and verdicts, the best per
+    dataset) and two CSV tables: cnn_summary.csv (a row per pair) and cnn_runs.csv (a row per run)."""
+    results_dir = Path(results_dir)
+    save_pickle({"format": RESULTS_FORMAT, "runs": runs,
+                 "results": {d: {m: seeds[min(seeds)] for m, seeds in by_model.items()}
+                             for d, by_model in runs.items()},
+                 "summary": summary, "verdict_rule": VERDICT_RULE,
+                 "best_by_validation": {d: v["best"] for d, v in summary.items() if v["best"]}},
+                results_dir / "cnn_results.pkl")
+    save_csv([{k: row[k] for k in SUMMARY_COLUMNS} for row in pair_rows(runs, summary)],
+             SUMMARY_COLUMNS, results_dir / "cnn_summary.csv")
+    save_csv([{k: row[k] for k in RUN_COLUMNS} for row in run_rows(runs)], RUN_COLUMNS,
+             results_dir / "cnn_runs.csv")
+
+
+# =============================================================================================
+# COMPARISON (spread over seeds, paired tests against the best; from the pickles alone)
+# =============================================================================================
+
+# A model is "worse" (or "better on test") than the dataset's validation-chosen best only when the
+# exact McNemar test gives p < ALPHA for every seed both trained with, AND the paired bootstrap 95%
+# interval of the accuracy difference excludes 0; otherwise it is tied with the best within noise.
+ALPHA = 0.05
+BOOTSTRAP_RESAMPLES = 2000   # paired bootstrap over test images (scipy.stats.bootstrap, percentile)
+VERDICT_RULE = (f"each model against the dataset's best on validation (mean over seeds), on the same "
+                f"test images: exact McNemar test per seed (each seed's run against the best's run "
+                f"of the same seed) and a paired bootstrap 95% interval of the accuracy difference "
+                f"(mean over seeds, {BOOTSTRAP_RESAMPLES} resamples of the test images); 'worse' or "
+                f"'better on test' needs p < {ALPHA} in every seed and an interval without 0, "
+                f"anything else is 'tied with the best within noise'")
+
+
+def still_improving(history: dict) -> bool:
+    """True when a run's last epoch set its best validation accuracy: it was still improving when
+    its budget ran out, so more epochs could change the ranking."""
+    val = history["val_accuracy"]
+    return len(val) >= 2 and val[-1] > max(val[:-1])
+
+
+def correct_on_test(record: dict) -> np.ndarray | None:
+    """Boolean per test image: was this run right? None for a failed run or a record without the
+    test labels (written before they were stored)."""
+    test = record.get("test") or {}
+    if "labels" not in test:
+        return None
+    return test["predictions"].astype(np.int64) == test["labels"].astype(np.int64)
+
+
+def mcnemar_exact(a_correct: np.ndarray, b_correct: np.ndarray) -> dict:
+    """Exact McNemar test of two classifiers scored on the same N images (boolean arrays of length
+    N): a two-sided binomial test (scipy.stats.binomtest, p = 1/2) on the images exactly one of them
+    got right (McNemar, 1947). Returns {"only_a", "only_b": counts, "p_value"}; p = 1.0 when they
+    never disagree. Raises ValueError when the arrays differ in length."""
+    from scipy.stats import binomtest
+    if a_correct.shape != b_correct.shape:
+        raise ValueError(f"paired test on {a_correct.shape} and {b_correct.shape} images")
+    only_a, only_b = int(np.sum(a_correct & ~b_correct)), int(np.sum(~a_correct & b_correct))
+    p = 1.0 if only_a + only_b == 0 else binomtest(only_a, only_a + only_b, 0.5).pvalue
+    return {"only_a": only_a, "only_b": only_b, "p_value": float(p)}
+
+
+def paired_bootstrap_ci(differences: np.ndarray, seed: int = 0) -> tuple:
+    """95% percentile interval of the mean of per-image differences (model right minus best right,
+    in [-1, 1]) over BOOTSTRAP_RESAMPLES resamples of the images (scipy.stats.bootstrap; Efron &
+    Tibshirani, 1993). Returns (low, high) as fractions of accuracy."""
+    from scipy.stats import bootstrap
+    differences = np.asarray(differences, dtype=np.float64)
+    if np.all(differences == differences[0]):  # no spread: every resample has the same mean
+        return float(differences[0]), float(differences[0])
+    ci = bootstrap((differences,), np.mean, n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=0.95,
+                   method="percentile", batch=250, random_state=np.random.default_rng(seed))
+    return float(ci.confidence_interval.low), float(ci.confidence_interval.high)
+
+
+def _mean_std(values) -> tuple:
+    """(mean, sample standard deviation) of a list of numbers; None where undefined."""
+    values = np.asarray(values, dtype=np.float64)
+    return (float(values.mean()) if len(values) else None,
+            float(values.std(ddof=1)) if len(values) > 1 else None)
+
+
+def pair_spread(by_seed: dict) -> dict:
+    """One pair's runs {seed: record} summarised over seeds: the seeds, epochs, the mean and sample
+    standard deviation (None for one seed) of test accuracy, macro precision, recall and F1, the
+    min and max test accuracy, the means of validation accuracy, training time and throughput, and
+    how many runs were still improving at their last epoch (fractions, seconds, images/s)."""
+    ok = {s: r for s, r in by_seed.items() if r["status"] == "ok" and r.get("test")}
+    out = {"seeds": sorted(ok), "n_seeds": len(ok), "failed_seeds": sorted(set(by_seed) - set(ok)),
+           "epochs": sorted({len(r["history"]["epoch"]) for r in by_seed.values()}),
+           "still_improving": sum(still_improving(r["history"]) for r in ok.values())}
+    for metric in ("accuracy", "precision", "recall", "f1"):
+        out[f"test_{metric}_mean"], out[f"test_{metric}_std"] = _mean_std(
+            [r["test"][metric] for r in ok.values()])
+    accuracy = [r["test"]["accuracy"] for r in ok.values()]
+    out["test_accuracy_min"] = min(accuracy) if ok else None
+    out["test_accuracy_max"] = max(accuracy) if ok else None
+    for key in ("best_val_accuracy", "train_time_s", "throughput_img_s", "train_flops"):
+        out[f"{key}_mean"] = _mean_std([r[key] for r in ok.values() if r.get(key) is not None])[0]
+    return out
+
+
+def compare_with_best(model_runs: dict, best_runs: dict) -> dict:
+    """A model's runs {seed: record} against the best model's on the same test images: McNemar per
+    common seed, the paired bootstrap interval of the mean accuracy difference, and the verdict
+    (VERDICT_RULE). Differences are model minus best, in accuracy points (fractions)."""
+    seeds = [s for s in sorted(model_runs) if s in best_runs
+             and correct_on_test(model_runs[s]) is not None and correct_on_test(best_runs[s]) is not None]
+    if not seeds:
+        return {"verdict": "not compared (no common seed with per-image test results)",
+                "seeds": [], "p_values": [], "difference": None, "ci_low": None, "ci_high": None}
+    a = [correct_on_test(model_runs[s]) for s in seeds]
+    b = [correct_on_test(best_runs[s]) for s in seeds]
+    tests = [mcnemar_exact(x, y) for x, y in zip(a, b)]
+    same_images = all(np.array_equal(model_runs[s]["test"]["labels"], model_runs[seeds[0]]["test"]["labels"])
+                      and len(x) == len(a[0]) for s, x in zip(seeds, a))
+    per_image = (np.mean([x.astype(float) - y for x, y in zip(a, b)], axis=0) if same_images
+                 else np.concatenate([x.astype(float) - y for x, y in zip(a, b)]))
+    low, high = paired_bootstrap_ci(per_image)
+    p_max = max(t["p_value"] for t in tests)
+    verdict = ("worse, p < 0.05" if p_max < ALPHA and high < 0 else
+               "better on test, p < 0.05" if p_max < ALPHA and low > 0 else
+               "tied with the best within noise")
+    return {"verdict": verdict, "seeds": seeds, "p_values": [t["p_value"] for t in tests],
+            "p_max": p_max, "mcnemar": tests, "difference": float(per_image.mean()),
+            "ci_low": low, "ci_high": high}
+
+
+def best_models(runs: dict) -> dict:
+    """{dataset: model} with the highest mean validation accuracy over its finished seeds (the
+    test set is not used). `runs` is collect_runs()'s {dataset: {model: {seed: record}}}."""
     best = {}
-    for dataset, by_model in results.items():
-        ok = {m: r for m, r in by_model.items() if r["status"] == "ok"}
-        if ok:
-            best[dataset] = max(ok, key=lambda m: ok[m]["best_val_accuracy"])
+    for dataset, by_model in runs.items():
+        val = {m: pair_spread(seeds)["best_val_accuracy_mean"] for m, seeds in by_model.items()}
+        val = {m: v for m, v in val.items() if v is not None}
+        if val:
+            best[dataset] = max(val, key=val.get)
     return best
 
 
-def write_summaries(results: dict, results_dir: Path) -> None:
-    """Combined pickle (results/cnn_results.pkl) and a CSV table (results/cnn_summary.csv)."""
-    results_dir = Path(results_dir)
-    save_pickle({"format": RESULTS_FORMAT, "results": results, "best_by_validation": best_models(results)},
-                results_dir / "cnn_results.pkl")
-    save_csv([{k: row[k] for k in SUMMARY_COLUMNS} for row in summary_rows(results)],
-             SUMMARY_COLUMNS, results_dir / "cnn_summary.csv")
+def summarize(runs: dict) -> dict:
+    """{dataset: {"best": model, "pairs": {model: pair_spread + compare_with_best}}}: the numbers
+    behind the table, the CSV and the plots (runs: {dataset: {model: {seed: record}}})."""
+    best, out = best_models(runs), {}
+    for dataset, by_model in runs.items():
+        pairs = {}
+        for model, by_seed in by_model.items():
+            pairs[model] = pair_spread(by_seed)
+            if model == best.get(dataset):
+                pairs[model]["verdict"] = "best on validation"
+            elif dataset in best and pairs[model]["n_seeds"]:
+                pairs[model].update(compare_with_best(by_seed, by_model[best[dataset]]))
+            else:
+                pairs[model]["verdict"] = "failed" if not pairs[model]["n_seeds"] else "no best to compare"
+        out[dataset] = {"best": best.get(dataset), "pairs": pairs}
+    return out
 
 
 # =============================================================================================
@@ -1600,77 +1801,129 @@ def record_label(record: dict) -> str:
     return (record.get("data") or {}).get("label") or spec_of(record).title or record["dataset"]
 
 
-def data_labels(results: dict) -> dict:
+def records_of(by_model: dict) -> list:
+    """Every record of one dataset's runs {model: {seed: record}}, in model then seed order."""
+    return [r for by_seed in by_model.values() for r in by_seed.values()]
+
+
+def data_labels(runs: dict) -> dict:
     """{dataset: how its records name their data ('CIFAR-10, JPEG q75 copy')}; the labels of a
     dataset's records joined when they differ."""
-    labels = {}
-    for dataset, by_model in results.items():
-        found = dict.fromkeys(record_label(r) for r in by_model.values())
-        labels[dataset] = " / ".join(found)
-    return labels
+    return {dataset: " / ".join(dict.fromkeys(record_label(r) for r in records_of(by_model)))
+            for dataset, by_model in runs.items()}
 
 
 def budget_note(by_model: dict) -> str:
-    """The budget one dataset's records were trained under, for the table and the plots: '10
-    epochs for every model', or 'epochs per model (3-10), before the equal-epochs rule' for
-    records from before BUDGET_RULE."""
-    epochs = sorted({len(r["history"]["epoch"]) for r in by_model.values()})
+    """The budget one dataset's runs {model: {seed: record}} were trained under, for the table and
+    the plots: '10 epochs for every model', or 'epochs per model (3-10), before the equal-epochs
+    rule' for records from before BUDGET_RULE."""
+    records = records_of(by_model)
+    epochs = sorted({len(r["history"]["epoch"]) for r in records})
     span = f"{epochs[0]}" if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}"
-    if any(r.get("config", {}).get("budget_rule") != BUDGET_RULE for r in by_model.values()):
+    if any(r.get("config", {}).get("budget_rule") != BUDGET_RULE for r in records):
         return f"epochs per model ({span}), before the equal-epochs rule"
     return f"{span} epochs for every model" if len(epochs) == 1 else \
         f"{span} epochs: runs of other settings mixed, or a failed run"
 
 
-def mixed_settings(results: dict) -> dict:
-    """{dataset: 'preset (cpu, gpu), seed (0, 1)'} for the settings, beyond each model's own epochs
-    and width, in which a dataset's records differ; datasets whose records agree are left out."""
-    shared = [k for k in SETTINGS_KEYS if k not in ("model", "dataset", "epochs", "width", "data")]
+def mixed_settings(runs: dict) -> dict:
+    """{dataset: 'preset (cpu, gpu), precision (bf16, no)'} for the settings, beyond each model's
+    own epochs and width and each run's seed, in which a dataset's records differ; datasets whose
+    records agree are left out."""
+    own = ("model", "dataset", "epochs", "width", "data", "seed")
+    shared = [k for k in SETTINGS_KEYS if k not in own]
     notes = {}
-    for dataset, by_model in results.items():
-        values = {k: sorted({repr(settings_of(r)[k]) for r in by_model.values()}) for k in shared}
+    for dataset, by_model in runs.items():
+        values = {k: sorted({repr(settings_of(r)[k]) for r in records_of(by_model)}) for k in shared}
         differ = [f"{k} ({', '.join(v)})" for k, v in values.items() if len(v) > 1]
         if differ:
             notes[dataset] = ", ".join(differ)
     return notes
 
 
-def print_table(results: dict) -> None:
-    """Print the comparison table (accuracy beside cost), the best model per dataset (chosen on
-    validation) and its weakest classes."""
-    best, labels = best_models(results), data_labels(results)
+def _pm(mean, std, pattern="{:.2%}") -> str:
+    """'82.23% ± 0.31' (std in points), or '82.23%' for a single seed; '-' when not measured."""
+    if mean is None:
+        return "-"
+    return pattern.format(mean) + ("" if std is None else f" ± {100 * std:.2f}")
+
+
+def tied_group(summary_of_dataset: dict) -> list:
+    """The best model and every model tied with it within noise, in table order."""
+    return [m for m, p in summary_of_dataset["pairs"].items()
+            if p["verdict"] in ("best on validation", "tied with the best within noise")]
+
+
+def conclusion(dataset_label: str, summary_of_dataset: dict, names: dict) -> list:
+    """The lines that say what one dataset's runs can and cannot tell: the best on validation, the
+    models tied with it, the separable ones, and whether runs were still improving."""
+    pairs, best = summary_of_dataset["pairs"], summary_of_dataset["best"]
+    if best is None:
+        return [f"{dataset_label}: no finished run"]
+    b = pairs[best]
+    tied = [names[m] for m in tied_group(summary_of_dataset) if m != best]
+    lines = [f"{dataset_label}: best on validation {names[best]} (val {b['best_val_accuracy_mean']:.2%}, "
+             f"test {_pm(b['test_accuracy_mean'], b['test_accuracy_std'])} over "
+             f"{_count(b['n_seeds'], 'seed')})"]
+    if tied:
+        lines.append(f"    tied with it within noise: {', '.join(tied)}: the test set does not "
+                     f"separate these, so no single one of them is the winner")
+    for verdict in ("worse, p < 0.05", "better on test, p < 0.05"):
+        found = [names[m] for m, p in pairs.items() if p["verdict"] == verdict]
+        if found:
+            lines.append(f"    {verdict.split(',')[0]} than it (p < {ALPHA} in every seed): {', '.join(found)}")
+    runs = sum(p["n_seeds"] for p in pairs.values())
+    rising = sum(p["still_improving"] for p in pairs.values())
+    if rising:
+        lines.append(f"    still improving: {rising} of {runs} runs set their best validation accuracy "
+                     f"in their last epoch; this ranking holds at this budget and could change with "
+                     f"more training")
+    return lines
+
+
+def print_table(runs: dict, summary: dict) -> None:
+    """Print the comparison table (accuracy over seeds beside cost, the verdict against the best),
+    what each dataset's runs can tell, and the best model's weakest classes."""
+    labels = data_labels(runs)
     header = (f"{'dataset':<14}{'model':<14}{'params':>11}{'MMACs':>7}{'ep':>4}{'width':>6}"
-              f"{'val acc':>9}{'test acc':>10}{'prec':>8}{'recall':>8}{'F1':>8}{'train s':>9}"
-              f"{'img/s':>8}{'to target':>10}")
+              f"{'seeds':>6}{'val acc':>9}{'test acc (± std)':>18}{'min-max':>16}{'F1':>8}"
+              f"{'train s':>9}{'img/s':>8}  verdict against the best (largest p)")
     print("\none recipe for every model; data and budget per dataset:")
-    for dataset, by_model in results.items():
+    for dataset, by_model in runs.items():
         print(f"  {dataset} = {labels[dataset]}: {budget_note(by_model)}")
     print(header + "\n" + "-" * len(header))
-    for row in summary_rows(results):
-        mark = " *" if best.get(row["dataset"]) == row["model_key"] else ""
+    for row in pair_rows(runs, summary):
         lead = (f"{row['dataset']:<14}{row['model']:<14}{row['params']:>11,}"
                 f"{_fmt(row['macs_per_image'] and row['macs_per_image'] / 1e6, '{:.1f}'):>7}"
-                f"{row['epochs']:>4}{_fmt(row['width'], '{:g}'):>6}")
-        if row["status"] != "ok":
-            print(f"{lead}  FAILED: {row['failure_reason']}")
+                f"{row['epochs']:>4}{_fmt(row['width'], '{:g}'):>6}{row['n_seeds']:>6}")
+        if not row["n_seeds"]:
+            print(f"{lead}  FAILED (every seed)")
             continue
-        print(f"{lead}{_fmt(row['best_val_accuracy']):>9}{_fmt(row['test_accuracy']):>10}"
-              f"{_fmt(row['test_precision']):>8}{_fmt(row['test_recall']):>8}{_fmt(row['test_f1']):>8}"
-              f"{row['train_time_s']:>9.0f}{_fmt(row['throughput_img_s'], '{:.0f}'):>8}"
-              f"{_fmt(row['time_to_target_s'], '{:.0f} s'):>10}{mark}")
-    print("\n* best model per dataset, chosen by validation accuracy; its test figures are reported."
-          "\n  MMACs: forward multiply-adds per image, in millions (the inference cost)")
-    for dataset, note in mixed_settings(results).items():
-        print(f"  note: the {dataset} rows were trained with different {note}: compare with care")
-    for dataset, model in best.items():
-        r = results[dataset][model]
-        print(f"  {labels[dataset]}: {r['model_display_name']} (val {r['best_val_accuracy']:.2%}, "
-              f"test accuracy {r['test']['accuracy']:.2%}, macro F1 {r['test']['f1']:.4f})")
+        span = f"{row['test_accuracy_min']:.2%}-{row['test_accuracy_max']:.2%}"
+        p = "" if row["p_max"] is None else f" (p {row['p_max']:.2g})"
+        print(f"{lead}{_fmt(row['best_val_accuracy_mean']):>9}"
+              f"{_pm(row['test_accuracy_mean'], row['test_accuracy_std']):>18}{span:>16}"
+              f"{_fmt(row['test_f1_mean'], '{:.4f}'):>8}{row['train_time_s_mean']:>9.0f}"
+              f"{_fmt(row['throughput_img_s_mean'], '{:.0f}'):>8}  "
+              f"{'* ' if row['best'] else ''}{row['verdict']}{p}")
+    print("\nmeans over seeds; ± is the sample standard deviation over seeds, in points. * best on "
+          "validation (mean over seeds); its test figures are reported, not used to choose.\n"
+          f"verdicts: {VERDICT_RULE}.\nMMACs: forward multiply-adds per image, in millions")
+    for dataset, note in mixed_settings(runs).items():
+        print(f"  note: the {dataset} runs were trained with different {note}: compare with care")
+    names = {m: next(iter(by_seed.values()))["model_display_name"]
+             for by_model in runs.values() for m, by_seed in by_model.items()}
+    for dataset, by_model in runs.items():
+        print("\n".join(conclusion(labels[dataset], summary[dataset], names)))
+        best = summary[dataset]["best"]
+        if best is None:
+            continue
+        r = by_model[best][min(summary[dataset]["pairs"][best]["seeds"])]
         per_class = r["test"].get("per_class_accuracy")
         if per_class is not None:
             worst = np.argsort(per_class, kind="stable")[:3]
-            print("    weakest classes: " + ", ".join(f"{r['classes'][i]}: {per_class[i]:.1%}"
-                                                     for i in worst))
+            print(f"    weakest classes of {names[best]} (seed {r['config'].get('seed', 0)}): "
+                  + ", ".join(f"{r['classes'][i]}: {per_class[i]:.1%}" for i in worst))
 
 
 def _figure(plt, path: Path, fig) -> Path:
@@ -1680,16 +1933,24 @@ def _figure(plt, path: Path, fig) -> Path:
     return path
 
 
-def plot_curves(plt, results: dict, out: Path) -> list:
-    """curves_<dataset>.png: training/validation loss and accuracy per epoch, every model."""
-    paths, labels = [], data_labels(results)
-    for dataset, by_model in results.items():
+def plot_curves(plt, runs: dict, out: Path) -> list:
+    """curves_<dataset>.png: training/validation loss and accuracy per epoch, every model: the mean
+    over its seeds, with the band from the lowest to the highest seed."""
+    paths, labels = [], data_labels(runs)
+    for dataset, by_model in runs.items():
         fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
-        for r in by_model.values():
-            h = r["history"]
-            style = "-" if r["status"] == "ok" else ":"
+        seeds = sorted({s for by_seed in by_model.values() for s in by_seed})
+        for i, by_seed in enumerate(by_model.values()):
+            first = by_seed[min(by_seed)]
+            n = min(len(r["history"]["epoch"]) for r in by_seed.values())
+            style = "-" if first["status"] == "ok" else ":"
             for ax, key in zip(axes.flat, ("train_loss", "val_loss", "train_accuracy", "val_accuracy")):
-                ax.plot(h["epoch"], h[key], style, marker="o", ms=3, label=r["model_display_name"])
+                values = np.array([r["history"][key][:n] for r in by_seed.values()], dtype=float)
+                epochs = first["history"]["epoch"][:n]
+                ax.plot(epochs, values.mean(0), style, marker="o", ms=3, color=f"C{i}",
+                        label=first["model_display_name"])
+                if len(values) > 1:
+                    ax.fill_between(epochs, values.min(0), values.max(0), color=f"C{i}", alpha=0.2)
         for ax, title in zip(axes.flat, ("train loss (label-smoothed CE)", "validation loss (CE)",
                                          "train accuracy (augmented)", "validation accuracy")):
             ax.set_title(title)
@@ -1698,99 +1959,133 @@ def plot_curves(plt, results: dict, out: Path) -> list:
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # no "epoch 1.5" on short runs
         axes[0, 0].legend(fontsize=8)
-        fig.suptitle(f"{labels[dataset]}: training curves ({budget_note(by_model)})")
+        spread = (f"mean of {len(seeds)} seeds, band: lowest to highest" if len(seeds) > 1
+                  else f"seed {seeds[0]}")
+        fig.suptitle(f"{labels[dataset]}: training curves ({budget_note(by_model)}; {spread})")
         fig.tight_layout()
         paths.append(_figure(plt, out / f"curves_{dataset}.png", fig))
     return paths
 
 
-def plot_test_metrics(plt, rows: list, best: dict, out: Path, notes: dict) -> Path:
-    """test_metrics.png: test error (1 - accuracy, precision, recall, F1; macro) per model, bars
-    from zero so their lengths compare honestly; the validation-chosen best is starred."""
-    metrics = ("test_accuracy", "test_precision", "test_recall", "test_f1")
+def _tick_label(row: dict) -> str:
+    """A model's name under its bars: '* ' before the best on validation, ' (tied)' after a model
+    tied with it within noise."""
+    return ("* " if row["best"] else "") + row["model"] + (
+        " (tied)" if row["verdict"] == "tied with the best within noise" else "")
+
+
+def plot_test_metrics(plt, rows: list, out: Path, notes: dict) -> Path:
+    """test_metrics.png: test error (1 - accuracy, precision, recall, F1; macro) per model, the
+    mean over seeds with the standard deviation as error bars, bars from zero so their lengths
+    compare honestly; the best on validation is starred, the models tied with it are marked and
+    shaded."""
+    metrics = ("accuracy", "precision", "recall", "f1")
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 5.4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         sub = [r for r in rows if r["dataset"] == dataset]
         xs = np.arange(len(sub))
+        for x, r in zip(xs, sub):
+            if r["best"] or r["verdict"] == "tied with the best within noise":
+                ax.axvspan(x - 0.45, x + 0.45, color="gold", alpha=0.25, lw=0)
         for i, m in enumerate(metrics):
-            errors = [100 * (1 - r[m]) for r in sub]
-            bars = ax.bar(xs + (i - 1.5) * 0.2, errors, 0.2, label=m.replace("test_", "1 - "))
-            if m == "test_accuracy":
+            errors = [100 * (1 - r[f"test_{m}_mean"]) for r in sub]
+            stds = [100 * (r[f"test_{m}_std"] or 0) for r in sub]
+            bars = ax.bar(xs + (i - 1.5) * 0.2, errors, 0.2, yerr=stds, capsize=2,
+                          label=f"1 - {m}", error_kw={"lw": 0.8})
+            if m == "accuracy":
                 ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
-        ax.set_xticks(xs, [r["model"] + (" *" if best.get(dataset) == r["model_key"] else "")
-                           for r in sub], rotation=30, ha="right")
+        ax.set_xticks(xs, [_tick_label(r) for r in sub], rotation=30, ha="right")
         ax.set_ylabel("test error, % (lower is better)")
-        ax.set_title(f"{sub[0]['data']}: test error (macro metrics)\n{notes[dataset]}; "
-                     f"* best on validation", fontsize=9.5)
+        seeds = max(r["n_seeds"] for r in sub)
+        ax.set_title(f"{sub[0]['data']}: test error (macro metrics), mean of up to {seeds} "
+                     f"seed{'s' * (seeds != 1)}\n{notes[dataset]}; * best on validation; shaded: "
+                     f"tied with it within noise", fontsize=9.5)
         ax.grid(axis="y", alpha=0.3)
         ax.margins(y=0.12)
     handles, names = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=4, fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.legend(handles, names, loc="lower center", ncol=4, fontsize=9,
+               title="error bars: standard deviation over seeds", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     return _figure(plt, out / "test_metrics.png", fig)
 
 
-def plot_cost(plt, rows: list, best: dict, out: Path, notes: dict) -> Path:
-    """cost_accuracy.png: test accuracy against training compute (FLOPs) and training time
-    (seconds), log axes, one point per model per dataset (one row of panels per dataset, its
-    budget in the title); each model has one colour and marker in every panel (the legend below),
-    and the validation-chosen best is ringed."""
+def plot_cost(plt, rows: list, out: Path, notes: dict) -> Path:
+    """cost_accuracy.png: test error (log axis, so LeNet-5 does not squash the others) against
+    training compute (FLOPs) and training time (seconds, log axes), the means over seeds with the
+    standard deviation as error bars; one row of panels per dataset, its budget in the title; each
+    model has one colour and marker in every panel (the legend on top), and the best on validation
+    is ringed."""
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    fig, axes = plt.subplots(len(datasets), 2, figsize=(12, 4.2 * len(datasets) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(12, 4.2 * len(datasets) + 0.8), squeeze=False)
     colours = {m: f"C{i}" for i, m in enumerate(MODELS_REGISTRY)}
     markers = {m: "osD^vP*X<>"[i % 10] for i, m in enumerate(MODELS_REGISTRY)}
     models = {}
     for row_axes, dataset in zip(axes, datasets):
         sub = [r for r in rows if r["dataset"] == dataset]
-        for ax, key, xlabel in zip(row_axes, ("train_flops", "train_time_s"), (
+        for ax, key, xlabel in zip(row_axes, ("train_flops_mean", "train_time_s_mean"), (
                 "training compute, FLOPs (forward + backward, counted)", "training time, s")):
             for r in sub:
                 if not r[key]:
                     continue
-                x, y = r[key], 100 * r["test_accuracy"]
+                x, y = r[key], 100 * (1 - r["test_accuracy_mean"])
+                ax.errorbar(x, y, yerr=100 * (r["test_accuracy_std"] or 0), color=colours[r["model_key"]],
+                            lw=1, capsize=3, zorder=2)
                 models[r["model"]] = ax.scatter(x, y, s=55, color=colours[r["model_key"]],
                                                 marker=markers[r["model_key"]], zorder=3)
-                if best.get(dataset) == r["model_key"]:
+                if r["best"]:
                     ax.scatter(x, y, s=300, facecolors="none", edgecolors="black", zorder=2,
                                label=f"best on validation: {r['model']}")
             ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(plt.NullFormatter())  # 2x10^1 3x10^1 ... overlap
+            ax.set_yscale("log")
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_minor_formatter(plt.NullFormatter())  # 2x10^1 3x10^1 ... overlap
+            ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.set_yticks(_error_ticks(100 * (1 - np.array([r["test_accuracy_mean"] for r in sub]))))
             ax.set_xlabel(xlabel)
-            ax.set_ylabel("test accuracy, %")
-            ax.set_title(f"{sub[0]['data']}: accuracy against training "
-                         f"{'compute' if key == 'train_flops' else 'time'}\n({notes[dataset]})",
+            ax.set_ylabel("test error, % (log; lower is better)")
+            ax.set_title(f"{sub[0]['data']}: test error against training "
+                         f"{'compute' if key == 'train_flops_mean' else 'time'}\n({notes[dataset]})",
                          fontsize=10)
             ax.grid(alpha=0.3, which="both")
             ax.margins(x=0.15, y=0.15)
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8, loc="lower right")
-    fig.legend(list(models.values()), list(models), loc="lower center", ncol=len(models), fontsize=9)
-    fig.tight_layout(rect=(0, 0.6 / fig.get_figheight(), 1, 1))
+                ax.legend(fontsize=8, loc="upper right")
+    fig.legend(list(models.values()), list(models), loc="upper center", ncol=len(models), fontsize=9,
+               title="mean over seeds; error bars: standard deviation over seeds", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.8 / fig.get_figheight()))
     return _figure(plt, out / "cost_accuracy.png", fig)
 
 
+def _error_ticks(errors: np.ndarray) -> list:
+    """A few readable ticks (1-2-5 steps) spanning a log axis of test errors in %."""
+    lo, hi = float(errors.min()), float(errors.max())
+    ticks = [m * 10.0 ** e for e in range(-2, 3) for m in (1, 1.5, 2, 3, 5, 7)]
+    return [t for t in ticks if lo / 1.3 <= t <= hi * 1.3] or [round(lo, 2)]
+
+
 def plot_confusion(plt, dataset: str, r: dict, out: Path) -> Path:
-    """confusion_<dataset>.png: the test confusion matrix of the dataset's best model."""
+    """confusion_<dataset>.png: the test confusion matrix of one run of the dataset's best model."""
     from sklearn.metrics import ConfusionMatrixDisplay
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
     ConfusionMatrixDisplay(r["test"]["confusion_matrix"], display_labels=r["classes"]).plot(
         ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45)
-    ax.set_title(f"{record_label(r)}: {r['model_display_name']} (best on validation), "
-                 f"test accuracy {r['test']['accuracy']:.2%}")
+    ax.set_title(f"{record_label(r)}: {r['model_display_name']} (best on validation)\n"
+                 f"seed {r['config'].get('seed', 0)}, test accuracy {r['test']['accuracy']:.2%}",
+                 fontsize=10)
     fig.tight_layout()
     return _figure(plt, out / f"confusion_{dataset}.png", fig)
 
 
 def plot_misclassified(plt, dataset: str, r: dict, out: Path, columns: int = 8) -> Path | None:
-    """misclassified_<dataset>.png: the best model's most confident test mistakes, each with its
-    true class, the predicted class and the softmax probability given to it."""
+    """misclassified_<dataset>.png: one run's most confident test mistakes (the best model's),
+    each with its true class, the predicted class and the softmax probability given to it."""
     wrong = r["test"].get("misclassified")
     if wrong is None or not len(wrong["index"]):
         return None
     n, classes = len(wrong["index"]), r["classes"]
     rows = math.ceil(n / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.7 * columns, 2.1 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.7 * columns, 2.1 * rows + 0.8), squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k >= n:
@@ -1800,17 +2095,21 @@ def plot_misclassified(plt, dataset: str, r: dict, out: Path, columns: int = 8) 
         ax.set_title(f"true: {classes[wrong['true'][k]]}\npred: {classes[wrong['predicted'][k]]}"
                      f" ({wrong['confidence'][k]:.0%})", fontsize=7.5)
     errors = int(r["test"]["n_images"] - np.trace(r["test"]["confusion_matrix"]))
+    smoothing = r.get("config", {}).get("label_smoothing", RECIPE["label_smoothing"])
+    cap = 1 - smoothing + smoothing / len(classes)
     fig.suptitle(f"{record_label(r)}: the {n} most confident of {r['model_display_name']}'s {errors} "
-                 f"test mistakes (label smoothing 0.1 trains it toward 91% on the right class)",
-                 fontsize=10)
+                 f"test mistakes (seed {r['config'].get('seed', 0)})\nlabel smoothing {smoothing:g} "
+                 f"trains the network to give the right class {cap:.0%}, so confidences sit near "
+                 f"{cap:.0%} at most", fontsize=10)
     fig.tight_layout()
     return _figure(plt, out / f"misclassified_{dataset}.png", fig)
 
 
-def make_plots(results: dict, results_dir: Path) -> list:
+def make_plots(runs: dict, summary: dict, results_dir: Path) -> list:
     """Save PNGs under results_dir/cnn/plots and return their paths: per-dataset curves, test error
-    bars, accuracy against cost, and the best model's confusion matrix and confident mistakes per
-    dataset. Figures of a dataset's earlier best model are removed first, so none goes stale."""
+    bars, error against cost, and the best model's confusion matrix and confident mistakes (its
+    lowest seed) per dataset. Figures of a dataset's earlier best model are removed first, so none
+    goes stale."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1819,47 +2118,52 @@ def make_plots(results: dict, results_dir: Path) -> list:
     out.mkdir(parents=True, exist_ok=True)
     for old in (*out.glob("confusion_*.png"), *out.glob("misclassified_*.png")):
         old.unlink()
-    paths = plot_curves(plt, results, out)
-    rows, best = [r for r in summary_rows(results) if r["status"] == "ok"], best_models(results)
+    paths = plot_curves(plt, runs, out)
+    rows = [r for r in pair_rows(runs, summary) if r["n_seeds"]]
     if rows:
-        notes = {d: budget_note(by_model) for d, by_model in results.items()}
-        paths += [plot_test_metrics(plt, rows, best, out, notes), plot_cost(plt, rows, best, out, notes)]
-    for dataset, model in best.items():
-        paths.append(plot_confusion(plt, dataset, results[dataset][model], out))
-        paths.append(plot_misclassified(plt, dataset, results[dataset][model], out))
+        notes = {d: budget_note(by_model) for d, by_model in runs.items()}
+        paths += [plot_test_metrics(plt, rows, out, notes), plot_cost(plt, rows, out, notes)]
+    for dataset, v in summary.items():
+        if v["best"] is not None:
+            r = runs[dataset][v["best"]][min(v["pairs"][v["best"]]["seeds"])]
+            paths += [plot_confusion(plt, dataset, r, out), plot_misclassified(plt, dataset, r, out)]
     return [p for p in paths if p is not None]
 
 
-def report(results_dir: Path, results: dict | None = None) -> dict:
-    """Rebuild combined pickle, CSV, table and plots from results_dir/cnn/*/*.pkl (or from
-    `results`, already collected from there). Raises ResultsFileError if there are none."""
-    results = collect_results(results_dir) if results is None else results
-    if not results:
+def report(results_dir: Path, runs: dict | None = None) -> dict:
+    """Rebuild the combined pickle, the CSVs, the table and the plots from
+    results_dir/cnn/*/*.pkl (or from `runs`, already collected from there by collect_runs), and
+    return the summary (summarize). Raises ResultsFileError if there are no records."""
+    runs = collect_runs(results_dir) if runs is None else runs
+    if not runs:
         raise ResultsFileError(f"no results under {Path(results_dir) / 'cnn'}: train first "
                                f"(python cnn_project.py)")
-    write_summaries(results, results_dir)
-    print_table(results)
-    plots = make_plots(results, results_dir)
+    summary = summarize(runs)
+    write_summaries(runs, summary, results_dir)
+    print_table(runs, summary)
+    plots = make_plots(runs, summary, results_dir)
     folder = Path(results_dir) / "cnn"
-    print(f"\nfiles:\n  summary: {Path(results_dir) / 'cnn_results.pkl'} (every record), "
-          f"{Path(results_dir) / 'cnn_summary.csv'} (the table)")
-    for dataset, by_model in results.items():
-        weights = sum(bool(r.get("weights")) for r in by_model.values())
-        print(f"  {dataset}: {_count(len(by_model), 'record')} (<model>.pkl), "
-              f"{_count(weights, 'weights file')} (<model>.safetensors) in {folder / dataset}")
+    print(f"\nfiles:\n  summary: {Path(results_dir) / 'cnn_results.pkl'} (every record, the spread "
+          f"and verdicts), {Path(results_dir) / 'cnn_summary.csv'} (a row per model), "
+          f"{Path(results_dir) / 'cnn_runs.csv'} (a row per run)")
+    for dataset, by_model in runs.items():
+        records = records_of(by_model)
+        weights = sum(bool(r.get("weights")) for r in records)
+        print(f"  {dataset}: {_count(len(records), 'record')} (<model>.pkl, <model>.seed<k>.pkl), "
+              f"{_count(weights, 'weights file')} (.safetensors) in {folder / dataset}")
     for p in plots:
         print(f"  plot: {p}")
-    return results
+    return summary
 
 
 # =============================================================================================
 # PREDICT (a user's own image through the kept weights)
 # =============================================================================================
 
-def pair_spec(results_dir: Path, dataset: str, model: str) -> DatasetSpec:
-    """The DatasetSpec a finished pair was trained with: from its record (an image folder's
+def pair_spec(results_dir: Path, dataset: str, model: str, seed: int = 0) -> DatasetSpec:
+    """The DatasetSpec a finished run was trained with: from its record (an image folder's
     classes, size and statistics), else the built-in dataset's. Raises ResultsFileError."""
-    record = result_path(results_dir, dataset, model)
+    record = result_path(results_dir, dataset, model, seed)
     if record.exists():
         return spec_of(load_result(record))
     if dataset not in DATASETS:
@@ -1867,17 +2171,17 @@ def pair_spec(results_dir: Path, dataset: str, model: str) -> DatasetSpec:
     return DATASETS[dataset]
 
 
-def load_trained(results_dir: Path, dataset: str, model: str) -> nn.Module:
-    """Rebuild a finished pair's network from its safetensors weights, in eval mode on the CPU.
+def load_trained(results_dir: Path, dataset: str, model: str, seed: int = 0) -> nn.Module:
+    """Rebuild a finished run's network from its safetensors weights, in eval mode on the CPU.
     Raises ResultsFileError (one line) when the weights are missing or unreadable."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    path = weights_path(results_dir, dataset, model)
+    path = weights_path(results_dir, dataset, model, seed)
     if not path.exists():
         raise ResultsFileError(f"no trained weights at {path}: train that pair first (python "
                                f"cnn_project.py --models {model} --datasets {dataset}), or point "
                                f"--results-dir at a folder that has them")
-    spec = pair_spec(results_dir, dataset, model)
+    spec = pair_spec(results_dir, dataset, model, seed)
     try:
         state = load_file(path)
         with open(path, "rb") as f:  # the header's metadata: how the network was built
@@ -1941,32 +2245,57 @@ def prepare_image(path: str, spec: DatasetSpec) -> torch.Tensor:
     return torch.from_numpy(canvas.round().clip(0, 255).astype(np.uint8))[None, None]
 
 
-def predict(args: argparse.Namespace) -> list:
-    """Print the top-3 classes (softmax probabilities) of each --predict image under one dataset's
-    model: --models NAME, or the validation-chosen best of --results-dir. Returns
-    [(path, [(class, probability), ...])]. Raises ValueError / ResultsFileError (one line)."""
+def confidence_verdict(top_probability: float, rule: dict | None) -> str:
+    """How sure one prediction is, by the record's validation-chosen rule (confidence_threshold):
+    'confident' at or above the threshold, else a 'LOW CONFIDENCE' line saying why; records
+    written before the rule existed say that they cannot judge."""
+    if not rule:
+        return ("confidence not judged: this record has no validation threshold (trained by an "
+                "older version; --force retrains it)")
+    level = f"{rule['threshold']:.1%}, the top probability {1 - rule['quantile']:.0%} of validation images reach"
+    if top_probability >= rule["threshold"]:
+        return f"confident (at or above {level})"
+    return (f"LOW CONFIDENCE: below {level}; the image may show none of the classes, or not look "
+            f"like the training images: do not trust this answer")
+
+
+def predict_run(results_dir: Path, dataset: str, models: list) -> tuple:
+    """(model, seed, record) whose weights --predict uses: the one model named, or the dataset's
+    best on validation (mean over seeds), at its lowest seed that kept weights. Raises
+    ResultsFileError (one line) when there is no such run."""
+    runs = {dataset: collect_runs(results_dir).get(dataset, {})}
+    model = models[0] if len(models) == 1 else best_models(runs).get(dataset)
+    if model is None:
+        raise ResultsFileError(f"no finished {dataset} records in {Path(results_dir) / 'cnn'}: "
+                               f"train first, or name the model with --model")
+    seeds = [s for s, r in sorted(runs[dataset].get(model, {}).items()) if r.get("weights")]
+    seed = seeds[0] if seeds else 0  # none: load_trained says which file is missing
+    record = runs[dataset].get(model, {}).get(seed)
+    return model, seed, record
+
+
+def predict(args: argparse.Namespace, top_k: int = 3) -> list:
+    """Print the top-k classes (softmax probabilities) of each --predict image under one dataset's
+    model (--models NAME, or the validation-chosen best of --results-dir) and whether the answer is
+    confident by the run's validation-chosen rule (confidence_verdict). Returns
+    [(path, [(class, probability), ...], verdict)]. Raises ValueError / ResultsFileError (one line)."""
     if len(args.datasets) != 1:
         raise ValueError("--predict needs one dataset: --dataset mnist | fashion_mnist | cifar10")
     dataset = args.datasets[0]
-    if len(args.models) == 1:
-        model = args.models[0]
-    else:
-        best = best_models({dataset: {m: load_result(result_path(args.results_dir, dataset, m))
-                                      for m in MODELS_REGISTRY
-                                      if result_path(args.results_dir, dataset, m).exists()}})
-        if dataset not in best:
-            raise ResultsFileError(f"no finished {dataset} records in {Path(args.results_dir) / 'cnn'}: "
-                                   f"train first, or name the model with --model")
-        model = best[dataset]
-    net, spec = load_trained(args.results_dir, dataset, model), pair_spec(args.results_dir, dataset, model)
-    print(f"{dataset} / {MODELS_REGISTRY[model][0]} ({weights_path(args.results_dir, dataset, model)})")
+    model, seed, record = predict_run(args.results_dir, dataset, args.models)
+    net = load_trained(args.results_dir, dataset, model, seed)
+    spec = pair_spec(args.results_dir, dataset, model, seed)
+    print(f"{dataset} / {MODELS_REGISTRY[model][0]}, seed {seed} "
+          f"({weights_path(args.results_dir, dataset, model, seed)})")
+    rule = (record or {}).get("confidence_threshold")
     out = []
     for path in args.predict:
         with torch.no_grad():
             probs = net(normalize(prepare_image(path, spec), spec)).float().softmax(1)[0]
-        top = [(spec.classes[i], float(probs[i])) for i in probs.argsort(descending=True)[:3]]
-        print(f"{path}: " + ", ".join(f"{c} {p:.1%}" for c, p in top), flush=True)
-        out.append((path, top))
+        top = [(spec.classes[i], float(probs[i])) for i in probs.argsort(descending=True)[:top_k]]
+        verdict = confidence_verdict(top[0][1], rule)
+        print(f"{path}: " + ", ".join(f"{c} {p:.1%}" for c, p in top) + f"\n  {verdict}", flush=True)
+        out.append((path, top, verdict))
     return out
 
 
@@ -2029,7 +2358,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--results-dir", default="./results",
                    help="records, weights, checkpoints and plots go to <this>/cnn; the committed "
                         "reference run is in results/reference_cpu")
-    p.add_argument("--seed", type=int, default=0, help="seeds the split, the weights and the batches")
+    p.add_argument("--seed", type=int, help="one seed for the validation split, the weights and the "
+                   "batches (default 0)")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="N",
+                   help="train every pair once per seed, for the spread over seeds and paired tests: "
+                        "one number N means seeds 0..N-1, several numbers are the seeds; each seed's "
+                        "run keeps its own record (<model>.pkl for seed 0, <model>.seed<k>.pkl)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: the GPU when CUDA sees one, else the CPU")
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "no"), default="auto",
@@ -2046,7 +2380,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="classify your own PNG/JPG images with a trained pair's weights: top-3 "
                         "classes; with --dataset NAME and optionally --model NAME (default: the "
                         "best on validation)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars; they are drawn only on a terminal anyway, and a log gets "
+                        "one line per epoch")
     args = p.parse_args(argv)
     unknown = [n for n in args.models if n not in MODELS_REGISTRY]
     if unknown:
@@ -2069,27 +2405,41 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.width is not None and args.width <= 0:
         p.error("--width must be positive")
+    if args.seeds is not None and args.seed is not None:
+        p.error("give --seed or --seeds, not both")
+    if args.seeds is not None and (min(args.seeds) < 0 or args.seeds == [0]):
+        p.error("--seeds takes a count N >= 1 (seeds 0..N-1) or a list of seeds >= 0")
+    args.seed_list = (list(range(args.seeds[0])) if args.seeds and len(args.seeds) == 1
+                      else sorted(set(args.seeds)) if args.seeds else [args.seed or 0])
+    args.seed = args.seed_list[0]
+    args.progress = not args.no_progress and sys.stderr.isatty()  # bars would fill a log file
     return args
 
 
-def wants_training(args: argparse.Namespace, dataset: str, model: str, settings: dict, log) -> bool:
-    """Whether a pair trains: not when its record has these very settings (unless --force). Says
+def run_name(dataset: str, model: str, seed: int) -> str:
+    """How the log names one run: 'mnist/resnet', and 'mnist/resnet seed 2' for seeds other than 0."""
+    return f"{dataset}/{model}" + (f" seed {seed}" if seed else "")
+
+
+def wants_training(args: argparse.Namespace, dataset: str, model: str, seed: int, settings: dict,
+                   log) -> bool:
+    """Whether a run trains: not when its record has these very settings (unless --force). Says
     in one line what happens to an existing record or checkpoint. A corrupt record raises
     ResultsFileError naming it (and is kept)."""
-    path = result_path(args.results_dir, dataset, model)
-    ckpt = checkpoint_path(args.results_dir, dataset, model)
+    path = result_path(args.results_dir, dataset, model, seed)
+    ckpt = checkpoint_path(args.results_dir, dataset, model, seed)
+    name = run_name(dataset, model, seed)
     if path.exists():
         old = settings_of(load_result(path))
         if old == settings and not args.force:
-            log(f"{dataset}/{model}: finished earlier with these settings ({path}), skipped "
-                f"(--force retrains)")
+            log(f"{name}: finished earlier with these settings ({path}), skipped (--force retrains)")
             return False
         why = "--force" if old == settings else f"its record has other settings ({settings_diff(old, settings)})"
-        log(f"{dataset}/{model}: {why}: training; the old record will move to "
+        log(f"{name}: {why}: training; the old record will move to "
             f"{path.parent / 'superseded'}/ when the new one is written")
     if args.force and ckpt.exists() and is_main_process():
         ckpt.unlink()
-        log(f"{dataset}/{model}: --force: its checkpoint is deleted, training starts at epoch 1")
+        log(f"{name}: --force: its checkpoint is deleted, training starts at epoch 1")
     return True
 
 
@@ -2097,17 +2447,17 @@ def finish_pair(args, record: dict, best_state: dict | None, log) -> None:
     """Main process: keep the old record (superseded/), write the weights, then the record (the
     pair's 'done' mark), then delete the checkpoint. A kill between any two steps loses nothing: the
     rerun resumes from the checkpoint, or finds the finished record."""
-    dataset, model = record["dataset"], record["model"]
-    path = result_path(args.results_dir, dataset, model)
-    kept = supersede(args.results_dir, dataset, model)
+    dataset, model, seed = record["dataset"], record["model"], record["config"]["seed"]
+    path = result_path(args.results_dir, dataset, model, seed)
+    kept = supersede(args.results_dir, dataset, model, seed)
     if kept:
-        log(f"{dataset}/{model}: the old record is kept as {kept}")
+        log(f"{run_name(dataset, model, seed)}: the old record is kept as {kept}")
     record["weights"] = None
     if best_state is not None:
-        record["weights"] = weights_path(args.results_dir, dataset, model).name
-        save_weights(weights_path(args.results_dir, dataset, model), best_state, record)
+        record["weights"] = weights_path(args.results_dir, dataset, model, seed).name
+        save_weights(weights_path(args.results_dir, dataset, model, seed), best_state, record)
     save_pickle(record, path)
-    checkpoint_path(args.results_dir, dataset, model).unlink(missing_ok=True)
+    checkpoint_path(args.results_dir, dataset, model, seed).unlink(missing_ok=True)
 
 
 def is_main_process() -> bool:
@@ -2145,27 +2495,28 @@ class GridProgress:
 
     def __init__(self, plan: dict, subset: int | None, measured_preset: bool, log):
         share = min(1.0, subset / 55_000) if subset else 1.0
-        self.estimate = {(d, m): SECONDS_PER_EPOCH.get(m, 60) * s["epochs"] * share  # unmeasured: 60
-                         for d, todo in plan.items() for m, s in todo.items()}
+        self.estimate = {(d, m, seed): SECONDS_PER_EPOCH.get(m, 60) * s["epochs"] * share  # unmeasured: 60
+                         for d, by_seed in plan.items() for seed, todo in by_seed.items()
+                         for m, s in todo.items()}
         self.left = dict(self.estimate)
         self.done_estimate = self.done_seconds = 0.0
         self.prior = self.PRIOR_SECONDS if measured_preset else 0.0
         self.start_time, self.count, self.log = time.perf_counter(), 0, log
 
-    def start(self, dataset: str, model: str, settings: dict) -> None:
-        """Log the line for the pair about to train."""
+    def start(self, dataset: str, model: str, seed: int, settings: dict) -> None:
+        """Log the line for the run about to train."""
         self.count += 1
         evidence = self.done_estimate + self.prior  # seconds of estimate checked against the clock
         eta = ("after the first pair" if not evidence else _duration(
             (self.done_seconds + self.prior) / evidence * sum(self.left.values())))
         epochs = f"{settings['epochs']} epoch{'s' * (settings['epochs'] != 1)}"
-        self.log(f"[pair {self.count}/{len(self.estimate)}] {dataset}/{model}: {epochs} at width "
+        self.log(f"[run {self.count}/{len(self.estimate)}] {run_name(dataset, model, seed)}: {epochs} at width "
                  f"{settings['width']:g} | elapsed {_duration(time.perf_counter() - self.start_time)}"
                  f" | grid ETA {eta}", flush=True)
 
-    def finish(self, dataset: str, model: str, seconds: float | None) -> None:
-        """Record a pair as done (seconds: how long it took) or dropped (None)."""
-        estimate = self.left.pop((dataset, model))
+    def finish(self, dataset: str, model: str, seed: int, seconds: float | None) -> None:
+        """Record a run as done (seconds: how long it took) or dropped (None)."""
+        estimate = self.left.pop((dataset, model, seed))
         if seconds is not None:
             self.done_estimate += estimate
             self.done_seconds += seconds
@@ -2173,40 +2524,42 @@ class GridProgress:
 
 def plan_grid(args: argparse.Namespace, accelerator, preset_name: str, cfg: dict,
               log) -> tuple[dict, dict]:
-    """({dataset: {model: settings}} of the requested pairs that will train, {dataset: its image
-    folder's listing or None}, kept so the folder is listed once per run); wants_training logs why
-    for each pair. Also removes the half-written temp files of a killed run."""
+    """({dataset: {seed: {model: settings}}} of the requested runs that will train, {(dataset,
+    seed): its image folder's listing or None}, kept so a folder is listed once per seed);
+    wants_training logs why for each run. Also removes the half-written temp files of a killed run."""
     plan, listings = {}, {}
     for dataset in args.datasets:
-        try:
-            listings[dataset] = data_listing(args.specs[dataset], args.data_dir, args.image_size,
-                                             args.seed)
-            identity = data_identity(args.specs[dataset], args.data_dir, args.image_size,
-                                     args.seed, listings[dataset])
-        except DatasetUnavailable:
-            identity = "unavailable"  # run_grid says why when it tries to read it
         if accelerator.is_main_process:
             for tmp in (Path(args.results_dir) / "cnn" / dataset).glob("*.tmp"):
                 tmp.unlink()
-        for model in args.models:
-            epochs, width = budget(preset_name, dataset, model)
-            settings = run_settings(model, dataset, args.epochs or epochs, args.width or width, cfg,
-                                    args.seed, str(accelerator.mixed_precision), preset_name,
-                                    args.subset, identity)
-            if wants_training(args, dataset, model, settings, log):
-                plan.setdefault(dataset, {})[model] = settings
+        for seed in args.seed_list:
+            try:
+                listings[dataset, seed] = data_listing(args.specs[dataset], args.data_dir,
+                                                       args.image_size, seed)
+                identity = data_identity(args.specs[dataset], args.data_dir, args.image_size,
+                                         seed, listings[dataset, seed])
+            except DatasetUnavailable:
+                identity = "unavailable"  # run_grid says why when it tries to read it
+            for model in args.models:
+                epochs, width = budget(preset_name, dataset, model)
+                settings = run_settings(model, dataset, args.epochs or epochs, args.width or width,
+                                        cfg, seed, str(accelerator.mixed_precision), preset_name,
+                                        args.subset, identity)
+                if wants_training(args, dataset, model, seed, settings, log):
+                    plan.setdefault(dataset, {}).setdefault(seed, {})[model] = settings
     accelerator.wait_for_everyone()  # --force deletions are seen by every process
     return plan, listings
 
 
 def train_pair(args, accelerator, spec: DatasetSpec, data: Splits, model: str, settings: dict,
                cfg: dict, why: str, log) -> dict:
-    """Train (or resume) one pair, write its record and weights (main process), return the record."""
-    t0 = time.perf_counter()
+    """Train (or resume) one run (a model on a dataset with one seed), write its record and
+    weights (main process), return the record."""
+    t0, seed = time.perf_counter(), settings["seed"]
     record, best_state = train_one(
-        model, spec, data, settings["epochs"], settings["width"], cfg, accelerator, args.seed,
-        show_progress=not args.no_progress, settings=settings,
-        checkpoint=checkpoint_path(args.results_dir, spec.name, model))
+        model, spec, data, settings["epochs"], settings["width"], cfg, accelerator, seed,
+        show_progress=args.progress, settings=settings,
+        checkpoint=checkpoint_path(args.results_dir, spec.name, model, seed))
     record["wall_time_s"] = time.perf_counter() - t0  # this process's share, if resumed
     record["finished_utc"] = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     record["config"] = dict(settings, device=str(accelerator.device), channels_last=True,
@@ -2220,9 +2573,9 @@ def train_pair(args, accelerator, spec: DatasetSpec, data: Splits, model: str, s
         finish_pair(args, record, best_state, log)
     accelerator.wait_for_everyone()  # the next pair's skip check sees this file on all
     test = record["test"]
-    log(f"{spec.name}/{model}: {record['status']}"
+    log(f"{run_name(spec.name, model, seed)}: {record['status']}"
         + (f", test accuracy {test['accuracy']:.2%}" if test else "")
-        + f", {record['wall_time_s']:.0f} s -> {result_path(args.results_dir, spec.name, model)}",
+        + f", {record['wall_time_s']:.0f} s -> {result_path(args.results_dir, spec.name, model, seed)}",
         flush=True)
     return record
 
@@ -2251,32 +2604,33 @@ def run_grid(args: argparse.Namespace) -> dict:
     plan, listings = plan_grid(args, accelerator, preset_name, cfg, log)
     grid = GridProgress(plan, args.subset, preset_name == "cpu", log)
     unavailable = []
-    for dataset, todo in plan.items():
-        try:
-            data = load_splits(args.specs[dataset], args.data_dir, args.seed, cfg["val_size"],
-                               args.subset, accelerator.device, args.image_size, args.cache_dir,
-                               not args.no_progress, listings.get(dataset))
-        except DatasetUnavailable as err:  # go on with the other datasets, fail at the end
-            if accelerator.is_main_process:
-                print(f"error: {err}", file=sys.stderr, flush=True)
-            unavailable.append(dataset)
-            for model in todo:
-                grid.finish(dataset, model, None)
-            continue
-        spec = data.spec
-        log(f"{dataset} ({data_label(spec, data.source)}, {_where(data.source)}): "
-            f"{len(data.train_y)} train / {len(data.val_y)} validation / {len(data.test_y)} test "
-            f"images of {spec.in_channels}x{spec.image_size}x{spec.image_size}, "
-            f"{len(spec.classes)} classes", flush=True)
-        for model, settings in todo.items():
-            grid.start(dataset, model, settings)
-            record = train_pair(args, accelerator, spec, data, model, settings, cfg, why, log)
-            grid.finish(dataset, model, record["wall_time_s"])
-    results = collect_results(args.results_dir)
+    for dataset, by_seed in plan.items():
+        for seed, todo in by_seed.items():
+            try:
+                data = load_splits(args.specs[dataset], args.data_dir, seed, cfg["val_size"],
+                                   args.subset, accelerator.device, args.image_size, args.cache_dir,
+                                   args.progress, listings.get((dataset, seed)))
+            except DatasetUnavailable as err:  # go on with the other datasets, fail at the end
+                if accelerator.is_main_process and dataset not in unavailable:
+                    print(f"error: {err}", file=sys.stderr, flush=True)
+                unavailable.append(dataset)
+                for model in todo:
+                    grid.finish(dataset, model, seed, None)
+                continue
+            spec = data.spec
+            log(f"{dataset} ({data_label(spec, data.source)}, {_where(data.source)}), seed {seed}: "
+                f"{len(data.train_y)} train / {len(data.val_y)} validation / {len(data.test_y)} "
+                f"test images of {spec.in_channels}x{spec.image_size}x{spec.image_size}, "
+                f"{len(spec.classes)} classes", flush=True)
+            for model, settings in todo.items():
+                grid.start(dataset, model, seed, settings)
+                record = train_pair(args, accelerator, spec, data, model, settings, cfg, why, log)
+                grid.finish(dataset, model, seed, record["wall_time_s"])
+    results = collect_runs(args.results_dir)
     if results and accelerator.is_main_process:
         report(args.results_dir, results)
     if unavailable:
-        raise DatasetUnavailable(f"not trained, dataset unavailable: {', '.join(unavailable)} "
+        raise DatasetUnavailable(f"not trained, dataset unavailable: {', '.join(dict.fromkeys(unavailable))} "
                                  f"(see the message above)")
     return results
 

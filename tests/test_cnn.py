@@ -33,11 +33,11 @@ RECORD_KEYS = {"format", "model", "model_display_name", "dataset", "status", "fa
                "history", "best_epoch", "best_val_accuracy", "params", "train_time_s",
                "throughput_img_s", "target_val_accuracy", "time_to_target_s", "test", "classes",
                "wall_time_s", "config", "versions", "weights", "finished_utc", "macs_per_image",
-               "train_flops_per_image", "train_flops"}
+               "train_flops_per_image", "train_flops", "confidence_threshold"}
 HISTORY_KEYS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
                 "epoch_time_s"}
 TEST_KEYS = {"loss", "accuracy", "precision", "recall", "f1", "n_images", "confusion_matrix",
-             "per_class_accuracy", "predictions", "confidence", "misclassified"}
+             "per_class_accuracy", "labels", "predictions", "confidence", "misclassified"}
 
 
 # Every torchvision download fails at once, as offline (conftest.no_downloads).
@@ -377,6 +377,10 @@ def test_tiny_run_records_cost_and_what_each_network_gets_wrong(tiny_run):
         assert r["train_flops"] == r["train_flops_per_image"] * 256  # 1 step of 256 images
         t, matrix = r["test"], r["test"]["confusion_matrix"]
         assert t["predictions"].dtype == np.int8 and t["predictions"].shape == (300,)
+        assert np.array_equal(t["labels"], data.test_y.numpy()) and t["labels"].dtype == np.int8
+        rule = r["confidence_threshold"]  # chosen on the 300 validation images, never on test
+        assert rule["rule"] == "max softmax probability" and rule["n_images"] == 300
+        assert 0 < rule["threshold"] < 1 and rule["quantile"] == cp.OOD_VAL_QUANTILE
         assert np.array_equal(matrix, np.histogram2d(data.test_y.numpy(), t["predictions"],
                                                      bins=(range(11), range(11)))[0])
         assert np.allclose(t["per_class_accuracy"], matrix.diagonal() / matrix.sum(1))
@@ -410,13 +414,21 @@ def test_tiny_run_writes_summaries_and_plots(tiny_run):
     with open(results / "cnn_results.pkl", "rb") as f:
         combined = pickle.load(f)
     assert set(combined["results"]["mnist"]) == {"lenet5", "resnet"}
+    assert set(combined["runs"]["mnist"]["lenet5"]) == {0}
     assert combined["best_by_validation"]["mnist"] in {"lenet5", "resnet"}
+    pairs = combined["summary"]["mnist"]["pairs"]
+    assert {p["verdict"] for p in pairs.values()} & {"best on validation"}
     with open(results / "cnn_summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["model"] for r in rows} == {"LeNet-5", "ResNet-18"}
     assert set(cp.SUMMARY_COLUMNS) == set(rows[0])
-    assert {"macs_per_image", "train_flops", "train_time_s", "throughput_img_s"} <= set(rows[0])
-    assert all(float(r["macs_per_image"]) > 0 and float(r["train_flops"]) > 0 for r in rows)
+    assert {"macs_per_image", "train_flops_mean", "train_time_s_mean", "test_accuracy_std",
+            "verdict", "p_max"} <= set(rows[0])
+    assert all(float(r["macs_per_image"]) > 0 and float(r["train_flops_mean"]) > 0 for r in rows)
+    assert all(r["n_seeds"] == "1" and r["seeds"] == "0" and r["test_accuracy_std"] == "" for r in rows)
+    with open(results / "cnn_runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert len(runs) == 2 and set(cp.RUN_COLUMNS) == set(runs[0])
     plots = results / "cnn" / "plots"
     for name in ("curves_mnist.png", "test_metrics.png", "cost_accuracy.png", "confusion_mnist.png",
                  "misclassified_mnist.png"):
@@ -438,11 +450,12 @@ def test_plots_start_bars_at_zero_mark_the_best_and_leave_nothing_stale(tiny_run
         return save(plt, path, fig)
 
     monkeypatch.setattr(cp, "_figure", keep)
-    written = cp.make_plots(cp.collect_results(copy), copy)
+    runs = cp.collect_runs(copy)
+    written = cp.make_plots(runs, cp.summarize(runs), copy)
     assert not stale.exists() and all(p.exists() for p in written)
-    best = cp.MODELS_REGISTRY[cp.best_models(cp.collect_results(copy))["mnist"]][0]
+    best = cp.MODELS_REGISTRY[cp.best_models(runs)["mnist"]][0]
     (ylim, ticks, _), = figures["test_metrics.png"]
-    assert ylim[0] == 0 and f"{best} *" in ticks and sum("*" in t for t in ticks) == 1
+    assert ylim[0] == 0 and f"* {best}" in ticks and sum("*" in t for t in ticks) == 1
     cost_axes = figures["cost_accuracy.png"]
     assert len(cost_axes) == 2
     assert all(labels == [f"best on validation: {best}"] for _, _, labels in cost_axes)
@@ -454,25 +467,26 @@ def test_grid_progress_eta_rescales_with_measured_pairs():
     def log(line, flush=False):
         lines.append(line)
 
-    plan = {"mnist": {"lenet5": {"epochs": 10, "width": 1.0}, "vgg": {"epochs": 5, "width": 0.25}}}
+    todo = {"lenet5": {"epochs": 10, "width": 1.0}, "vgg": {"epochs": 5, "width": 0.25}}
+    plan = {"mnist": {0: todo}}
     grid = cp.GridProgress(plan, None, True, log)
     first = cp.SECONDS_PER_EPOCH["lenet5"] * 10 + cp.SECONDS_PER_EPOCH["vgg"] * 5
-    grid.start("mnist", "lenet5", plan["mnist"]["lenet5"])
-    assert lines[-1].startswith("[pair 1/2] mnist/lenet5: 10 epochs at width 1")
+    grid.start("mnist", "lenet5", 0, todo["lenet5"])
+    assert lines[-1].startswith("[run 1/2] mnist/lenet5: 10 epochs at width 1")
     assert lines[-1].endswith(f"grid ETA {cp._duration(first)}")
     lenet = cp.SECONDS_PER_EPOCH["lenet5"] * 10
-    grid.finish("mnist", "lenet5", 2 * lenet)  # this machine: 2x slower than the table
-    grid.start("mnist", "vgg", plan["mnist"]["vgg"])
-    assert lines[-1].startswith("[pair 2/2]")
+    grid.finish("mnist", "lenet5", 0, 2 * lenet)  # this machine: 2x slower than the table
+    grid.start("mnist", "vgg", 0, todo["vgg"])
+    assert lines[-1].startswith("[run 2/2]")
     prior = cp.GridProgress.PRIOR_SECONDS  # the table's own weight as evidence
     scale = (2 * lenet + prior) / (lenet + prior)
     assert 1 < scale < 2
     assert lines[-1].endswith(f"grid ETA {cp._duration(scale * cp.SECONDS_PER_EPOCH['vgg'] * 5)}")
     unmeasured = cp.GridProgress(plan, 5500, False, log)  # e.g. the gpu preset
-    unmeasured.start("mnist", "lenet5", plan["mnist"]["lenet5"])
+    unmeasured.start("mnist", "lenet5", 0, todo["lenet5"])
     assert lines[-1].endswith("grid ETA after the first pair")
-    unmeasured.finish("mnist", "lenet5", 3 * lenet / 10)  # subset 5,500: a tenth of the images
-    unmeasured.start("mnist", "vgg", plan["mnist"]["vgg"])  # no prior: 3x the table, exactly
+    unmeasured.finish("mnist", "lenet5", 0, 3 * lenet / 10)  # subset 5,500: a tenth of the images
+    unmeasured.start("mnist", "vgg", 0, todo["vgg"])  # no prior: 3x the table, exactly
     assert lines[-1].endswith(f"grid ETA {cp._duration(3 * cp.SECONDS_PER_EPOCH['vgg'] * 5 / 10)}")
 
 
@@ -494,7 +508,7 @@ def test_report_works_from_pickles_alone(tiny_run, tmp_path, capsys):
     shutil.copytree(results / "cnn", copy / "cnn", ignore=shutil.ignore_patterns("plots"))
     assert cp.main(["--report", "--results-dir", str(copy), "--data-dir", str(tmp_path / "none")]) == 0
     out = capsys.readouterr().out
-    assert "LeNet-5" in out and "ResNet-18" in out and "best model" in out
+    assert "LeNet-5" in out and "ResNet-18" in out and "best on validation" in out
     assert (copy / "cnn" / "plots" / "curves_mnist.png").exists()
     assert (copy / "cnn_summary.csv").exists()
 
@@ -538,7 +552,7 @@ def test_nan_loss_is_reported_as_failed_and_grid_goes_on(cifar_root, tmp_path, m
     assert failed["status"] == "failed" and "nan" in failed["failure_reason"].lower()
     assert failed["test"] is None
     assert cp.load_result(cp.result_path(res, "cifar10", "lenet5"))["status"] == "ok"
-    assert cp.best_models(cp.collect_results(res)) == {"cifar10": "lenet5"}
+    assert cp.best_models(cp.collect_runs(res)) == {"cifar10": "lenet5"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -640,7 +654,7 @@ def test_reference_records_hold_cost_and_mistakes_and_its_best_weights_predict(t
     if not (SHARED_DATA / "MNIST" / "raw").is_dir():
         pytest.skip("real MNIST not found in ../shared/data")
     from PIL import Image
-    for dataset, model in cp.best_models(results).items():
+    for dataset, model in cp.best_models(cp.collect_runs(reference)).items():
         assert cp.weights_path(reference, dataset, model).is_file(), (dataset, model)
         if dataset == "cifar10":
             continue  # below, on the JPEG files themselves
@@ -652,8 +666,10 @@ def test_reference_records_hold_cost_and_mistakes_and_its_best_weights_predict(t
         predicted = cp.predict(cp.parse_args(["--predict", *map(str, paths), "--dataset", dataset,
                                               "--results-dir", str(reference)]))
         classes = cp.DATASETS[dataset].classes
-        right = sum(top[0][0] == classes[int(y)] for (_, top), y in zip(predicted, data.test_y))
+        right = sum(top[0][0] == classes[int(y)] for (_, top, _), y in zip(predicted, data.test_y))
         assert right >= 17, (dataset, right)  # the test set's first 20 images, 99.5% / 93% models
+        confident = sum(verdict.startswith("confident") for _, _, verdict in predicted)
+        assert confident >= 15, (dataset, confident)  # the low-confidence rule is not always on
     copy = SHARED_DATA / "CIFAR10-JPEG" / "test"
     if not copy.is_dir():
         pytest.skip("the CIFAR-10 JPEG copy is not in ../shared/data")
@@ -661,19 +677,20 @@ def test_reference_records_hold_cost_and_mistakes_and_its_best_weights_predict(t
     paths = [copy / name / f"{i:04d}.jpg" for name in classes for i in range(4)]  # 40 test images
     predicted = cp.predict(cp.parse_args(["--predict", *map(str, paths), "--dataset", "cifar10",
                                           "--results-dir", str(reference)]))
-    right = sum(top[0][0] == path.parent.name for (_, top), path in zip(predicted, paths))
-    best = results["cifar10"][cp.best_models(results)["cifar10"]]["test"]["accuracy"]
+    right = sum(top[0][0] == path.parent.name for (_, top, _), path in zip(predicted, paths))
+    best = results["cifar10"][cp.best_models(cp.collect_runs(reference))["cifar10"]]["test"]["accuracy"]
     assert right >= 0.7 * len(paths), (right, best)  # a model of about 85% on the whole test set
 
 
 def test_mixed_settings_are_named_in_the_table(tiny_run, capsys):
     results, _ = tiny_run
-    collected = cp.collect_results(results)
-    collected["mnist"]["resnet"] = dict(collected["mnist"]["resnet"], config=dict(
-        collected["mnist"]["resnet"]["config"], preset="gpu", precision="fp16"))
-    cp.print_table(collected)
+    runs = cp.collect_runs(results)
+    resnet = runs["mnist"]["resnet"][0]
+    runs["mnist"]["resnet"][0] = dict(resnet, config=dict(resnet["config"], preset="gpu", precision="fp16"))
+    cp.print_table(runs, cp.summarize(runs))
     out = capsys.readouterr().out
-    assert "note: the mnist rows were trained with different precision ('bf16', 'fp16'), " \
+    precision = repr(str(runs["mnist"]["lenet5"][0]["config"]["precision"]))
+    assert f"note: the mnist runs were trained with different precision ({', '.join(sorted([precision, repr('fp16')]))}), " \
            "preset ('cpu', 'gpu')" in out
 
 
@@ -851,7 +868,7 @@ def test_weights_are_kept_and_predict_prints_top3(tiny_run, tmp_path, capsys):
     assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 100.05
     # No --model: the best on validation; its weights are the ones the record points to.
     assert cp.main(["--predict", str(img), "--dataset", "mnist", "--results-dir", str(results)]) == 0
-    best = cp.best_models(cp.collect_results(results))["mnist"]
+    best = cp.best_models(cp.collect_runs(results))["mnist"]
     assert cp.MODELS_REGISTRY[best][0] in capsys.readouterr().out
 
 
