@@ -679,6 +679,7 @@ def make_plots(res, results_dir):
     ax.axvline(res["config"]["max_len"] + 0.5, color="grey", lw=1)
     ax.text(res["config"]["max_len"] + 0.7, 0.03, "unseen lengths →", color="grey", fontsize=8)
     ax.set_xlabel("source length (tokens)"); ax.set_ylabel("accuracy (test sets)"); ax.set_ylim(-0.02, 1.02)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # lengths are whole tokens
     ax.grid(alpha=0.3); ax.legend(fontsize=8); ax.set_title("accuracy vs sequence length")
     save_figure(fig, os.path.join(results_dir, "accuracy_vs_length.png")); plt.close(fig)
     written.append("accuracy_vs_length.png")
@@ -714,12 +715,23 @@ def draw_heatmap(ax, ex, max_train_len=None):
     return im
 
 
+def describe_test_lengths(res):
+    """'lengths 2..10 (drawn from 1..10)': the lengths the test split really holds. Short lengths have few
+    distinct sequences (length 1: vocab_size), so a split can hold none of them."""
+    lo, hi = res["config"]["min_len"], res["config"]["max_len"]
+    counts = res.get("data", {}).get("test_length_counts")
+    present = [L for L, n in enumerate(counts) if n] if counts is not None else []
+    if not present or (present[0], present[-1]) == (lo, hi):
+        return f"lengths {lo}..{hi}"
+    return f"lengths {present[0]}..{present[-1]} (drawn from {lo}..{hi})"
+
+
 def report(res, results_dir, log=print):
     """Print the comparison and length tables and (re)write summary files and plots from a results dict."""
     write_summary(res, results_dir)
     written = make_plots(res, results_dir)
-    log(f"\nTest set (lengths {res['config']['min_len']}..{res['config']['max_len']}, "
-        f"{res['config']['n_test']} sequences, free-running greedy decoding) on {res.get('device')}:\n")
+    log(f"\nTest set ({describe_test_lengths(res)}, {res['config']['n_test']} sequences, free-running greedy decoding) "
+        f"on {res.get('device')}:\n")
     log(comparison_table(res))
     log("\nExact match by source length (beyond max_len: never seen in training):\n")
     log(length_table(res))

@@ -287,3 +287,17 @@ def test_help_describes_every_flag_with_its_default(capsys):
         assert f"(default: {default})" in described, flag
         assert len(described.split("(default:")[0].split(maxsplit=1)[-1]) > 8, flag  # real words
     assert "Adam learning rate (default: 0.003)" in out
+
+
+def test_report_names_the_lengths_the_test_split_really_holds(tmp_path, capsys):
+    """The committed run's test split holds no length-1 sequence (only 10 exist, all drawn into
+    train and validation): the report says 2..10, not the configured 1..10."""
+    with open(os.path.join(ROOT, "results", "seq2seq", "results.pkl"), "rb") as f:
+        res = pickle.load(f)
+    counts = res["data"]["test_length_counts"]
+    assert counts[1] == 0 and counts[2] > 0 and res["config"]["min_len"] == 1
+    assert s2s.describe_test_lengths(res) == "lengths 2..10 (drawn from 1..10)"
+    assert s2s.describe_test_lengths(dict(res, data={})) == "lengths 1..10"  # older pickles: the configured range
+    (tmp_path / "results.pkl").write_bytes(pickle.dumps(res))
+    assert s2s.main(["--report", "--results-dir", str(tmp_path)]) == 0
+    assert "Test set (lengths 2..10 (drawn from 1..10), 1000 sequences" in capsys.readouterr().out
