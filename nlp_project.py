@@ -2629,19 +2629,23 @@ def cli(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="load time, time to first token and tokens/s of a causal LM (greedy); "
                                          "a .gguf file is measured on transformers and on llama.cpp")
     bench.add_argument("--model", default=None, help="Hub id, folder or .gguf (default: local SmolLM2 GGUF)")
-    bench.add_argument("--prompt", default="Write a short story about a robot who learns to paint.")
-    bench.add_argument("--max-new-tokens", type=int, default=64)
-    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--prompt", default="Write a short story about a robot who learns to paint.",
+                       help="the user message, sent through the model's chat template (default: a story request)")
+    bench.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per run (default 64)")
+    bench.add_argument("--repeats", type=int, default=3, help="runs per backend; medians are reported (default 3)")
     bench.add_argument("--backend", choices=["both", "transformers", "llama.cpp"], default="both",
                        help="for a .gguf file: which backend(s) to measure (default both; llama.cpp if installed)")
-    bench.add_argument("--out", default="results/nlp/bench_generation.json")
+    bench.add_argument("--out", default="results/nlp/bench_generation.json",
+                       help="JSON file for the per-run figures (default results/nlp/bench_generation.json)")
     ev = sub.add_parser("eval-sentiment", help="accuracy of by-prompt sentiment on a labelled TSV, plain and "
                                                "calibrated")
     ev.add_argument("--model", default=None, help="causal LM (default: local SmolLM2 GGUF)")
-    ev.add_argument("--data", default=str(Path(__file__).resolve().parent / "results/nlp/sentiment_set.tsv"))
+    ev.add_argument("--data", default=str(Path(__file__).resolve().parent / "results/nlp/sentiment_set.tsv"),
+                    help="TSV of label<TAB>sentence lines (default: the 36 sentences in results/nlp/sentiment_set.tsv)")
     ev.add_argument("--backend", choices=["llama.cpp", "transformers"], default=None,
                     help="for a .gguf file (default: llama.cpp when installed)")
-    ev.add_argument("--out", default="results/nlp/sentiment_by_prompt.json")
+    ev.add_argument("--out", default="results/nlp/sentiment_by_prompt.json",
+                    help="JSON file for accuracies and confusion counts (default results/nlp/sentiment_by_prompt.json)")
     share = sub.add_parser("share", help="serve the app to strangers: sharing mode on 127.0.0.1 plus a cloudflared "
                                          "quick tunnel; prints 'public URL: https://...trycloudflare.com'")
     share.add_argument("--port", type=int, default=8501, help="local port of the app (default 8501)")
