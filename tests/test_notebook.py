@@ -1,17 +1,25 @@
 """colab.ipynb, executed top to bottom on this CPU the way a Colab user runs it, minus the cells tagged
-`colab-only` (install, Drive, cloudflared's download): tiny settings through the NB_* variables its
-`parameters` cell reads, the real MNIST from ../shared/data, results in a temp folder, a stand-in
-`cloudflared` on PATH. Asserts on what the cells show: the precision line, the table, the figures, one
-record opened with pickle, seq2seq's figures, the app's public-URL line in sharing mode, and the
-training cell interrupted in the middle of a pair (as its stop button does) and run again: the finished
-pair is skipped, the other resumes from its checkpoint. Nothing is downloaded."""
+`colab-only` (Drive's mount and flush, cloudflared's download): the documented switch, explained in the
+notebook's first cell. The clone cell runs for real: the working tree is committed into a temp git
+repository and the notebook clones it through a file:// URL (NB_REPO_URL), then installs its
+requirements.txt with pip kept off the network (PIP_NO_INDEX: everything is already installed, so
+torch stays). Tiny settings through the NB_* variables its `parameters` cell reads, the real MNIST from
+the `shared/data` folder beside the checkout, results in a temp folder, a stand-in `cloudflared` on
+PATH. Asserts on what the cells show: the clone, torch kept, the precision line, the table, the
+figures, one record opened with pickle, seq2seq's figures, the app's public-URL line in sharing mode,
+and the training cell interrupted in the middle of a pair (as its stop button does) and run again:
+the finished pair is skipped, the other resumes from its checkpoint. A second, short run leaves
+REPO_URL at its placeholder: the first cell stops with one sentence naming REPO_URL, and git is never
+called. Nothing is downloaded."""
 
 import asyncio
 import copy
 import json
 import os
 import re
+import shutil
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +33,7 @@ pytest.importorskip("ipykernel")
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "colab.ipynb"
 SHARED_DATA = ROOT.parent / "shared" / "data"  # real MNIST in torchvision's layout, beside the checkout
+PLACEHOLDER_URL = "https://github.com/YOUR-GITHUB-USER/YOUR-FORK.git"
 MODELS = ["lenet5", "vgg"]
 FAKE_URL = "https://notebook-test.trycloudflare.com"
 INTERRUPT_AT = "VGG-16-BN / mnist epoch  1/2"
@@ -65,20 +74,26 @@ def images_of(cell) -> int:
 
 
 def test_colab_only_cells_hold_everything_that_needs_colab():
-    """The cells the suite skips are exactly the ones that need Colab (Drive, pip, the tunnel's
-    download), and the parameters cell reads every NB_* variable the suite sets."""
+    """The cells the suite skips are exactly the ones that need Colab (Drive, the tunnel's download);
+    the clone and the pip install are not among them. The first cell explains that switch, and the
+    parameters cell, the first code cell, reads every NB_* variable the suite sets."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
         assert not cell.outputs and cell.execution_count is None  # committed clean
-        needs_colab = re.search(r"google\.colab|pip\", \"install|git\", \"clone|urlretrieve", cell.source)
+        needs_colab = re.search(r"google\.colab|urlretrieve", cell.source)
         assert bool(needs_colab) == ("colab-only" in tags(cell)), cell.source[:120]
+    clone = [c for c in nb.cells if '"git", "clone"' in c.source]
+    pip = [c for c in nb.cells if '"pip", "install"' in c.source]
+    assert len(clone) == len(pip) == 1 and not (tags(clone[0]) | tags(pip[0])) & {"colab-only"}
+    first = nb.cells[0].source
+    assert "`colab-only`" in first and "tests/test_notebook.py" in first and "REPO_URL" in first
     params = [c for c in nb.cells if "parameters" in tags(c)]
-    assert len(params) == 1
-    for var in ("NB_DATA_DIR", "NB_RESULTS_DIR", "NB_DATASETS", "NB_MODELS", "NB_EPOCHS", "NB_WIDTH",
-                "NB_SUBSET", "NB_SEQ2SEQ_ARGS"):
+    assert len(params) == 1 and params[0] is next(c for c in nb.cells if c.cell_type == "code")
+    for var in ("NB_REPO_URL", "NB_REPO_DIR", "NB_DATA_DIR", "NB_RESULTS_DIR", "NB_DATASETS", "NB_MODELS",
+                "NB_EPOCHS", "NB_WIDTH", "NB_SUBSET", "NB_SEQ2SEQ_ARGS"):
         assert f'"{var}"' in params[0].source
     assert sum("train" in tags(c) for c in nb.cells) == 1
     # the defaults are the real run on Colab: results on Drive, datasets on the VM's disk
@@ -86,18 +101,63 @@ def test_colab_only_cells_hold_everything_that_needs_colab():
     assert "drive.flush_and_unmount()" in nb.cells[-1].source
 
 
-@pytest.fixture(scope="module")
-def executed(tmp_path_factory):
-    if not (SHARED_DATA / "MNIST" / "raw").is_dir():
-        pytest.skip(f"real MNIST not found in {SHARED_DATA}")
-    tmp = tmp_path_factory.mktemp("notebook")
-    # A kernel of this very Python (the venv with the programs' requirements), whatever kernels
-    # the machine has installed.
+def test_the_repository_url_is_one_colab_form_field_with_a_placeholder():
+    """REPO_URL is a Colab form field (#@param) at the top of the first code cell, holding a
+    placeholder that names what to put there, and the environment (NB_REPO_URL) overrides it."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    first = next(c for c in nb.cells if c.cell_type == "code").source.splitlines()
+    fields = [line for line in first if "#@param" in line]
+    assert fields[0] == f'REPO_URL = "{PLACEHOLDER_URL}"  #@param {{type:"string"}}'
+    assert [line.split(" =")[0] for line in fields] == ["REPO_URL", "REPO_DIR"]
+    assert first.index(fields[0]) < 5  # at the top, under the form's title
+    assert 'REPO_URL = os.environ.get("NB_REPO_URL", REPO_URL)' in "\n".join(first)
+
+
+def kernel_spec(tmp: Path) -> Path:
+    """A kernel of this very Python (the venv with the programs' requirements), whatever kernels
+    the machine has installed: returns the folder to put in JUPYTER_PATH."""
     spec = tmp / "jupyter" / "kernels" / "project-python"
     spec.mkdir(parents=True)
     (spec / "kernel.json").write_text(json.dumps({
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "project python", "language": "python"}))
+    return tmp / "jupyter"
+
+
+def fake_git(folder: Path) -> Path:
+    """A `git` that only writes down that it was called: the placeholder runs must never call it."""
+    folder.mkdir(exist_ok=True)
+    log = folder / "git-calls.log"
+    (folder / "git").write_text(f"#!/bin/sh\necho \"$@\" >> '{log}'\nexit 1\n")
+    (folder / "git").chmod(0o755)
+    return log
+
+
+def snapshot_repository(dest: Path) -> Path:
+    """The working tree as it is now (tracked files and untracked ones git does not ignore, uncommitted
+    edits included), committed into a new git repository at `dest`: what the notebook clones."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if src.is_file():  # a tracked file deleted in the working tree is left out
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    git = ["git", "-c", "user.name=notebook test", "-c", "user.email=test@example.invalid",
+           "-c", "commit.gpgsign=false"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "the working tree under test"]):
+        subprocess.run(git + args, cwd=dest, check=True)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    if not (SHARED_DATA / "MNIST" / "raw").is_dir():
+        pytest.skip(f"real MNIST not found in {SHARED_DATA}")
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    tmp = tmp_path_factory.mktemp("notebook")
+    source = snapshot_repository(tmp / "source")
     # A stand-in for cloudflared: prints a quick tunnel's URL the way cloudflared logs it, then waits.
     fake_bin = tmp / "bin"
     fake_bin.mkdir()
@@ -110,7 +170,9 @@ def executed(tmp_path_factory):
         port = s.getsockname()[1]
     env = {"PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "NB_APP_PORT": str(port),
            "NLP_APP_FEEDBACK_DB": str(tmp / "feedback.db"), "TMPDIR": str(tmp),
-           "JUPYTER_PATH": str(tmp / "jupyter"), "NB_DATA_DIR": str(SHARED_DATA),
+           "JUPYTER_PATH": str(kernel_spec(tmp)), "NB_DATA_DIR": str(SHARED_DATA),
+           "NB_REPO_URL": source.as_uri(), "NB_REPO_DIR": str(tmp / "clone"),
+           "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
            "NB_RESULTS_DIR": str(tmp / "results"), "NB_DATASETS": "mnist",
            "NB_MODELS": " ".join(MODELS), "NB_EPOCHS": "2", "NB_WIDTH": "0.125", "NB_SUBSET": "1000",
            "NB_SEQ2SEQ_ARGS": SEQ2SEQ_TINY}
@@ -149,7 +211,7 @@ def executed(tmp_path_factory):
     seconds = time.monotonic() - start
     nbformat.write(nb, tmp / "colab.executed.ipynb")  # to look at when a test fails
     print(f"\ncolab.ipynb executed in {seconds:.0f} s: {tmp / 'colab.executed.ipynb'}")
-    return nb, tmp / "results", seconds
+    return nb, tmp / "results", seconds, tmp / "clone"
 
 
 class InterruptingClient(nbclient.NotebookClient):
@@ -175,14 +237,14 @@ def cell_after(nb, heading: str):
 
 
 def test_no_cell_raises_but_the_interrupted_one(executed):
-    nb, _, _ = executed
+    nb, *_ = executed
     for cell in nb.cells:
         if cell.cell_type == "code":
             text_of(cell)
 
 
 def test_the_training_cell_interrupted_then_run_again_skips_and_resumes(executed):
-    nb, results, _ = executed
+    nb, results, *_ = executed
     first, second = [c for c in nb.cells if "train" in tags(c)]
     out1, out2 = text_of(first), text_of(second)
     errors = [o for o in first.outputs if o["output_type"] == "error"]
@@ -200,7 +262,7 @@ def test_the_training_cell_interrupted_then_run_again_skips_and_resumes(executed
 
 
 def test_the_report_cell_shows_the_table_and_every_plot_it_lists(executed):
-    nb, results, _ = executed
+    nb, results, *_ = executed
     cell = cell_after(nb, "The comparison table")
     out = text_of(cell)
     assert "LeNet-5" in out and "VGG-16-BN" in out and "test" in out
@@ -210,7 +272,7 @@ def test_the_report_cell_shows_the_table_and_every_plot_it_lists(executed):
 
 
 def test_the_pickle_cell_opens_a_record_and_plots_its_curve(executed):
-    nb, _, _ = executed
+    nb, *_ = executed
     cell = cell_after(nb, "One record")
     out = text_of(cell)
     assert re.search(r"LeNet-5 on mnist \| test accuracy 0\.\d{4} \| best epoch [12]\n", out), out
@@ -218,7 +280,7 @@ def test_the_pickle_cell_opens_a_record_and_plots_its_curve(executed):
 
 
 def test_the_gpu_cell_names_the_precision(executed):
-    nb, _, _ = executed
+    nb, *_ = executed
     out = text_of(cell_after(nb, "The GPU"))
     import torch
     import cnn_project as cp
@@ -227,7 +289,7 @@ def test_the_gpu_cell_names_the_precision(executed):
 
 
 def test_the_seq2seq_cell_trains_and_shows_its_figures(executed):
-    nb, results, _ = executed
+    nb, results, *_ = executed
     cell = cell_after(nb, "Seq2seq")
     text_of(cell)
     assert (results / "seq2seq" / "results.pkl").is_file()
@@ -235,9 +297,70 @@ def test_the_seq2seq_cell_trains_and_shows_its_figures(executed):
 
 
 def test_the_app_cell_serves_in_sharing_mode_behind_the_tunnel_and_prints_its_url(executed):
-    nb, _, _ = executed
+    nb, *_ = executed
     out = text_of(next(c for c in nb.cells if "app" in tags(c)))
     assert f"public URL: {FAKE_URL}" in out, out
     assert "(sharing mode)" in out and "A stranger with that URL can" in out and "cannot" in out
     stop = text_of(next(c for c in nb.cells if "test-stop-app" in tags(c)))
     assert "health 200 ok" in stop and "app exit code" in stop
+
+
+def test_the_clone_cell_clones_the_repository_and_the_install_keeps_torch(executed):
+    nb, _, _, clone = executed
+    out = text_of(cell_after(nb, "Get the code"))
+    assert f"code: {clone}" in out and "(no clone)" not in out
+    head = subprocess.run(["git", "log", "--format=%s"], cwd=clone, capture_output=True, text=True,
+                          check=True).stdout
+    assert head.strip() == "the working tree under test"  # one commit: the --depth 1 clone
+    assert (clone / "cnn_project.py").read_bytes() == (ROOT / "cnn_project.py").read_bytes()
+    install = text_of(next(c for c in nb.cells if '"pip", "install"' in c.source))
+    before = re.search(r"torch before: (\S+)", install)
+    after = re.search(r"torch after: +(\S+)", install)
+    assert before and after and before.group(1) == after.group(1) != "not installed", install
+
+
+def run_first_cells(tmp: Path, repo_dir: Path):
+    """The cells up to the clone cell (the colab-only Drive mount left out), run with REPO_URL at its
+    placeholder (NB_REPO_URL unset), REPO_DIR=repo_dir and a `git` that only logs its calls. Returns
+    the executed cells and that log."""
+    log = fake_git(tmp / "bin")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    clone_at = next(i for i, c in enumerate(nb.cells) if '"git", "clone"' in c.source)
+    nb.cells = [c for c in nb.cells[:clone_at + 1] if c.cell_type == "code" and "colab-only" not in tags(c)]
+    mp = pytest.MonkeyPatch()
+    for key in [k for k in os.environ if k.startswith("NB_")]:
+        mp.delenv(key)
+    mp.setenv("NB_REPO_DIR", str(repo_dir))
+    mp.setenv("PATH", f"{tmp / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    mp.setenv("JUPYTER_PATH", str(kernel_spec(tmp)))
+    try:
+        nbclient.NotebookClient(nb, timeout=300, kernel_name="project-python", allow_errors=True,
+                                resources={"metadata": {"path": str(tmp)}}).execute()
+    finally:
+        mp.undo()
+    return nb.cells, log
+
+
+def test_a_placeholder_url_stops_the_first_cell_with_one_sentence_and_never_reaches_git(tmp_path):
+    cells, git_log = run_first_cells(tmp_path, tmp_path / "no-copy-here")
+    errors = [[o for o in c.outputs if o["output_type"] == "error"] for c in cells]
+    assert len(errors[0]) == 1 and errors[0][0]["ename"] == "RepoUrlNotSet"
+    sentence = errors[0][0]["evalue"]
+    assert "REPO_URL" in sentence and "Settings cell" in sentence  # names the field and where it is
+    assert "\n" not in sentence and sentence.endswith(".") and ". " not in sentence  # one sentence
+    # run on by hand after that error, the clone cell refuses too, with the same sentence
+    assert [e["evalue"] for e in errors[-1]] == [sentence] and '"git", "clone"' in cells[-1].source
+    assert not git_log.exists(), git_log.read_text()  # git was never called
+    assert not (tmp_path / "no-copy-here").exists()
+
+
+def test_a_repo_dir_that_exists_is_used_as_it_is_without_a_clone(tmp_path):
+    copy = tmp_path / "copy on Drive"
+    copy.mkdir()
+    (copy / "cnn_project.py").write_text("# a copy of the repository\n")
+    cells, git_log = run_first_cells(tmp_path, copy)
+    for cell in cells:
+        text_of(cell)  # no cell raised
+    out = text_of(cells[-1])
+    assert f"using the copy in {copy} (no clone)" in out and f"code: {copy}" in out
+    assert not git_log.exists()
