@@ -1,7 +1,8 @@
 """The README landing page and docs/: every relative link and image resolves, the README stays short,
-and the README's checkable claims (commands, figures, notebook cells) agree with the repository.
+and the README's checkable claims (commands, times, figures, notebook cells) agree with the repository.
 
-Reads files only: no torch, no network."""
+Reads files only, no network; one test runs the CIFAR-10 recipe of the README and docs on a few
+made-up images (it needs torch, torchvision and Pillow)."""
 
 import json
 import pickle
@@ -82,14 +83,87 @@ def test_readme_quick_start_commands_are_exact():
     text = README.read_text()
     assert "pip install -r requirements.txt && python cnn_project.py" in text
     assert "pip install -r requirements-dev.txt && python -m pytest -q" in text
+    block = _quick_start_block()
+    quick = "python cnn_project.py --preset cpu --datasets mnist --models lenet5"
+    assert quick in block and block.index(quick) < block.index("&& python cnn_project.py")  # short path first
 
 
-def test_readme_colab_badge_opens_the_notebook():
+def _quick_start_block() -> str:
+    """The first code block under '## Quick start'."""
     text = README.read_text()
-    badge = re.search(r"\(https://colab\.research\.google\.com/github/[^/]+/[^/]+/blob/main/([^)]+)\)", text)
-    assert badge, "no Open-in-Colab badge"
-    assert (ROOT / badge.group(1)).is_file()
-    assert "colab-badge.svg" in text
+    section = text[text.index("## Quick start\n"):]
+    return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+
+
+def _time_table() -> dict:
+    """The quick start's table of times: {command: {column: cell}}, the command without backticks and
+    without a trailing '(...)' note."""
+    lines = README.read_text().splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("| command |"))
+    columns = [c.strip() for c in lines[head].strip("|").split("|")]
+    rows = {}
+    for line in lines[head + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        command = re.match(r"`([^`]+)`", cells[0]).group(1)
+        rows[command] = dict(zip(columns, cells))
+    return rows
+
+
+def test_readme_quick_start_states_time_and_place_for_every_command():
+    """Every command of the quick start has a row with a time on 2 CPU cores and on a Colab T4 (the T4
+    column marked as an estimate), and every command that writes something says where."""
+    rows = _time_table()
+    columns = list(next(iter(rows.values())))
+    cpu = next(c for c in columns if "CPU" in c)
+    t4 = next(c for c in columns if "T4" in c)
+    where = next(c for c in columns if "results" in c)
+    assert "estimate" in t4 and "measured" in cpu
+    commands = [line.split("#")[0].strip() for line in _quick_start_block().splitlines() if line.strip()]
+    for command in commands:  # a row for the whole line, or one for each of its commands
+        assert command in rows or all(part in rows for part in command.split(" && ")), command
+    for command, row in rows.items():
+        assert re.search(r"\d|seconds|minute", row[cpu]) and re.search(r"\d|seconds|minute|same|not on", row[t4]), row
+        if command.startswith(("python", "streamlit")):
+            assert "results/" in row[where] or "printed" in row[where], row
+
+
+def test_readme_quick_start_times_match_the_committed_logs():
+    rows = _time_table()
+    cpu = next(c for c in next(iter(rows.values())) if "CPU" in c)
+    mm, cifar = _wall_seconds("mnist_fashion_run.log"), _wall_seconds("cifar10_run.log")
+    total = round((mm + cifar) / 60)
+    assert rows["python cnn_project.py"][cpu].startswith(f"{total // 60} h {total % 60:02d} min")
+    log = (ROOT / "results" / "reference_cpu" / "mnist_fashion_run.log").read_text()
+    mnist_part = re.search(r"\] fashion_mnist/\w+: .* elapsed (\d+) min", log)  # when MNIST's 7 were done
+    assert rows["python cnn_project.py --preset cpu --datasets mnist"][cpu] == f"{mnist_part.group(1)} min"
+    lenet = re.search(r"mnist/lenet5: ok, test accuracy [\d.]+%, (\d+) s", log)
+    assert f"(the pair itself: {lenet.group(1)} s)" in rows["python cnn_project.py --preset cpu --datasets mnist --models lenet5"][cpu]
+    seq = (ROOT / "results" / "seq2seq" / "run_log.txt").read_text()
+    m, sec = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\d+):([\d.]+)", seq).groups()
+    seconds = round(60 * int(m) + float(sec))
+    assert rows["python seq2seq_project.py"][cpu] == f"{seconds // 60} min {seconds % 60} s"
+    suite = rows["pip install -r requirements-dev.txt && python -m pytest -q"][cpu].split(" (")[0]
+    assert f"in {suite} of pytest" in " ".join((ROOT / "docs" / "benchmarks.md").read_text().split())
+
+
+def test_readme_colab_badge_and_the_one_step_after_forking():
+    """The badge opens Colab's GitHub browser (right for any fork: the owner is not in the URL), and
+    one paragraph says what to do after forking: open colab.ipynb, fill in REPO_URL, Run all. That
+    field is the notebook's first form field, with the placeholder the first cell checks."""
+    text = README.read_text()
+    badge = re.search(r"\[!\[Open In Colab\]\(https://colab\.research\.google\.com/assets/colab-badge\.svg\)\]"
+                      r"\((https://[^)]+)\)", text)
+    assert badge and badge.group(1) == "https://colab.research.google.com/github/"
+    step = next(p for p in text.split("\n\n") if p.startswith("**After forking, one step:**"))
+    step = " ".join(step.split())
+    assert "`colab.ipynb`" in step and "`REPO_URL`" in step and "*Runtime → Run all*" in step
+    notebook = json.loads((ROOT / "colab.ipynb").read_text())
+    first = "".join(next(c for c in notebook["cells"] if c["cell_type"] == "code")["source"])
+    field = re.search(r'^REPO_URL = "([^"]+)"  #@param', first, re.M)
+    assert field and "YOUR-GITHUB-USER/YOUR-FORK" in field.group(1)
+    assert "raise RepoUrlNotSet" in first
 
 
 def test_readme_colab_and_sharing_statements():
@@ -155,6 +229,10 @@ def test_readme_seq2seq_headline_matches_the_committed_run():
         res = pickle.load(f)
     att, base = res["models"]["attention"], res["models"]["baseline"]
     text = " ".join(README.read_text().split())
+    present = [length for length, n in enumerate(res["data"]["test_length_counts"]) if n]
+    stated = re.search(r"reverses held-out sequences of lengths (\d+)-(\d+) with", text)
+    assert stated and (int(stated.group(1)), int(stated.group(2))) == (present[0], present[-1])
+    assert sum(res["data"]["test_length_counts"]) == att["test"]["n"]
     assert att["test"]["exact_match"] == 1.0 and "**100% exact match**" in text
     assert f"{att['info']['epochs_run']} epochs, {att['info']['train_seconds']:.0f} s" in text
     assert f"{100 * base['test']['exact_match']:.1f}% without attention" in text
@@ -209,3 +287,39 @@ def test_readme_every_model_still_improving_at_its_last_epoch_is_true_of_the_rec
         for m in MODELS:
             r = _record(dataset, m)
             assert r["best_epoch"] == r["config"]["epochs"], (dataset, m)
+
+
+@pytest.mark.parametrize("page", [README, ROOT / "docs" / "cnn_project.md"], ids=lambda p: p.name)
+def test_the_cifar10_jpeg_recipe_writes_a_copy_the_program_reads(page, tmp_path, monkeypatch):
+    """The recipe's Python, run on a made-up stand-in for torchvision's CIFAR10 (two images per class
+    and split, official order), writes cifar_jpeg/CIFAR10-JPEG/{train,test}/<class>/0000.jpg ... that
+    cnn_project.py picks under --data-dir cifar_jpeg and names 'CIFAR-10, JPEG q75 copy'."""
+    np = pytest.importorskip("numpy")
+    Image = pytest.importorskip("PIL.Image")
+    torchvision = pytest.importorskip("torchvision")
+    import cnn_project as cp
+    script = re.search(r"```python\n(.*?CIFAR10-JPEG.*?)```", page.read_text(), re.S).group(1)
+    rng = np.random.default_rng(0)
+    classes = list(cp.DATASETS["cifar10"].classes)
+
+    class FakeCIFAR10:
+        def __init__(self, root, train, download):
+            self.classes = classes
+            self.items = [(Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), k)
+                          for _ in range(2) for k in range(10)]
+
+        def __iter__(self):
+            return iter(self.items)
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(script, page.name, "exec"), {})
+    names = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.jpg"))
+    assert len(names) == 40 and "cifar_jpeg/CIFAR10-JPEG/test/truck/0001.jpg" in names
+    spec = cp.DATASETS["cifar10"]
+    assert cp.data_source(spec, "cifar_jpeg") == str(Path("cifar_jpeg") / "CIFAR10-JPEG")
+    data = cp.read_image_folder(Path("cifar_jpeg/CIFAR10-JPEG"), None, 0, None, show_progress=False)
+    assert data["classes"] == classes and tuple(data["train_x"].shape) == (20, 3, 32, 32)
+    assert cp.data_label(spec, data["source"]) == "CIFAR-10, JPEG q75 copy"
+    command = "python cnn_project.py --datasets cifar10 --data-dir cifar_jpeg"
+    assert command in page.read_text()
