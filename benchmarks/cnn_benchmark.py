@@ -4,7 +4,7 @@ machine's own matmul limit; and time-to-accuracy on the real MNIST / Fashion-MNI
     python benchmarks/cnn_benchmark.py                                  # every model x shape x pipeline
     python benchmarks/cnn_benchmark.py --models lenet5 resnet --seconds 5
     python benchmarks/cnn_benchmark.py --tiny                           # CI: a few batches, two models
-    python benchmarks/cnn_benchmark.py --time-to-accuracy --data-dir ../shared/data
+    python benchmarks/cnn_benchmark.py --time-to-accuracy --data-dir data
     python benchmarks/cnn_benchmark.py --variants fp32 compile batch512 --models lenet5 resnet vgg
 
 Pipelines, per architecture and input shape (1x28x28 MNIST-like, 3x32x32 CIFAR-like):
@@ -12,7 +12,7 @@ Pipelines, per architecture and input shape (1x28x28 MNIST-like, 3x32x32 CIFAR-l
          augmentation, bf16 autocast (CPU and recent GPUs), channels_last, SGD (fused on GPUs).
   naive  the same model and recipe fed the textbook way: a torchvision-style dataset that makes a PIL
          image per item, ToTensor + Normalize, DataLoader (default workers), fp32, NCHW.
-  seeds  the seeds' pipeline: PIL Resize(224), ToTensor, 1 -> 3 channel repeat, ImageNet
+  seeds  the pipeline of the scripts this project started from: PIL Resize(224), ToTensor, 1 -> 3 channel repeat, ImageNet
          Normalize, DataLoader batch 32, fp32, around a LeNet-5 built for 3x224x224 (SeedsLeNet5)
          and around our models where a 224 px step fits in the time budget.
 FLOPs per training image (forward + backward) are counted by cnn_project.count_flops (torch.utils.flop_counter)
