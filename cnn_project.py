@@ -109,9 +109,16 @@ SECONDS_PER_EPOCH = {"lenet5": 5, "alexnet": 20, "vgg": 30, "resnet": 56, "googl
 # Validation accuracy whose first crossing is recorded as "time to target" (seconds of training).
 TARGET_VAL_ACCURACY = {"mnist": 0.99, "fashion_mnist": 0.90, "cifar10": 0.80}
 
-# --predict calls an image "low confidence" when its top softmax probability is below this quantile
-# of the validation images' (chosen per trained pair on validation data; see confidence_threshold).
+# --predict calls an answer "low confidence" when its top softmax probability is below the 5% quantile
+# of the validation images', or below the level above which validation answers were right 95% of the
+# time (both chosen per trained run on validation data; see confidence_threshold).
 OOD_VAL_QUANTILE = 0.05
+CONFIDENT_ACCURACY = 0.95
+# ... and an image is "unlike the training images" when its pixel spread or its pixel-to-pixel
+# variation (image_statistics) falls outside the range of the middle 99% of validation images: a
+# blank picture and noise are caught there, where a network's softmax can still be sure (MSP alone
+# calls CIFAR-10 noise "frog" at 88%).
+INPUT_RANGE_QUANTILES = (0.005, 0.995)
 
 # A run whose training loss is still at ln(num_classes) and whose validation accuracy is at chance
 # after this many optimizer steps has diverged (or never started learning): it is marked failed.
@@ -1156,16 +1163,44 @@ def score_test(model, data: Splits, spec: DatasetSpec, cfg: dict, accelerator,
 
 
 def confidence_threshold(model, data: Splits, spec: DatasetSpec, cfg: dict, accelerator) -> dict:
-    """The low-confidence rule of --predict, chosen on validation images (never on test): the
-    OOD_VAL_QUANTILE quantile of the chosen checkpoint's maximum softmax probability over the
-    validation split (Hendrycks & Gimpel, "A Baseline for Detecting Misclassified and
-    Out-of-Distribution Examples", 2017). An image scored below it is less sure than 95% of the
-    validation images were. Returns {"rule", "quantile", "threshold" in [0, 1], "n_images"}."""
-    _, _, _, confidence = evaluate(model, data.val_x, data.val_y, spec, accelerator,
-                                   cfg["eval_batch_size"])
+    """The low-confidence rule of --predict, chosen on validation images (never on test), on the
+    maximum softmax probability of the chosen checkpoint (Hendrycks & Gimpel, "A Baseline for
+    Detecting Misclassified and Out-of-Distribution Examples", 2017). Two levels, the rule uses the
+    higher one:
+    - typical: the OOD_VAL_QUANTILE quantile of the validation images' top probability (an image
+      below it is less sure than 95% of them were);
+    - reliable: the lowest top probability above which the validation answers were right at least
+      CONFIDENT_ACCURACY of the time (selective classification; Geifman & El-Yaniv, 2017).
+    With it, input_range: the INPUT_RANGE_QUANTILES of the validation images' image_statistics.
+    Returns {"rule", "quantile", "target_accuracy", "typical", "reliable", "threshold" (in [0, 1]),
+    "input_range": {statistic: [low, high]}, "n_images"}."""
+    _, _, predicted, confidence = evaluate(model, data.val_x, data.val_y, spec, accelerator,
+                                           cfg["eval_batch_size"])
+    confidence = confidence.numpy().astype(np.float64)
+    order = np.argsort(-confidence, kind="stable")
+    right = (predicted.numpy() == data.val_y.cpu().numpy())[order]
+    accuracy_above = np.cumsum(right) / np.arange(1, len(right) + 1)  # of the k surest answers
+    ok = np.flatnonzero(accuracy_above >= CONFIDENT_ACCURACY)
+    reliable = float(confidence[order][ok.max()]) if len(ok) else 1.0
+    typical = float(np.quantile(confidence, OOD_VAL_QUANTILE))
+    stats = image_statistics(data.val_x)
+    input_range = {k: [float(q) for q in np.quantile(v, INPUT_RANGE_QUANTILES)] for k, v in stats.items()}
     return {"rule": "max softmax probability", "quantile": OOD_VAL_QUANTILE,
-            "threshold": float(np.quantile(confidence.numpy(), OOD_VAL_QUANTILE)),
+            "target_accuracy": CONFIDENT_ACCURACY, "typical": typical, "reliable": reliable,
+            "threshold": max(typical, reliable), "input_range": input_range,
             "n_images": int(len(confidence))}
+
+
+def image_statistics(x_uint8: torch.Tensor) -> dict:
+    """Two plain statistics per image of N x C x H x W uint8 images, in grey levels (0-255), as
+    NumPy arrays of length N: 'pixel spread' (the standard deviation of all its values: 0 for a
+    blank image) and 'pixel-to-pixel variation' (the mean absolute difference between horizontal and
+    vertical neighbours: about 85 for uniform noise, far less for photos and digits)."""
+    x = x_uint8.float()
+    spread = x.flatten(1).std(1)
+    variation = ((x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
+                 + (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)) / 2
+    return {"pixel spread": spread.cpu().numpy(), "pixel-to-pixel variation": variation.cpu().numpy()}
 
 
 def new_progress() -> dict:
@@ -1873,6 +1908,9 @@ def conclusion(dataset_label: str, summary_of_dataset: dict, names: dict) -> lis
         if found:
             lines.append(f"    {verdict.split(',')[0]} than it (p < {ALPHA} in every seed): {', '.join(found)}")
     runs = sum(p["n_seeds"] for p in pairs.values())
+    if max(p["n_seeds"] for p in pairs.values()) == 1:
+        lines.append("    one seed per model: how far another seed would move these numbers is not "
+                     "measured here (train more with --seeds)")
     rising = sum(p["still_improving"] for p in pairs.values())
     if rising:
         lines.append(f"    still improving: {rising} of {runs} runs set their best validation accuracy "
@@ -1991,16 +2029,16 @@ def plot_test_metrics(plt, rows: list, out: Path, notes: dict) -> Path:
         for i, m in enumerate(metrics):
             errors = [100 * (1 - r[f"test_{m}_mean"]) for r in sub]
             stds = [100 * (r[f"test_{m}_std"] or 0) for r in sub]
-            bars = ax.bar(xs + (i - 1.5) * 0.2, errors, 0.2, yerr=stds, capsize=2,
-                          label=f"1 - {m}", error_kw={"lw": 0.8})
+            bars = ax.bar(xs + (i - 1.5) * 0.2, errors, 0.2, yerr=stds if any(stds) else None,
+                          capsize=2, label=f"1 - {m}", error_kw={"lw": 0.8})
             if m == "accuracy":
                 ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
         ax.set_xticks(xs, [_tick_label(r) for r in sub], rotation=30, ha="right")
         ax.set_ylabel("test error, % (lower is better)")
         seeds = max(r["n_seeds"] for r in sub)
-        ax.set_title(f"{sub[0]['data']}: test error (macro metrics), mean of up to {seeds} "
-                     f"seed{'s' * (seeds != 1)}\n{notes[dataset]}; * best on validation; shaded: "
-                     f"tied with it within noise", fontsize=9.5)
+        spread = "one seed" if seeds == 1 else f"mean of {seeds} seeds"
+        ax.set_title(f"{sub[0]['data']}: test error (macro metrics), {spread}\n{notes[dataset]}; "
+                     f"* best on validation; shaded: tied with it within noise", fontsize=9.5)
         ax.grid(axis="y", alpha=0.3)
         ax.margins(y=0.12)
     handles, names = axes[0, 0].get_legend_handles_labels()
@@ -2060,7 +2098,7 @@ def plot_cost(plt, rows: list, out: Path, notes: dict) -> Path:
 def _error_ticks(errors: np.ndarray) -> list:
     """A few readable ticks (1-2-5 steps) spanning a log axis of test errors in %."""
     lo, hi = float(errors.min()), float(errors.max())
-    ticks = [m * 10.0 ** e for e in range(-2, 3) for m in (1, 1.5, 2, 3, 5, 7)]
+    ticks = [m * 10.0 ** e for e in range(-2, 3) for m in (1, 1.5, 2, 3, 4, 5, 6, 7, 8)]
     return [t for t in ticks if lo / 1.3 <= t <= hi * 1.3] or [round(lo, 2)]
 
 
@@ -2148,7 +2186,8 @@ def report(results_dir: Path, runs: dict | None = None) -> dict:
           f"{Path(results_dir) / 'cnn_runs.csv'} (a row per run)")
     for dataset, by_model in runs.items():
         records = records_of(by_model)
-        weights = sum(bool(r.get("weights")) for r in records)
+        weights = sum(bool(r.get("weights")) and (folder / dataset / r["weights"]).is_file()
+                      for r in records)
         print(f"  {dataset}: {_count(len(records), 'record')} (<model>.pkl, <model>.seed<k>.pkl), "
               f"{_count(weights, 'weights file')} (.safetensors) in {folder / dataset}")
     for p in plots:
@@ -2245,18 +2284,28 @@ def prepare_image(path: str, spec: DatasetSpec) -> torch.Tensor:
     return torch.from_numpy(canvas.round().clip(0, 255).astype(np.uint8))[None, None]
 
 
-def confidence_verdict(top_probability: float, rule: dict | None) -> str:
+def confidence_verdict(top_probability: float, rule: dict | None, stats: dict | None = None) -> str:
     """How sure one prediction is, by the record's validation-chosen rule (confidence_threshold):
-    'confident' at or above the threshold, else a 'LOW CONFIDENCE' line saying why; records
-    written before the rule existed say that they cannot judge."""
+    'LOW CONFIDENCE' with the reason when the image's statistics (image_statistics of that one
+    image, {name: value}) fall outside the validation range or its top probability is below the
+    threshold, else 'confident'; records written before the rule existed say they cannot judge."""
     if not rule:
         return ("confidence not judged: this record has no validation threshold (trained by an "
                 "older version; --force retrains it)")
-    level = f"{rule['threshold']:.1%}, the top probability {1 - rule['quantile']:.0%} of validation images reach"
+    for name, (low, high) in (rule.get("input_range") or {}).items():
+        if stats is not None and not low <= float(stats[name]) <= high:
+            return (f"LOW CONFIDENCE: the image does not look like the training images (its {name} "
+                    f"is {float(stats[name]):.1f}, outside the {low:.1f}-{high:.1f} of 99% of "
+                    f"validation images): do not trust this answer")
+    if rule.get("target_accuracy") and rule["reliable"] >= rule["typical"]:
+        meaning = (f"validation answers at least this sure were right "
+                   f"{rule['target_accuracy']:.0%} of the time")
+    else:
+        meaning = f"{1 - rule['quantile']:.0%} of validation images reach it"
     if top_probability >= rule["threshold"]:
-        return f"confident (at or above {level})"
-    return (f"LOW CONFIDENCE: below {level}; the image may show none of the classes, or not look "
-            f"like the training images: do not trust this answer")
+        return f"confident (top probability at or above {rule['threshold']:.1%}: {meaning})"
+    return (f"LOW CONFIDENCE: top probability below {rule['threshold']:.1%} ({meaning}); the image "
+            f"may show none of the classes: do not trust this answer")
 
 
 def predict_run(results_dir: Path, dataset: str, models: list) -> tuple:
@@ -2290,10 +2339,12 @@ def predict(args: argparse.Namespace, top_k: int = 3) -> list:
     rule = (record or {}).get("confidence_threshold")
     out = []
     for path in args.predict:
+        image = prepare_image(path, spec)
         with torch.no_grad():
-            probs = net(normalize(prepare_image(path, spec), spec)).float().softmax(1)[0]
+            probs = net(normalize(image, spec)).float().softmax(1)[0]
         top = [(spec.classes[i], float(probs[i])) for i in probs.argsort(descending=True)[:top_k]]
-        verdict = confidence_verdict(top[0][1], rule)
+        stats = {k: v[0] for k, v in image_statistics(image).items()}
+        verdict = confidence_verdict(top[0][1], rule, stats)
         print(f"{path}: " + ", ".join(f"{c} {p:.1%}" for c, p in top) + f"\n  {verdict}", flush=True)
         out.append((path, top, verdict))
     return out

@@ -6,7 +6,7 @@
    read from the same data the run used (its split seed). The paired tests (McNemar, bootstrap)
    need them. Checked: the predictions scored against these labels must give the record's own test
    accuracy exactly, else the script stops and changes nothing.
-2. confidence_threshold (only for runs whose weights were kept): --predict's low-confidence rule,
+2. confidence_threshold (only for runs whose weights file is in the folder): --predict's low-confidence rule,
    computed as the program does at the end of training (cnn_project.confidence_threshold), on the
    run's own validation split, with the kept (validation-chosen) weights. Autocast uses the
    record's precision; on a CPU without native bf16 the bf16 record is emulated, so its threshold
@@ -34,7 +34,9 @@ def backfill(results_dir: Path, data_dir: str, cache_dir: str | None) -> int:
     for dataset, by_model in runs.items():
         for model, by_seed in by_model.items():
             for seed, record in by_seed.items():
-                test, wants_rule = record.get("test"), record.get("weights") and not record.get("confidence_threshold")
+                test = record.get("test")
+                wants_rule = (cp.weights_path(results_dir, dataset, model, seed).is_file()
+                              and not record.get("confidence_threshold"))
                 if test is None or ("labels" in test and not wants_rule):
                     continue
                 spec = cp.spec_of(record)

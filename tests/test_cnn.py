@@ -380,7 +380,8 @@ def test_tiny_run_records_cost_and_what_each_network_gets_wrong(tiny_run):
         assert np.array_equal(t["labels"], data.test_y.numpy()) and t["labels"].dtype == np.int8
         rule = r["confidence_threshold"]  # chosen on the 300 validation images, never on test
         assert rule["rule"] == "max softmax probability" and rule["n_images"] == 300
-        assert 0 < rule["threshold"] < 1 and rule["quantile"] == cp.OOD_VAL_QUANTILE
+        assert 0 < rule["typical"] <= rule["threshold"] <= 1 and rule["quantile"] == cp.OOD_VAL_QUANTILE
+        assert rule["threshold"] == max(rule["typical"], rule["reliable"])
         assert np.array_equal(matrix, np.histogram2d(data.test_y.numpy(), t["predictions"],
                                                      bins=(range(11), range(11)))[0])
         assert np.allclose(t["per_class_accuracy"], matrix.diagonal() / matrix.sum(1))

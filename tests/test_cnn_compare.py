@@ -184,11 +184,29 @@ def test_two_seeds_keep_their_own_records_resume_and_report_the_spread(tmp_path,
 # ---------------------------------------------------------------------------------------------
 
 def test_confidence_verdict_rule():
-    rule = {"rule": "max softmax probability", "quantile": 0.05, "threshold": 0.8, "n_images": 5000}
-    assert cp.confidence_verdict(0.85, rule).startswith("confident (at or above 80.0%")
-    low = cp.confidence_verdict(0.79, rule)
-    assert low.startswith("LOW CONFIDENCE") and "95% of validation images" in low
+    rule = {"rule": "max softmax probability", "quantile": 0.05, "target_accuracy": 0.95,
+            "typical": 0.6, "reliable": 0.8, "threshold": 0.8, "n_images": 5000,
+            "input_range": {"pixel spread": [20.0, 90.0], "pixel-to-pixel variation": [5.0, 28.0]}}
+    usual = {"pixel spread": 50.0, "pixel-to-pixel variation": 12.0}
+    sure = cp.confidence_verdict(0.85, rule, usual)
+    assert sure.startswith("confident (top probability at or above 80.0%") and "right 95%" in sure
+    low = cp.confidence_verdict(0.79, rule, usual)
+    assert low.startswith("LOW CONFIDENCE: top probability below 80.0%")
+    blank = cp.confidence_verdict(0.99, rule, dict(usual, **{"pixel spread": 0.0}))
+    assert blank.startswith("LOW CONFIDENCE: the image does not look like the training images")
+    noisy = cp.confidence_verdict(0.99, rule, dict(usual, **{"pixel-to-pixel variation": 85.0}))
+    assert "pixel-to-pixel variation is 85.0, outside the 5.0-28.0" in noisy
     assert cp.confidence_verdict(0.99, None).startswith("confidence not judged")
+
+
+def test_image_statistics_separate_blank_noise_and_a_digit():
+    blank = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+    noise = torch.randint(0, 256, (1, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    digit = blank.clone()
+    digit[0, 0, 6:22, 12:16] = 255  # a "1"
+    stats = {name: cp.image_statistics(x) for name, x in (("blank", blank), ("noise", noise), ("digit", digit))}
+    assert stats["blank"]["pixel spread"][0] == 0
+    assert stats["noise"]["pixel-to-pixel variation"][0] > 60 > stats["digit"]["pixel-to-pixel variation"][0] > 5
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
