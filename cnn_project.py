@@ -2,6 +2,7 @@
 
     python cnn_project.py                          # every model on every dataset, preset by device
     python cnn_project.py --models resnet senet --datasets mnist --epochs 5
+    python cnn_project.py --datasets cifar10 --seeds 3   # three seeds: the spread and paired tests
     python cnn_project.py --report                 # rebuild table and plots from results/ alone
     python cnn_project.py --predict digit.png --dataset mnist --model vgg   # your own image
     accelerate launch --multi_gpu --num_processes 4 cnn_project.py   # data parallel on 4 GPUs
@@ -17,16 +18,19 @@ as Colab's T4; channels_last, batched tensor augmentation, fused SGD on GPUs). C
 torchvision's files or an image-folder copy; any folder of class sub-folders trains the same way. Under torchrun
 or accelerate launch every process trains on its slice of each global batch (DDP, via accelerate).
 5,000 training images are held out as a validation split: it picks each model's checkpoint and the
-best model per dataset; the test set is only scored at the end. Every (model, dataset) result is
-pickled atomically under results/cnn/<dataset>/<model>.pkl, keyed by its settings, with the chosen
-weights beside it (.safetensors); during training a checkpoint after every epoch lets a rerun resume
-an interrupted pair from its last epoch. A record holds accuracy beside cost (parameters, forward
+best model per dataset; the test set is only scored at the end. Every (model, dataset, seed) result
+is pickled atomically under results/cnn/<dataset>/<model>.pkl (<model>.seed<k>.pkl for seed k),
+keyed by its settings, with the chosen weights beside it (.safetensors); during training a checkpoint
+after every epoch lets a rerun resume an interrupted run from its last epoch. The report gives each
+pair's mean and spread over seeds and compares every model with the best on validation on the same
+test images (exact McNemar test per seed, paired bootstrap interval): a verdict per model, "tied with
+the best within noise" unless the test set can tell them apart. A record holds accuracy beside cost (parameters, forward
 MACs per image and training FLOPs counted with torch.utils.flop_counter, seconds, images/s) and what
 the network gets wrong (per-class accuracy, every test prediction, its most confident mistakes).
 The committed reference run is in results/reference_cpu.
 Evidence (accuracies, wall time, hardware, torch version) is in docs/cnn_project.md.
 
-Sections: CONFIG, DATA, MODELS, TRAINING, CHECKPOINTS, RESULTS, REPORT, PREDICT, CLI.
+Sections: CONFIG, DATA, MODELS, TRAINING, CHECKPOINTS, RESULTS, COMPARISON, REPORT, PREDICT, CLI.
 To add an architecture: write its nn.Module in MODELS and add it to MODELS_REGISTRY (it trains each
 dataset's preset epochs, like every model). To add a dataset: add a DatasetSpec to DATASETS and its
 epochs to PRESETS, or pass an image folder's path to --datasets.
@@ -48,6 +52,7 @@ import platform
 import sys
 import tempfile
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +177,7 @@ DATASETS = {
                            image_folders=("CIFAR10-JPEG", "cifar10", "CIFAR-10")),
 }
 
+RESERVED_FOLDERS = ("plots", "superseded", "unreadable")  # the program's own folders under results/cnn
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 FOLDER_TEST_FRACTION = 0.2  # a folder without train/ and test/: this share of each class is test
 CACHE_FORMAT = "cnn_project/folder-cache/1"
@@ -411,13 +417,19 @@ def read_image_folder(root: Path, image_size: int | None, seed: int, cache_dir: 
 
 def image_folder_spec(path: str, hflip: bool = True) -> DatasetSpec:
     """The DatasetSpec of a learner's own image folder before it is read: named after the folder
-    (a results folder's name: lower case, [a-z0-9_]); channels, size, classes and statistics are
+    (a results folder's name: lower-case ASCII [a-z0-9_], accents dropped, a short hash of the
+    original name added when letters were dropped, '_folder' added to a built-in dataset's name or
+    one of the program's own folders; the original name stays the title); channels, size, classes and statistics are
     filled in by load_splits from the images. Augmented as CIFAR-10 is: translation by an eighth of
     the side, and horizontal flips unless hflip=False (--no-flip: digits, text)."""
-    name = "".join(c if c.isalnum() else "_" for c in Path(path).resolve().name.lower()) or "images"
-    name = f"{name}_folder" if name in DATASETS else name
+    title = Path(path).resolve().name
+    ascii_title = unicodedata.normalize("NFKD", title).encode("ascii", "ignore").decode()
+    name = "".join(c if c.isalnum() else "_" for c in ascii_title.lower()).strip("_") or "images"
+    if ascii_title != title:  # letters were dropped: a stable suffix keeps two such names apart
+        name = f"{name}_{hashlib.sha1(title.encode()).hexdigest()[:6]}"
+    name = f"{name}_folder" if name in DATASETS or name in RESERVED_FOLDERS else name
     return DatasetSpec(name, None, str(Path(path).resolve()), (), 0, 0, (), (), 0, hflip, (),
-                       title=Path(path).resolve().name)
+                       title=title)
 
 
 def data_source(spec: DatasetSpec, root: str) -> str | None:
@@ -1543,10 +1555,9 @@ def load_result(path: Path) -> dict:
             record = pickle.load(f)
     except Exception as err:  # noqa: BLE001 - truncated, garbage, or needs a missing class
         raise ResultsFileError(f"{path} is not a readable results pickle ({type(err).__name__}: "
-                               f"{err}). Delete it, or rerun that pair with --force.") from None
+                               f"{err}).") from None
     if not isinstance(record, dict) or record.get("format") not in READABLE_FORMATS:
-        raise ResultsFileError(f"{path} is not a {RESULTS_FORMAT} results record. Move it out of "
-                               f"the results folder, or rerun that pair with --force.")
+        raise ResultsFileError(f"{path} is not a {RESULTS_FORMAT} results record.")
     return record
 
 
@@ -1583,6 +1594,33 @@ def supersede(results_dir: Path, dataset: str, model: str, seed: int = 0) -> Pat
     return kept
 
 
+def set_aside(path: Path, err: Exception) -> Path:
+    """Move an unreadable record (and its weights) into <dataset>/unreadable/, named by when it was
+    found, print one line saying so, and return its new path: a stale result, not a fatal error,
+    so the run trains again and every other record still reports. Nothing is deleted."""
+    folder = path.parent / "unreadable"
+    folder.mkdir(exist_ok=True)
+    kept = folder / f"{path.stem}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.pkl"
+    weights = path.with_suffix(".safetensors")
+    if weights.exists():
+        os.replace(weights, kept.with_suffix(".safetensors"))
+    os.replace(path, kept)
+    print(f"warning: {err} It is kept as {kept}; that run counts as not trained and trains again.",
+          file=sys.stderr, flush=True)
+    return kept
+
+
+def load_or_set_aside(path: Path) -> dict | None:
+    """load_result, or None after set_aside when the record cannot be read (main process only;
+    other processes leave the file to it and treat the run as missing)."""
+    try:
+        return load_result(path)
+    except ResultsFileError as err:
+        if is_main_process():
+            set_aside(path, err)
+        return None
+
+
 def record_seeds(folder: Path, model: str) -> list:
     """The seeds of a model's records in one dataset folder (<model>.pkl is seed 0), ascending."""
     seeds = [0] if (folder / f"{model}.pkl").exists() else []
@@ -1598,12 +1636,13 @@ def collect_runs(results_dir: Path) -> dict:
     datasets first, then image folders by name; models in registry order, seeds ascending."""
     found, folder = {}, Path(results_dir) / "cnn"
     others = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in DATASETS
-                    and p.name != "plots") if folder.is_dir() else []
+                    and p.name not in RESERVED_FOLDERS) if folder.is_dir() else []
     for dataset in (*DATASETS, *others):
         for model in MODELS_REGISTRY:
             for seed in record_seeds(folder / dataset, model):
-                found.setdefault(dataset, {}).setdefault(model, {})[seed] = load_result(
-                    result_path(results_dir, dataset, model, seed))
+                record = load_or_set_aside(result_path(results_dir, dataset, model, seed))
+                if record is not None:
+                    found.setdefault(dataset, {}).setdefault(model, {})[seed] = record
     return found
 
 
@@ -2172,6 +2211,8 @@ def report(results_dir: Path, runs: dict | None = None) -> dict:
     """Rebuild the combined pickle, the CSVs, the table and the plots from
     results_dir/cnn/*/*.pkl (or from `runs`, already collected from there by collect_runs), and
     return the summary (summarize). Raises ResultsFileError if there are no records."""
+    for tmp in Path(results_dir).glob("cnn_*.tmp"):  # a summary half-written when a run was killed
+        tmp.unlink()
     runs = collect_runs(results_dir) if runs is None else runs
     if not runs:
         raise ResultsFileError(f"no results under {Path(results_dir) / 'cnn'}: train first "
@@ -2428,9 +2469,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "in superseded/)")
     p.add_argument("--report", action="store_true", help="only rebuild table and plots from results")
     p.add_argument("--predict", nargs="+", metavar="IMAGE",
-                   help="classify your own PNG/JPG images with a trained pair's weights: top-3 "
-                        "classes; with --dataset NAME and optionally --model NAME (default: the "
-                        "best on validation)")
+                   help="classify your own PNG/JPG images with a trained pair's weights: the top-3 "
+                        "classes and whether the answer is confident (a rule chosen on validation "
+                        "images; LOW CONFIDENCE for images unlike the training data); with --dataset "
+                        "NAME and optionally --model NAME (default: the best on validation)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars; they are drawn only on a terminal anyway, and a log gets "
                         "one line per epoch")
@@ -2475,13 +2517,14 @@ def run_name(dataset: str, model: str, seed: int) -> str:
 def wants_training(args: argparse.Namespace, dataset: str, model: str, seed: int, settings: dict,
                    log) -> bool:
     """Whether a run trains: not when its record has these very settings (unless --force). Says
-    in one line what happens to an existing record or checkpoint. A corrupt record raises
-    ResultsFileError naming it (and is kept)."""
+    in one line what happens to an existing record or checkpoint. An unreadable record is set
+    aside (set_aside: kept, one line) and the run trains again."""
     path = result_path(args.results_dir, dataset, model, seed)
     ckpt = checkpoint_path(args.results_dir, dataset, model, seed)
     name = run_name(dataset, model, seed)
-    if path.exists():
-        old = settings_of(load_result(path))
+    record = load_or_set_aside(path) if path.exists() else None
+    if record is not None:
+        old = settings_of(record)
         if old == settings and not args.force:
             log(f"{name}: finished earlier with these settings ({path}), skipped (--force retrains)")
             return False

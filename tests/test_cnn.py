@@ -515,16 +515,37 @@ def test_report_works_from_pickles_alone(tiny_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("content", [b"\x80\x04 truncated", pickle.dumps({"something": "else"})])
-def test_corrupt_or_foreign_pickle_is_named(tiny_run, tmp_path, capsys, content):
-    results, _ = tiny_run
+def test_a_corrupt_or_foreign_record_is_set_aside_and_its_run_trains_again(tiny_run, tmp_path, capsys,
+                                                                            content):
+    """A truncated or foreign record is a stale result: --report names it in one line, keeps it
+    under unreadable/ and reports the rest; a normal run then trains that run again."""
+    results, args = tiny_run
     copy = tmp_path / "copy"
     shutil.copytree(results / "cnn", copy / "cnn")
     bad = cp.result_path(copy, "mnist", "resnet")
     bad.write_bytes(content)
-    assert cp.main(["--report", "--results-dir", str(copy)]) == 1
-    err = capsys.readouterr().err
-    assert str(bad) in err and "Traceback" not in err
-    assert bad.read_bytes() == content  # nothing is overwritten
+    (copy / "cnn_results.pkl.x1y2.tmp").write_bytes(b"half a summary")  # left by a killed run
+    assert cp.main(["--report", "--results-dir", str(copy)]) == 0
+    out, err = capsys.readouterr()
+    warning, = [line for line in err.splitlines() if line]
+    assert warning.startswith(f"warning: {bad} is not a ") and "trains again" in warning
+    assert "Traceback" not in err and "LeNet-5" in out and "ResNet-18" not in out
+    kept, = (copy / "cnn" / "mnist" / "unreadable").glob("resnet-*.pkl")
+    assert kept.read_bytes() == content and not bad.exists()  # moved aside, not deleted
+    assert not list(copy.glob("*.tmp"))
+    rerun = [a if a != str(results) else str(copy) for a in args]
+    assert cp.main(rerun) == 0
+    assert "mnist/resnet: ok" in capsys.readouterr().out
+    assert cp.load_result(bad)["status"] == "ok" and kept.exists()
+
+
+@pytest.mark.parametrize("name,key", [("plots", "plots_folder"), ("mnist", "mnist_folder"),
+                                      ("Café Photos", "cafe_photos_"), ("日本の花", "images_")])
+def test_image_folder_keys_are_safe_and_never_collide_with_the_programs_folders(tmp_path, name, key):
+    spec = cp.image_folder_spec(str(tmp_path / name))
+    assert spec.name.startswith(key) and spec.name.isascii() and spec.title == name
+    assert spec.name == cp.image_folder_spec(str(tmp_path / name)).name  # stable
+    assert spec.name not in cp.RESERVED_FOLDERS and spec.name not in cp.DATASETS
 
 
 # ---------------------------------------------------------------------------------------------
