@@ -312,7 +312,9 @@ def test_the_clone_cell_clones_the_repository_and_the_install_keeps_torch(execut
     head = subprocess.run(["git", "log", "--format=%s"], cwd=clone, capture_output=True, text=True,
                           check=True).stdout
     assert head.strip() == "the working tree under test"  # one commit: the --depth 1 clone
-    assert (clone / "cnn_project.py").read_bytes() == (ROOT / "cnn_project.py").read_bytes()
+    snapshot = clone.parent / "source"  # the working tree when the fixture ran (it may change since)
+    for name in ("cnn_project.py", "colab.ipynb", "requirements.txt"):
+        assert (clone / name).read_bytes() == (snapshot / name).read_bytes(), name
     install = text_of(next(c for c in nb.cells if '"pip", "install"' in c.source))
     before = re.search(r"torch before: (\S+)", install)
     after = re.search(r"torch after: +(\S+)", install)
