@@ -237,31 +237,64 @@ class Splits:
 
 # --- image folders: a learner's own data, or a copy of CIFAR-10 ------------------------------
 
+NOT_DATA = ("__MACOSX", "Thumbs.db", "desktop.ini", "$RECYCLE.BIN", "System Volume Information")
+_SKIP_REPORTED = set()  # folders whose skipped entries were already reported in this process
+
+
+def _is_data(p: Path) -> bool:
+    """Whether a folder entry can be data: not hidden ('.name', macOS's '._name'), not OS metadata."""
+    return not p.name.startswith(".") and p.name not in NOT_DATA
+
+
+def _class_images(folder: Path, skipped: list) -> list:
+    """The image files under one class folder (symbolic links followed, sorted); what is not data
+    or has another extension goes to `skipped`."""
+    images = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        here = Path(dirpath)
+        skipped += [here / d for d in dirnames if not _is_data(here / d)]
+        dirnames[:] = sorted(d for d in dirnames if _is_data(here / d))
+        for name in filenames:
+            p = here / name
+            ok = _is_data(p) and p.suffix.lower() in IMAGE_EXTENSIONS
+            (images if ok else skipped).append(p)
+    return sorted(images)
+
+
 def folder_layout(root: Path) -> dict:
-    """{'train': [(path, class index)], 'test': [...] or None, 'classes': (...)} of an image folder:
-    <root>/train/<class>/* and <root>/test/<class>/*, or <root>/<class>/* (split later by
-    split_folder). Classes are the sorted sub-folder names (torchvision ImageFolder's rule).
-    Raises DatasetUnavailable (one line naming the folder) for a missing folder, an empty class
-    folder, fewer than two classes, or train/ and test/ with different classes."""
+    """{'train': [(path, class index)], 'test': [...] or None, 'classes': (...), 'skipped': [...]}
+    of an image folder: <root>/train/<class>/* and <root>/test/<class>/*, or <root>/<class>/*
+    (split later by split_folder). Classes are the sorted sub-folder names (torchvision
+    ImageFolder's rule); symbolic links are followed. Hidden files and folders, OS metadata
+    (__MACOSX/, macOS's ._ files, Thumbs.db) and files without an image extension are skipped and
+    reported once in one line. Raises DatasetUnavailable (one line naming the folder) for a missing
+    folder, train/ without test/ (or the reverse), an empty class folder, fewer than two classes,
+    or train/ and test/ with different classes."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetUnavailable(f"image folder {root} does not exist")
     parts = {"train": root / "train", "test": root / "test"}
-    if not all(p.is_dir() for p in parts.values()):
+    if parts["train"].is_dir() != parts["test"].is_dir():
+        has, lacks = ("train", "test") if parts["train"].is_dir() else ("test", "train")
+        raise DatasetUnavailable(f"image folder {root} has {has}/ but no {lacks}/: add {lacks}/<class>/ "
+                                 f"folders, or put the class folders directly in {root} to split "
+                                 f"them {1 - FOLDER_TEST_FRACTION:.0%}/{FOLDER_TEST_FRACTION:.0%}")
+    if not parts["train"].is_dir():
         parts = {"train": root, "test": None}
-    found = {}
+    found, skipped = {"skipped": []}, []
     for split, folder in parts.items():
         if folder is None:
             found[split] = None
             continue
-        classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        entries = [d for d in folder.iterdir()]
+        skipped += [d for d in entries if not _is_data(d) or not d.is_dir()]
+        classes = sorted(d.name for d in entries if d.is_dir() and _is_data(d))
         if len(classes) < 2:
             raise DatasetUnavailable(f"image folder {folder} has {len(classes)} class sub-folder"
                                      f"{'s' * (len(classes) != 1)}; it needs one per class, at least two")
         files = []
         for k, name in enumerate(classes):
-            images = sorted(p for p in (folder / name).rglob("*")
-                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            images = _class_images(folder / name, skipped)
             if not images:
                 raise DatasetUnavailable(f"class folder {folder / name} holds no images "
                                          f"({', '.join(IMAGE_EXTENSIONS)})")
@@ -270,6 +303,15 @@ def folder_layout(root: Path) -> dict:
         if "classes" in found and tuple(classes) != found["classes"]:
             raise DatasetUnavailable(f"{parts['train']} and {folder} have different class folders")
         found["classes"] = tuple(classes)
+    found["skipped"] = skipped
+    if skipped and root.resolve() not in _SKIP_REPORTED:
+        _SKIP_REPORTED.add(root.resolve())
+        names = ", ".join(p.relative_to(root).as_posix() + "/" * p.is_dir() for p in skipped[:4])
+        one = len(skipped) == 1
+        print(f"{root}: skipped {len(skipped)} {'entry' if one else 'entries'} that "
+              f"{'is' if one else 'are'} not an image of a class folder "
+              f"(hidden, OS metadata or another file type): {names}"
+              + (", ..." if len(skipped) > 4 else ""), flush=True)
     return found
 
 
@@ -306,6 +348,50 @@ def jpeg_quality(img) -> int | None:
     return _jpeg_quality_tables().get(tuple(table[0])) if 0 in table else None
 
 
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+ALPHA_BACKGROUND = "white"  # transparent pixels are composited onto this, in training and --predict
+
+
+def open_image(data: bytes, name: str):
+    """One image file's bytes as the pixels both training and --predict see: a Pillow image in mode
+    'L' (grey sources) or 'RGB', with the EXIF orientation applied (a phone photo stands as it was
+    taken), transparency composited onto ALPHA_BACKGROUND, palette and CMYK images converted, 16-bit
+    and 32-bit grey rescaled to 0-255 (not clipped to white). Also returns the file's format
+    ('PNG', 'JPEG q75'). Raises ValueError (one line naming `name`) for a file Pillow cannot read
+    and for one larger than Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)."""
+    import warnings
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                quality = jpeg_quality(img) if img.format == "JPEG" else None
+                fmt = f"JPEG q{quality}" if quality else str(img.format)
+                img = ImageOps.exif_transpose(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"{name} is too large to be a training or test image ({err.args[0].split('pixels')[0].strip()} "
+                         f"pixels; the limit is {Image.MAX_IMAGE_PIXELS}, Pillow's guard against "
+                         f"decompression bombs)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise ValueError(f"{name} is not an image Pillow can read ({type(err).__name__})") from None
+    grey = img.mode in GREY_MODES or (img.mode == "P" and _palette_is_grey(img))
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit grey: rescale, do not clip
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if values.max() > 255 else 255.0
+        img = Image.fromarray((values.clip(0, top) * (255.0 / top)).round().astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, ALPHA_BACKGROUND), rgba)
+    return img.convert("L" if grey else "RGB"), fmt
+
+
+def _palette_is_grey(img) -> bool:
+    """Whether a palette ('P') image uses only grey colours."""
+    rgb = np.asarray(img.convert("RGB"))
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+
+
 def decode_images(files: list, root: Path, image_size: int | None, show_progress: bool,
                   expect_side: int | None = None) -> dict:
     """Decode image files once with Pillow into uint8 N x 3 x H x W (or N x 1 x H x W when every
@@ -314,7 +400,7 @@ def decode_images(files: list, root: Path, image_size: int | None, show_progress
     image_size None: every image must be square and of one size (expect_side's, else the first
     image's); else each is resized (Lanczos) to image_size x image_size. Raises DatasetUnavailable
     naming the file that cannot be read, is not an image, is not square, or is of another size."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
     from tqdm.auto import tqdm
     arrays, grey, formats, digest = [], True, set(), hashlib.sha256()
     side, reference = expect_side, "the training images are"
@@ -325,15 +411,12 @@ def decode_images(files: list, root: Path, image_size: int | None, show_progress
             raise DatasetUnavailable(f"{path} could not be read ({err.strerror}); run again once "
                                      f"the folder is settled") from None
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                quality = jpeg_quality(img) if img.format == "JPEG" else None
-                formats.add(f"JPEG q{quality}" if quality else str(img.format))
-                grey &= img.mode in ("1", "L", "LA", "I", "I;16", "F")
-                rgb = img.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise DatasetUnavailable(f"{path} is not an image Pillow can read ({type(err).__name__}); "
-                                     f"remove it from the folder") from None
+            img, fmt = open_image(data, str(path))
+        except ValueError as err:
+            raise DatasetUnavailable(f"{err}; remove it from the folder") from None
+        formats.add(fmt)
+        grey &= img.mode == "L"
+        rgb = img.convert("RGB")
         w, h = rgb.size
         if image_size:
             if rgb.size != (image_size, image_size):
@@ -363,6 +446,14 @@ def folder_listing(root: Path, image_size: int | None, seed: int) -> tuple:
     layout = folder_layout(root)
     train, test = (layout["train"], layout["test"]) if layout["test"] is not None else \
         split_folder(layout["train"], seed)
+    counts = np.bincount([k for _, k in train + test], minlength=len(layout["classes"]))
+    in_test = np.bincount([k for _, k in test], minlength=len(layout["classes"]))
+    small = [f"{layout['classes'][k]} ({counts[k]} image{'s' * int(counts[k] != 1)})"
+             for k in range(len(counts)) if in_test[k] == 0]
+    if small and (root, "small") not in _SKIP_REPORTED:
+        _SKIP_REPORTED.add((root, "small"))
+        print(f"{root}: too small to test, so no test image and no test score: {', '.join(small)}; "
+              f"add images to these classes", flush=True)
     listing = hashlib.sha256(f"{CACHE_FORMAT} {image_size} {seed if layout['test'] is None else ''}"
                              .encode())
     for split, files in (("train", train), ("test", test)):
@@ -2277,28 +2368,34 @@ def load_trained(results_dir: Path, dataset: str, model: str, seed: int = 0) -> 
 
 
 def prepare_image(path: str, spec: DatasetSpec) -> torch.Tensor:
-    """A user's PNG/JPG as the training data look: uint8 1 x C x H x W.
+    """A user's image file as the training data look: uint8 1 x C x H x W.
 
-    Transparency is flattened onto white. Grey datasets (MNIST, Fashion-MNIST): light objects on a
-    black background, so a dark-on-light picture is inverted (judged by its border), the background
-    level is subtracted and the contrast stretched, the object is cropped to its bounding box,
-    scaled so its longer side is spec.object_size px and centred (MNIST: by its centre of mass).
-    Colour datasets (CIFAR-10): the centre square, resized. Raises ValueError (one line) for a
-    missing file or one that is not an image.
+    Opened by open_image, as the training images of an image folder are (EXIF orientation, alpha on
+    white, 16-bit grey rescaled). An image folder's run: resized to its training size exactly as
+    training resized (so a training image gives the very pixels it was trained on). Built-in grey
+    datasets (MNIST, Fashion-MNIST): light objects on a black background, so a dark-on-light picture
+    is inverted (judged by its border), the background level is subtracted and the contrast
+    stretched, the object is cropped to its bounding box, scaled so its longer side is
+    spec.object_size px and centred (MNIST: by its centre of mass). CIFAR-10: the centre square,
+    resized. Raises ValueError (one line) for a missing file or one that open_image refuses.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
     try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            img.load()
-    except FileNotFoundError:
-        raise ValueError(f"--predict: no such file: {path}") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"--predict: {path} is not an image that Pillow can read "
-                         f"({type(err).__name__})") from None
-    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
-    size = spec.image_size
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ValueError(f"--predict: no such file: {path}" if isinstance(err, FileNotFoundError)
+                         else f"--predict: {path} could not be read ({err.strerror})") from None
+    try:
+        img, _ = open_image(data, path)
+    except ValueError as err:
+        raise ValueError(f"--predict: {err}") from None
+    size, mode = spec.image_size, "RGB" if spec.in_channels == 3 else "L"
+    if spec.torchvision_class is None:  # a learner's folder: the training transform, nothing more
+        img = img.convert(mode)
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.LANCZOS)
+        x = torch.from_numpy(np.asarray(img).copy())
+        return (x.permute(2, 0, 1) if mode == "RGB" else x[None]).unsqueeze(0)
     if spec.in_channels == 3:
         img = ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.LANCZOS)
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).unsqueeze(0)
