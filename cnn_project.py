@@ -2573,7 +2573,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars; they are drawn only on a terminal anyway, and a log gets "
                         "one line per epoch")
-    args = p.parse_args(argv)
+    return check_args(p, p.parse_args(argv))
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Check parsed arguments and derive args.specs, args.seed_list and args.progress; an unknown
+    model or dataset or a bad number exits with status 2 and one line (argparse's p.error)."""
     unknown = [n for n in args.models if n not in MODELS_REGISTRY]
     if unknown:
         p.error(f"unknown model name(s): {', '.join(unknown)}; choose from {', '.join(MODELS_REGISTRY)}")
