@@ -1023,6 +1023,11 @@ def count_flops(model: nn.Module, shape: tuple, backward: bool = False, batch: i
 # TRAINING
 # =============================================================================================
 
+class RunsFailed(RuntimeError):
+    """Some runs of the grid ended as failed (diverged): their records are written, the exit status
+    is 1."""
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf, or stayed at chance level (ln num_classes) after an epoch."""
 
@@ -2517,10 +2522,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse and check the command line; unknown model/dataset names exit with status 2."""
     p = argparse.ArgumentParser(
-        description="Train LeNet-5, AlexNet, VGG, ResNet, GoogLeNet, Xception and SENet from scratch "
-                    "on MNIST, Fashion-MNIST and CIFAR-10, and compare them. A pair is skipped when "
-                    "its record has the same settings; an interrupted pair resumes from its last "
-                    "epoch.", formatter_class=_HelpFormatter)
+        description="Train LeNet-5, AlexNet, VGG-16-BN, ResNet-18, GoogLeNet, Xception and "
+                    "SE-ResNet-18 from scratch on MNIST, Fashion-MNIST and CIFAR-10, and compare them. "
+                    "A run is skipped when its record has the same settings; an interrupted run "
+                    "resumes from its last epoch.", formatter_class=_HelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS_REGISTRY), metavar="NAME",
                    help=f"architectures: {' '.join(MODELS_REGISTRY)}")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), metavar="NAME",
@@ -2530,25 +2535,30 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"CIFAR-10 is read from an image-folder copy under --data-dir ("
                         f"{', '.join(DATASETS['cifar10'].image_folders)}) when torchvision's files "
                         f"are not there")
-    p.add_argument("--epochs", type=int, help="epochs for every model (default: the preset's, per model)")
-    p.add_argument("--width", type=float, help="width multiplier for every model (default: preset's)")
+    p.add_argument("--epochs", type=int,
+                   help="epochs for every model on every dataset (default: the preset's epochs for "
+                        "each dataset, the same for every model)")
+    p.add_argument("--width", type=float,
+                   help="width multiplier for every model (default: the preset's: 0.25 with the cpu "
+                        "preset, LeNet-5 1.0; 1.0 with the gpu preset)")
     p.add_argument("--batch-size", type=int, default=RECIPE["batch_size"], help="images per step")
     p.add_argument("--lr", type=float, default=RECIPE["lr"], help="peak one-cycle learning rate")
     p.add_argument("--preset", choices=("auto", "cpu", "gpu"), default="auto",
-                   help="per-model epochs and widths; auto picks gpu when CUDA is used, else cpu")
+                   help="epochs per dataset and width per model; auto picks gpu when CUDA is used, "
+                        "else cpu")
     p.add_argument("--data-dir", default="./data", help="torchvision dataset root (downloads there)")
     p.add_argument("--image-size", type=int,
                    help="image folders: resize every image to N x N (default: the images' own "
                         "size, which must then be one square size)")
     p.add_argument("--no-flip", action="store_true",
                    help="image folders: no random horizontal flips (digits, text)")
-    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "cnn_project"),
+    p.add_argument("--cache-dir", default="~/.cache/cnn_project",
                    help="decoded image folders are cached here as uint8 tensors")
     p.add_argument("--results-dir", default="./results",
                    help="records, weights, checkpoints and plots go to <this>/cnn; the committed "
                         "reference run is in results/reference_cpu")
     p.add_argument("--seed", type=int, help="one seed for the validation split, the weights and the "
-                   "batches (default 0)")
+                   "batches (default: 0)")
     p.add_argument("--seeds", nargs="+", type=int, metavar="N",
                    help="train every pair once per seed, for the spread over seeds and paired tests: "
                         "one number N means seeds 0..N-1, several numbers are the seeds; each seed's "
@@ -2568,8 +2578,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--predict", nargs="+", metavar="IMAGE",
                    help="classify your own PNG/JPG images with a trained pair's weights: the top-3 "
                         "classes and whether the answer is confident (a rule chosen on validation "
-                        "images; LOW CONFIDENCE for images unlike the training data); with --dataset "
-                        "NAME and optionally --model NAME (default: the best on validation)")
+                        "images; LOW CONFIDENCE for images unlike the training data); with "
+                        "--datasets NAME (or --dataset) and optionally --models NAME (or --model; "
+                        "default: the best on validation)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars; they are drawn only on a terminal anyway, and a log gets "
                         "one line per epoch")
@@ -2608,6 +2619,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
                       else sorted(set(args.seeds)) if args.seeds else [args.seed or 0])
     args.seed = args.seed_list[0]
     args.progress = not args.no_progress and sys.stderr.isatty()  # bars would fill a log file
+    args.cache_dir = str(Path(args.cache_dir).expanduser())
     return args
 
 
@@ -2825,6 +2837,12 @@ def run_grid(args: argparse.Namespace) -> dict:
     results = collect_runs(args.results_dir)
     if results and accelerator.is_main_process:
         report(args.results_dir, results)
+    failed = [f"{run_name(d, m, seed)} ({r['failure_reason']})" for d in args.datasets
+              for m in args.models for seed, r in results.get(d, {}).get(m, {}).items()
+              if seed in args.seed_list and r["status"] != "ok"]
+    if failed:  # every run has its record, but not every one learned: a script must see it
+        raise RunsFailed(f"{_count(len(failed), 'run')} failed, the others finished: "
+                         f"{'; '.join(failed)} (their records say why; --force trains them again)")
     if unavailable:
         raise DatasetUnavailable(f"not trained, dataset unavailable: {', '.join(dict.fromkeys(unavailable))} "
                                  f"(see the message above)")
@@ -2832,7 +2850,9 @@ def run_grid(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    """Entry point; returns the process exit status (0 ok, 1 data/results problem, 130 interrupted)."""
+    """Entry point; returns the process exit status: 0 when every requested run finished and
+    learned, 1 with one 'error:' line otherwise (a dataset unavailable, a run failed, unusable
+    results), 2 for a bad command line (argparse), 130 when interrupted (finished runs kept)."""
     args = parse_args(argv)
     try:
         if args.predict:
@@ -2841,7 +2861,7 @@ def main(argv=None) -> int:
             report(args.results_dir)
         else:
             run_grid(args)
-    except (DatasetUnavailable, ResultsFileError, ValueError) as err:
+    except (DatasetUnavailable, ResultsFileError, RunsFailed, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -568,6 +568,10 @@ class LlamaCppLM:
         """
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         with self.lock:
+            # No prompt cache between calls: a reused prefix evaluates the rest in smaller batches,
+            # whose kernels round differently on some CPUs (AVX2 without AVX-512), and a seeded
+            # reply would then change from one call to the next.
+            self.llm.reset()
             self.llm.set_seed(int(settings.seed))
             greedy = settings.temperature <= 0
             processors = None

@@ -83,11 +83,17 @@ def big_png(path: Path) -> Path:
     return path
 
 
+def text_as_jpg(folder: Path) -> Path:
+    """A text file with an image's name."""
+    path = folder / "red" / "x.jpg"
+    path.write_text("hello")
+    return path
+
+
 FAILS = {  # kind: (how to make it, returns the path to blame, words of the one line)
     "decompression bomb": (lambda f: big_png(f / "red" / "huge.png"), "too large to be a training"),
     "train without test": (lambda f: (f / "train").mkdir() or f, "has train/ but no test/"),
-    "not an image": (lambda f: (f / "red" / "x.jpg").write_text("hello") or f / "red" / "x.jpg",
-                     "is not an image Pillow can read"),
+    "not an image": (text_as_jpg, "is not an image Pillow can read"),
 }
 
 

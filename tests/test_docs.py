@@ -95,20 +95,24 @@ def _quick_start_block() -> str:
     return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
 
 
-def _time_table() -> dict:
-    """The quick start's table of times: {command: {column: cell}}, the command without backticks and
-    without a trailing '(...)' note."""
+def _readme_table(first_column: str) -> dict:
+    """The README table whose header starts with `| first_column |`, as {first cell: {column: cell}}."""
     lines = README.read_text().splitlines()
-    head = next(i for i, line in enumerate(lines) if line.startswith("| command |"))
+    head = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column} |"))
     columns = [c.strip() for c in lines[head].strip("|").split("|")]
     rows = {}
     for line in lines[head + 2:]:
         if not line.startswith("|"):
             break
         cells = [c.strip() for c in line.strip("|").split("|")]
-        command = re.match(r"`([^`]+)`", cells[0]).group(1)
-        rows[command] = dict(zip(columns, cells))
+        rows[cells[0]] = dict(zip(columns, cells))
     return rows
+
+
+def _time_table() -> dict:
+    """The quick start's table of times: {command: {column: cell}}, the command without backticks and
+    without a trailing '(...)' note."""
+    return {re.match(r"`([^`]+)`", cell).group(1): row for cell, row in _readme_table("command").items()}
 
 
 def test_readme_quick_start_states_time_and_place_for_every_command():
@@ -190,16 +194,7 @@ MODELS = ("lenet5", "alexnet", "vgg", "resnet", "googlenet", "xception", "senet"
 
 def _glance_rows() -> dict:
     """The README's results-at-a-glance table as {dataset cell: {column: cell}}."""
-    lines = README.read_text().splitlines()
-    head = next(i for i, line in enumerate(lines) if line.startswith("| dataset |"))
-    columns = [c.strip() for c in lines[head].strip("|").split("|")]
-    rows = {}
-    for line in lines[head + 2:]:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[cells[0]] = dict(zip(columns, cells))
-    return rows
+    return _readme_table("dataset")
 
 
 def _summary() -> dict:
