@@ -1426,6 +1426,7 @@ def make_record(model_name: str, spec: DatasetSpec, t: Trainee, progress: dict,
         "throughput_img_s": images_seen / train_time if history["epoch"] else None,
         "target_val_accuracy": TARGET_VAL_ACCURACY.get(spec.name),
         "time_to_target_s": progress["time_to_target"], "test": None, "classes": list(spec.classes),
+        "still_improving": still_improving(history),  # the last epoch set the best validation accuracy
     }
 
 

@@ -33,7 +33,7 @@ RECORD_KEYS = {"format", "model", "model_display_name", "dataset", "status", "fa
                "history", "best_epoch", "best_val_accuracy", "params", "train_time_s",
                "throughput_img_s", "target_val_accuracy", "time_to_target_s", "test", "classes",
                "wall_time_s", "config", "versions", "weights", "finished_utc", "macs_per_image",
-               "train_flops_per_image", "train_flops", "confidence_threshold"}
+               "train_flops_per_image", "train_flops", "confidence_threshold", "still_improving"}
 HISTORY_KEYS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
                 "epoch_time_s"}
 TEST_KEYS = {"loss", "accuracy", "precision", "recall", "f1", "n_images", "confusion_matrix",
@@ -364,6 +364,7 @@ def test_tiny_run_writes_complete_records(tiny_run):
         assert 0 <= t["precision"] <= 1 and 0 <= t["recall"] <= 1 and 0 <= t["f1"] <= 1
         assert record["config"]["seed"] == 0 and record["versions"]["torch"] == torch.__version__
         assert record["params"] > 0 and record["throughput_img_s"] > 0
+        assert record["still_improving"] is False  # one epoch: nothing to rise from
 
 
 def test_tiny_run_records_cost_and_what_each_network_gets_wrong(tiny_run):
