@@ -760,6 +760,25 @@ def load_weights(path: Path) -> dict:
 
 
 @needs_mnist
+def test_ctrl_c_saves_says_so_and_exits_130(tmp_path):
+    """SIGINT (Ctrl-C, a notebook's stop button) after an epoch: exit status 130, one line saying
+    that finished work is kept, and the checkpoint there for the rerun."""
+    if not (SHARED_DATA / "MNIST" / "raw").is_dir():
+        pytest.skip("real MNIST not found in ../shared/data")
+    proc = subprocess.Popen(cli(tmp_path, "--models", "vgg", "--datasets", "mnist", "--epochs", "50",
+                                "--width", "0.125", "--subset", "512"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "epoch  1/50" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("interrupted: finished pairs and the last epoch")
+    assert "Traceback" not in err and "mnist/vgg: ok" not in out
+    assert cp.checkpoint_path(tmp_path, "mnist", "vgg").is_file()
+
+
 def test_killed_after_epoch_k_resumes_bit_identical(tmp_path):
     # AlexNet has dropout: the resumed run must also restore torch's global RNG.
     args = ("--models", "alexnet", "--datasets", "mnist", "--epochs", "3", "--width", "0.125",
