@@ -1897,13 +1897,13 @@ def compare_with_best(model_runs: dict, best_runs: dict) -> dict:
     """A model's runs {seed: record} against the best model's on the same test images: McNemar per
     common seed, the paired bootstrap interval of the mean accuracy difference, and the verdict
     (VERDICT_RULE). Differences are model minus best, in accuracy points (fractions)."""
-    seeds = [s for s in sorted(model_runs) if s in best_runs
-             and correct_on_test(model_runs[s]) is not None and correct_on_test(best_runs[s]) is not None]
+    pairs = {s: (correct_on_test(model_runs[s]), correct_on_test(best_runs[s]))
+             for s in sorted(model_runs) if s in best_runs}
+    seeds = [s for s, (x, y) in pairs.items() if x is not None and y is not None]
     if not seeds:
         return {"verdict": "not compared (no common seed with per-image test results)",
                 "seeds": [], "p_values": [], "difference": None, "ci_low": None, "ci_high": None}
-    a = [correct_on_test(model_runs[s]) for s in seeds]
-    b = [correct_on_test(best_runs[s]) for s in seeds]
+    a, b = [pairs[s][0] for s in seeds], [pairs[s][1] for s in seeds]
     tests = [mcnemar_exact(x, y) for x, y in zip(a, b)]
     same_images = all(np.array_equal(model_runs[s]["test"]["labels"], model_runs[seeds[0]]["test"]["labels"])
                       and len(x) == len(a[0]) for s, x in zip(seeds, a))
@@ -1924,28 +1924,34 @@ def best_models(runs: dict) -> dict:
     test set is not used). `runs` is collect_runs()'s {dataset: {model: {seed: record}}}."""
     best = {}
     for dataset, by_model in runs.items():
-        val = {m: pair_spread(seeds)["best_val_accuracy_mean"] for m, seeds in by_model.items()}
-        val = {m: v for m, v in val.items() if v is not None}
-        if val:
-            best[dataset] = max(val, key=val.get)
+        model = _best_of({m: pair_spread(seeds) for m, seeds in by_model.items()})
+        if model is not None:
+            best[dataset] = model
     return best
+
+
+def _best_of(spreads: dict) -> str | None:
+    """The model whose pair_spread has the highest mean validation accuracy (None: none finished)."""
+    val = {m: p["best_val_accuracy_mean"] for m, p in spreads.items()
+           if p["best_val_accuracy_mean"] is not None}
+    return max(val, key=val.get) if val else None
 
 
 def summarize(runs: dict) -> dict:
     """{dataset: {"best": model, "pairs": {model: pair_spread + compare_with_best}}}: the numbers
     behind the table, the CSV and the plots (runs: {dataset: {model: {seed: record}}})."""
-    best, out = best_models(runs), {}
+    out = {}
     for dataset, by_model in runs.items():
-        pairs = {}
+        pairs = {model: pair_spread(by_seed) for model, by_seed in by_model.items()}
+        best = _best_of(pairs)  # the spreads are computed once, for the choice and the table
         for model, by_seed in by_model.items():
-            pairs[model] = pair_spread(by_seed)
-            if model == best.get(dataset):
+            if model == best:
                 pairs[model]["verdict"] = "best on validation"
-            elif dataset in best and pairs[model]["n_seeds"]:
-                pairs[model].update(compare_with_best(by_seed, by_model[best[dataset]]))
+            elif best is not None and pairs[model]["n_seeds"]:
+                pairs[model].update(compare_with_best(by_seed, by_model[best]))
             else:
                 pairs[model]["verdict"] = "failed" if not pairs[model]["n_seeds"] else "no best to compare"
-        out[dataset] = {"best": best.get(dataset), "pairs": pairs}
+        out[dataset] = {"best": best, "pairs": pairs}
     return out
 
 
