@@ -2279,8 +2279,8 @@ def plot_misclassified(plt, dataset: str, r: dict, out: Path, columns: int = 8) 
     cap = 1 - smoothing + smoothing / len(classes)
     fig.suptitle(f"{record_label(r)}: the {n} most confident of {r['model_display_name']}'s {errors} "
                  f"test mistakes (seed {r['config'].get('seed', 0)})\nlabel smoothing {smoothing:g} "
-                 f"trains the network to give the right class {cap:.0%}, so confidences sit near "
-                 f"{cap:.0%} at most", fontsize=10)
+                 f"trains the network toward {cap:.0%} on the class it names, so its confidences "
+                 f"cluster near {cap:.0%}", fontsize=10)
     fig.tight_layout()
     return _figure(plt, out / f"misclassified_{dataset}.png", fig)
 
