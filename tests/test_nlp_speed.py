@@ -54,3 +54,16 @@ def test_chat_benchmark_reports_both_paths_and_their_ratio(tmp_path):
     assert report["decoding"]["temperature"] == 0.2 and report["cpu"] and report["n_threads"] >= 1
     turn5 = [r for r in report["runs"] if r["path"] == "app" and r["turn"] == 5][0]
     assert turn5["prompt_tokens"] > 100  # four earlier exchanges and the system prompt
+
+
+def test_docs_quote_the_committed_chat_benchmark():
+    report = json.loads((ROOT / "results" / "nlp" / "chat_speed_smollm2.json").read_text())
+    docs = (ROOT / "docs" / "nlp_project.md").read_text()
+    for turn in ("turn 1", "turn 5"):
+        row = report["summary"][turn]
+        app, direct = row["app"], row["direct"]
+        assert row["decode_ratio_paired_median"] >= 0.9  # the committed run meets the page's speed target
+        assert (f"| **{row['decode_ratio_paired_median']:.2f}** | {app['decode_tokens_per_s']:.1f} and "
+                f"{direct['decode_tokens_per_s']:.1f} tokens/s | {app['ttft_s'] * 1000:.0f} and "
+                f"{direct['ttft_s'] * 1000:.0f} ms |") in docs, turn
+    assert f"{report['repeats']} repeats" in docs and report["cpu"].startswith("AMD EPYC")
