@@ -765,9 +765,12 @@ def test_ctrl_c_saves_says_so_and_exits_130(tmp_path):
     that finished work is kept, and the checkpoint there for the rerun."""
     if not (SHARED_DATA / "MNIST" / "raw").is_dir():
         pytest.skip("real MNIST not found in ../shared/data")
+    # The child gets Ctrl-C's default handling even when the tests run in the background (a shell's `&`
+    # makes its children ignore SIGINT, and Python then never raises KeyboardInterrupt).
     proc = subprocess.Popen(cli(tmp_path, "--models", "vgg", "--datasets", "mnist", "--epochs", "50",
                                 "--width", "0.125", "--subset", "512"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
         if "epoch  1/50" in line:
             proc.send_signal(signal.SIGINT)
