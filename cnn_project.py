@@ -1565,7 +1565,7 @@ SUMMARY_COLUMNS = ("dataset", "data", "model", "n_seeds", "seeds", "epochs", "wi
                    "precision", "params", "macs_per_image", "train_flops_mean",
                    "best_val_accuracy_mean", "test_accuracy_mean", "test_accuracy_std",
                    "test_accuracy_min", "test_accuracy_max", "test_f1_mean", "test_f1_std",
-                   "train_time_s_mean", "throughput_img_s_mean", "still_improving", "verdict",
+                   "train_time_s_mean", "throughput_img_s_mean", "timed_on", "still_improving", "verdict",
                    "difference", "ci_low", "ci_high", "p_max", "p_values")
 
 
@@ -1877,7 +1877,8 @@ def pair_spread(by_seed: dict) -> dict:
     """One pair's runs {seed: record} summarised over seeds: the seeds, epochs, the mean and sample
     standard deviation (None for one seed) of test accuracy, macro precision, recall and F1, the
     min and max test accuracy, the means of validation accuracy, training time and throughput, and
-    how many runs were still improving at their last epoch (fractions, seconds, images/s)."""
+    how many runs were still improving at their last epoch (fractions, seconds, images/s). Time
+    and throughput are averaged over the runs on the lowest seed's hardware only ('timed_on')."""
     ok = {s: r for s, r in by_seed.items() if r["status"] == "ok" and r.get("test")}
     out = {"seeds": sorted(ok), "n_seeds": len(ok), "failed_seeds": sorted(set(by_seed) - set(ok)),
            "epochs": sorted({len(r["history"]["epoch"]) for r in by_seed.values()}),
@@ -1888,9 +1889,21 @@ def pair_spread(by_seed: dict) -> dict:
     accuracy = [r["test"]["accuracy"] for r in ok.values()]
     out["test_accuracy_min"] = min(accuracy) if ok else None
     out["test_accuracy_max"] = max(accuracy) if ok else None
-    for key in ("best_val_accuracy", "train_time_s", "throughput_img_s", "train_flops"):
+    for key in ("best_val_accuracy", "train_flops"):
         out[f"{key}_mean"] = _mean_std([r[key] for r in ok.values() if r.get(key) is not None])[0]
+    # Seconds only compare on one machine: time and throughput are the means over the runs made on
+    # the hardware of the pair's lowest seed (all of them, when every seed ran on one machine).
+    out["timed_on"] = hardware(ok[min(ok)]) if ok else None
+    timed = [r for r in ok.values() if hardware(r) == out["timed_on"]]
+    for key in ("train_time_s", "throughput_img_s"):
+        out[f"{key}_mean"] = _mean_std([r[key] for r in timed if r.get(key) is not None])[0]
     return out
+
+
+def hardware(record: dict) -> str:
+    """What a run trained on, as tables name it: the GPU's name (from its versions), or 'CPU'."""
+    on_gpu = str(record.get("config", {}).get("device", "cpu")).startswith("cuda")
+    return (record.get("versions", {}).get("gpu") or "GPU") if on_gpu else "CPU"
 
 
 def compare_with_best(model_runs: dict, best_runs: dict) -> dict:
@@ -2005,14 +2018,22 @@ def budget_note(by_model: dict) -> str:
 
 def mixed_settings(runs: dict) -> dict:
     """{dataset: 'preset (cpu, gpu), precision (bf16, no)'} for the settings, beyond each model's
-    own epochs and width and each run's seed, in which a dataset's records differ; datasets whose
-    records agree are left out."""
+    own epochs and width and each run's seed, in which a dataset's records differ, and the hardware
+    when they ran on more than one ('hardware (CPU: seed 0; NVIDIA H200: seeds 1, 2)'); datasets
+    whose records agree are left out."""
     own = ("model", "dataset", "epochs", "width", "data", "seed")
     shared = [k for k in SETTINGS_KEYS if k not in own]
     notes = {}
     for dataset, by_model in runs.items():
         values = {k: sorted({repr(settings_of(r)[k]) for r in records_of(by_model)}) for k in shared}
         differ = [f"{k} ({', '.join(v)})" for k, v in values.items() if len(v) > 1]
+        seeds_on = {}
+        for r in records_of(by_model):
+            seeds_on.setdefault(hardware(r), set()).add(r.get("config", {}).get("seed", 0))
+        if len(seeds_on) > 1:
+            differ.append("hardware (" + "; ".join(
+                f"{hw}: seed{'s' * (len(seeds) > 1)} {', '.join(map(str, sorted(seeds)))}"
+                for hw, seeds in sorted(seeds_on.items(), key=lambda kv: min(kv[1]))) + ")")
         if differ:
             notes[dataset] = ", ".join(differ)
     return notes
@@ -2091,6 +2112,9 @@ def print_table(runs: dict, summary: dict) -> None:
           f"verdicts: {VERDICT_RULE}.\nMMACs: forward multiply-adds per image, in millions")
     for dataset, note in mixed_settings(runs).items():
         print(f"  note: the {dataset} runs were trained with different {note}: compare with care")
+    timed_on = sorted({row["timed_on"] for row in pair_rows(runs, summary) if row["timed_on"]})
+    print(f"train s, img/s: mean over the runs on the hardware of each model's lowest seed "
+          f"({', '.join(timed_on)}); seconds from different machines are never averaged")
     names = {m: next(iter(by_seed.values()))["model_display_name"]
              for by_model in runs.values() for m, by_seed in by_model.items()}
     for dataset, by_model in runs.items():
@@ -2204,7 +2228,8 @@ def plot_cost(plt, rows: list, out: Path, notes: dict) -> Path:
     for row_axes, dataset in zip(axes, datasets):
         sub = [r for r in rows if r["dataset"] == dataset]
         for ax, key, xlabel in zip(row_axes, ("train_flops_mean", "train_time_s_mean"), (
-                "training compute, FLOPs (forward + backward, counted)", "training time, s")):
+                "training compute, FLOPs (forward + backward, counted)",
+                f"training time, s (on {', '.join(sorted({r['timed_on'] for r in sub}))})")):
             for r in sub:
                 if not r[key]:
                     continue
@@ -2459,15 +2484,30 @@ def confidence_verdict(top_probability: float, rule: dict | None, stats: dict | 
 
 
 def predict_run(results_dir: Path, dataset: str, models: list) -> tuple:
-    """(model, seed, record) whose weights --predict uses: the one model named, or the dataset's
-    best on validation (mean over seeds), at its lowest seed that kept weights. Raises
-    ResultsFileError (one line) when there is no such run."""
+    """(model, seed, record) whose weights --predict uses: the one model named, else the dataset's
+    best on validation (mean over seeds) that kept weights (a note says so when that is not the
+    best itself: a folder may keep only some models' weights), at its lowest seed whose weights file
+    is there. Raises ResultsFileError (one line) when there is no such run."""
     runs = {dataset: collect_runs(results_dir).get(dataset, {})}
-    model = models[0] if len(models) == 1 else best_models(runs).get(dataset)
+    folder = Path(results_dir) / "cnn" / dataset
+
+    def kept(model):  # the seeds of a model whose weights file is there, lowest first
+        return [s for s, r in sorted(runs[dataset].get(model, {}).items())
+                if r.get("weights") and (folder / r["weights"]).is_file()]
+    if len(models) == 1:
+        model = models[0]
+    else:
+        spreads = {m: pair_spread(seeds) for m, seeds in runs[dataset].items()}
+        ranked = sorted((m for m in spreads if spreads[m]["best_val_accuracy_mean"] is not None),
+                        key=lambda m: -spreads[m]["best_val_accuracy_mean"])
+        model = next((m for m in ranked if kept(m)), ranked[0] if ranked else None)
+        if model is not None and model != ranked[0]:
+            print(f"note: {MODELS_REGISTRY[ranked[0]][0]}, the best on validation, kept no weights "
+                  f"in {folder}; using {MODELS_REGISTRY[model][0]}, the best that did", flush=True)
     if model is None:
         raise ResultsFileError(f"no finished {dataset} records in {Path(results_dir) / 'cnn'}: "
                                f"train first, or name the model with --model")
-    seeds = [s for s, r in sorted(runs[dataset].get(model, {}).items()) if r.get("weights")]
+    seeds = kept(model)
     seed = seeds[0] if seeds else 0  # none: load_trained says which file is missing
     record = runs[dataset].get(model, {}).get(seed)
     return model, seed, record

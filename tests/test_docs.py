@@ -215,8 +215,9 @@ def test_readme_results_at_a_glance_match_the_committed_verdicts(dataset, label)
     name = {m: r["model_display_name"] for m, r in records.items()}
     row = next(r for cell, r in _glance_rows().items() if cell == label or cell.startswith(f"{label},"))
     tied_cell = row["tied at the top: the test set cannot separate them"]
-    best = summary["best"]
-    assert best == max(records, key=lambda m: records[m]["best_val_accuracy"])  # one seed: its val
+    best, pairs = summary["best"], summary["pairs"]
+    assert {p["n_seeds"] for p in pairs.values()} == {3}  # "3 seeds per model"
+    assert best == max(pairs, key=lambda m: pairs[m]["best_val_accuracy_mean"])  # chosen on validation
     assert tied_cell.startswith(f"{name[best]} (best on validation)")
     tied = [m for m, p in summary["pairs"].items() if p["verdict"] in ("best on validation",
                                                                       "tied with the best within noise")]
@@ -224,8 +225,8 @@ def test_readme_results_at_a_glance_match_the_committed_verdicts(dataset, label)
     assert len(tied) > 1  # as committed: no dataset has a single winner
     worse = [m for m, p in summary["pairs"].items() if p["verdict"] == "worse, p < 0.05"]
     assert row["separable: worse, p < 0.05"].split(", ") == [name[m] for m in worse]
-    acc = sorted(100 * records[m]["test"]["accuracy"] for m in tied)
-    assert row["their test accuracy"] == f"{acc[0]:.2f}-{acc[-1]:.2f}%"
+    acc = sorted(100 * pairs[m]["test_accuracy_mean"] for m in tied)
+    assert row["their test accuracy (mean of 3 seeds)"] == f"{acc[0]:.2f}-{acc[-1]:.2f}%"
     epochs = {r["config"]["epochs"] for r in records.values()}
     rules = {r["config"].get("budget_rule") for r in records.values()}
     assert len(epochs) == 1 and rules == {"equal epochs for every model on a dataset"}
@@ -293,22 +294,44 @@ def test_readme_cnn_wall_time_and_throughput_match_the_committed_logs():
     assert f"({min(speedups):.1f}-{max(speedups):.1f}× faster, MFU up to {100 * mfu:.0f}% on CPU)" in text
 
 
-def test_readme_ranges_of_the_five_later_designs_match_the_committed_records():
+def test_readme_ranges_of_the_five_later_designs_match_the_committed_summary():
     text = " ".join(README.read_text().split())
+    pairs = {d: v["pairs"] for d, v in _summary()["summary"].items()}
     later = ("vgg", "resnet", "googlenet", "xception", "senet")
     for dataset in ("mnist", "fashion_mnist", "cifar10"):
-        acc = sorted(100 * _record(dataset, m)["test"]["accuracy"] for m in later)
+        acc = sorted(100 * pairs[dataset][m]["test_accuracy_mean"] for m in later)
         assert f"{acc[0]:.2f}-{acc[-1]:.2f}%" in text, dataset
     for model in ("lenet5", "alexnet"):
-        assert f"({100 * _record('cifar10', model)['test']['accuracy']:.2f}%)" in text, model
+        assert f"({100 * pairs['cifar10'][model]['test_accuracy_mean']:.2f}%)" in text, model
+    stds = {(d, m): 100 * p["test_accuracy_std"] for d in pairs for m, p in pairs[d].items()}
+    worst = max(stds, key=stds.get)
+    assert worst == ("cifar10", "lenet5") and f"by up to {stds[worst]:.2f} points" in text
+    others = sorted(v for k, v in stds.items() if k != worst)
+    assert f"{others[0]:.2f}-{others[-1]:.2f} for the others" in text
 
 
 def test_readme_every_model_still_improving_at_its_last_epoch_is_true_of_the_records():
     assert "Every model was still improving at its last epoch" in " ".join(README.read_text().split())
-    for dataset in ("mnist", "fashion_mnist", "cifar10"):
-        for m in MODELS:
-            r = _record(dataset, m)
-            assert r["best_epoch"] == r["config"]["epochs"], (dataset, m)
+    for dataset, by_model in _summary()["runs"].items():
+        for m, by_seed in by_model.items():
+            for seed, r in by_seed.items():
+                assert r["best_epoch"] == r["config"]["epochs"], (dataset, m, seed)
+
+
+def test_readme_seeds_1_and_2_wall_time_and_hardware_match_their_log():
+    """Seeds 1 and 2 ran as parallel processes on one GPU; the log's status lines say when each
+    process ended (seconds after the start), and every record names that GPU."""
+    text = " ".join(README.read_text().split())
+    log = (ROOT / "results" / "reference_cpu" / "seeds_1_2_h200_run.log").read_text()
+    ends = [int(t) for t, name in re.findall(r"\[t=(\d+)s\] (cpu_\S+) rc=0", log)]
+    assert len(ends) == 20 and "as 20 processes sharing it" in text
+    runs = _summary()["runs"]
+    later = [r for by_model in runs.values() for by_seed in by_model.values()
+             for s, r in by_seed.items() if s in (1, 2)]
+    assert len(later) == 42 and {r["versions"]["gpu"] for r in later} == {"NVIDIA H200"}
+    assert {r["config"]["precision"] for by_model in runs.values() for by_seed in by_model.values()
+            for r in by_seed.values()} == {"bf16"}
+    assert f"42 trainings in {max(ends) // 60} min {max(ends) % 60:02d} s" in text
 
 
 @pytest.mark.parametrize("page", [README, ROOT / "docs" / "cnn_project.md"], ids=lambda p: p.name)
