@@ -660,9 +660,9 @@ def test_reference_run_does_not_stop_a_first_run():
 
 
 def test_reference_records_hold_cost_and_mistakes_and_its_best_weights_predict(tmp_path, capsys):
-    """The committed CPU run: every record has its cost and what it gets wrong; the weights of each
-    dataset's best model on validation are committed, and `--predict` with them names real test
-    images (saved as PNGs, as a user would) correctly."""
+    """The committed CPU run: every record has its cost and what it gets wrong; each dataset has
+    committed weights for the model --predict picks (the best on validation that kept weights), and
+    `--predict` with them names real test images (saved as PNGs, as a user would) correctly."""
     reference = ROOT / "results" / "reference_cpu"
     results = cp.collect_results(reference)
     for dataset, by_model in results.items():
@@ -677,8 +677,9 @@ def test_reference_records_hold_cost_and_mistakes_and_its_best_weights_predict(t
     if not (SHARED_DATA / "MNIST" / "raw").is_dir():
         pytest.skip("real MNIST not found in ../shared/data")
     from PIL import Image
-    for dataset, model in cp.best_models(cp.collect_runs(reference)).items():
-        assert cp.weights_path(reference, dataset, model).is_file(), (dataset, model)
+    for dataset in cp.best_models(cp.collect_runs(reference)):
+        model, seed, _ = cp.predict_run(reference, dataset, list(cp.MODELS_REGISTRY))
+        assert cp.weights_path(reference, dataset, model, seed).is_file(), (dataset, model, seed)
         if dataset == "cifar10":
             continue  # below, on the JPEG files themselves
         data = cp.load_splits(cp.DATASETS[dataset], str(SHARED_DATA), 0, 5000, 20, torch.device("cpu"))

@@ -127,6 +127,47 @@ def test_the_table_names_the_tied_group_not_a_single_winner(constructed, capsys)
     assert "still improving: 12 of 12 runs" in out and "could change with more training" in out
 
 
+def test_seconds_from_different_hardware_are_never_averaged(constructed, capsys):
+    """Seed 0 on the CPU, seeds 1 and 2 on a GPU (10x faster here): time and throughput are seed
+    0's alone, the note names each hardware with its seeds, and accuracy still uses every seed."""
+    runs = {"mnist": {m: {s: dict(r, config={"seed": s, "device": "cuda:0" if s else "cpu"},
+                              versions={"gpu": "NVIDIA H200" if s else None},
+                              train_time_s=1.0 if s else 10.0, throughput_img_s=1000.0 if s else 100.0)
+                          for s, r in by_seed.items()} for m, by_seed in constructed["mnist"].items()}}
+    pair = cp.summarize(runs)["mnist"]["pairs"]["worse"]
+    assert pair["timed_on"] == "CPU" and pair["n_seeds"] == 3
+    assert (pair["train_time_s_mean"], pair["throughput_img_s_mean"]) == (10.0, 100.0)
+    assert cp.mixed_settings(runs) == {"mnist": "hardware (CPU: seed 0; NVIDIA H200: seeds 1, 2)"}
+    cp.print_table(runs, cp.summarize(runs))
+    out = capsys.readouterr().out
+    assert "different hardware (CPU: seed 0; NVIDIA H200: seeds 1, 2): compare with care" in out
+    assert "the hardware of each model's lowest seed (CPU)" in out
+    same = cp.summarize(constructed)["mnist"]["pairs"]["worse"]  # one machine: every seed counts
+    assert same["timed_on"] == "CPU" and cp.mixed_settings(constructed) == {}
+
+
+def test_predict_uses_the_best_model_that_kept_weights(tmp_path, capsys):
+    """--predict without --model: the best on validation, or, when its weights are not there, the
+    next best that has them, with one line saying so."""
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 10, 100)
+    folder = tmp_path / "cnn" / "mnist"
+    folder.mkdir(parents=True)
+    for model, val in (("resnet", 0.99), ("vgg", 0.98), ("lenet5", 0.97)):
+        for seed in (0, 1):
+            record = fake_record(model, seed, val, rng.random(100) < 0.9, labels)
+            record["weights"] = f"{model}{'' if seed == 0 else f'.seed{seed}'}.safetensors"
+            cp.save_pickle(record, cp.result_path(tmp_path, "mnist", model, seed))
+    (folder / "vgg.seed1.safetensors").write_bytes(b"kept")  # only vgg's seed 1 kept weights
+    model, seed, record = cp.predict_run(tmp_path, "mnist", list(cp.MODELS_REGISTRY))
+    assert (model, seed, record["model"]) == ("vgg", 1, "vgg")
+    assert "note: ResNet-18, the best on validation, kept no weights" in capsys.readouterr().out
+    (folder / "resnet.safetensors").write_bytes(b"kept")
+    assert cp.predict_run(tmp_path, "mnist", list(cp.MODELS_REGISTRY))[:2] == ("resnet", 0)
+    assert capsys.readouterr().out == ""
+    assert cp.predict_run(tmp_path, "mnist", ["lenet5"])[:2] == ("lenet5", 0)  # named: as asked
+
+
 def test_a_record_without_test_labels_is_not_compared(constructed):
     runs = {"mnist": {m: {s: dict(r, test={k: v for k, v in r["test"].items() if k != "labels"})
                           for s, r in by_seed.items()} for m, by_seed in constructed["mnist"].items()}}
