@@ -27,7 +27,8 @@ test images (exact McNemar test per seed, paired bootstrap interval): a verdict 
 the best within noise" unless the test set can tell them apart. A record holds accuracy beside cost (parameters, forward
 MACs per image and training FLOPs counted with torch.utils.flop_counter, seconds, images/s) and what
 the network gets wrong (per-class accuracy, every test prediction, its most confident mistakes).
-The committed reference run is in results/reference_cpu.
+The committed reference run (CPU preset, 3 seeds of all 21 pairs) is in results/reference_cpu, the
+GPU preset's CIFAR-10 run in results/reference_gpu.
 Evidence (accuracies, wall time, hardware, torch version) is in docs/cnn_project.md.
 
 Sections: CONFIG, DATA, MODELS, TRAINING, CHECKPOINTS, RESULTS, COMPARISON, REPORT, PREDICT, CLI.

@@ -368,3 +368,32 @@ def test_the_cifar10_jpeg_recipe_writes_a_copy_the_program_reads(page, tmp_path,
     assert cp.data_label(spec, data["source"]) == "CIFAR-10, JPEG q75 copy"
     command = "python cnn_project.py --datasets cifar10 --data-dir cifar_jpeg"
     assert command in page.read_text()
+
+
+def test_readme_and_docs_gpu_preset_figures_match_its_committed_summary():
+    """The GPU preset's CIFAR-10 run (results/reference_gpu): the README's sentence and the docs'
+    table give its best, its tied model, the separable ones, their seeds and means as --report does."""
+    with open(ROOT / "results" / "reference_gpu" / "cnn_results.pkl", "rb") as f:
+        gpu = pickle.load(f)
+    cpu = _summary()["summary"]["cifar10"]["pairs"]
+    v = gpu["summary"]["cifar10"]
+    pairs, name = v["pairs"], {m: next(iter(s.values()))["model_display_name"]
+                               for m, s in gpu["runs"]["cifar10"].items()}
+    text = " ".join(README.read_text().split())
+    best = pairs[v["best"]]
+    assert v["best"] == "resnet" and f"ResNet-18 {100 * best['test_accuracy_mean']:.2f}% ({best['n_seeds']} seeds)" in text
+    tied = [m for m, p in pairs.items() if p["verdict"] == "tied with the best within noise"]
+    assert tied == ["senet"] and (f"tied with SE-ResNet-18 ({100 * pairs['senet']['test_accuracy_mean']:.2f}%, "
+                                  f"{pairs['senet']['n_seeds']} seed)") in text
+    worse = {m for m, p in pairs.items() if p["verdict"] == "worse, p < 0.05"}
+    assert worse == {"lenet5", "alexnet", "vgg", "googlenet", "xception"}
+    three = sorted(100 * pairs[m]["test_accuracy_mean"] for m in ("googlenet", "vgg", "xception"))
+    assert f"({three[0]:.2f}-{three[-1]:.2f}% for the first three)" in text
+    gains = [100 * (pairs[m]["test_accuracy_mean"] - cpu[m]["test_accuracy_mean"]) for m in pairs]
+    assert f"{min(gains):.0f}-{max(gains):.0f} points above the CPU preset for every model" in text
+    docs = (ROOT / "docs" / "cnn_project.md").read_text()
+    for m, p in pairs.items():
+        shown = f"**{name[m]}**" if m == v["best"] else name[m]
+        row = (f"| {shown} | {gpu['runs']['cifar10'][m][0]['params']:,} | {p['n_seeds']} | "
+               f"{100 * p['test_accuracy_mean']:.2f}% | {100 * cpu[m]['test_accuracy_mean']:.2f}% | ")
+        assert row in docs, row
