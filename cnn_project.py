@@ -2628,7 +2628,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "classes and whether the answer is confident (a rule chosen on validation "
                         "images; LOW CONFIDENCE for images unlike the training data); with "
                         "--datasets NAME (or --dataset) and optionally --models NAME (or --model; "
-                        "default: the best on validation)")
+                        "default: the best on validation that kept weights)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars; they are drawn only on a terminal anyway, and a log gets "
                         "one line per epoch")
