@@ -1944,11 +1944,18 @@ def best_models(runs: dict) -> dict:
     return best
 
 
-def _best_of(spreads: dict) -> str | None:
-    """The model whose pair_spread has the highest mean validation accuracy (None: none finished)."""
+def ranked_by_validation(spreads: dict) -> list:
+    """The models of {model: pair_spread} with a finished run, highest mean validation accuracy
+    first (ties in the dict's order)."""
     val = {m: p["best_val_accuracy_mean"] for m, p in spreads.items()
            if p["best_val_accuracy_mean"] is not None}
-    return max(val, key=val.get) if val else None
+    return sorted(val, key=lambda m: -val[m])
+
+
+def _best_of(spreads: dict) -> str | None:
+    """The model whose pair_spread has the highest mean validation accuracy (None: none finished)."""
+    ranked = ranked_by_validation(spreads)
+    return ranked[0] if ranked else None
 
 
 def summarize(runs: dict) -> dict:
@@ -2094,7 +2101,8 @@ def print_table(runs: dict, summary: dict) -> None:
     for dataset, by_model in runs.items():
         print(f"  {dataset} = {labels[dataset]}: {budget_note(by_model)}")
     print(header + "\n" + "-" * len(header))
-    for row in pair_rows(runs, summary):
+    rows = pair_rows(runs, summary)
+    for row in rows:
         lead = (f"{row['dataset']:<14}{row['model']:<14}{row['params']:>11,}"
                 f"{_fmt(row['macs_per_image'] and row['macs_per_image'] / 1e6, '{:.1f}'):>7}"
                 f"{row['epochs']:>4}{_fmt(row['width'], '{:g}'):>6}{row['n_seeds']:>6}")
@@ -2113,7 +2121,7 @@ def print_table(runs: dict, summary: dict) -> None:
           f"verdicts: {VERDICT_RULE}.\nMMACs: forward multiply-adds per image, in millions")
     for dataset, note in mixed_settings(runs).items():
         print(f"  note: the {dataset} runs were trained with different {note}: compare with care")
-    timed_on = sorted({row["timed_on"] for row in pair_rows(runs, summary) if row["timed_on"]})
+    timed_on = sorted({row["timed_on"] for row in rows if row["timed_on"]})
     print(f"train s, img/s: mean over the runs on the hardware of each model's lowest seed "
           f"({', '.join(timed_on)}); seconds from different machines are never averaged")
     names = {m: next(iter(by_seed.values()))["model_display_name"]
@@ -2498,9 +2506,7 @@ def predict_run(results_dir: Path, dataset: str, models: list) -> tuple:
     if len(models) == 1:
         model = models[0]
     else:
-        spreads = {m: pair_spread(seeds) for m, seeds in runs[dataset].items()}
-        ranked = sorted((m for m in spreads if spreads[m]["best_val_accuracy_mean"] is not None),
-                        key=lambda m: -spreads[m]["best_val_accuracy_mean"])
+        ranked = ranked_by_validation({m: pair_spread(seeds) for m, seeds in runs[dataset].items()})
         model = next((m for m in ranked if kept(m)), ranked[0] if ranked else None)
         if model is not None and model != ranked[0]:
             print(f"note: {MODELS_REGISTRY[ranked[0]][0]}, the best on validation, kept no weights "

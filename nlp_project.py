@@ -3540,6 +3540,18 @@ def _announce_tunnel(tunnel: subprocess.Popen) -> None:
           "locally" + ("" if announced else " (it never gave a URL)"), file=sys.stderr, flush=True)
 
 
+def _eval_parser(sub, name: str, help_text: str, model_help: str, data_file: str, data_help: str):
+    """A sub-command of the eval-* family with the arguments they share: --model, --data (a TSV under
+    results/nlp/ by default) and --backend."""
+    ev = sub.add_parser(name, help=help_text)
+    ev.add_argument("--model", default=None, help=model_help)
+    ev.add_argument("--data", default=str(Path(__file__).resolve().parent / "results/nlp" / data_file),
+                    help=data_help)
+    ev.add_argument("--backend", choices=["llama.cpp", "transformers"], default=None,
+                    help="for a .gguf file (default: llama.cpp when installed)")
+    return ev
+
+
 def cli(argv: list[str] | None = None) -> int:
     """Command line: `bench` measures a causal LM per backend, `eval-sentiment` scores by-prompt sentiment,
     `eval-qa` chooses the QA sure/guess threshold, `eval-facts` scores a chat model on factual questions.
@@ -3560,34 +3572,24 @@ def cli(argv: list[str] | None = None) -> int:
                        help="for a .gguf file: which backend(s) to measure (default both; llama.cpp if installed)")
     bench.add_argument("--out", default="results/nlp/bench_generation.json",
                        help="JSON file for the per-run figures (default results/nlp/bench_generation.json)")
-    ev = sub.add_parser("eval-sentiment", help="accuracy of by-prompt sentiment on a labelled TSV, plain and "
-                                               "calibrated")
-    ev.add_argument("--model", default=None, help="causal LM (default: local SmolLM2 GGUF)")
-    ev.add_argument("--data", default=str(Path(__file__).resolve().parent / "results/nlp/sentiment_set.tsv"),
-                    help="TSV of label<TAB>sentence lines (default: the 36 sentences in results/nlp/sentiment_set.tsv)")
-    ev.add_argument("--backend", choices=["llama.cpp", "transformers"], default=None,
-                    help="for a .gguf file (default: llama.cpp when installed)")
+    ev = _eval_parser(sub, "eval-sentiment", "accuracy of by-prompt sentiment on a labelled TSV, plain and "
+                                             "calibrated", "causal LM (default: local SmolLM2 GGUF)",
+                      "sentiment_set.tsv", "TSV of label<TAB>sentence lines (default: the 36 sentences in "
+                                           "results/nlp/sentiment_set.tsv)")
     ev.add_argument("--out", default="results/nlp/sentiment_by_prompt.json",
                     help="JSON file for accuracies and confusion counts (default results/nlp/sentiment_by_prompt.json)")
-    qa = sub.add_parser("eval-qa", help="score a model's answers on a labelled QA set and choose the score at and "
-                                        "above which the Question answering page stops calling an answer a guess")
-    qa.add_argument("--model", default=None, help="chat model (by prompt) or extractive QA model (default: local "
-                                                  "SmolLM2 GGUF)")
-    qa.add_argument("--data", default=str(Path(__file__).resolve().parent / "results/nlp/qa_set.tsv"),
-                    help="TSV of context<TAB>question<TAB>answers (default: the 50 questions in "
-                         "results/nlp/qa_set.tsv)")
-    qa.add_argument("--backend", choices=["llama.cpp", "transformers"], default=None,
-                    help="for a .gguf file (default: llama.cpp when installed)")
+    qa = _eval_parser(sub, "eval-qa", "score a model's answers on a labelled QA set and choose the score at and "
+                                      "above which the Question answering page stops calling an answer a guess",
+                      "chat model (by prompt) or extractive QA model (default: local SmolLM2 GGUF)",
+                      "qa_set.tsv", "TSV of context<TAB>question<TAB>answers (default: the 50 questions in "
+                                    "results/nlp/qa_set.tsv)")
     qa.add_argument("--out", default=str(RESULTS_DIR / QA_THRESHOLD_FILE),
                     help="JSON file of thresholds, one entry per model; the app reads "
                          "results/nlp/qa_threshold.json (the default)")
-    facts = sub.add_parser("eval-facts", help="a chat model's score on simple factual questions through the "
-                                              "Chatbot page's path, for several decodings")
-    facts.add_argument("--model", default=None, help="chat model (default: local SmolLM2 GGUF)")
-    facts.add_argument("--data", default=str(Path(__file__).resolve().parent / "results/nlp/facts_set.tsv"),
-                       help="TSV of category<TAB>question<TAB>answers (default: results/nlp/facts_set.tsv)")
-    facts.add_argument("--backend", choices=["llama.cpp", "transformers"], default=None,
-                       help="for a .gguf file (default: llama.cpp when installed)")
+    facts = _eval_parser(sub, "eval-facts", "a chat model's score on simple factual questions through the "
+                                            "Chatbot page's path, for several decodings",
+                         "chat model (default: local SmolLM2 GGUF)", "facts_set.tsv",
+                         "TSV of category<TAB>question<TAB>answers (default: results/nlp/facts_set.tsv)")
     facts.add_argument("--max-new-tokens", type=int, default=CONFIG["max_new_tokens"],
                        help=f"longest reply (tokens; default {CONFIG['max_new_tokens']}, the chat page's default)")
     facts.add_argument("--out", default=None, help="JSON file (default: results/nlp/facts_<model>.json, which the "
