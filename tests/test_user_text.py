@@ -1,6 +1,6 @@
 """What a learner reads speaks to the learner, not about how the project was built: no user-facing
-text (README.md, docs/*.md, the cells of colab.ipynb, the three programs' --help, the app's own
-strings) holds a placeholder repository (OWNER/REPO), a development-only path (../shared, the lock
+text (README.md, docs/*.md, the cells of colab.ipynb, the --help of the three programs and of
+benchmarks/nlp_eval.py, the app's own strings) holds a placeholder repository (OWNER/REPO), a development-only path (../shared, the lock
 file under /tmp), the word "workplace", or a reference to the project's issue tracker ("issue 12",
 "issues 10, 11 and 15", "#17", "the issue's targets").
 
@@ -72,8 +72,8 @@ def test_the_notebook_speaks_to_the_learner():
 
 
 HELP = [["cnn_project.py", "--help"], ["seq2seq_project.py", "--help"], ["nlp_project.py", "--help"],
-        ["nlp_project.py", "share", "--help"], ["nlp_project.py", "bench", "--help"],
-        ["nlp_project.py", "eval-sentiment", "--help"]]
+        ["nlp_project.py", "share", "--help"], ["benchmarks/nlp_eval.py", "--help"],
+        ["benchmarks/nlp_eval.py", "bench", "--help"], ["benchmarks/nlp_eval.py", "eval-sentiment", "--help"]]
 
 
 @pytest.mark.parametrize("args", HELP, ids=lambda a: " ".join(a))
