@@ -7,7 +7,16 @@ without attention.
     python seq2seq_project.py --report           # rebuild tables and plots from the saved pickles
     python seq2seq_project.py --predict 3 1 7 9  # load the saved model, print "9 7 1 3" and its attention map
 
-Reads top to bottom: config, data, model, training loop, evaluation, reporting, CLI.
+Sections, top to bottom (each opens with a "# ---" banner):
+  config          CONFIG (every key is also a CLI flag), seeding, device choice, config checks
+  data            distinct random integer sequences, disjoint splits, padded batches (SeqDataset)
+  model           Encoder ((bi)LSTM), AdditiveAttention (Bahdanau), Decoder (one step), Seq2Seq
+  training loop   train_model: one whole training run in one function; its small helpers follow it
+  evaluation      greedy decoding scored: exact match, token accuracy, P/R/F1, by length, attention maps
+  results         atomic files, pickles, tables, plots, the printed report
+  main pipeline   run (data -> both models -> results), load_model, predict
+  CLI             one flag per CONFIG key, main
+
 Everything here runs on a laptop CPU in minutes and uses CUDA when it is present.
 
 References
@@ -236,19 +245,21 @@ class Encoder(nn.Module):
         self.out_dim = hidden_size * self.num_dirs
 
     def forward(self, src, lengths):
-        B, S = src.shape
-        packed = pack_padded_sequence(self.embedding(src), lengths.cpu(), batch_first=True, enforce_sorted=False)
-        outputs, (h, c) = self.rnn(packed)
-        outputs, _ = pad_packed_sequence(outputs, batch_first=True, total_length=S)
+        B, S = src.shape  # src: (B, S) token ids
+        emb = self.embedding(src)  # (B, S, E)
+        packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)  # real tokens only
+        outputs, (h, c) = self.rnn(packed)  # h, c: (layers*dirs, B, H)
+        outputs, _ = pad_packed_sequence(outputs, batch_first=True, total_length=S)  # (B, S, D), zeros at padding
 
         def merge(x):  # (layers*dirs, B, H) -> (layers, B, dirs*H)
             return x.view(self.num_layers, self.num_dirs, B, -1).permute(0, 2, 1, 3).reshape(self.num_layers, B, -1)
 
-        return outputs, (merge(h), merge(c))
+        return outputs, (merge(h), merge(c))  # (B, S, D); h, c: (layers, B, D)
 
 
 class AdditiveAttention(nn.Module):
-    """Additive attention (Bahdanau, Cho & Bengio, ICLR 2015): score_j = v^T tanh(W_s s + W_h h_j).
+    """Additive attention (Bahdanau, Cho & Bengio, "Neural Machine Translation by Jointly Learning to Align and
+    Translate", ICLR 2015): score_j = v^T tanh(W_s s + W_h h_j), s the decoder state, h_j the encoder output j.
 
     forward(query (B, Q), keys (B, S, D), projected_keys (B, S, A) = project(keys), mask (B, S) bool,
     True at real source positions) -> context (B, D), weights (B, S).
@@ -267,9 +278,10 @@ class AdditiveAttention(nn.Module):
         return self.W_h(keys)
 
     def forward(self, query, keys, projected_keys, mask):
-        scores = self.v(torch.tanh(projected_keys + self.W_s(query).unsqueeze(1))).squeeze(-1)  # (B, S)
-        weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-        context = torch.bmm(weights.unsqueeze(1), keys).squeeze(1)  # (B, D)
+        query_part = self.W_s(query).unsqueeze(1)  # (B, 1, A): broadcast over the S source positions
+        scores = self.v(torch.tanh(projected_keys + query_part)).squeeze(-1)  # (B, S, A) -> (B, S)
+        weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)  # (B, S), rows sum to 1
+        context = torch.bmm(weights.unsqueeze(1), keys).squeeze(1)  # (B, 1, S) @ (B, S, D) -> (B, D)
         return context, weights
 
 
@@ -295,14 +307,16 @@ class Decoder(nn.Module):
         weights = None
         if self.attention is not None:
             # the query is the previous top-layer decoder state s_{t-1}, as in Bahdanau et al.
-            context, weights = self.attention(state[0][-1], enc_out, proj_keys, mask)
-            x = torch.cat([x, context], dim=-1)
-        out, state = self.rnn(x.unsqueeze(1), state)
-        return self.out(out.squeeze(1)), state, weights
+            context, weights = self.attention(state[0][-1], enc_out, proj_keys, mask)  # (B, D), (B, S)
+            x = torch.cat([x, context], dim=-1)  # (B, E + D)
+        out, state = self.rnn(x.unsqueeze(1), state)  # out: (B, 1, H); h, c: (num_layers, B, H)
+        return self.out(out.squeeze(1)), state, weights  # logits (B, V)
 
 
 class Seq2Seq(nn.Module):
-    """LSTM encoder-decoder, with or without additive attention (Sutskever 2014; Bahdanau 2015).
+    """LSTM encoder-decoder, with or without additive attention: Sutskever, Vinyals & Le, "Sequence to Sequence
+    Learning with Neural Networks" (NeurIPS 2014); Bahdanau, Cho & Bengio, "Neural Machine Translation by Jointly
+    Learning to Align and Translate" (ICLR 2015).
 
     forward(src (B, S), lengths (B,) CPU, tgt (B, T) or None, teacher_forcing_ratio, max_steps) ->
       logits (B, T', V) and attention (B, T', S) (None for the baseline).
@@ -324,16 +338,16 @@ class Seq2Seq(nn.Module):
 
     def forward(self, src, lengths, tgt=None, teacher_forcing_ratio=0.0, max_steps=None):
         B, S = src.shape
-        enc_out, (h, c) = self.encoder(src, lengths)
-        state = (torch.tanh(self.bridge_h(h)).contiguous(), self.bridge_c(c).contiguous())
+        enc_out, (h, c) = self.encoder(src, lengths)  # (B, S, D); h, c: (num_layers, B, D)
+        state = (torch.tanh(self.bridge_h(h)).contiguous(), self.bridge_c(c).contiguous())  # each (num_layers, B, H)
         mask = src != PAD  # (B, S)
-        proj = self.decoder.attention.project(enc_out) if self.use_attention else None
+        proj = self.decoder.attention.project(enc_out) if self.use_attention else None  # (B, S, A)
         steps = tgt.size(1) if tgt is not None else (max_steps or S + 2)
         prev = torch.full((B,), SOS, dtype=torch.long, device=src.device)
         finished = torch.zeros(B, dtype=torch.bool, device=src.device)
         all_logits, all_weights = [], []
         for t in range(steps):
-            logits, state, weights = self.decoder.step(prev, state, enc_out, proj, mask)
+            logits, state, weights = self.decoder.step(prev, state, enc_out, proj, mask)  # (B, V), weights (B, S)
             all_logits.append(logits)
             if weights is not None:
                 all_weights.append(weights)
@@ -349,9 +363,9 @@ class Seq2Seq(nn.Module):
                 prev = pred
             else:
                 use_gold = torch.rand(B, device=src.device) < teacher_forcing_ratio
-                prev = torch.where(use_gold, tgt[:, t], pred)
-        logits = torch.stack(all_logits, dim=1)
-        attention = torch.stack(all_weights, dim=1) if all_weights else None
+                prev = torch.where(use_gold, tgt[:, t], pred)  # (B,)
+        logits = torch.stack(all_logits, dim=1)  # (B, T', V)
+        attention = torch.stack(all_weights, dim=1) if all_weights else None  # (B, T', S)
         return logits, attention
 
 
@@ -359,6 +373,121 @@ def build_model(cfg, use_attention):
     """A Seq2Seq sized from the config; token ids cover the integers plus PAD, SOS, EOS."""
     return Seq2Seq(cfg["vocab_size"] + N_SPECIAL, cfg["emb_dim"], cfg["hidden_size"], cfg["num_layers"],
                    cfg["bidirectional"], use_attention, cfg["dropout"])
+
+
+# -----------------------------------------------------------------------------
+# training loop
+# -----------------------------------------------------------------------------
+def train_model(cfg, kind, data, device, log=print):
+    """Train one model ("attention" or "baseline") with Adam, gradient clipping and scheduled teacher forcing.
+
+    After each epoch both the validation set and a fixed training subset (as large as the validation set) are
+    scored with free-running greedy decoding. The checkpoint with the best validation exact match (ties: lower
+    validation loss) is kept; training stops after `patience` epochs without improvement, when validation
+    exact match reaches 1.0, at `epochs`, or when one more epoch would pass max_train_seconds of wall time.
+    The test set is not touched.
+    Returns (model with the chosen weights, history dict of per-epoch lists, info dict).
+    """
+    set_seed(cfg["seed"])  # same initialisation stream and batch order for both models
+    model = build_model(cfg, use_attention=(kind == "attention")).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    # halve the learning rate when validation exact match stalls: late epochs refine instead of oscillating
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=1)
+    gen = torch.Generator().manual_seed(cfg["seed"])  # shuffles the training set anew each epoch
+    train_probe = SeqDataset(data["train"].seqs[:len(data["val"])], device)  # scored like val: shows over-fitting
+    hist = {key: [] for key in HISTORY_KEYS}
+    best, best_state, best_epoch, since_best = None, None, -1, 0
+    t0, stop_reason = time.perf_counter(), None
+    for epoch in range(cfg["epochs"]):
+        model.train()
+        tf = teacher_forcing_at(cfg, epoch)  # probability of feeding the gold previous token this epoch
+        loss_sum, n_tok = torch.zeros((), device=device), 0  # summed on the device: no per-step .item() sync
+        for src, lengths, tgt in epoch_batches(data["train"], cfg, gen, f"{kind} epoch {epoch + 1}/{cfg['epochs']}"):
+            logits, _ = model(src, lengths, tgt=tgt, teacher_forcing_ratio=tf)  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=PAD)  # nats per target token
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            opt.step()
+            k = int((lengths + 1).sum())  # target tokens in the batch, EOS included (CPU lengths: no sync)
+            loss_sum += loss.detach() * k
+            n_tok += k
+        # validation: free-running greedy decoding on the validation set and on the training subset
+        tr, va = evaluate(model, train_probe), evaluate(model, data["val"])
+        elapsed = time.perf_counter() - t0
+        record_epoch(hist, epoch, tf, float(loss_sum) / n_tok, tr, va, opt.param_groups[0]["lr"], elapsed)
+        sched.step(va["exact_match"])
+        improved = best is None or (va["exact_match"], -va["loss"]) > best
+        if improved:  # keep a copy of the best weights so far: training goes on changing the model
+            best, best_epoch, since_best = (va["exact_match"], -va["loss"]), epoch + 1, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            since_best += 1
+        log_epoch(log, kind, hist, improved)
+        stop_reason = reason_to_stop(cfg, hist, since_best)
+        if stop_reason:
+            break
+    model.load_state_dict(best_state)
+    info = dict(train_seconds=time.perf_counter() - t0, best_epoch=best_epoch, epochs_run=len(hist["epoch"]),
+                stop_reason=stop_reason or "epochs", n_params=sum(p.numel() for p in model.parameters()))
+    return model, hist, info
+
+
+# the training loop's machinery: schedule, progress bar, history, log line, stopping rules
+def teacher_forcing_at(cfg, epoch):
+    """Teacher forcing ratio for a 0-based epoch: linear from teacher_forcing_ratio to teacher_forcing_min."""
+    if cfg["epochs"] <= 1:
+        return cfg["teacher_forcing_ratio"]
+    frac = epoch / (cfg["epochs"] - 1)
+    return cfg["teacher_forcing_ratio"] + frac * (cfg["teacher_forcing_min"] - cfg["teacher_forcing_ratio"])
+
+
+def epoch_batches(train, cfg, gen, desc):
+    """One epoch of shuffled (src, lengths, tgt) training batches behind a progress bar (shown on a terminal only)."""
+    from tqdm.auto import tqdm
+
+    n_batches = math.ceil(len(train) / cfg["batch_size"])
+    with tqdm(train.batches(cfg["batch_size"], gen), total=n_batches, leave=False, desc=desc,
+              disable=None, mininterval=1.0) as bar:
+        yield from bar
+
+
+# per-epoch history: train_loss_running is the mean teacher-forced training loss over the epoch's batches;
+# train_* / val_* are the training subset and the validation set scored after the epoch
+HISTORY_KEYS = ("epoch", "teacher_forcing_ratio", "train_loss_running", "train_loss", "train_token_acc",
+                "train_exact_match", "val_loss", "val_token_acc", "val_exact_match", "lr", "elapsed_s")
+
+
+def record_epoch(hist, epoch, tf, running_loss, tr, va, lr, elapsed):
+    """Append one epoch's numbers to the history lists (keys: HISTORY_KEYS)."""
+    for key, val in (("epoch", epoch + 1), ("teacher_forcing_ratio", tf), ("train_loss_running", running_loss),
+                     ("train_loss", tr["loss"]), ("train_token_acc", tr["token_acc"]),
+                     ("train_exact_match", tr["exact_match"]), ("val_loss", va["loss"]),
+                     ("val_token_acc", va["token_acc"]), ("val_exact_match", va["exact_match"]), ("lr", lr),
+                     ("elapsed_s", elapsed)):
+        hist[key].append(val)
+
+
+def log_epoch(log, kind, hist, improved):
+    """One log line for the latest epoch in `hist`; a * marks a new best validation score."""
+    h = {key: values[-1] for key, values in hist.items()}
+    log(f"[{kind}] epoch {h['epoch']:2d}  tf {h['teacher_forcing_ratio']:.2f}  "
+        f"train loss {h['train_loss_running']:.4f}  val loss {h['val_loss']:.4f}  "
+        f"val tok acc {h['val_token_acc']:.4f}  val exact {h['val_exact_match']:.4f}"
+        f"{'  *' if improved else ''}  ({h['elapsed_s']:.0f}s)")
+
+
+def reason_to_stop(cfg, hist, since_best):
+    """Why training should stop after the latest epoch in `hist`, or None to go on."""
+    if hist["val_exact_match"][-1] >= 1.0:
+        return "validation exact match reached 1.0"
+    if since_best >= cfg["patience"]:
+        return f"no validation improvement in {cfg['patience']} epochs"
+    elapsed = hist["elapsed_s"][-1]
+    epoch_s = elapsed - (hist["elapsed_s"][-2] if len(hist["elapsed_s"]) > 1 else 0.0)
+    if elapsed + epoch_s > cfg["max_train_seconds"]:  # another epoch would overrun the budget
+        return f"training budget of {cfg['max_train_seconds']:.0f}s reached"
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -458,94 +587,6 @@ def attention_examples(model, seqs, device):
         out.append(dict(source=list(seq), prediction=decode(ids),
                         weights=attn[0, :n_out].cpu().numpy().astype(np.float32)))
     return out
-
-
-# -----------------------------------------------------------------------------
-# training loop
-# -----------------------------------------------------------------------------
-def teacher_forcing_at(cfg, epoch):
-    """Teacher forcing ratio for a 0-based epoch: linear from teacher_forcing_ratio to teacher_forcing_min."""
-    if cfg["epochs"] <= 1:
-        return cfg["teacher_forcing_ratio"]
-    frac = epoch / (cfg["epochs"] - 1)
-    return cfg["teacher_forcing_ratio"] + frac * (cfg["teacher_forcing_min"] - cfg["teacher_forcing_ratio"])
-
-
-def train_model(cfg, kind, data, device, log=print):
-    """Train one model ("attention" or "baseline") with Adam, gradient clipping and scheduled teacher forcing.
-
-    After each epoch both the validation set and a fixed training subset (as large as the validation set) are
-    scored with free-running greedy decoding. The checkpoint with the best validation exact match (ties: lower
-    validation loss) is kept; training stops after `patience` epochs without improvement, when validation
-    exact match reaches 1.0, at `epochs`, or when one more epoch would pass max_train_seconds of wall time.
-    The test set is not touched.
-    Returns (model with the chosen weights, history dict of per-epoch lists, info dict).
-    """
-    from tqdm.auto import tqdm
-
-    set_seed(cfg["seed"])  # same initialisation stream and batch order for both models
-    model = build_model(cfg, use_attention=(kind == "attention")).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    # halve the learning rate when validation exact match stalls: late epochs refine instead of oscillating
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=1)
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    train_probe = SeqDataset(data["train"].seqs[:len(data["val"])], device)
-    hist = {k: [] for k in ("epoch", "teacher_forcing_ratio", "train_loss_running", "train_loss", "train_token_acc",
-                            "train_exact_match", "val_loss", "val_token_acc", "val_exact_match", "lr", "elapsed_s")}
-    best, best_state, best_epoch, since_best = None, None, -1, 0
-    t0, stop_reason = time.perf_counter(), "epochs"
-    for epoch in range(cfg["epochs"]):
-        model.train()
-        tf = teacher_forcing_at(cfg, epoch)
-        loss_sum = torch.zeros((), device=device)  # accumulated on the device: no per-step .item() sync
-        n_tok = 0
-        n_batches = math.ceil(len(data["train"]) / cfg["batch_size"])
-        bar = tqdm(data["train"].batches(cfg["batch_size"], gen), total=n_batches, leave=False,
-                   desc=f"{kind} epoch {epoch + 1}/{cfg['epochs']}", disable=None, mininterval=1.0)
-        for src, lengths, tgt in bar:
-            logits, _ = model(src, lengths, tgt=tgt, teacher_forcing_ratio=tf)
-            loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=PAD)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            opt.step()
-            k = int((lengths + 1).sum())  # CPU lengths: no sync
-            loss_sum += loss.detach() * k
-            n_tok += k
-        bar.close()
-        tr, va = evaluate(model, train_probe), evaluate(model, data["val"])
-        elapsed = time.perf_counter() - t0
-        for key, val in (("epoch", epoch + 1), ("teacher_forcing_ratio", tf),
-                         ("train_loss_running", float(loss_sum) / n_tok), ("train_loss", tr["loss"]),
-                         ("train_token_acc", tr["token_acc"]), ("train_exact_match", tr["exact_match"]),
-                         ("val_loss", va["loss"]), ("val_token_acc", va["token_acc"]),
-                         ("val_exact_match", va["exact_match"]), ("lr", opt.param_groups[0]["lr"]),
-                         ("elapsed_s", elapsed)):
-            hist[key].append(val)
-        sched.step(va["exact_match"])
-        improved = best is None or (va["exact_match"], -va["loss"]) > best
-        if improved:
-            best, best_epoch, since_best = (va["exact_match"], -va["loss"]), epoch + 1, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            since_best += 1
-        log(f"[{kind}] epoch {epoch + 1:2d}  tf {tf:.2f}  train loss {float(loss_sum) / n_tok:.4f}  "
-            f"val loss {va['loss']:.4f}  val tok acc {va['token_acc']:.4f}  val exact {va['exact_match']:.4f}"
-            f"{'  *' if improved else ''}  ({elapsed:.0f}s)")
-        if va["exact_match"] >= 1.0:
-            stop_reason = "validation exact match reached 1.0"
-            break
-        if since_best >= cfg["patience"]:
-            stop_reason = f"no validation improvement in {cfg['patience']} epochs"
-            break
-        epoch_s = elapsed - (hist["elapsed_s"][-2] if len(hist["elapsed_s"]) > 1 else 0.0)
-        if elapsed + epoch_s > cfg["max_train_seconds"]:  # another epoch would overrun the budget
-            stop_reason = f"training budget of {cfg['max_train_seconds']:.0f}s reached"
-            break
-    model.load_state_dict(best_state)
-    info = dict(train_seconds=time.perf_counter() - t0, best_epoch=best_epoch, epochs_run=len(hist["epoch"]),
-                stop_reason=stop_reason, n_params=sum(p.numel() for p in model.parameters()))
-    return model, hist, info
 
 
 # -----------------------------------------------------------------------------
