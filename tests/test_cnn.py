@@ -8,7 +8,7 @@ import csv
 import math
 import os
 import pickle
-import random
+import re
 import shutil
 import signal
 import subprocess
@@ -783,55 +783,66 @@ def test_ctrl_c_saves_says_so_and_exits_130(tmp_path):
     assert cp.checkpoint_path(tmp_path, "mnist", "vgg").is_file()
 
 
-def test_killed_after_epoch_k_resumes_bit_identical(tmp_path):
+# One reference run for both kill tests: two models with and without dropout, on two datasets,
+# trained without interruption (a pair trained alone gives the same record as in a grid).
+KILL_ARGS = ("--epochs", "3", "--width", "0.125", "--subset", "1500")
+KILL_GRID = ("--models", "lenet5", "alexnet", "--datasets", "mnist", "fashion_mnist")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The results folder of the kill tests' grid, trained without interruption."""
+    if not (SHARED_DATA / "FashionMNIST" / "raw").is_dir() or not (SHARED_DATA / "MNIST" / "raw").is_dir():
+        pytest.skip("real MNIST and Fashion-MNIST not found in ../shared/data")
+    ref = tmp_path_factory.mktemp("uninterrupted")
+    done = subprocess.run(cli(ref, *KILL_GRID, *KILL_ARGS), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return ref
+
+
+def test_killed_after_epoch_k_resumes_bit_identical(tmp_path, uninterrupted):
     # AlexNet has dropout: the resumed run must also restore torch's global RNG.
-    args = ("--models", "alexnet", "--datasets", "mnist", "--epochs", "3", "--width", "0.125",
-            "--subset", "2000")
-    assert subprocess.run(cli(tmp_path / "ref", *args), capture_output=True).returncode == 0
-    proc = subprocess.Popen(cli(tmp_path / "run", *args), stdout=subprocess.PIPE, text=True)
+    args = ("--models", "alexnet", "--datasets", "mnist", *KILL_ARGS)
+    proc = subprocess.Popen(cli(tmp_path, *args), stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if "epoch  1/3" in line:
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    assert cp.checkpoint_path(tmp_path / "run", "mnist", "alexnet").exists()
-    assert not cp.result_path(tmp_path / "run", "mnist", "alexnet").exists()
-    rerun = subprocess.run(cli(tmp_path / "run", *args), capture_output=True, text=True)
+    assert cp.checkpoint_path(tmp_path, "mnist", "alexnet").exists()
+    assert not cp.result_path(tmp_path, "mnist", "alexnet").exists()
+    rerun = subprocess.run(cli(tmp_path, *args), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     done = int(rerun.stdout.split("resuming from the checkpoint after epoch ")[1].split()[0])
     assert 1 <= done < 3 and "epoch  1/3" not in rerun.stdout and "epoch  3/3" in rerun.stdout
-    assert not cp.checkpoint_path(tmp_path / "run", "mnist", "alexnet").exists()
-    a, b = (cp.load_result(cp.result_path(tmp_path / d, "mnist", "alexnet")) for d in ("ref", "run"))
+    assert not cp.checkpoint_path(tmp_path, "mnist", "alexnet").exists()
+    a, b = (cp.load_result(cp.result_path(d, "mnist", "alexnet")) for d in (uninterrupted, tmp_path))
     assert comparable(a) == comparable(b)
-    wa, wb = (load_weights(cp.weights_path(tmp_path / d, "mnist", "alexnet")) for d in ("ref", "run"))
+    wa, wb = (load_weights(cp.weights_path(d, "mnist", "alexnet")) for d in (uninterrupted, tmp_path))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@needs_mnist
-def test_ten_sigkills_at_random_moments_lose_nothing(tmp_path):
-    if not (SHARED_DATA / "FashionMNIST" / "raw").is_dir():
-        pytest.skip("real Fashion-MNIST not found in ../shared/data")
-    args = ("--models", "lenet5", "alexnet", "--datasets", "mnist", "fashion_mnist", "--epochs", "3",
-            "--width", "0.125", "--subset", "1500")
-    assert subprocess.run(cli(tmp_path / "ref", *args), capture_output=True).returncode == 0
-    run, rng = tmp_path / "run", random.Random(0)
+# The moments of the kills, each counted from the run's own output so that it lands inside the work
+# on a fast or a slow machine: (epoch lines of this run to wait for, then seconds to wait). An epoch
+# line is printed just after that epoch's checkpoint is written, and each run resumes where the
+# previous kill left it: 2 s into start-up (imports, data loading); as LeNet-5's epoch 2 starts
+# (a checkpoint on disk); right after its last epoch (scoring, its record and weights being
+# written); mid-epoch in AlexNet; and after AlexNet's last epoch (its record, or the next pair).
+KILL_MOMENTS = ((0, 2.0), (1, 0.0), (2, 0.0), (2, 0.3), (1, 0.15))
+
+
+def test_sigkills_at_chosen_moments_lose_nothing(tmp_path, uninterrupted):
+    run, args = tmp_path / "run", (*KILL_GRID, *KILL_ARGS)
     finished, saw_checkpoint = {}, False
-    for _ in range(10):
-        # A random moment: 0.5-3 s after the start (loading, planning), or 0-0.5 s after a random
-        # epoch line of this run (training, checkpoint writes, scoring, record writes). Counted
-        # from the run's own output, so the kills land inside the work on a fast or a slow machine.
-        after_epochs, delay = rng.randint(0, 3), rng.uniform(0.0, 0.5)
+    for after_epochs, delay in KILL_MOMENTS:
         proc = subprocess.Popen(cli(run, *args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 text=True)
-        if after_epochs == 0:
-            delay = rng.uniform(0.5, 3.0)
-        else:
-            seen = 0
-            for line in proc.stdout:
-                seen += " epoch " in line
-                if seen == after_epochs:
-                    break
+        seen = 0
+        for line in proc.stdout if after_epochs else ():
+            seen += re.search(r" epoch +\d+/\d+: ", line) is not None  # not "resuming ... after epoch k"
+            if seen == after_epochs:
+                break
         time.sleep(delay)
         proc.kill()
         proc.wait(timeout=60)
@@ -846,7 +857,7 @@ def test_ten_sigkills_at_random_moments_lose_nothing(tmp_path):
             saw_checkpoint = True
             assert torch.load(path, weights_only=True)["format"] == cp.CHECKPOINT_FORMAT
         assert not list(run.rglob("*.corrupt"))
-    assert saw_checkpoint
+    assert saw_checkpoint and finished, "no kill landed after a checkpoint or a finished pair"
     final = subprocess.run(cli(run, *args), capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
     for path, mtime in finished.items():
@@ -854,7 +865,7 @@ def test_ten_sigkills_at_random_moments_lose_nothing(tmp_path):
     assert not list(run.rglob("*.checkpoint.pt")) and not list(run.rglob("*.tmp"))
     for dataset in ("mnist", "fashion_mnist"):
         for model in ("lenet5", "alexnet"):
-            a, b = (cp.load_result(cp.result_path(d, dataset, model)) for d in (tmp_path / "ref", run))
+            a, b = (cp.load_result(cp.result_path(d, dataset, model)) for d in (uninterrupted, run))
             assert comparable(a) == comparable(b), (dataset, model)
 
 
