@@ -62,6 +62,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 # =============================================================================================
 # CONFIG
 # =============================================================================================
@@ -103,32 +104,8 @@ def budget(preset: str, dataset: str, model: str) -> tuple:
             PRESETS[preset]["width"].get(model, DEFAULT_WIDTH[preset]))
 
 
-# Seconds per epoch of each model with the CPU preset: the mean epoch of the 2026-12-02 CIFAR-10
-# reference run (45,000 images of 3x32x32, bf16 autocast, the preset's widths, 2 AMD EPYC cores
-# with AVX-512 BF16 and no AMX; docs/cnn_project.md). The same day's MNIST and Fashion-MNIST epochs
-# (55,000 images of 1x28x28) took 0.71-1.06x of these, LeNet-5 0.56-0.59x: the grid's first ETA
-# said 1 h 04 min for a run of 54 min 51 s. The grid's ETA starts from them
-# (GridProgress) and rescales them by the pairs it has timed, so it adapts to any machine.
-SECONDS_PER_EPOCH = {"lenet5": 5, "alexnet": 20, "vgg": 30, "resnet": 56, "googlenet": 109,
-                     "xception": 99, "senet": 68}
-
 # Validation accuracy whose first crossing is recorded as "time to target" (seconds of training).
 TARGET_VAL_ACCURACY = {"mnist": 0.99, "fashion_mnist": 0.90, "cifar10": 0.80}
-
-# --predict calls an answer "low confidence" when its top softmax probability is below the 5% quantile
-# of the validation images', or below the level above which validation answers were right 95% of the
-# time (both chosen per trained run on validation data; see confidence_threshold).
-OOD_VAL_QUANTILE = 0.05
-CONFIDENT_ACCURACY = 0.95
-# ... and an image is "unlike the training images" when its pixel spread or its pixel-to-pixel
-# variation (image_statistics) falls outside the range of the middle 99% of validation images: a
-# blank picture and noise are caught there, where a network's softmax can still be sure (MSP alone
-# calls CIFAR-10 noise "frog" at 88%).
-INPUT_RANGE_QUANTILES = (0.005, 0.995)
-
-# A run whose training loss is still at ln(num_classes) and whose validation accuracy is at chance
-# after this many optimizer steps has diverged (or never started learning): it is marked failed.
-DIVERGED_MIN_STEPS = 200
 
 
 # =============================================================================================
@@ -178,50 +155,6 @@ DATASETS = {
                            image_folders=("CIFAR10-JPEG", "cifar10", "CIFAR-10")),
 }
 
-RESERVED_FOLDERS = ("plots", "superseded", "unreadable")  # the program's own folders under results/cnn
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-FOLDER_TEST_FRACTION = 0.2  # a folder without train/ and test/: this share of each class is test
-CACHE_FORMAT = "cnn_project/folder-cache/1"
-
-
-class DatasetUnavailable(RuntimeError):
-    """The dataset is neither on disk nor downloadable (offline), or an image folder is unusable."""
-
-
-def _torchvision_split(spec: DatasetSpec, root: str, train: bool):
-    """Return one split as (uint8 images N x C x H x W, int64 labels N), downloading if needed.
-
-    Raises DatasetUnavailable with a one-paragraph explanation if the files are missing and the
-    download fails.
-    """
-    import torchvision
-    cls = getattr(torchvision.datasets, spec.torchvision_class)
-    try:
-        try:
-            ds = cls(root, train=train, download=False)
-        except RuntimeError:  # not on disk (or corrupt): fetch it, as torchvision does when online
-            ds = cls(root, train=train, download=True)
-    except Exception as err:  # noqa: BLE001 - any download failure means the same thing to the user
-        where = Path(root).resolve() / spec.folder
-        copies = (f", or put an image-folder copy (train/<class>/*, test/<class>/*) in "
-                  f"{' or '.join(str(Path(root).resolve() / f) for f in spec.image_folders)}"
-                  if spec.image_folders else "")
-        raise DatasetUnavailable(
-            f"Dataset '{spec.name}' is not in {where} and could not be downloaded "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}). "
-            f"torchvision expects the files {', '.join(spec.files)} in that folder. Either connect "
-            f"to the internet and run again (torchvision downloads it), copy the files there"
-            f"{copies}, or point --data-dir at the folder that holds "
-            f"'{spec.folder.split('/')[0]}'.") from None
-    images = ds.data
-    images = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
-    if images.ndim == 3:                      # MNIST-like: N x H x W
-        images = images.unsqueeze(1)
-    else:                                     # CIFAR: N x H x W x C (numpy)
-        images = images.permute(0, 3, 1, 2)
-    labels = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
-    return images.contiguous(), labels
-
 
 @dataclass
 class Splits:
@@ -234,358 +167,6 @@ class Splits:
     test_y: torch.Tensor
     spec: DatasetSpec | None = None   # the dataset's spec (an image folder's, as read from it)
     source: dict | None = None        # where the images came from (read_dataset)
-
-
-# --- image folders: a learner's own data, or a copy of CIFAR-10 ------------------------------
-
-NOT_DATA = ("__MACOSX", "Thumbs.db", "desktop.ini", "$RECYCLE.BIN", "System Volume Information")
-_SKIP_REPORTED = set()  # folders whose skipped entries were already reported in this process
-
-
-def _is_data(p: Path) -> bool:
-    """Whether a folder entry can be data: not hidden ('.name', macOS's '._name'), not OS metadata."""
-    return not p.name.startswith(".") and p.name not in NOT_DATA
-
-
-def _class_images(folder: Path, skipped: list) -> list:
-    """The image files under one class folder (symbolic links followed, sorted); what is not data
-    or has another extension goes to `skipped`."""
-    images = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        here = Path(dirpath)
-        skipped += [here / d for d in dirnames if not _is_data(here / d)]
-        dirnames[:] = sorted(d for d in dirnames if _is_data(here / d))
-        for name in filenames:
-            p = here / name
-            ok = _is_data(p) and p.suffix.lower() in IMAGE_EXTENSIONS
-            (images if ok else skipped).append(p)
-    return sorted(images)
-
-
-def folder_layout(root: Path) -> dict:
-    """{'train': [(path, class index)], 'test': [...] or None, 'classes': (...), 'skipped': [...]}
-    of an image folder: <root>/train/<class>/* and <root>/test/<class>/*, or <root>/<class>/*
-    (split later by split_folder). Classes are the sorted sub-folder names (torchvision
-    ImageFolder's rule); symbolic links are followed. Hidden files and folders, OS metadata
-    (__MACOSX/, macOS's ._ files, Thumbs.db) and files without an image extension are skipped and
-    reported once in one line. Raises DatasetUnavailable (one line naming the folder) for a missing
-    folder, train/ without test/ (or the reverse), an empty class folder, fewer than two classes,
-    or train/ and test/ with different classes."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetUnavailable(f"image folder {root} does not exist")
-    parts = {"train": root / "train", "test": root / "test"}
-    if parts["train"].is_dir() != parts["test"].is_dir():
-        has, lacks = ("train", "test") if parts["train"].is_dir() else ("test", "train")
-        raise DatasetUnavailable(f"image folder {root} has {has}/ but no {lacks}/: add {lacks}/<class>/ "
-                                 f"folders, or put the class folders directly in {root} to split "
-                                 f"them {1 - FOLDER_TEST_FRACTION:.0%}/{FOLDER_TEST_FRACTION:.0%}")
-    if not parts["train"].is_dir():
-        parts = {"train": root, "test": None}
-    found, skipped = {"skipped": []}, []
-    for split, folder in parts.items():
-        if folder is None:
-            found[split] = None
-            continue
-        entries = [d for d in folder.iterdir()]
-        skipped += [d for d in entries if not _is_data(d) or not d.is_dir()]
-        classes = sorted(d.name for d in entries if d.is_dir() and _is_data(d))
-        if len(classes) < 2:
-            raise DatasetUnavailable(f"image folder {folder} has {len(classes)} class sub-folder"
-                                     f"{'s' * (len(classes) != 1)}; it needs one per class, at least two")
-        files = []
-        for k, name in enumerate(classes):
-            images = _class_images(folder / name, skipped)
-            if not images:
-                raise DatasetUnavailable(f"class folder {folder / name} holds no images "
-                                         f"({', '.join(IMAGE_EXTENSIONS)})")
-            files += [(p, k) for p in images]
-        found[split] = files
-        if "classes" in found and tuple(classes) != found["classes"]:
-            raise DatasetUnavailable(f"{parts['train']} and {folder} have different class folders")
-        found["classes"] = tuple(classes)
-    found["skipped"] = skipped
-    if skipped and root.resolve() not in _SKIP_REPORTED:
-        _SKIP_REPORTED.add(root.resolve())
-        names = ", ".join(p.relative_to(root).as_posix() + "/" * p.is_dir() for p in skipped[:4])
-        one = len(skipped) == 1
-        print(f"{root}: skipped {len(skipped)} {'entry' if one else 'entries'} that "
-              f"{'is' if one else 'are'} not an image of a class folder "
-              f"(hidden, OS metadata or another file type): {names}"
-              + (", ..." if len(skipped) > 4 else ""), flush=True)
-    return found
-
-
-def split_folder(files: list, seed: int) -> tuple:
-    """Seeded, per class: FOLDER_TEST_FRACTION of each class's files (at least one) to the test
-    split, the rest to training. Returns (train files, test files)."""
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for k in sorted({c for _, c in files}):
-        mine = [f for f in files if f[1] == k]
-        order = rng.permutation(len(mine))
-        n_test = max(1, round(FOLDER_TEST_FRACTION * len(mine))) if len(mine) > 1 else 0
-        test += [mine[i] for i in sorted(order[:n_test])]
-        train += [mine[i] for i in sorted(order[n_test:])]
-    return train, test
-
-
-@functools.lru_cache(maxsize=1)
-def _jpeg_quality_tables() -> dict:
-    """{luminance quantisation table: quality 1-100} of the IJG encoder that Pillow uses."""
-    from PIL import Image
-    tables = {}
-    for q in range(1, 101):
-        buf = io.BytesIO()
-        Image.new("RGB", (16, 16)).save(buf, "JPEG", quality=q)
-        tables.setdefault(tuple(Image.open(buf).quantization[0]), q)
-    return tables
-
-
-def jpeg_quality(img) -> int | None:
-    """The IJG quality (1-100) a Pillow JPEG image was saved with, or None (not a JPEG, or a
-    non-standard table)."""
-    table = getattr(img, "quantization", None) or {}
-    return _jpeg_quality_tables().get(tuple(table[0])) if 0 in table else None
-
-
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
-ALPHA_BACKGROUND = "white"  # transparent pixels are composited onto this, in training and --predict
-
-
-def open_image(data: bytes, name: str):
-    """One image file's bytes as the pixels both training and --predict see: a Pillow image in mode
-    'L' (grey sources) or 'RGB', with the EXIF orientation applied (a phone photo stands as it was
-    taken), transparency composited onto ALPHA_BACKGROUND, palette and CMYK images converted, 16-bit
-    and 32-bit grey rescaled to 0-255 (not clipped to white). Also returns the file's format
-    ('PNG', 'JPEG q75'). Raises ValueError (one line naming `name`) for a file Pillow cannot read
-    and for one larger than Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)."""
-    import warnings
-    from PIL import Image, ImageOps, UnidentifiedImageError
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                quality = jpeg_quality(img) if img.format == "JPEG" else None
-                fmt = f"JPEG q{quality}" if quality else str(img.format)
-                img = ImageOps.exif_transpose(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ValueError(f"{name} is too large to be a training or test image ({err.args[0].split('pixels')[0].strip()} "
-                         f"pixels; the limit is {Image.MAX_IMAGE_PIXELS}, Pillow's guard against "
-                         f"decompression bombs)") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise ValueError(f"{name} is not an image Pillow can read ({type(err).__name__})") from None
-    grey = img.mode in GREY_MODES or (img.mode == "P" and _palette_is_grey(img))
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit grey: rescale, do not clip
-        values = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if values.max() > 255 else 255.0
-        img = Image.fromarray((values.clip(0, top) * (255.0 / top)).round().astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, ALPHA_BACKGROUND), rgba)
-    return img.convert("L" if grey else "RGB"), fmt
-
-
-def _palette_is_grey(img) -> bool:
-    """Whether a palette ('P') image uses only grey colours."""
-    rgb = np.asarray(img.convert("RGB"))
-    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
-
-
-def decode_images(files: list, root: Path, image_size: int | None, show_progress: bool,
-                  expect_side: int | None = None) -> dict:
-    """Decode image files once with Pillow into uint8 N x 3 x H x W (or N x 1 x H x W when every
-    image is grey), with their labels, their formats ('PNG', 'JPEG q75') and a content hash
-    (sha256 over the lines '<sha256 of the file>  <path relative to root>', in the files' order).
-    image_size None: every image must be square and of one size (expect_side's, else the first
-    image's); else each is resized (Lanczos) to image_size x image_size. Raises DatasetUnavailable
-    naming the file that cannot be read, is not an image, is not square, or is of another size."""
-    from PIL import Image
-    from tqdm.auto import tqdm
-    arrays, grey, formats, digest = [], True, set(), hashlib.sha256()
-    side, reference = expect_side, "the training images are"
-    for path, _ in tqdm(files, desc="decoding images", leave=False, disable=not show_progress):
-        try:
-            data = Path(path).read_bytes()
-        except OSError as err:  # removed or made unreadable since the folder was listed
-            raise DatasetUnavailable(f"{path} could not be read ({err.strerror}); run again once "
-                                     f"the folder is settled") from None
-        try:
-            img, fmt = open_image(data, str(path))
-        except ValueError as err:
-            raise DatasetUnavailable(f"{err}; remove it from the folder") from None
-        formats.add(fmt)
-        grey &= img.mode == "L"
-        rgb = img.convert("RGB")
-        w, h = rgb.size
-        if image_size:
-            if rgb.size != (image_size, image_size):
-                rgb = rgb.resize((image_size, image_size), Image.Resampling.LANCZOS)
-        elif w != h:
-            raise DatasetUnavailable(f"{path} is {w}x{h}, not square: pass --image-size N to "
-                                     f"resize every image to N x N")
-        elif side is None:
-            side, reference = w, f"{path} is"
-        elif w != side:
-            raise DatasetUnavailable(
-                f"{path} is {w}x{h} but {reference} {side}x{side}: the images have mixed sizes; "
-                f"pass --image-size N to resize every image to N x N")
-        arrays.append(np.asarray(rgb))
-        rel = Path(path).relative_to(root).as_posix()
-        digest.update(f"{hashlib.sha256(data).hexdigest()}  {rel}\n".encode())
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    return {"x": (x[:, :1] if grey else x).contiguous(),
-            "y": torch.tensor([k for _, k in files], dtype=torch.int64),
-            "sha256": digest.hexdigest(), "formats": sorted(formats)}
-
-
-def folder_listing(root: Path, image_size: int | None, seed: int) -> tuple:
-    """(layout, train files, test files, key) of an image folder: the key (20 hex digits) hashes
-    every file's path, class, size and mtime with image_size (and the seed, for a folder split by
-    split_folder), so it changes when the folder does; it names the cache and a run's data."""
-    layout = folder_layout(root)
-    train, test = (layout["train"], layout["test"]) if layout["test"] is not None else \
-        split_folder(layout["train"], seed)
-    counts = np.bincount([k for _, k in train + test], minlength=len(layout["classes"]))
-    in_test = np.bincount([k for _, k in test], minlength=len(layout["classes"]))
-    small = [f"{layout['classes'][k]} ({counts[k]} image{'s' * int(counts[k] != 1)})"
-             for k in range(len(counts)) if in_test[k] == 0]
-    if small and (root, "small") not in _SKIP_REPORTED:
-        _SKIP_REPORTED.add((root, "small"))
-        print(f"{root}: too small to test, so no test image and no test score: {', '.join(small)}; "
-              f"add images to these classes", flush=True)
-    listing = hashlib.sha256(f"{CACHE_FORMAT} {image_size} {seed if layout['test'] is None else ''}"
-                             .encode())
-    for split, files in (("train", train), ("test", test)):
-        for path, k in files:
-            st = path.stat()
-            listing.update(f"{split} {path.relative_to(root).as_posix()} {k} {st.st_size} "
-                           f"{st.st_mtime_ns}\n".encode())
-    return layout, train, test, listing.hexdigest()[:20]
-
-
-def read_image_folder(root: Path, image_size: int | None, seed: int, cache_dir: Path | None,
-                      show_progress: bool = True, listing: tuple | None = None) -> dict:
-    """An image folder (see folder_layout) as uint8 tensors: {'train_x', 'train_y', 'test_x',
-    'test_y', 'classes', 'source'}, 'source' saying where the images came from (path, file count,
-    content hash, JPEG qualities). Decoded once: the tensors are cached in `cache_dir` under a key
-    of every file's path, size and mtime (and image_size, seed), so a changed folder is decoded
-    again; an unwritable cache only costs the decoding next time. `listing`: folder_listing's
-    answer when the caller has it (a stat of every file: seconds for CIFAR-10's 60,000). Raises
-    DatasetUnavailable."""
-    root = Path(root).resolve()
-    layout, train, test, key = listing or folder_listing(root, image_size, seed)
-    cache = Path(cache_dir) / f"{root.name}-{key}.pt" if cache_dir else None
-    if cache is not None and cache.exists():
-        try:
-            return torch.load(cache, weights_only=True)
-        except Exception:  # noqa: BLE001 - a broken cache is only decoded again
-            pass
-    if not test:
-        raise DatasetUnavailable(f"image folder {root} has too few images to split off a test set")
-    print(f"decoding {len(train) + len(test)} images of {root} (once; cached)", flush=True)
-    tr = decode_images(train, root, image_size, show_progress)
-    te = decode_images(test, root, image_size, show_progress, expect_side=tr["x"].shape[-1])
-    if tr["x"].shape[1] != te["x"].shape[1]:  # grey train, colour test (or the reverse): colour
-        tr["x"], te["x"] = tr["x"].expand(-1, 3, -1, -1), te["x"].expand(-1, 3, -1, -1)
-    h = hashlib.sha256(f"{tr['sha256']}\n{te['sha256']}\n".encode()).hexdigest()
-    out = {"train_x": tr["x"].contiguous(), "train_y": tr["y"], "test_x": te["x"].contiguous(),
-           "test_y": te["y"], "classes": list(layout["classes"]),
-           "source": {"kind": "image folder", "path": str(root), "files": len(train) + len(test),
-                      "train_files": len(train), "test_files": len(test),
-                      "split": "train/ and test/" if layout["test"] is not None else
-                               f"seeded {FOLDER_TEST_FRACTION:.0%} of each class to test (seed {seed})",
-                      "sha256": h, "formats": sorted(set(tr["formats"]) | set(te["formats"])),
-                      "resized_to": image_size}}
-    if cache is not None:
-        try:
-            _write_atomically(cache, lambda f: torch.save(out, f))
-        except OSError as err:
-            print(f"note: could not cache the decoded images in {cache.parent} ({err.strerror}); "
-                  f"they will be decoded again next time", flush=True)
-    return out
-
-
-def image_folder_spec(path: str, hflip: bool = True) -> DatasetSpec:
-    """The DatasetSpec of a learner's own image folder before it is read: named after the folder
-    (a results folder's name: lower-case ASCII [a-z0-9_], accents dropped, a short hash of the
-    original name added when letters were dropped, '_folder' added to a built-in dataset's name or
-    one of the program's own folders; the original name stays the title); channels, size, classes and statistics are
-    filled in by load_splits from the images. Augmented as CIFAR-10 is: translation by an eighth of
-    the side, and horizontal flips unless hflip=False (--no-flip: digits, text)."""
-    title = Path(path).resolve().name
-    ascii_title = unicodedata.normalize("NFKD", title).encode("ascii", "ignore").decode()
-    name = "".join(c if c.isalnum() else "_" for c in ascii_title.lower()).strip("_") or "images"
-    if ascii_title != title:  # letters were dropped: a stable suffix keeps two such names apart
-        name = f"{name}_{hashlib.sha1(title.encode()).hexdigest()[:6]}"
-    name = f"{name}_folder" if name in DATASETS or name in RESERVED_FOLDERS else name
-    return DatasetSpec(name, None, str(Path(path).resolve()), (), 0, 0, (), (), 0, hflip, (),
-                       title=title)
-
-
-def data_source(spec: DatasetSpec, root: str) -> str | None:
-    """Which copy of a dataset load_splits reads: None for torchvision's files (on disk, or to be
-    downloaded), else the image folder's path: a learner's folder, or a copy of a torchvision
-    dataset under --data-dir (spec.image_folders) when torchvision's files are not there."""
-    if spec.torchvision_class is None:
-        return spec.folder
-    if all((Path(root) / spec.folder / f).exists() for f in spec.files):
-        return None
-    return next((str(Path(root) / f) for f in spec.image_folders if (Path(root) / f).is_dir()), None)
-
-
-def data_listing(spec: DatasetSpec, root: str, image_size: int | None, seed: int) -> tuple | None:
-    """folder_listing of the image folder data_source picks, or None for torchvision's files.
-    Raises DatasetUnavailable (see folder_layout)."""
-    folder = data_source(spec, root)
-    return None if folder is None else folder_listing(Path(folder).resolve(), image_size, seed)
-
-
-def data_identity(spec: DatasetSpec, root: str, image_size: int | None, seed: int,
-                  listing: tuple | None = None) -> str:
-    """What a run's settings record of its data: 'torchvision', or 'image folder <key>' (see
-    folder_listing), so a changed folder or another copy is a run of other settings."""
-    listing = listing or data_listing(spec, root, image_size, seed)
-    return "torchvision" if listing is None else f"image folder {listing[3]}"
-
-
-def data_label(spec: DatasetSpec, source: dict | None) -> str:
-    """How tables and plots name the data: 'CIFAR-10', 'CIFAR-10, JPEG q75 copy', 'flowers (image
-    folder)'."""
-    title = spec.title or spec.name
-    if not source or source.get("kind") != "image folder":
-        return title
-    if spec.torchvision_class is None:
-        return f"{title} (image folder)"
-    formats = source.get("formats") or []
-    return f"{title}, {formats[0]} copy" if len(formats) == 1 and formats[0].startswith("JPEG") \
-        else f"{title}, image-folder copy"
-
-
-def read_dataset(spec: DatasetSpec, root: str, seed: int, image_size: int | None,
-                 cache_dir: str | None, show_progress: bool, listing: tuple | None = None) -> dict:
-    """{'train_x', 'train_y', 'test_x', 'test_y', 'classes', 'source'}: uint8 N x C x H x W images
-    and int64 labels of the copy data_source picks. A copy of a torchvision dataset must have its
-    classes, channels and size. Raises DatasetUnavailable."""
-    folder = data_source(spec, root)
-    if folder is None:
-        x, y = _torchvision_split(spec, root, train=True)
-        test_x, test_y = _torchvision_split(spec, root, train=False)
-        return {"train_x": x, "train_y": y, "test_x": test_x, "test_y": test_y,
-                "classes": list(spec.classes),
-                "source": {"kind": "torchvision", "class": spec.torchvision_class,
-                           "path": str((Path(root) / spec.folder).resolve()),
-                           "files": list(spec.files)}}
-    raw = read_image_folder(Path(folder), image_size, seed, cache_dir, show_progress, listing)
-    if spec.torchvision_class is not None:
-        got = (tuple(raw["classes"]), raw["train_x"].shape[1], raw["train_x"].shape[-1])
-        if got != (spec.classes, spec.in_channels, spec.image_size):
-            raise DatasetUnavailable(
-                f"{folder} is not a copy of {spec.title}: it has classes {', '.join(got[0])} at "
-                f"{got[1]}x{got[2]}x{got[2]}, {spec.title} has {', '.join(spec.classes)} at "
-                f"{spec.in_channels}x{spec.image_size}x{spec.image_size}")
-    return raw
 
 
 def load_splits(spec: DatasetSpec, root: str, seed: int, val_size: int, subset: int | None,
@@ -991,100 +572,9 @@ def build_model(name: str, in_channels: int, num_classes: int, width: float,
     return MODELS_REGISTRY[name][1](in_channels, num_classes, width, image_size)
 
 
-def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
-                         transposed, _output_padding, _groups, output_mask, out_shape=None, **kwargs):
-    """FLOPs of aten.convolution_backward: the input gradient and the weight gradient each cost
-    what the forward convolution costs. torch's own formula leaves `groups` out of the weight
-    gradient and so counts a depthwise convolution's (Xception's) C times over."""
-    from torch.utils.flop_counter import conv_flop_count
-    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
-    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
-
-
-def count_flops(model: nn.Module, shape: tuple, backward: bool = False, batch: int = 2) -> float:
-    """FLOPs per image of one forward pass (or forward + backward, as one training step does) of
-    `model` on images of `shape` (C, H, W), counted by torch.utils.flop_counter on a copy:
-    convolutions and matmuls, 2 FLOPs per multiply-add (forward FLOPs / 2 =
-    MACs); normalisation, activations and pooling are not counted. The images need no gradient, so
-    the first layer's input gradient is not counted. Draws no random numbers."""
-    from torch.utils.flop_counter import FlopCounterMode
-    # On the meta device: shapes only, no arithmetic (Xception's first CPU pass would spend seconds
-    # building oneDNN kernels) and no random draws; eval mode, as dropout changes no op count.
-    m = copy.deepcopy(model).to("meta").float().eval()
-    x = torch.zeros(batch, *shape, device="meta")
-    mapping = {torch.ops.aten.convolution_backward: _conv_backward_flops}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        out = m(x)
-        if backward:
-            out.float().sum().backward()
-    return counter.get_total_flops() / batch
-
-
 # =============================================================================================
 # TRAINING
 # =============================================================================================
-
-class RunsFailed(RuntimeError):
-    """Some runs of the grid ended as failed (diverged): their records are written, the exit status
-    is 1."""
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf, or stayed at chance level (ln num_classes) after an epoch."""
-
-
-def cpu_bf16_support() -> str:
-    """The CPU's native bf16 instructions as torch reports them: 'AMX', 'AVX-512 BF16', both
-    joined by ' and ', or '' when it has neither (AVX2-only CPUs, most laptops)."""
-    found = [name for name, probe in (("AVX-512 BF16", "_is_avx512_bf16_supported"),
-                                      ("AMX", "_is_amx_tile_supported"))
-             if getattr(torch.cpu, probe, lambda: False)()]
-    return " and ".join(found)
-
-
-def choose_precision(requested: str, on_cpu: bool) -> tuple:
-    """The autocast precision for this process's device, and why: (precision, reason).
-
-    requested: 'auto' | 'bf16' | 'fp16' | 'no' (fp32); anything but 'auto' is kept as asked.
-    'auto' follows the hardware, not torch.cuda.is_bf16_supported() (which also counts emulated
-    bf16, so it says True on a T4):
-      - a CPU with native bf16 (AVX-512 BF16 or AMX, as torch reports them: cpu_bf16_support):
-        bf16; without it fp32 ('no'), since emulated bf16 trains 7-12x slower than fp32 there;
-      - a CUDA GPU of compute capability >= 8.0 (A100, L4, RTX 30xx on): bf16, native there;
-      - 7.0 <= capability < 8.0 (V100, T4, RTX 20xx): fp16 with loss scaling (tensor cores do fp16,
-        bf16 is emulated);
-      - below 7.0 (P100, K80): fp32, as there are no tensor cores for mixed precision to use.
-    """
-    if requested != "auto":
-        return requested, "as asked (--precision)"
-    if on_cpu:
-        native = cpu_bf16_support()
-        if native:
-            return "bf16", f"CPU with native bf16 ({native})"
-        return "no", "CPU without native bf16 (no AVX-512 BF16, no AMX): fp32, emulated bf16 is slower"
-    major, minor = torch.cuda.get_device_capability()
-    gpu = f"{torch.cuda.get_device_name()}, compute capability {major}.{minor}"
-    if major >= 8:
-        return "bf16", f"{gpu} >= 8.0: native bf16"
-    if major >= 7:
-        return "fp16", f"{gpu} < 8.0: bf16 only emulated, fp16 with loss scaling"
-    return "no", f"{gpu} < 7.0: no tensor cores, fp32"
-
-
-def make_accelerator(device: str, precision: str):
-    """One accelerate.Accelerator for this process: device placement, autocast and (fp16) loss
-    scaling. device: 'auto' | 'cpu' | 'cuda'; precision: see choose_precision.
-    Raises ValueError for --device cuda without a visible GPU.
-    """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is visible")
-    on_cpu = device == "cpu" or not torch.cuda.is_available()
-    precision, _ = choose_precision(precision, on_cpu)
-    AcceleratorState._reset_state(True)  # a fresh state: tests and notebooks may call main() twice
-    return Accelerator(cpu=on_cpu, mixed_precision=precision)
-
 
 def parameter_groups(model: nn.Module, weight_decay: float):
     """Weight decay on conv/linear weights only; biases and norm scales/shifts are not decayed."""
@@ -1092,6 +582,100 @@ def parameter_groups(model: nn.Module, weight_decay: float):
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: dict, total_steps: int, fused: bool | None = None):
+    """The shared recipe's SGD (Nesterov) and one-cycle schedule for `total_steps` steps.
+
+    fused: torch's fused SGD kernel (one kernel for all parameters); None = only for parameters on
+    a GPU, where it saves a launch per parameter. On the CPU it was no faster than the default SGD
+    in benchmarks/cnn_benchmark.py (docs/benchmarks.md), so the default is kept there.
+    """
+    if fused is None:
+        fused = next(model.parameters()).is_cuda
+    kwargs = dict(lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True)
+    try:
+        optimizer = torch.optim.SGD(parameter_groups(model, cfg["weight_decay"]), fused=fused, **kwargs)
+    except (RuntimeError, TypeError):  # an older torch or a device without the fused kernel
+        optimizer = torch.optim.SGD(parameter_groups(model, cfg["weight_decay"]), **kwargs)
+    warmup = cfg["warmup_fraction"]
+    if math.isclose(warmup * total_steps, 1.0):
+        # OneCycleLR divides by (warmup * total_steps - 1): at exactly one warm-up step (5 steps
+        # at 20%) it raises ZeroDivisionError. Half a step more keeps every schedule length legal.
+        warmup = 1.5 / total_steps
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg["lr"], total_steps=total_steps,
+        pct_start=warmup, anneal_strategy="linear",
+        base_momentum=0.85, max_momentum=cfg["momentum"])
+    return optimizer, scheduler
+
+
+def epoch_batches(n_train: int, batch_size: int) -> tuple:
+    """(steps, images per step) of one epoch: full batches, the ragged last one dropped. A
+    training split smaller than one batch (a small image folder) is one step of its images, cut to
+    a multiple of 8: oneDNN's backward of a strided 1x1 convolution in channels_last (ResNet's
+    projection shortcut) crashes the process on batches of other sizes when it has few input
+    channels (torch 2.11 and 2.14 on the CPU; docs/cnn_project.md)."""
+    if n_train >= batch_size:
+        return n_train // batch_size, batch_size
+    return 1, n_train - n_train % 8 if n_train >= 8 else n_train
+
+
+@dataclass
+class Trainee:
+    """One architecture set up for training with the shared recipe: the (accelerate-prepared)
+    model, optimizer, one-cycle scheduler, loss, the shuffle/augment generators, the schedule's
+    length, and its cost, counted once before training."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    criterion: nn.Module
+    generators: dict
+    steps_per_epoch: int
+    images_per_epoch: int
+    params: int
+    macs_per_image: int            # forward multiply-adds per image (count_flops / 2)
+    train_flops_per_image: float   # forward + backward FLOPs per training image
+
+
+def setup_training(model_name: str, spec: DatasetSpec, n_train: int, epochs: int, width: float,
+                   cfg: dict, accelerator, seed: int) -> Trainee:
+    """Seed everything, build the model (channels_last, on the accelerator's device), count its
+    cost, and make its optimizer and schedule for `epochs` passes over `n_train` images.
+    Raises ValueError if the batch does not split evenly over the processes."""
+    from accelerate.utils import set_seed
+    set_seed(seed)
+    world = accelerator.num_processes
+    if cfg["batch_size"] % world:
+        raise ValueError(f"--batch-size {cfg['batch_size']} must be a multiple of the number of "
+                         f"processes ({world})")
+    model = build_model(model_name, spec.in_channels, len(spec.classes), width, spec.image_size)
+    model = model.to(memory_format=torch.channels_last)
+    shape = (spec.in_channels, spec.image_size, spec.image_size)
+    macs, train_flops = count_flops(model, shape) / 2, count_flops(model, shape, backward=True)
+    steps_per_epoch, batch = epoch_batches(n_train, cfg["batch_size"])
+    model = model.to(accelerator.device)  # before the optimizer, which picks its kernel by device
+    optimizer, scheduler = make_optimizer(model, cfg, epochs * steps_per_epoch)
+    # The scheduler is not handed to accelerate: it would step it once per process, for a batch
+    # that grows with the processes; here the global batch is split, so one step is one step.
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    # Shuffling: one generator seeded alike on every process, so all agree on each global batch and
+    # each takes its own slice of it (DDP averages the gradients: the step is that of the whole
+    # batch). Augmentation: a generator of each process's own. Both on the CPU, for reproducibility.
+    generators = {"shuffle": torch.Generator().manual_seed(seed),
+                  "augment": torch.Generator().manual_seed(seed + 1 + accelerator.process_index)}
+    return Trainee(prepared, optimizer, scheduler,
+                   nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"]), generators,
+                   steps_per_epoch, steps_per_epoch * batch,
+                   sum(p.numel() for p in model.parameters()), int(macs), float(train_flops))
+
+
+def new_progress() -> dict:
+    """What a run has learned so far and what a checkpoint keeps of it: the per-epoch history, the
+    best validation epoch and its weights, and the training seconds at which the target was hit."""
+    return {"history": {k: [] for k in ("epoch", "train_loss", "train_accuracy", "val_loss",
+                                        "val_accuracy", "lr", "epoch_time_s")},
+            "best_epoch": 0, "best_val_accuracy": -1.0, "best_state": None, "time_to_target": None}
 
 
 @torch.no_grad()
@@ -1155,43 +739,6 @@ def train_batch(model: nn.Module, optimizer, scheduler, criterion, x_uint8: torc
     return loss.detach(), logits.detach()
 
 
-def make_optimizer(model: nn.Module, cfg: dict, total_steps: int, fused: bool | None = None):
-    """The shared recipe's SGD (Nesterov) and one-cycle schedule for `total_steps` steps.
-
-    fused: torch's fused SGD kernel (one kernel for all parameters); None = only for parameters on
-    a GPU, where it saves a launch per parameter. On the CPU it was no faster than the default SGD
-    in benchmarks/cnn_benchmark.py (docs/benchmarks.md), so the default is kept there.
-    """
-    if fused is None:
-        fused = next(model.parameters()).is_cuda
-    kwargs = dict(lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True)
-    try:
-        optimizer = torch.optim.SGD(parameter_groups(model, cfg["weight_decay"]), fused=fused, **kwargs)
-    except (RuntimeError, TypeError):  # an older torch or a device without the fused kernel
-        optimizer = torch.optim.SGD(parameter_groups(model, cfg["weight_decay"]), **kwargs)
-    warmup = cfg["warmup_fraction"]
-    if math.isclose(warmup * total_steps, 1.0):
-        # OneCycleLR divides by (warmup * total_steps - 1): at exactly one warm-up step (5 steps
-        # at 20%) it raises ZeroDivisionError. Half a step more keeps every schedule length legal.
-        warmup = 1.5 / total_steps
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg["lr"], total_steps=total_steps,
-        pct_start=warmup, anneal_strategy="linear",
-        base_momentum=0.85, max_momentum=cfg["momentum"])
-    return optimizer, scheduler
-
-
-def epoch_batches(n_train: int, batch_size: int) -> tuple:
-    """(steps, images per step) of one epoch: full batches, the ragged last one dropped. A
-    training split smaller than one batch (a small image folder) is one step of its images, cut to
-    a multiple of 8: oneDNN's backward of a strided 1x1 convolution in channels_last (ResNet's
-    projection shortcut) crashes the process on batches of other sizes when it has few input
-    channels (torch 2.11 and 2.14 on the CPU; docs/cnn_project.md)."""
-    if n_train >= batch_size:
-        return n_train // batch_size, batch_size
-    return 1, n_train - n_train % 8 if n_train >= 8 else n_train
-
-
 def train_epoch(model, optimizer, scheduler, criterion, data: Splits, spec: DatasetSpec, cfg: dict,
                 accelerator, generators: dict, epoch: int, desc: str, show_progress: bool) -> tuple:
     """One pass over the training split in global batches of cfg['batch_size'] (the ragged last
@@ -1224,6 +771,91 @@ def train_epoch(model, optimizer, scheduler, criterion, data: Splits, spec: Data
     return (loss_sum / images).item(), (correct.float() / images).item()
 
 
+def fit(t: Trainee, data: Splits, spec: DatasetSpec, cfg: dict, accelerator, progress: dict,
+        epochs: int, label: str, show_progress: bool, stop_at_val_accuracy: float | None,
+        checkpoint: Path | None, settings: dict | None) -> str | None:
+    """Train from the epoch after `progress`'s last to `epochs`, updating `progress` (history, best
+    validation epoch and its weights, time to target) and writing a checkpoint after each epoch.
+    Returns None, or the failure reason if training diverged."""
+    history, target = progress["history"], TARGET_VAL_ACCURACY.get(spec.name)
+    try:
+        for epoch in range(len(history["epoch"]) + 1, epochs + 1):
+            t0 = time.perf_counter()
+            train_loss, train_acc = train_epoch(t.model, t.optimizer, t.scheduler, t.criterion, data,
+                                                spec, cfg, accelerator, t.generators, epoch,
+                                                f"{label} epoch {epoch}/{epochs}", show_progress)
+            epoch_time = time.perf_counter() - t0
+            val_loss, val_acc, _, _ = evaluate(t.model, data.val_x, data.val_y, spec, accelerator,
+                                               cfg["eval_batch_size"])
+            for k, v in zip(history, (epoch, train_loss, train_acc, val_loss, val_acc,
+                                      t.scheduler.get_last_lr()[0], epoch_time)):
+                history[k].append(v)
+            check_divergence(epoch, t.steps_per_epoch, train_loss, val_acc, len(spec.classes))
+            if val_acc > progress["best_val_accuracy"]:
+                progress.update(best_val_accuracy=val_acc, best_epoch=epoch, best_state=copy.deepcopy(
+                    accelerator.unwrap_model(t.model).state_dict()))
+            if progress["time_to_target"] is None and target is not None and val_acc >= target:
+                progress["time_to_target"] = sum(history["epoch_time_s"])
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, settings, progress, t.model, t.optimizer, t.scheduler,
+                                accelerator, t.generators)
+            accelerator.print(f"  {label} epoch {epoch:>2}/{epochs}: train loss {train_loss:.4f} acc "
+                              f"{train_acc:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | "
+                              f"{epoch_time:.1f}s", flush=True)
+            if stop_at_val_accuracy is not None and val_acc >= stop_at_val_accuracy:
+                break
+    except TrainingDiverged as err:
+        accelerator.print(f"  {label}: FAILED, {err}", flush=True)
+        return str(err)
+    return None
+
+
+def train_one(model_name: str, spec: DatasetSpec, data: Splits, epochs: int, width: float,
+              cfg: dict, accelerator, seed: int, show_progress: bool = True,
+              stop_at_val_accuracy: float | None = None, checkpoint: Path | None = None,
+              settings: dict | None = None) -> tuple:
+    """Train one architecture on one dataset with the shared recipe.
+
+    Returns (record, best_state): the result record (plain types, see RESULTS) and the state_dict
+    of the epoch with the best validation accuracy, which is restored before the test set is scored
+    (None if the run failed). `stop_at_val_accuracy` (in [0, 1]) ends training after the first
+    epoch whose validation accuracy reaches it (time-to-accuracy runs). With `checkpoint`, the
+    complete training state is written there atomically after every epoch (by the main process),
+    and a checkpoint already there whose settings equal `settings` is resumed from its last epoch:
+    on one CPU process the result is then bit-identical to an uninterrupted run. A diverged run
+    returns a record with status 'failed' and the reason instead of raising.
+    """
+    t = setup_training(model_name, spec, len(data.train_y), epochs, width, cfg, accelerator, seed)
+    progress = new_progress()
+    if checkpoint is not None:
+        progress = restore_checkpoint(checkpoint, settings, t.model, t.optimizer, t.scheduler,
+                                      accelerator, t.generators) or progress
+    label = f"{MODELS_REGISTRY[model_name][0]} / {spec.name}"
+    failure = fit(t, data, spec, cfg, accelerator, progress, epochs, label, show_progress,
+                  stop_at_val_accuracy, checkpoint, settings)
+    record = make_record(model_name, spec, t, progress, failure)
+    if failure:
+        return record, None
+    accelerator.unwrap_model(t.model).load_state_dict(progress["best_state"])
+    record["confidence_threshold"] = confidence_threshold(t.model, data, spec, cfg, accelerator)
+    record["test"] = score_test(t.model, data, spec, cfg, accelerator)
+    return record, progress["best_state"]
+
+
+class RunsFailed(RuntimeError):
+    """Some runs of the grid ended as failed (diverged): their records are written, the exit status
+    is 1."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf, or stayed at chance level (ln num_classes) after an epoch."""
+
+
+# A run whose training loss is still at ln(num_classes) and whose validation accuracy is at chance
+# after this many optimizer steps has diverged (or never started learning): it is marked failed.
+DIVERGED_MIN_STEPS = 200
+
+
 def check_divergence(epoch: int, steps_per_epoch: int, train_loss: float, val_acc: float,
                      num_classes: int) -> None:
     """Raise TrainingDiverged for a non-finite loss, or one still at chance level (ln num_classes,
@@ -1234,6 +866,100 @@ def check_divergence(epoch: int, steps_per_epoch: int, train_loss: float, val_ac
             and train_loss > 0.95 * math.log(num_classes)):
         raise TrainingDiverged(f"loss stuck at chance level (ln {num_classes} = "
                                f"{math.log(num_classes):.3f}) after epoch {epoch}")
+
+
+def cpu_bf16_support() -> str:
+    """The CPU's native bf16 instructions as torch reports them: 'AMX', 'AVX-512 BF16', both
+    joined by ' and ', or '' when it has neither (AVX2-only CPUs, most laptops)."""
+    found = [name for name, probe in (("AVX-512 BF16", "_is_avx512_bf16_supported"),
+                                      ("AMX", "_is_amx_tile_supported"))
+             if getattr(torch.cpu, probe, lambda: False)()]
+    return " and ".join(found)
+
+
+def choose_precision(requested: str, on_cpu: bool) -> tuple:
+    """The autocast precision for this process's device, and why: (precision, reason).
+
+    requested: 'auto' | 'bf16' | 'fp16' | 'no' (fp32); anything but 'auto' is kept as asked.
+    'auto' follows the hardware, not torch.cuda.is_bf16_supported() (which also counts emulated
+    bf16, so it says True on a T4):
+      - a CPU with native bf16 (AVX-512 BF16 or AMX, as torch reports them: cpu_bf16_support):
+        bf16; without it fp32 ('no'), since emulated bf16 trains 7-12x slower than fp32 there;
+      - a CUDA GPU of compute capability >= 8.0 (A100, L4, RTX 30xx on): bf16, native there;
+      - 7.0 <= capability < 8.0 (V100, T4, RTX 20xx): fp16 with loss scaling (tensor cores do fp16,
+        bf16 is emulated);
+      - below 7.0 (P100, K80): fp32, as there are no tensor cores for mixed precision to use.
+    """
+    if requested != "auto":
+        return requested, "as asked (--precision)"
+    if on_cpu:
+        native = cpu_bf16_support()
+        if native:
+            return "bf16", f"CPU with native bf16 ({native})"
+        return "no", "CPU without native bf16 (no AVX-512 BF16, no AMX): fp32, emulated bf16 is slower"
+    major, minor = torch.cuda.get_device_capability()
+    gpu = f"{torch.cuda.get_device_name()}, compute capability {major}.{minor}"
+    if major >= 8:
+        return "bf16", f"{gpu} >= 8.0: native bf16"
+    if major >= 7:
+        return "fp16", f"{gpu} < 8.0: bf16 only emulated, fp16 with loss scaling"
+    return "no", f"{gpu} < 7.0: no tensor cores, fp32"
+
+
+def make_accelerator(device: str, precision: str):
+    """One accelerate.Accelerator for this process: device placement, autocast and (fp16) loss
+    scaling. device: 'auto' | 'cpu' | 'cuda'; precision: see choose_precision.
+    Raises ValueError for --device cuda without a visible GPU.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is visible")
+    on_cpu = device == "cpu" or not torch.cuda.is_available()
+    precision, _ = choose_precision(precision, on_cpu)
+    AcceleratorState._reset_state(True)  # a fresh state: tests and notebooks may call main() twice
+    return Accelerator(cpu=on_cpu, mixed_precision=precision)
+
+
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
+                         transposed, _output_padding, _groups, output_mask, out_shape=None, **kwargs):
+    """FLOPs of aten.convolution_backward: the input gradient and the weight gradient each cost
+    what the forward convolution costs. torch's own formula leaves `groups` out of the weight
+    gradient and so counts a depthwise convolution's (Xception's) C times over."""
+    from torch.utils.flop_counter import conv_flop_count
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def count_flops(model: nn.Module, shape: tuple, backward: bool = False, batch: int = 2) -> float:
+    """FLOPs per image of one forward pass (or forward + backward, as one training step does) of
+    `model` on images of `shape` (C, H, W), counted by torch.utils.flop_counter on a copy:
+    convolutions and matmuls, 2 FLOPs per multiply-add (forward FLOPs / 2 =
+    MACs); normalisation, activations and pooling are not counted. The images need no gradient, so
+    the first layer's input gradient is not counted. Draws no random numbers."""
+    from torch.utils.flop_counter import FlopCounterMode
+    # On the meta device: shapes only, no arithmetic (Xception's first CPU pass would spend seconds
+    # building oneDNN kernels) and no random draws; eval mode, as dropout changes no op count.
+    m = copy.deepcopy(model).to("meta").float().eval()
+    x = torch.zeros(batch, *shape, device="meta")
+    mapping = {torch.ops.aten.convolution_backward: _conv_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        out = m(x)
+        if backward:
+            out.float().sum().backward()
+    return counter.get_total_flops() / batch
+
+
+# --predict calls an answer "low confidence" when its top softmax probability is below the 5% quantile
+# of the validation images', or below the level above which validation answers were right 95% of the
+# time (both chosen per trained run on validation data; see confidence_threshold).
+OOD_VAL_QUANTILE = 0.05
+CONFIDENT_ACCURACY = 0.95
+# ... and an image is "unlike the training images" when its pixel spread or its pixel-to-pixel
+# variation (image_statistics) falls outside the range of the middle 99% of validation images: a
+# blank picture and noise are caught there, where a network's softmax can still be sure (MSP alone
+# calls CIFAR-10 noise "frog" at 88%).
+INPUT_RANGE_QUANTILES = (0.005, 0.995)
 
 
 def score_test(model, data: Splits, spec: DatasetSpec, cfg: dict, accelerator,
@@ -1312,102 +1038,6 @@ def image_statistics(x_uint8: torch.Tensor) -> dict:
     return {"pixel spread": spread.cpu().numpy(), "pixel-to-pixel variation": variation.cpu().numpy()}
 
 
-def new_progress() -> dict:
-    """What a run has learned so far and what a checkpoint keeps of it: the per-epoch history, the
-    best validation epoch and its weights, and the training seconds at which the target was hit."""
-    return {"history": {k: [] for k in ("epoch", "train_loss", "train_accuracy", "val_loss",
-                                        "val_accuracy", "lr", "epoch_time_s")},
-            "best_epoch": 0, "best_val_accuracy": -1.0, "best_state": None, "time_to_target": None}
-
-
-@dataclass
-class Trainee:
-    """One architecture set up for training with the shared recipe: the (accelerate-prepared)
-    model, optimizer, one-cycle scheduler, loss, the shuffle/augment generators, the schedule's
-    length, and its cost, counted once before training."""
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    criterion: nn.Module
-    generators: dict
-    steps_per_epoch: int
-    images_per_epoch: int
-    params: int
-    macs_per_image: int            # forward multiply-adds per image (count_flops / 2)
-    train_flops_per_image: float   # forward + backward FLOPs per training image
-
-
-def setup_training(model_name: str, spec: DatasetSpec, n_train: int, epochs: int, width: float,
-                   cfg: dict, accelerator, seed: int) -> Trainee:
-    """Seed everything, build the model (channels_last, on the accelerator's device), count its
-    cost, and make its optimizer and schedule for `epochs` passes over `n_train` images.
-    Raises ValueError if the batch does not split evenly over the processes."""
-    from accelerate.utils import set_seed
-    set_seed(seed)
-    world = accelerator.num_processes
-    if cfg["batch_size"] % world:
-        raise ValueError(f"--batch-size {cfg['batch_size']} must be a multiple of the number of "
-                         f"processes ({world})")
-    model = build_model(model_name, spec.in_channels, len(spec.classes), width, spec.image_size)
-    model = model.to(memory_format=torch.channels_last)
-    shape = (spec.in_channels, spec.image_size, spec.image_size)
-    macs, train_flops = count_flops(model, shape) / 2, count_flops(model, shape, backward=True)
-    steps_per_epoch, batch = epoch_batches(n_train, cfg["batch_size"])
-    model = model.to(accelerator.device)  # before the optimizer, which picks its kernel by device
-    optimizer, scheduler = make_optimizer(model, cfg, epochs * steps_per_epoch)
-    # The scheduler is not handed to accelerate: it would step it once per process, for a batch
-    # that grows with the processes; here the global batch is split, so one step is one step.
-    prepared, optimizer = accelerator.prepare(model, optimizer)
-    # Shuffling: one generator seeded alike on every process, so all agree on each global batch and
-    # each takes its own slice of it (DDP averages the gradients: the step is that of the whole
-    # batch). Augmentation: a generator of each process's own. Both on the CPU, for reproducibility.
-    generators = {"shuffle": torch.Generator().manual_seed(seed),
-                  "augment": torch.Generator().manual_seed(seed + 1 + accelerator.process_index)}
-    return Trainee(prepared, optimizer, scheduler,
-                   nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"]), generators,
-                   steps_per_epoch, steps_per_epoch * batch,
-                   sum(p.numel() for p in model.parameters()), int(macs), float(train_flops))
-
-
-def fit(t: Trainee, data: Splits, spec: DatasetSpec, cfg: dict, accelerator, progress: dict,
-        epochs: int, label: str, show_progress: bool, stop_at_val_accuracy: float | None,
-        checkpoint: Path | None, settings: dict | None) -> str | None:
-    """Train from the epoch after `progress`'s last to `epochs`, updating `progress` (history, best
-    validation epoch and its weights, time to target) and writing a checkpoint after each epoch.
-    Returns None, or the failure reason if training diverged."""
-    history, target = progress["history"], TARGET_VAL_ACCURACY.get(spec.name)
-    try:
-        for epoch in range(len(history["epoch"]) + 1, epochs + 1):
-            t0 = time.perf_counter()
-            train_loss, train_acc = train_epoch(t.model, t.optimizer, t.scheduler, t.criterion, data,
-                                                spec, cfg, accelerator, t.generators, epoch,
-                                                f"{label} epoch {epoch}/{epochs}", show_progress)
-            epoch_time = time.perf_counter() - t0
-            val_loss, val_acc, _, _ = evaluate(t.model, data.val_x, data.val_y, spec, accelerator,
-                                               cfg["eval_batch_size"])
-            for k, v in zip(history, (epoch, train_loss, train_acc, val_loss, val_acc,
-                                      t.scheduler.get_last_lr()[0], epoch_time)):
-                history[k].append(v)
-            check_divergence(epoch, t.steps_per_epoch, train_loss, val_acc, len(spec.classes))
-            if val_acc > progress["best_val_accuracy"]:
-                progress.update(best_val_accuracy=val_acc, best_epoch=epoch, best_state=copy.deepcopy(
-                    accelerator.unwrap_model(t.model).state_dict()))
-            if progress["time_to_target"] is None and target is not None and val_acc >= target:
-                progress["time_to_target"] = sum(history["epoch_time_s"])
-            if checkpoint is not None:
-                save_checkpoint(checkpoint, settings, progress, t.model, t.optimizer, t.scheduler,
-                                accelerator, t.generators)
-            accelerator.print(f"  {label} epoch {epoch:>2}/{epochs}: train loss {train_loss:.4f} acc "
-                              f"{train_acc:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | "
-                              f"{epoch_time:.1f}s", flush=True)
-            if stop_at_val_accuracy is not None and val_acc >= stop_at_val_accuracy:
-                break
-    except TrainingDiverged as err:
-        accelerator.print(f"  {label}: FAILED, {err}", flush=True)
-        return str(err)
-    return None
-
-
 def make_record(model_name: str, spec: DatasetSpec, t: Trainee, progress: dict,
                 failure: str | None) -> dict:
     """The result record of a trained (or failed) run, before test scoring: plain Python types and
@@ -1431,36 +1061,401 @@ def make_record(model_name: str, spec: DatasetSpec, t: Trainee, progress: dict,
     }
 
 
-def train_one(model_name: str, spec: DatasetSpec, data: Splits, epochs: int, width: float,
-              cfg: dict, accelerator, seed: int, show_progress: bool = True,
-              stop_at_val_accuracy: float | None = None, checkpoint: Path | None = None,
-              settings: dict | None = None) -> tuple:
-    """Train one architecture on one dataset with the shared recipe.
+# --- image folders: a learner's own data, or a copy of CIFAR-10 ------------------------------
 
-    Returns (record, best_state): the result record (plain types, see RESULTS) and the state_dict
-    of the epoch with the best validation accuracy, which is restored before the test set is scored
-    (None if the run failed). `stop_at_val_accuracy` (in [0, 1]) ends training after the first
-    epoch whose validation accuracy reaches it (time-to-accuracy runs). With `checkpoint`, the
-    complete training state is written there atomically after every epoch (by the main process),
-    and a checkpoint already there whose settings equal `settings` is resumed from its last epoch:
-    on one CPU process the result is then bit-identical to an uninterrupted run. A diverged run
-    returns a record with status 'failed' and the reason instead of raising.
+RESERVED_FOLDERS = ("plots", "superseded", "unreadable")  # the program's own folders under results/cnn
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+FOLDER_TEST_FRACTION = 0.2  # a folder without train/ and test/: this share of each class is test
+CACHE_FORMAT = "cnn_project/folder-cache/1"
+
+
+class DatasetUnavailable(RuntimeError):
+    """The dataset is neither on disk nor downloadable (offline), or an image folder is unusable."""
+
+
+def _torchvision_split(spec: DatasetSpec, root: str, train: bool):
+    """Return one split as (uint8 images N x C x H x W, int64 labels N), downloading if needed.
+
+    Raises DatasetUnavailable with a one-paragraph explanation if the files are missing and the
+    download fails.
     """
-    t = setup_training(model_name, spec, len(data.train_y), epochs, width, cfg, accelerator, seed)
-    progress = new_progress()
-    if checkpoint is not None:
-        progress = restore_checkpoint(checkpoint, settings, t.model, t.optimizer, t.scheduler,
-                                      accelerator, t.generators) or progress
-    label = f"{MODELS_REGISTRY[model_name][0]} / {spec.name}"
-    failure = fit(t, data, spec, cfg, accelerator, progress, epochs, label, show_progress,
-                  stop_at_val_accuracy, checkpoint, settings)
-    record = make_record(model_name, spec, t, progress, failure)
-    if failure:
-        return record, None
-    accelerator.unwrap_model(t.model).load_state_dict(progress["best_state"])
-    record["confidence_threshold"] = confidence_threshold(t.model, data, spec, cfg, accelerator)
-    record["test"] = score_test(t.model, data, spec, cfg, accelerator)
-    return record, progress["best_state"]
+    import torchvision
+    cls = getattr(torchvision.datasets, spec.torchvision_class)
+    try:
+        try:
+            ds = cls(root, train=train, download=False)
+        except RuntimeError:  # not on disk (or corrupt): fetch it, as torchvision does when online
+            ds = cls(root, train=train, download=True)
+    except Exception as err:  # noqa: BLE001 - any download failure means the same thing to the user
+        where = Path(root).resolve() / spec.folder
+        copies = (f", or put an image-folder copy (train/<class>/*, test/<class>/*) in "
+                  f"{' or '.join(str(Path(root).resolve() / f) for f in spec.image_folders)}"
+                  if spec.image_folders else "")
+        raise DatasetUnavailable(
+            f"Dataset '{spec.name}' is not in {where} and could not be downloaded "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}). "
+            f"torchvision expects the files {', '.join(spec.files)} in that folder. Either connect "
+            f"to the internet and run again (torchvision downloads it), copy the files there"
+            f"{copies}, or point --data-dir at the folder that holds "
+            f"'{spec.folder.split('/')[0]}'.") from None
+    images = ds.data
+    images = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
+    if images.ndim == 3:                      # MNIST-like: N x H x W
+        images = images.unsqueeze(1)
+    else:                                     # CIFAR: N x H x W x C (numpy)
+        images = images.permute(0, 3, 1, 2)
+    labels = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
+    return images.contiguous(), labels
+
+
+def read_dataset(spec: DatasetSpec, root: str, seed: int, image_size: int | None,
+                 cache_dir: str | None, show_progress: bool, listing: tuple | None = None) -> dict:
+    """{'train_x', 'train_y', 'test_x', 'test_y', 'classes', 'source'}: uint8 N x C x H x W images
+    and int64 labels of the copy data_source picks. A copy of a torchvision dataset must have its
+    classes, channels and size. Raises DatasetUnavailable."""
+    folder = data_source(spec, root)
+    if folder is None:
+        x, y = _torchvision_split(spec, root, train=True)
+        test_x, test_y = _torchvision_split(spec, root, train=False)
+        return {"train_x": x, "train_y": y, "test_x": test_x, "test_y": test_y,
+                "classes": list(spec.classes),
+                "source": {"kind": "torchvision", "class": spec.torchvision_class,
+                           "path": str((Path(root) / spec.folder).resolve()),
+                           "files": list(spec.files)}}
+    raw = read_image_folder(Path(folder), image_size, seed, cache_dir, show_progress, listing)
+    if spec.torchvision_class is not None:
+        got = (tuple(raw["classes"]), raw["train_x"].shape[1], raw["train_x"].shape[-1])
+        if got != (spec.classes, spec.in_channels, spec.image_size):
+            raise DatasetUnavailable(
+                f"{folder} is not a copy of {spec.title}: it has classes {', '.join(got[0])} at "
+                f"{got[1]}x{got[2]}x{got[2]}, {spec.title} has {', '.join(spec.classes)} at "
+                f"{spec.in_channels}x{spec.image_size}x{spec.image_size}")
+    return raw
+
+
+NOT_DATA = ("__MACOSX", "Thumbs.db", "desktop.ini", "$RECYCLE.BIN", "System Volume Information")
+_SKIP_REPORTED = set()  # folders whose skipped entries were already reported in this process
+
+
+def _is_data(p: Path) -> bool:
+    """Whether a folder entry can be data: not hidden ('.name', macOS's '._name'), not OS metadata."""
+    return not p.name.startswith(".") and p.name not in NOT_DATA
+
+
+def _class_images(folder: Path, skipped: list) -> list:
+    """The image files under one class folder (symbolic links followed, sorted); what is not data
+    or has another extension goes to `skipped`."""
+    images = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        here = Path(dirpath)
+        skipped += [here / d for d in dirnames if not _is_data(here / d)]
+        dirnames[:] = sorted(d for d in dirnames if _is_data(here / d))
+        for name in filenames:
+            p = here / name
+            ok = _is_data(p) and p.suffix.lower() in IMAGE_EXTENSIONS
+            (images if ok else skipped).append(p)
+    return sorted(images)
+
+
+def folder_layout(root: Path) -> dict:
+    """{'train': [(path, class index)], 'test': [...] or None, 'classes': (...), 'skipped': [...]}
+    of an image folder: <root>/train/<class>/* and <root>/test/<class>/*, or <root>/<class>/*
+    (split later by split_folder). Classes are the sorted sub-folder names (torchvision
+    ImageFolder's rule); symbolic links are followed. Hidden files and folders, OS metadata
+    (__MACOSX/, macOS's ._ files, Thumbs.db) and files without an image extension are skipped and
+    reported once in one line. Raises DatasetUnavailable (one line naming the folder) for a missing
+    folder, train/ without test/ (or the reverse), an empty class folder, fewer than two classes,
+    or train/ and test/ with different classes."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetUnavailable(f"image folder {root} does not exist")
+    parts = {"train": root / "train", "test": root / "test"}
+    if parts["train"].is_dir() != parts["test"].is_dir():
+        has, lacks = ("train", "test") if parts["train"].is_dir() else ("test", "train")
+        raise DatasetUnavailable(f"image folder {root} has {has}/ but no {lacks}/: add {lacks}/<class>/ "
+                                 f"folders, or put the class folders directly in {root} to split "
+                                 f"them {1 - FOLDER_TEST_FRACTION:.0%}/{FOLDER_TEST_FRACTION:.0%}")
+    if not parts["train"].is_dir():
+        parts = {"train": root, "test": None}
+    found, skipped = {"skipped": []}, []
+    for split, folder in parts.items():
+        if folder is None:
+            found[split] = None
+            continue
+        entries = [d for d in folder.iterdir()]
+        skipped += [d for d in entries if not _is_data(d) or not d.is_dir()]
+        classes = sorted(d.name for d in entries if d.is_dir() and _is_data(d))
+        if len(classes) < 2:
+            raise DatasetUnavailable(f"image folder {folder} has {len(classes)} class sub-folder"
+                                     f"{'s' * (len(classes) != 1)}; it needs one per class, at least two")
+        files = []
+        for k, name in enumerate(classes):
+            images = _class_images(folder / name, skipped)
+            if not images:
+                raise DatasetUnavailable(f"class folder {folder / name} holds no images "
+                                         f"({', '.join(IMAGE_EXTENSIONS)})")
+            files += [(p, k) for p in images]
+        found[split] = files
+        if "classes" in found and tuple(classes) != found["classes"]:
+            raise DatasetUnavailable(f"{parts['train']} and {folder} have different class folders")
+        found["classes"] = tuple(classes)
+    found["skipped"] = skipped
+    if skipped and root.resolve() not in _SKIP_REPORTED:
+        _SKIP_REPORTED.add(root.resolve())
+        names = ", ".join(p.relative_to(root).as_posix() + "/" * p.is_dir() for p in skipped[:4])
+        one = len(skipped) == 1
+        print(f"{root}: skipped {len(skipped)} {'entry' if one else 'entries'} that "
+              f"{'is' if one else 'are'} not an image of a class folder "
+              f"(hidden, OS metadata or another file type): {names}"
+              + (", ..." if len(skipped) > 4 else ""), flush=True)
+    return found
+
+
+def split_folder(files: list, seed: int) -> tuple:
+    """Seeded, per class: FOLDER_TEST_FRACTION of each class's files (at least one) to the test
+    split, the rest to training. Returns (train files, test files)."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for k in sorted({c for _, c in files}):
+        mine = [f for f in files if f[1] == k]
+        order = rng.permutation(len(mine))
+        n_test = max(1, round(FOLDER_TEST_FRACTION * len(mine))) if len(mine) > 1 else 0
+        test += [mine[i] for i in sorted(order[:n_test])]
+        train += [mine[i] for i in sorted(order[n_test:])]
+    return train, test
+
+
+@functools.lru_cache(maxsize=1)
+def _jpeg_quality_tables() -> dict:
+    """{luminance quantisation table: quality 1-100} of the IJG encoder that Pillow uses."""
+    from PIL import Image
+    tables = {}
+    for q in range(1, 101):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(buf, "JPEG", quality=q)
+        tables.setdefault(tuple(Image.open(buf).quantization[0]), q)
+    return tables
+
+
+def jpeg_quality(img) -> int | None:
+    """The IJG quality (1-100) a Pillow JPEG image was saved with, or None (not a JPEG, or a
+    non-standard table)."""
+    table = getattr(img, "quantization", None) or {}
+    return _jpeg_quality_tables().get(tuple(table[0])) if 0 in table else None
+
+
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+ALPHA_BACKGROUND = "white"  # transparent pixels are composited onto this, in training and --predict
+
+
+def open_image(data: bytes, name: str):
+    """One image file's bytes as the pixels both training and --predict see: a Pillow image in mode
+    'L' (grey sources) or 'RGB', with the EXIF orientation applied (a phone photo stands as it was
+    taken), transparency composited onto ALPHA_BACKGROUND, palette and CMYK images converted, 16-bit
+    and 32-bit grey rescaled to 0-255 (not clipped to white). Also returns the file's format
+    ('PNG', 'JPEG q75'). Raises ValueError (one line naming `name`) for a file Pillow cannot read
+    and for one larger than Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)."""
+    import warnings
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                quality = jpeg_quality(img) if img.format == "JPEG" else None
+                fmt = f"JPEG q{quality}" if quality else str(img.format)
+                img = ImageOps.exif_transpose(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"{name} is too large to be a training or test image ({err.args[0].split('pixels')[0].strip()} "
+                         f"pixels; the limit is {Image.MAX_IMAGE_PIXELS}, Pillow's guard against "
+                         f"decompression bombs)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise ValueError(f"{name} is not an image Pillow can read ({type(err).__name__})") from None
+    grey = img.mode in GREY_MODES or (img.mode == "P" and _palette_is_grey(img))
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit grey: rescale, do not clip
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if values.max() > 255 else 255.0
+        img = Image.fromarray((values.clip(0, top) * (255.0 / top)).round().astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, ALPHA_BACKGROUND), rgba)
+    return img.convert("L" if grey else "RGB"), fmt
+
+
+def _palette_is_grey(img) -> bool:
+    """Whether a palette ('P') image uses only grey colours."""
+    rgb = np.asarray(img.convert("RGB"))
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+
+
+def decode_images(files: list, root: Path, image_size: int | None, show_progress: bool,
+                  expect_side: int | None = None) -> dict:
+    """Decode image files once with Pillow into uint8 N x 3 x H x W (or N x 1 x H x W when every
+    image is grey), with their labels, their formats ('PNG', 'JPEG q75') and a content hash
+    (sha256 over the lines '<sha256 of the file>  <path relative to root>', in the files' order).
+    image_size None: every image must be square and of one size (expect_side's, else the first
+    image's); else each is resized (Lanczos) to image_size x image_size. Raises DatasetUnavailable
+    naming the file that cannot be read, is not an image, is not square, or is of another size."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+    arrays, grey, formats, digest = [], True, set(), hashlib.sha256()
+    side, reference = expect_side, "the training images are"
+    for path, _ in tqdm(files, desc="decoding images", leave=False, disable=not show_progress):
+        try:
+            data = Path(path).read_bytes()
+        except OSError as err:  # removed or made unreadable since the folder was listed
+            raise DatasetUnavailable(f"{path} could not be read ({err.strerror}); run again once "
+                                     f"the folder is settled") from None
+        try:
+            img, fmt = open_image(data, str(path))
+        except ValueError as err:
+            raise DatasetUnavailable(f"{err}; remove it from the folder") from None
+        formats.add(fmt)
+        grey &= img.mode == "L"
+        rgb = img.convert("RGB")
+        w, h = rgb.size
+        if image_size:
+            if rgb.size != (image_size, image_size):
+                rgb = rgb.resize((image_size, image_size), Image.Resampling.LANCZOS)
+        elif w != h:
+            raise DatasetUnavailable(f"{path} is {w}x{h}, not square: pass --image-size N to "
+                                     f"resize every image to N x N")
+        elif side is None:
+            side, reference = w, f"{path} is"
+        elif w != side:
+            raise DatasetUnavailable(
+                f"{path} is {w}x{h} but {reference} {side}x{side}: the images have mixed sizes; "
+                f"pass --image-size N to resize every image to N x N")
+        arrays.append(np.asarray(rgb))
+        rel = Path(path).relative_to(root).as_posix()
+        digest.update(f"{hashlib.sha256(data).hexdigest()}  {rel}\n".encode())
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return {"x": (x[:, :1] if grey else x).contiguous(),
+            "y": torch.tensor([k for _, k in files], dtype=torch.int64),
+            "sha256": digest.hexdigest(), "formats": sorted(formats)}
+
+
+def folder_listing(root: Path, image_size: int | None, seed: int) -> tuple:
+    """(layout, train files, test files, key) of an image folder: the key (20 hex digits) hashes
+    every file's path, class, size and mtime with image_size (and the seed, for a folder split by
+    split_folder), so it changes when the folder does; it names the cache and a run's data."""
+    layout = folder_layout(root)
+    train, test = (layout["train"], layout["test"]) if layout["test"] is not None else \
+        split_folder(layout["train"], seed)
+    counts = np.bincount([k for _, k in train + test], minlength=len(layout["classes"]))
+    in_test = np.bincount([k for _, k in test], minlength=len(layout["classes"]))
+    small = [f"{layout['classes'][k]} ({counts[k]} image{'s' * int(counts[k] != 1)})"
+             for k in range(len(counts)) if in_test[k] == 0]
+    if small and (root, "small") not in _SKIP_REPORTED:
+        _SKIP_REPORTED.add((root, "small"))
+        print(f"{root}: too small to test, so no test image and no test score: {', '.join(small)}; "
+              f"add images to these classes", flush=True)
+    listing = hashlib.sha256(f"{CACHE_FORMAT} {image_size} {seed if layout['test'] is None else ''}"
+                             .encode())
+    for split, files in (("train", train), ("test", test)):
+        for path, k in files:
+            st = path.stat()
+            listing.update(f"{split} {path.relative_to(root).as_posix()} {k} {st.st_size} "
+                           f"{st.st_mtime_ns}\n".encode())
+    return layout, train, test, listing.hexdigest()[:20]
+
+
+def read_image_folder(root: Path, image_size: int | None, seed: int, cache_dir: Path | None,
+                      show_progress: bool = True, listing: tuple | None = None) -> dict:
+    """An image folder (see folder_layout) as uint8 tensors: {'train_x', 'train_y', 'test_x',
+    'test_y', 'classes', 'source'}, 'source' saying where the images came from (path, file count,
+    content hash, JPEG qualities). Decoded once: the tensors are cached in `cache_dir` under a key
+    of every file's path, size and mtime (and image_size, seed), so a changed folder is decoded
+    again; an unwritable cache only costs the decoding next time. `listing`: folder_listing's
+    answer when the caller has it (a stat of every file: seconds for CIFAR-10's 60,000). Raises
+    DatasetUnavailable."""
+    root = Path(root).resolve()
+    layout, train, test, key = listing or folder_listing(root, image_size, seed)
+    cache = Path(cache_dir) / f"{root.name}-{key}.pt" if cache_dir else None
+    if cache is not None and cache.exists():
+        try:
+            return torch.load(cache, weights_only=True)
+        except Exception:  # noqa: BLE001 - a broken cache is only decoded again
+            pass
+    if not test:
+        raise DatasetUnavailable(f"image folder {root} has too few images to split off a test set")
+    print(f"decoding {len(train) + len(test)} images of {root} (once; cached)", flush=True)
+    tr = decode_images(train, root, image_size, show_progress)
+    te = decode_images(test, root, image_size, show_progress, expect_side=tr["x"].shape[-1])
+    if tr["x"].shape[1] != te["x"].shape[1]:  # grey train, colour test (or the reverse): colour
+        tr["x"], te["x"] = tr["x"].expand(-1, 3, -1, -1), te["x"].expand(-1, 3, -1, -1)
+    h = hashlib.sha256(f"{tr['sha256']}\n{te['sha256']}\n".encode()).hexdigest()
+    out = {"train_x": tr["x"].contiguous(), "train_y": tr["y"], "test_x": te["x"].contiguous(),
+           "test_y": te["y"], "classes": list(layout["classes"]),
+           "source": {"kind": "image folder", "path": str(root), "files": len(train) + len(test),
+                      "train_files": len(train), "test_files": len(test),
+                      "split": "train/ and test/" if layout["test"] is not None else
+                               f"seeded {FOLDER_TEST_FRACTION:.0%} of each class to test (seed {seed})",
+                      "sha256": h, "formats": sorted(set(tr["formats"]) | set(te["formats"])),
+                      "resized_to": image_size}}
+    if cache is not None:
+        try:
+            _write_atomically(cache, lambda f: torch.save(out, f))
+        except OSError as err:
+            print(f"note: could not cache the decoded images in {cache.parent} ({err.strerror}); "
+                  f"they will be decoded again next time", flush=True)
+    return out
+
+
+def image_folder_spec(path: str, hflip: bool = True) -> DatasetSpec:
+    """The DatasetSpec of a learner's own image folder before it is read: named after the folder
+    (a results folder's name: lower-case ASCII [a-z0-9_], accents dropped, a short hash of the
+    original name added when letters were dropped, '_folder' added to a built-in dataset's name or
+    one of the program's own folders; the original name stays the title); channels, size, classes and statistics are
+    filled in by load_splits from the images. Augmented as CIFAR-10 is: translation by an eighth of
+    the side, and horizontal flips unless hflip=False (--no-flip: digits, text)."""
+    title = Path(path).resolve().name
+    ascii_title = unicodedata.normalize("NFKD", title).encode("ascii", "ignore").decode()
+    name = "".join(c if c.isalnum() else "_" for c in ascii_title.lower()).strip("_") or "images"
+    if ascii_title != title:  # letters were dropped: a stable suffix keeps two such names apart
+        name = f"{name}_{hashlib.sha1(title.encode()).hexdigest()[:6]}"
+    name = f"{name}_folder" if name in DATASETS or name in RESERVED_FOLDERS else name
+    return DatasetSpec(name, None, str(Path(path).resolve()), (), 0, 0, (), (), 0, hflip, (),
+                       title=title)
+
+
+def data_source(spec: DatasetSpec, root: str) -> str | None:
+    """Which copy of a dataset load_splits reads: None for torchvision's files (on disk, or to be
+    downloaded), else the image folder's path: a learner's folder, or a copy of a torchvision
+    dataset under --data-dir (spec.image_folders) when torchvision's files are not there."""
+    if spec.torchvision_class is None:
+        return spec.folder
+    if all((Path(root) / spec.folder / f).exists() for f in spec.files):
+        return None
+    return next((str(Path(root) / f) for f in spec.image_folders if (Path(root) / f).is_dir()), None)
+
+
+def data_listing(spec: DatasetSpec, root: str, image_size: int | None, seed: int) -> tuple | None:
+    """folder_listing of the image folder data_source picks, or None for torchvision's files.
+    Raises DatasetUnavailable (see folder_layout)."""
+    folder = data_source(spec, root)
+    return None if folder is None else folder_listing(Path(folder).resolve(), image_size, seed)
+
+
+def data_identity(spec: DatasetSpec, root: str, image_size: int | None, seed: int,
+                  listing: tuple | None = None) -> str:
+    """What a run's settings record of its data: 'torchvision', or 'image folder <key>' (see
+    folder_listing), so a changed folder or another copy is a run of other settings."""
+    listing = listing or data_listing(spec, root, image_size, seed)
+    return "torchvision" if listing is None else f"image folder {listing[3]}"
+
+
+def data_label(spec: DatasetSpec, source: dict | None) -> str:
+    """How tables and plots name the data: 'CIFAR-10', 'CIFAR-10, JPEG q75 copy', 'flowers (image
+    folder)'."""
+    title = spec.title or spec.name
+    if not source or source.get("kind") != "image folder":
+        return title
+    if spec.torchvision_class is None:
+        return f"{title} (image folder)"
+    formats = source.get("formats") or []
+    return f"{title}, {formats[0]} copy" if len(formats) == 1 and formats[0].startswith("JPEG") \
+        else f"{title}, image-folder copy"
 
 
 # =============================================================================================
@@ -2741,6 +2736,16 @@ def _duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60} min {seconds % 60:02d} s"
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+# Seconds per epoch of each model with the CPU preset: the mean epoch of the 2026-12-02 CIFAR-10
+# reference run (45,000 images of 3x32x32, bf16 autocast, the preset's widths, 2 AMD EPYC cores
+# with AVX-512 BF16 and no AMX; docs/cnn_project.md). The same day's MNIST and Fashion-MNIST epochs
+# (55,000 images of 1x28x28) took 0.71-1.06x of these, LeNet-5 0.56-0.59x: the grid's first ETA
+# said 1 h 04 min for a run of 54 min 51 s. The grid's ETA starts from them
+# (GridProgress) and rescales them by the pairs it has timed, so it adapts to any machine.
+SECONDS_PER_EPOCH = {"lenet5": 5, "alexnet": 20, "vgg": 30, "resnet": 56, "googlenet": 109,
+                     "xception": 99, "senet": 68}
 
 
 class GridProgress:
