@@ -862,22 +862,7 @@ def answer_question(model, tokenizer, question: str, context: str,
     """
     import torch
 
-    limit = input_token_limit(model, tokenizer)
-    question_ids = tokenizer(question, add_special_tokens=False)["input_ids"]
-    question_cut = len(question_ids) > limit // 4
-    if question_cut:
-        question = tokenizer.decode(question_ids[: limit // 4])
-    enc = tokenizer(question, context, truncation="only_second", max_length=limit,
-                    stride=min(CONFIG["qa_doc_stride"], limit // 4), return_overflowing_tokens=True,
-                    return_offsets_mapping=True, padding="longest", return_tensors="pt")
-    n_windows = enc["input_ids"].shape[0]
-    windows_cut = n_windows > CONFIG["qa_max_windows"]
-    keep = min(n_windows, CONFIG["qa_max_windows"])
-    accepted = inspect.signature(model.forward).parameters  # DistilBERT takes no token_type_ids
-    model_inputs = {k: enc[k][:keep].to(model.device) for k in ("input_ids", "attention_mask", "token_type_ids")
-                    if k in enc and k in accepted}
-    with torch.no_grad():
-        out = model(**model_inputs)
+    enc, out, keep, windows_cut, question_cut = _qa_windows(model, tokenizer, question, context)
     best = {"answer": "", "start": -1, "end": -1, "score": 0.0, "no_answer": True, "windows_cut": windows_cut,
             "question_cut": question_cut, "by_prompt": False, "in_context": False}
     best_span_score, best_null_score = -float("inf"), -float("inf")
@@ -908,6 +893,34 @@ def answer_question(model, tokenizer, question: str, context: str,
     if best["no_answer"] or best_null_score > best_span_score or not best["answer"].strip():
         best.update(answer="", start=-1, end=-1, no_answer=True, in_context=False)
     return best
+
+
+def _qa_windows(model, tokenizer, question: str, context: str) -> tuple:
+    """The QA model run once over `context` cut into overlapping windows, for answer_question.
+
+    Returns (enc: the tokenized windows with their character offsets, out: the model's start and end logits
+    for the first CONFIG["qa_max_windows"] windows, keep: how many that is, windows_cut: there were more,
+    question_cut: the question was cut to a quarter of the model's input).
+    """
+    import torch
+
+    limit = input_token_limit(model, tokenizer)
+    question_ids = tokenizer(question, add_special_tokens=False)["input_ids"]
+    question_cut = len(question_ids) > limit // 4
+    if question_cut:
+        question = tokenizer.decode(question_ids[: limit // 4])
+    enc = tokenizer(question, context, truncation="only_second", max_length=limit,
+                    stride=min(CONFIG["qa_doc_stride"], limit // 4), return_overflowing_tokens=True,
+                    return_offsets_mapping=True, padding="longest", return_tensors="pt")
+    n_windows = enc["input_ids"].shape[0]
+    windows_cut = n_windows > CONFIG["qa_max_windows"]
+    keep = min(n_windows, CONFIG["qa_max_windows"])
+    accepted = inspect.signature(model.forward).parameters  # DistilBERT takes no token_type_ids
+    model_inputs = {k: enc[k][:keep].to(model.device) for k in ("input_ids", "attention_mask", "token_type_ids")
+                    if k in enc and k in accepted}
+    with torch.no_grad():
+        out = model(**model_inputs)
+    return enc, out, keep, windows_cut, question_cut
 
 
 def by_prompt_inputs(model, tokenizer, instruction: str, max_new_tokens: int) -> dict:
@@ -2778,10 +2791,45 @@ def get_store() -> tuple[FeedbackStore | None, str]:
 def _stream_transformers(model, tokenizer, inputs: dict, settings: GenerationSettings, stats: GenerationStats,
                          stop: threading.Event) -> Iterator[str]:
     """stream_generate for a transformers model: `model.generate` in a worker thread feeding a streamer."""
-    from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList,
-                              TextIteratorStreamer, set_seed)
+    from transformers import set_seed
 
     completed = False
+    streamer, criteria, processors = _generate_hooks(tokenizer, settings, stats, stop,
+                                                     int(inputs["input_ids"].shape[1]))
+    set_seed(int(settings.seed))
+    failure: list[BaseException] = []
+
+    def worker():
+        try:
+            model.generate(**inputs, streamer=streamer, stopping_criteria=criteria,
+                           logits_processor=processors, **settings.generate_kwargs(tokenizer))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer below
+            failure.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=worker, daemon=True, name="nlp-generate")
+    thread.start()
+    try:
+        for piece in streamer:
+            if piece:
+                yield piece
+        completed = not stop.is_set()
+    finally:
+        stats.stopped = not completed
+        stop.set()  # the consumer left early (GeneratorExit) or finished: the worker ends either way
+        thread.join(timeout=CONFIG["stream_timeout_s"])
+        stats.finish()
+    if failure:
+        raise failure[0]
+
+
+def _generate_hooks(tokenizer, settings: GenerationSettings, stats: GenerationStats, stop: threading.Event,
+                    prompt_len: int) -> tuple:
+    """What _stream_transformers hands `model.generate`: (a streamer of the new text that also counts its
+    tokens into `stats`, a stopping criterion that ends generation once `stop` is set, the no-repeat rule of
+    `settings` as a logits processor or None). `prompt_len`: tokens of the prompt."""
+    from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList,
+                              TextIteratorStreamer)
 
     class CountingStreamer(TextIteratorStreamer):
         """TextIteratorStreamer that also counts new tokens into `stats` (the first put is the prompt)."""
@@ -2813,34 +2861,10 @@ def _stream_transformers(model, tokenizer, inputs: dict, settings: GenerationSet
             return scores
 
     blocker = settings.blocker()
-    processors = LogitsProcessorList([BlockNGrams(blocker, int(inputs["input_ids"].shape[1]))]) if blocker else None
-    set_seed(int(settings.seed))
+    processors = LogitsProcessorList([BlockNGrams(blocker, prompt_len)]) if blocker else None
     streamer = CountingStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True,
                                 timeout=CONFIG["stream_timeout_s"])
-    failure: list[BaseException] = []
-
-    def worker():
-        try:
-            model.generate(**inputs, streamer=streamer, stopping_criteria=StoppingCriteriaList([StopOnEvent()]),
-                           logits_processor=processors, **settings.generate_kwargs(tokenizer))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer below
-            failure.append(exc)
-            streamer.end()
-
-    thread = threading.Thread(target=worker, daemon=True, name="nlp-generate")
-    thread.start()
-    try:
-        for piece in streamer:
-            if piece:
-                yield piece
-        completed = not stop.is_set()
-    finally:
-        stats.stopped = not completed
-        stop.set()  # the consumer left early (GeneratorExit) or finished: the worker ends either way
-        thread.join(timeout=CONFIG["stream_timeout_s"])
-        stats.finish()
-    if failure:
-        raise failure[0]
+    return streamer, StoppingCriteriaList([StopOnEvent()]), processors
 
 
 def stream_to_page(page: str, loaded: LoadedModel, inputs: dict, settings: GenerationSettings,
