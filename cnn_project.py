@@ -623,19 +623,28 @@ def epoch_batches(n_train: int, batch_size: int) -> tuple:
 
 @dataclass
 class Trainee:
-    """One architecture set up for training with the shared recipe: the (accelerate-prepared)
-    model, optimizer, one-cycle scheduler, loss, the shuffle/augment generators, the schedule's
-    length, and its cost, counted once before training."""
+    """One run set up for training with the shared recipe (setup_training): the (accelerate-prepared)
+    model, optimizer, one-cycle scheduler, loss, the shuffle/augment generators, the accelerator,
+    the dataset's spec and the recipe; the schedule's length and the model's cost, counted once
+    before training; and how the run is shown and kept (train_one sets these)."""
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
     criterion: nn.Module
     generators: dict
+    accelerator: object
+    spec: DatasetSpec
+    cfg: dict
     steps_per_epoch: int
     images_per_epoch: int
-    params: int
-    macs_per_image: int            # forward multiply-adds per image (count_flops / 2)
-    train_flops_per_image: float   # forward + backward FLOPs per training image
+    params: int = 0
+    macs_per_image: int = 0            # forward multiply-adds per image (count_flops / 2)
+    train_flops_per_image: float = 0.0   # forward + backward FLOPs per training image
+    label: str = ""                    # how the log names the run: 'ResNet-18 / cifar10'
+    show_progress: bool = False        # a progress bar per epoch (main process, on a terminal)
+    checkpoint: Path | None = None     # where the training state goes after every epoch (or None)
+    settings: dict | None = None       # the run's settings, kept in (and checked against) it
+    stop_at_val_accuracy: float | None = None  # end after the first epoch reaching it, in [0, 1]
 
 
 def setup_training(model_name: str, spec: DatasetSpec, n_train: int, epochs: int, width: float,
@@ -666,8 +675,9 @@ def setup_training(model_name: str, spec: DatasetSpec, n_train: int, epochs: int
                   "augment": torch.Generator().manual_seed(seed + 1 + accelerator.process_index)}
     return Trainee(prepared, optimizer, scheduler,
                    nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"]), generators,
-                   steps_per_epoch, steps_per_epoch * batch,
-                   sum(p.numel() for p in model.parameters()), int(macs), float(train_flops))
+                   accelerator, spec, cfg, steps_per_epoch, steps_per_epoch * batch,
+                   sum(p.numel() for p in model.parameters()), int(macs), float(train_flops),
+                   label=f"{MODELS_REGISTRY[model_name][0]} / {spec.name}")
 
 
 def new_progress() -> dict:
@@ -676,6 +686,59 @@ def new_progress() -> dict:
     return {"history": {k: [] for k in ("epoch", "train_loss", "train_accuracy", "val_loss",
                                         "val_accuracy", "lr", "epoch_time_s")},
             "best_epoch": 0, "best_val_accuracy": -1.0, "best_state": None, "time_to_target": None}
+
+
+def fit(t: Trainee, data: Splits, epochs: int, progress: dict) -> None:
+    """The training loop: train `t.model` on data.train_x / data.train_y from the epoch after
+    `progress`'s last (none yet, or a checkpoint's) to `epochs`, updating `progress` in place.
+
+    Each batch (uint8 images N x C x H x W and labels N, this process's share of a shuffled global
+    batch) is augmented and normalised, goes forward under autocast, and the gradient of its mean
+    label-smoothed cross-entropy (nats) goes backward; then one SGD step and one step of the
+    one-cycle schedule. After each epoch: validation, the best epoch's weights kept (a copy), the
+    checkpoint written, one line printed. Raises TrainingDiverged (loss non-finite or at chance).
+    """
+    model, optimizer, scheduler, spec = t.model, t.optimizer, t.scheduler, t.spec
+    accelerator, generator = t.accelerator, t.generators["augment"]
+    history, target = progress["history"], TARGET_VAL_ACCURACY.get(spec.name)
+    for epoch in range(len(history["epoch"]) + 1, epochs + 1):
+        start = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), device=data.train_y.device)  # summed over this process's images
+        correct = torch.zeros((), device=data.train_y.device, dtype=torch.int64)
+        for step, (x, y) in enumerate(process_batches(t, data, f"{t.label} epoch {epoch}/{epochs}")):
+            x = normalize(augment(x, spec, generator), spec)  # float N x C x H x W, channels_last
+            with accelerator.autocast():                      # bf16/fp16 where the hardware has it
+                logits = model(x)                             # N x num_classes
+                loss = t.criterion(logits.float(), y)         # mean over the batch
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)  # loss.backward(); under DDP the gradients are averaged
+            optimizer.step()
+            scheduler.step()            # the one-cycle schedule moves every step
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            check_finite(loss_sum, step, epoch, accelerator)  # every 50 steps
+        loss_sum, correct = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(correct, "sum")
+        train_loss = (loss_sum / t.images_per_epoch).item()
+        train_acc = (correct.float() / t.images_per_epoch).item()
+        epoch_time = time.perf_counter() - start
+        val_loss, val_acc, _, _ = evaluate(model, data.val_x, data.val_y, spec, accelerator,
+                                           t.cfg["eval_batch_size"])
+        for k, v in zip(history, (epoch, train_loss, train_acc, val_loss, val_acc,
+                                  scheduler.get_last_lr()[0], epoch_time)):
+            history[k].append(v)
+        check_divergence(epoch, t.steps_per_epoch, train_loss, val_acc, len(spec.classes))
+        if val_acc > progress["best_val_accuracy"]:  # keep the best epoch's weights
+            progress.update(best_val_accuracy=val_acc, best_epoch=epoch, best_state=copy.deepcopy(
+                accelerator.unwrap_model(model).state_dict()))
+        if progress["time_to_target"] is None and target is not None and val_acc >= target:
+            progress["time_to_target"] = sum(history["epoch_time_s"])
+        save_checkpoint(t, progress)  # a rerun resumes after this epoch
+        accelerator.print(f"  {t.label} epoch {epoch:>2}/{epochs}: train loss {train_loss:.4f} acc "
+                          f"{train_acc:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | "
+                          f"{epoch_time:.1f}s", flush=True)
+        if t.stop_at_val_accuracy is not None and val_acc >= t.stop_at_val_accuracy:
+            break
 
 
 @torch.no_grad()
@@ -721,100 +784,11 @@ def evaluate(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, spec: Dat
             confidence.cpu())
 
 
-def train_batch(model: nn.Module, optimizer, scheduler, criterion, x_uint8: torch.Tensor,
-                y: torch.Tensor, spec: DatasetSpec, generator: torch.Generator, accelerator):
-    """One optimizer step on a batch of uint8 images N x C x H x W (labels N): augment,
-    normalise, forward under autocast, backward, step. The benchmark times exactly this.
-
-    Returns (mean training loss of the batch, logits N x num_classes), both detached.
-    """
-    x = normalize(augment(x_uint8, spec, generator), spec)
-    with accelerator.autocast():
-        logits = model(x)
-        loss = criterion(logits.float(), y)
-    optimizer.zero_grad(set_to_none=True)
-    accelerator.backward(loss)
-    optimizer.step()
-    scheduler.step()
-    return loss.detach(), logits.detach()
-
-
-def train_epoch(model, optimizer, scheduler, criterion, data: Splits, spec: DatasetSpec, cfg: dict,
-                accelerator, generators: dict, epoch: int, desc: str, show_progress: bool) -> tuple:
-    """One pass over the training split in global batches of cfg['batch_size'] (the ragged last
-    batch dropped); each process takes its slice of every global batch.
-
-    Returns (mean label-smoothed training loss in nats, training accuracy in [0, 1]), over all
-    processes. Raises TrainingDiverged when the loss becomes non-finite.
-    """
-    from tqdm.auto import tqdm
-    world, rank = accelerator.num_processes, accelerator.process_index
-    steps, batch = epoch_batches(len(data.train_y), cfg["batch_size"])
-    model.train()
-    perm = torch.randperm(len(data.train_y), generator=generators["shuffle"]).to(data.train_y.device)
-    loss_sum = torch.zeros((), device=data.train_y.device)
-    correct = torch.zeros((), device=data.train_y.device, dtype=torch.int64)
-    bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True,
-               disable=not (show_progress and accelerator.is_local_main_process))
-    for step in bar:
-        idx = perm[step * batch:(step + 1) * batch][rank::world]
-        y = data.train_y[idx]
-        loss, logits = train_batch(model, optimizer, scheduler, criterion, data.train_x[idx], y,
-                                   spec, generators["augment"], accelerator)
-        loss_sum += loss * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        # One sync per 50 steps; summed over processes so that all stop together.
-        if step % 50 == 49 and not torch.isfinite(accelerator.reduce(loss_sum, "sum")):
-            raise TrainingDiverged(f"training loss became non-finite in epoch {epoch}")
-    images = min(steps * batch, len(data.train_y))
-    loss_sum, correct = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(correct, "sum")
-    return (loss_sum / images).item(), (correct.float() / images).item()
-
-
-def fit(t: Trainee, data: Splits, spec: DatasetSpec, cfg: dict, accelerator, progress: dict,
-        epochs: int, label: str, show_progress: bool, stop_at_val_accuracy: float | None,
-        checkpoint: Path | None, settings: dict | None) -> str | None:
-    """Train from the epoch after `progress`'s last to `epochs`, updating `progress` (history, best
-    validation epoch and its weights, time to target) and writing a checkpoint after each epoch.
-    Returns None, or the failure reason if training diverged."""
-    history, target = progress["history"], TARGET_VAL_ACCURACY.get(spec.name)
-    try:
-        for epoch in range(len(history["epoch"]) + 1, epochs + 1):
-            t0 = time.perf_counter()
-            train_loss, train_acc = train_epoch(t.model, t.optimizer, t.scheduler, t.criterion, data,
-                                                spec, cfg, accelerator, t.generators, epoch,
-                                                f"{label} epoch {epoch}/{epochs}", show_progress)
-            epoch_time = time.perf_counter() - t0
-            val_loss, val_acc, _, _ = evaluate(t.model, data.val_x, data.val_y, spec, accelerator,
-                                               cfg["eval_batch_size"])
-            for k, v in zip(history, (epoch, train_loss, train_acc, val_loss, val_acc,
-                                      t.scheduler.get_last_lr()[0], epoch_time)):
-                history[k].append(v)
-            check_divergence(epoch, t.steps_per_epoch, train_loss, val_acc, len(spec.classes))
-            if val_acc > progress["best_val_accuracy"]:
-                progress.update(best_val_accuracy=val_acc, best_epoch=epoch, best_state=copy.deepcopy(
-                    accelerator.unwrap_model(t.model).state_dict()))
-            if progress["time_to_target"] is None and target is not None and val_acc >= target:
-                progress["time_to_target"] = sum(history["epoch_time_s"])
-            if checkpoint is not None:
-                save_checkpoint(checkpoint, settings, progress, t.model, t.optimizer, t.scheduler,
-                                accelerator, t.generators)
-            accelerator.print(f"  {label} epoch {epoch:>2}/{epochs}: train loss {train_loss:.4f} acc "
-                              f"{train_acc:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | "
-                              f"{epoch_time:.1f}s", flush=True)
-            if stop_at_val_accuracy is not None and val_acc >= stop_at_val_accuracy:
-                break
-    except TrainingDiverged as err:
-        accelerator.print(f"  {label}: FAILED, {err}", flush=True)
-        return str(err)
-    return None
-
-
 def train_one(model_name: str, spec: DatasetSpec, data: Splits, epochs: int, width: float,
               cfg: dict, accelerator, seed: int, show_progress: bool = True,
               stop_at_val_accuracy: float | None = None, checkpoint: Path | None = None,
               settings: dict | None = None) -> tuple:
-    """Train one architecture on one dataset with the shared recipe.
+    """Train one architecture on one dataset with the shared recipe: set up, fit, score.
 
     Returns (record, best_state): the result record (plain types, see RESULTS) and the state_dict
     of the epoch with the best validation accuracy, which is restored before the test set is scored
@@ -826,13 +800,15 @@ def train_one(model_name: str, spec: DatasetSpec, data: Splits, epochs: int, wid
     returns a record with status 'failed' and the reason instead of raising.
     """
     t = setup_training(model_name, spec, len(data.train_y), epochs, width, cfg, accelerator, seed)
-    progress = new_progress()
-    if checkpoint is not None:
-        progress = restore_checkpoint(checkpoint, settings, t.model, t.optimizer, t.scheduler,
-                                      accelerator, t.generators) or progress
-    label = f"{MODELS_REGISTRY[model_name][0]} / {spec.name}"
-    failure = fit(t, data, spec, cfg, accelerator, progress, epochs, label, show_progress,
-                  stop_at_val_accuracy, checkpoint, settings)
+    t.show_progress, t.stop_at_val_accuracy = show_progress, stop_at_val_accuracy
+    t.checkpoint, t.settings = checkpoint, settings
+    progress = restore_checkpoint(t) or new_progress()
+    failure = None
+    try:
+        fit(t, data, epochs, progress)
+    except TrainingDiverged as err:
+        accelerator.print(f"  {t.label}: FAILED, {err}", flush=True)
+        failure = str(err)
     record = make_record(model_name, spec, t, progress, failure)
     if failure:
         return record, None
@@ -866,6 +842,31 @@ def check_divergence(epoch: int, steps_per_epoch: int, train_loss: float, val_ac
             and train_loss > 0.95 * math.log(num_classes)):
         raise TrainingDiverged(f"loss stuck at chance level (ln {num_classes} = "
                                f"{math.log(num_classes):.3f}) after epoch {epoch}")
+
+
+def process_batches(t: Trainee, data: Splits, desc: str):
+    """This process's share of one epoch of fit: the training split shuffled by
+    t.generators['shuffle'] (seeded alike on every process, so all agree on each global batch), cut
+    into global batches of cfg['batch_size'] images (epoch_batches: the ragged last one dropped), of
+    which each of the num_processes processes takes every num_processes-th image. Yields (uint8
+    images n x C x H x W, int64 labels n) on the data's device; draws a progress bar named `desc`
+    on the main process when t.show_progress."""
+    from tqdm.auto import tqdm
+    world, rank = t.accelerator.num_processes, t.accelerator.process_index
+    steps, batch = epoch_batches(len(data.train_y), t.cfg["batch_size"])
+    perm = torch.randperm(len(data.train_y), generator=t.generators["shuffle"]).to(data.train_y.device)
+    for step in tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True,
+                     disable=not (t.show_progress and t.accelerator.is_local_main_process)):
+        idx = perm[step * batch:(step + 1) * batch][rank::world]
+        yield data.train_x[idx], data.train_y[idx]
+
+
+def check_finite(loss_sum: torch.Tensor, step: int, epoch: int, accelerator) -> None:
+    """Raise TrainingDiverged when an epoch's running loss sum (nats) has become NaN or inf, checked
+    after every 50th step (steps 49, 99, ...: one synchronisation per 50 steps) and summed over the
+    processes, so that all of them stop together."""
+    if step % 50 == 49 and not torch.isfinite(accelerator.reduce(loss_sum, "sum")):
+        raise TrainingDiverged(f"training loss became non-finite in epoch {epoch}")
 
 
 def cpu_bf16_support() -> str:
@@ -1472,19 +1473,22 @@ def _rng_states(accelerator, generators: dict) -> dict:
     return {"shuffle": generators["shuffle"].get_state(), "per_process": gather_object([mine])}
 
 
-def save_checkpoint(path: Path, settings: dict, progress: dict, model, optimizer, scheduler,
-                    accelerator, generators: dict) -> None:
-    """Write the complete training state after an epoch (torch.save, atomically, main process
-    only): the run's settings, model, optimizer, one-cycle schedule, fp16 loss scaler, every RNG
-    state and `progress`. Every process must call it (the RNG states are gathered)."""
-    rng = _rng_states(accelerator, generators)
+def save_checkpoint(t: Trainee, progress: dict) -> None:
+    """Write the complete training state after an epoch to t.checkpoint (torch.save, atomically,
+    main process only): the run's settings, model, optimizer, one-cycle schedule, fp16 loss
+    scaler, every RNG state and `progress`. Every process must call it (the RNG states are
+    gathered). Nothing happens when the run has no checkpoint (t.checkpoint None)."""
+    if t.checkpoint is None:
+        return
+    accelerator = t.accelerator
+    rng = _rng_states(accelerator, t.generators)
     if not accelerator.is_main_process:
         return
-    state = {"format": CHECKPOINT_FORMAT, "settings": settings, "progress": progress, "rng": rng,
-             "model": accelerator.unwrap_model(model).state_dict(),
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    state = {"format": CHECKPOINT_FORMAT, "settings": t.settings, "progress": progress, "rng": rng,
+             "model": accelerator.unwrap_model(t.model).state_dict(),
+             "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
              "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
-    _write_atomically(path, lambda f: torch.save(state, f))
+    _write_atomically(t.checkpoint, lambda f: torch.save(state, f))
 
 
 def read_checkpoint(path: Path, settings: dict | None) -> dict | None:
@@ -1514,17 +1518,18 @@ def read_checkpoint(path: Path, settings: dict | None) -> dict | None:
     return state
 
 
-def restore_checkpoint(path: Path, settings: dict | None, model, optimizer, scheduler, accelerator,
-                       generators: dict) -> dict | None:
-    """Load a matching checkpoint (see read_checkpoint) into the model, optimizer, schedule, loss
-    scaler and RNGs of this process, print where training resumes, and return its progress;
-    None (and nothing changed) when there is none."""
-    state = read_checkpoint(path, settings)
+def restore_checkpoint(t: Trainee) -> dict | None:
+    """Load the run's checkpoint (t.checkpoint, if it matches t.settings; see read_checkpoint) into
+    its model, optimizer, schedule, loss scaler and RNGs of this process, print where training
+    resumes, and return its progress; None (and nothing changed) when there is none. Raises
+    ValueError when it was written by another number of processes."""
+    state = read_checkpoint(t.checkpoint, t.settings) if t.checkpoint is not None else None
     if state is None:
         return None
-    accelerator.unwrap_model(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    accelerator, generators, path = t.accelerator, t.generators, t.checkpoint
+    accelerator.unwrap_model(t.model).load_state_dict(state["model"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scheduler.load_state_dict(state["scheduler"])
     if accelerator.scaler is not None and state["scaler"] is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
     rng = state["rng"]

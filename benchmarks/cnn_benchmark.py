@@ -8,8 +8,8 @@ machine's own matmul limit; and time-to-accuracy on the real MNIST / Fashion-MNI
     python benchmarks/cnn_benchmark.py --variants fp32 compile batch512 --models lenet5 resnet vgg
 
 Pipelines, per architecture and input shape (1x28x28 MNIST-like, 3x32x32 CIFAR-like):
-  ours   cnn_project.train_batch, the trainer's own step: uint8 tensors in memory, batched
-         augmentation, bf16 autocast (CPU and recent GPUs), channels_last, SGD (fused on GPUs).
+  ours   the trainer's own step (the body of cnn_project.fit's batch loop): uint8 tensors in memory,
+         batched augmentation, bf16 autocast (CPU and recent GPUs), channels_last, SGD (fused on GPUs).
   naive  the same model and recipe fed the textbook way: a torchvision-style dataset that makes a PIL
          image per item, ToTensor + Normalize, DataLoader (default workers), fp32, NCHW.
   seeds  the pipeline of the scripts this project started from: PIL Resize(224), ToTensor, 1 -> 3 channel repeat, ImageNet
@@ -151,7 +151,9 @@ def timed_steps(step, device: torch.device, images_per_step: int, cfg: dict) -> 
 
 
 def run_ours(model_name: str, shape_name: str, cfg: dict, device: str, variant: str) -> dict:
-    """Our trainer's step (cnn_project.train_batch) on random uint8 data held on the device."""
+    """Our trainer's step on random uint8 data held on the device: what cnn_project.fit does to each
+    batch (augment, normalise, forward under autocast, loss, backward, SGD step, schedule step), with
+    the trainer's own functions and objects; fit's running loss and accuracy sums are left out."""
     v = VARIANTS[variant]
     spec = cp.DATASETS[SHAPE_SPECS[shape_name]]
     real_probe = cp.cpu_bf16_support
@@ -182,8 +184,13 @@ def run_ours(model_name: str, shape_name: str, cfg: dict, device: str, variant: 
 
     def step():
         idx = torch.randint(0, n, (batch,), generator=generator).to(dev)
-        cp.train_batch(model, optimizer, scheduler, criterion, x[idx], y[idx], spec, generator,
-                       accelerator)
+        images = cp.normalize(cp.augment(x[idx], spec, generator), spec)
+        with accelerator.autocast():
+            loss = criterion(model(images).float(), y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
 
     out = timed_steps(step, dev, batch, cfg)
     base = accelerator.mixed_precision if accelerator.mixed_precision != "no" else "fp32"

@@ -251,9 +251,11 @@ def test_translation_pads_with_the_black_background():
     model = Capture()
     accelerator = cp.make_accelerator("cpu", "no")
     optimizer, scheduler = cp.make_optimizer(model, dict(cp.RECIPE), total_steps=10)
-    cp.train_batch(model, optimizer, scheduler, nn.CrossEntropyLoss(),
-                   torch.zeros(32, 1, 28, 28, dtype=torch.uint8), torch.zeros(32, dtype=torch.long),
-                   spec, torch.Generator().manual_seed(0), accelerator)
+    x, y = torch.zeros(32, 1, 28, 28, dtype=torch.uint8), torch.zeros(32, dtype=torch.long)
+    generators = {"shuffle": torch.Generator(), "augment": torch.Generator().manual_seed(0)}
+    t = cp.Trainee(model, optimizer, scheduler, nn.CrossEntropyLoss(), generators, accelerator,
+                   spec, dict(cp.RECIPE), steps_per_epoch=1, images_per_epoch=32)
+    cp.fit(t, cp.Splits(x, y, x, y, x, y, spec=spec), 1, cp.new_progress())  # seen[0]: training
     black = (0.0 - spec.mean[0]) / spec.std[0]
     assert torch.allclose(seen[0], torch.full_like(seen[0], black))
 
