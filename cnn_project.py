@@ -240,6 +240,13 @@ def augment(x: torch.Tensor, spec: DatasetSpec, generator: torch.Generator) -> t
 # MODELS
 # =============================================================================================
 
+# Seven architectures, each an nn.Module written from its paper and adapted to 28/32 px images (its
+# docstring says how). Each maps a normalised batch N x C x H x W to class scores (logits)
+# N x num_classes. The comments in each forward() give the tensor's shape after each stage for a
+# CIFAR-10 batch (N x 3 x 32 x 32) at width 1.0, the papers' channel counts: `width` scales every
+# channel count (ch), and the cpu preset trains every model but LeNet-5 at 0.25.
+
+
 def ch(channels: int, width: float) -> int:
     """Scale a paper's channel count by the width multiplier (at least 4 channels)."""
     return max(4, int(round(channels * width)))
@@ -254,6 +261,11 @@ def conv_bn(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.Seque
 class LeNet5(nn.Module):
     """LeNet-5 (LeCun, Bottou, Bengio & Haffner, 1998, "Gradient-based learning applied to
     document recognition").
+
+    The key idea of convolutional networks: small filters with shared weights, scanned over the
+    image, find local features wherever they are, and subsampling (pooling) between convolution
+    layers trades resolution for more abstract features, so that the whole net, from pixels to
+    class scores, is trained end to end by backpropagation.
 
     C1 conv5x5 (6) -> S2 pool -> C3 conv5x5 (16) -> S4 pool -> C5 (120) -> F6 (84) -> output.
     Modern substitutions: ReLU for the scaled tanh, max pooling for trainable subsampling, full
@@ -282,12 +294,29 @@ class LeNet5(nn.Module):
             nn.Linear(c5, f6), nn.ReLU(inplace=True), nn.Linear(f6, num_classes))
 
     def forward(self, x):
-        return self.classifier(self.features(x))
+        # Shapes for a CIFAR-10 batch at width 1.0; channels scale with `width` (both presets
+        # train LeNet-5 at 1.0). An MNIST batch (N x 1 x 28 x 28) is padded by 2 in C1 and then
+        # has these same shapes.
+        #   x                         N x 3 x 32 x 32
+        #   C1 conv 5x5               N x 6 x 28 x 28
+        #   S2 max-pool, ReLU         N x 6 x 14 x 14
+        #   C3 conv 5x5               N x 16 x 10 x 10
+        #   S4 max-pool, ReLU         N x 16 x 5 x 5
+        x = self.features(x)
+        #   flatten                   N x 400
+        #   C5, ReLU                  N x 120
+        #   F6, ReLU                  N x 84
+        return self.classifier(x)   # N x 10
 
 
 class AlexNet(nn.Module):
     """AlexNet (Krizhevsky, Sutskever & Hinton, 2012, "ImageNet classification with deep
     convolutional neural networks"), in its usual small-image form.
+
+    The network that made deep CNNs the standard for image recognition (ILSVRC-2012): a much deeper
+    and wider net than LeNet-5, trainable because of ReLU activations (faster than saturating
+    tanh), dropout against overfitting in its large fully connected layers, data augmentation, and
+    GPU training.
 
     Five convolutions (64 11x11, 192 5x5, 384, 256, 256 3x3 channels in the paper) with three
     max-poolings, then two dropout fully connected layers (4096) and the output layer; conv2 keeps
@@ -314,12 +343,27 @@ class AlexNet(nn.Module):
             nn.Dropout(0.5), nn.Linear(fc, fc), nn.ReLU(inplace=True), nn.Linear(fc, num_classes))
 
     def forward(self, x):
-        return self.classifier(self.features(x))
+        # Shapes for a CIFAR-10 batch at width 1.0; channels (and the 4096 units) scale with
+        # `width`: the cpu preset's 0.25 keeps a quarter of each.
+        #   x                         N x 3 x 32 x 32
+        #   conv1 3x3, max-pool       N x 64 x 16 x 16
+        #   conv2 5x5, max-pool       N x 192 x 8 x 8
+        #   conv3, conv4 3x3          N x 384 x 8 x 8, N x 256 x 8 x 8
+        #   conv5 3x3, max-pool       N x 256 x 4 x 4
+        #   average pool              N x 256 x 2 x 2
+        x = self.features(x)
+        #   flatten                   N x 1024
+        #   FC1, FC2 (dropout, ReLU)  N x 4096
+        return self.classifier(x)   # N x 10
 
 
 class VGG(nn.Module):
     """VGG-16 with batch normalisation (Simonyan & Zisserman, 2014, "Very deep convolutional
     networks for large-scale image recognition"; BN after Ioffe & Szegedy, 2015).
+
+    Depth from small filters only: every convolution is 3x3 (two stacked 3x3 layers see a 5x5 field
+    with fewer weights and one more ReLU), and each 2x2 max-pool halves the side while the next
+    stage doubles the channels, up to 512, keeping the work per layer roughly even.
 
     Thirteen 3x3 convolutions in five stages (64, 128, 256, 512, 512) as in configuration D. For
     28/32 px input the fifth max-pool is replaced by global average pooling and the three 4096-wide
@@ -342,12 +386,29 @@ class VGG(nn.Module):
         self.classifier = nn.Linear(c_in, num_classes)
 
     def forward(self, x):
-        return self.classifier(self.features(x))
+        # Shapes for a CIFAR-10 batch at width 1.0; channels scale with `width` (the cpu preset's
+        # 0.25 keeps a quarter of each), the sides do not.
+        #   x                                       N x 3 x 32 x 32
+        #   stage 1: 2 convs 3x3                    N x 64 x 32 x 32
+        #   max-pool, stage 2: 2 convs              N x 128 x 16 x 16
+        #   max-pool, stage 3: 3 convs              N x 256 x 8 x 8
+        #   max-pool, stage 4: 3 convs              N x 512 x 4 x 4
+        #   max-pool, stage 5: 3 convs              N x 512 x 2 x 2
+        #   global average pool, flatten            N x 512
+        x = self.features(x)
+        return self.classifier(x)   # N x 10
 
 
 class SqueezeExcitation(nn.Module):
-    """Squeeze-and-excitation (Hu, Shen & Sun, 2018): global average pool -> FC (C/r) -> ReLU ->
-    FC (C) -> sigmoid, which rescales each channel. N x C x H x W -> same shape."""
+    """Squeeze-and-excitation unit (Hu, Shen & Sun, 2018, "Squeeze-and-excitation networks").
+
+    Attention over channels: each channel is squeezed to one number (its global average), a small
+    bottleneck of two fully connected layers (C -> C/r -> C) turns these into one weight in (0, 1)
+    per channel, and the feature map is rescaled by them, so the block learns which channels matter
+    for this image at the cost of few parameters. As in the paper: reduction r = 16, ReLU then
+    sigmoid; the hidden layer keeps at least 4 units (narrow networks).
+    N x C x H x W -> same shape.
+    """
 
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
@@ -356,16 +417,26 @@ class SqueezeExcitation(nn.Module):
         self.fc2 = nn.Linear(hidden, channels)
 
     def forward(self, x):
-        s = x.mean((2, 3))  # squeeze: N x C (a plain mean is much faster than adaptive pooling on CPU)
-        s = torch.sigmoid(self.fc2(F.relu(self.fc1(s))))  # excitation: N x C in (0, 1)
-        return x * s[:, :, None, None].to(x.dtype)
+        # Shapes in SE-ResNet-18's third block on a CIFAR-10 batch at width 1.0 (x: N x 128 x 16 x 16);
+        # channels scale with `width`.
+        s = x.mean((2, 3))  # squeeze: N x 128 (a plain mean is much faster than adaptive pooling on CPU)
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(s))))  # excitation: N x 8 -> N x 128, in (0, 1)
+        return x * s[:, :, None, None].to(x.dtype)  # each channel rescaled: N x 128 x 16 x 16
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block (He et al., 2015): two 3x3 conv-BN layers plus an identity (or 1x1
-    projection) shortcut, ReLU after the sum. With `se=True` a squeeze-and-excitation unit scales
-    the residual branch before the sum, as in SE-ResNet (Hu et al., 2018).
-    N x c_in x H x W -> N x c_out x H/stride x W/stride."""
+    """ResNet basic block (He, Zhang, Ren & Sun, 2015, "Deep residual learning for image
+    recognition").
+
+    The residual connection: the two 3x3 conv-BN layers learn only a correction F(x) that is added
+    to the block's input, out = ReLU(F(x) + x), so a block that has nothing to add can pass x on
+    unchanged and gradients reach early layers through the shortcuts; this is what lets very deep
+    networks train. When the block halves the side or widens the channels, the shortcut is a 1x1
+    strided projection with BN (the paper's option B), else the identity; ReLU after the sum. With
+    `se=True` a squeeze-and-excitation unit scales the residual branch before the sum, as in
+    SE-ResNet (Hu et al., 2018). Nothing differs from the paper at 28/32 px.
+    N x c_in x H x W -> N x c_out x H/stride x W/stride.
+    """
 
     def __init__(self, c_in: int, c_out: int, stride: int = 1, se: bool = False):
         super().__init__()
@@ -380,16 +451,26 @@ class BasicBlock(nn.Module):
                                           nn.BatchNorm2d(c_out))
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = self.se(self.bn2(self.conv2(out)))
-        return F.relu(out + self.shortcut(x), inplace=True)
+        # Shapes in ResNet-18's third block (stage 2's first, stride 2) on a CIFAR-10 batch at
+        # width 1.0, x: N x 64 x 32 x 32; channels scale with `width`.
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)  # N x 128 x 16 x 16
+        out = self.se(self.bn2(self.conv2(out)))  # F(x): N x 128 x 16 x 16
+        return F.relu(out + self.shortcut(x), inplace=True)  # F(x) + projected x: N x 128 x 16 x 16
 
 
 class ResNet(nn.Module):
-    """ResNet-18 (He, Zhang, Ren & Sun, 2015, "Deep residual learning for image recognition"),
-    CIFAR form: a 3x3 stride-1 stem instead of 7x7/2 + max-pool, then four stages of two basic
-    blocks (64, 128, 256, 512 channels; stride 2 at the start of stages 2-4), global average
-    pooling and a linear classifier. `se=True` gives SE-ResNet-18 (see SENet).
+    """ResNet-18 (He, Zhang, Ren & Sun, 2015, "Deep residual learning for image recognition").
+
+    Deep networks built from residual blocks (BasicBlock): each block adds a learned correction to
+    its input through a shortcut, which made networks of 18 to 152 layers (over 1000 on CIFAR-10)
+    trainable where plain stacks got worse with depth.
+
+    CIFAR form: a 3x3 stride-1 stem instead of 7x7/2 + max-pool (which would shrink 32 px to 8 px
+    before the first stage), then four stages of two basic blocks (64, 128, 256, 512 channels;
+    stride 2 at the start of stages 2-4), global average pooling and a linear classifier. The
+    paper's own CIFAR-10 networks are narrower (three stages of 16, 32, 64 channels); this is the
+    ImageNet ResNet-18 with that stem, as CIFAR-10 results are commonly reported for it. `se=True`
+    gives SE-ResNet-18 (see SENet).
     Input N x in_channels x H x W -> logits N x num_classes.
     """
 
@@ -407,12 +488,25 @@ class ResNet(nn.Module):
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes))
 
     def forward(self, x):
-        return self.head(self.stages(self.stem(x)))
+        # Shapes for a CIFAR-10 batch at width 1.0 (x: N x 3 x 32 x 32); channels scale with
+        # `width` (the cpu preset's 0.25 keeps a quarter of each), the sides do not.
+        x = self.stem(x)      # conv 3x3: N x 64 x 32 x 32
+        #   stage 1 (2 blocks)          N x 64 x 32 x 32
+        #   stage 2 (2 blocks)          N x 128 x 16 x 16
+        #   stage 3 (2 blocks)          N x 256 x 8 x 8
+        #   stage 4 (2 blocks)          N x 512 x 4 x 4
+        x = self.stages(x)
+        return self.head(x)   # global average pool N x 512, then N x 10
 
 
 class SENet(ResNet):
     """SE-ResNet-18 (Hu, Shen & Sun, 2018, "Squeeze-and-excitation networks"): ResNet-18 whose
     every basic block recalibrates its channels with a squeeze-and-excitation unit (reduction 16).
+
+    The paper's idea is that a network gains from weighing its own channels per image (channel
+    attention) at little cost; its SE-ResNets are deeper (ResNet-50 and up on ImageNet), here the
+    unit sits in the CIFAR-form ResNet-18 above (same stem, stages and shapes; see ResNet.forward and
+    SqueezeExcitation.forward), placed as in the paper: on the residual branch, before the sum.
     Input N x in_channels x H x W -> logits N x num_classes.
     """
 
@@ -421,9 +515,15 @@ class SENet(ResNet):
 
 
 class Inception(nn.Module):
-    """Inception module (Szegedy et al., 2014): four parallel branches, 1x1 | 1x1->3x3 |
-    1x1->5x5 (as two 3x3, the usual factorisation) | 3x3 max-pool->1x1, concatenated on channels.
-    N x c_in x H x W -> N x (n1 + n3 + n5 + pool_proj) x H x W."""
+    """Inception module (Szegedy et al., 2014, "Going deeper with convolutions").
+
+    Several receptive fields at once: four parallel branches, 1x1 | 1x1->3x3 | 1x1->5x5 |
+    3x3 max-pool->1x1, concatenated on channels, so the next layer chooses among scales. The 1x1
+    "reduce" convolutions shrink the channels before the costly 3x3 and 5x5 ones, which keeps the
+    module cheap enough to stack nine times. Differs from the paper in that the 5x5 is two 3x3
+    (the usual factorisation, from its BN-Inception successor) and every convolution has BN.
+    N x c_in x H x W -> N x (n1 + n3 + n5 + pool_proj) x H x W.
+    """
 
     def __init__(self, c_in, n1, n3_reduce, n3, n5_reduce, n5, pool_proj):
         super().__init__()
@@ -434,11 +534,23 @@ class Inception(nn.Module):
         self.branch_pool = nn.Sequential(nn.MaxPool2d(3, 1, 1), conv_bn(c_in, pool_proj, 1))
 
     def forward(self, x):
+        # Shapes in module 3a on a CIFAR-10 batch at width 1.0 (x: N x 192 x 16 x 16); channels
+        # scale with `width`.
+        #   branch1: 1x1                        N x 64 x 16 x 16
+        #   branch3: 1x1 (96), 3x3              N x 128 x 16 x 16
+        #   branch5: 1x1 (16), 3x3, 3x3         N x 32 x 16 x 16
+        #   branch_pool: max-pool, 1x1          N x 32 x 16 x 16
+        #   concatenated on channels            N x 256 x 16 x 16
         return torch.cat([self.branch1(x), self.branch3(x), self.branch5(x), self.branch_pool(x)], 1)
 
 
 class GoogLeNet(nn.Module):
-    """GoogLeNet / Inception v1 (Szegedy et al., 2014, "Going deeper with convolutions"), with BN.
+    """GoogLeNet / Inception v1 (Szegedy, Liu, Jia, Sermanet, Reed, Anguelov, Erhan, Vanhoucke &
+    Rabinovich, 2014, "Going deeper with convolutions"), with BN.
+
+    A deep and wide network at a modest cost, built by stacking Inception modules (parallel 1x1,
+    3x3, 5x5 convolutions and pooling, with 1x1 reductions; see Inception) instead of single
+    convolutions, and ending in global average pooling instead of large fully connected layers.
 
     The paper's nine Inception modules (3a-3b, 4a-4e, 5a-5b) and their channel table, global average
     pooling, dropout 0.4 and a linear classifier; no auxiliary classifiers (the paper drops them at
@@ -472,12 +584,26 @@ class GoogLeNet(nn.Module):
                                   nn.Linear(c_in, num_classes))
 
     def forward(self, x):
-        return self.head(self.inception(self.stem(x)))
+        # Shapes for a CIFAR-10 batch at width 1.0 (x: N x 3 x 32 x 32); channels scale with
+        # `width` (the cpu preset's 0.25 keeps a quarter of each), the sides do not.
+        x = self.stem(x)        # conv 3x3 N x 192 x 32 x 32, max-pool N x 192 x 16 x 16
+        #   3a, 3b                           N x 256 x 16 x 16, N x 480 x 16 x 16
+        #   max-pool, 4a-4c                  N x 512 x 8 x 8
+        #   4d, 4e                           N x 528 x 8 x 8, N x 832 x 8 x 8
+        #   max-pool, 5a, 5b                 N x 832 x 4 x 4, N x 1024 x 4 x 4
+        x = self.inception(x)
+        return self.head(x)     # global average pool N x 1024, dropout, then N x 10
 
 
 class SeparableConv2d(nn.Module):
-    """Depthwise separable convolution (Chollet, 2017): a 3x3 depthwise convolution followed by a
-    1x1 pointwise one, then BN. N x c_in x H x W -> N x c_out x H x W."""
+    """Depthwise separable convolution (Chollet, 2017, "Xception: Deep learning with depthwise
+    separable convolutions").
+
+    A 3x3 convolution split in two: a depthwise 3x3 convolution filters each channel on its own
+    (space), then a pointwise 1x1 convolution mixes the channels, with about 9*c_in + c_in*c_out
+    weights instead of 9*c_in*c_out. As in the paper: no non-linearity between the two, BN after.
+    N x c_in x H x W -> N x c_out x H x W.
+    """
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
@@ -486,16 +612,26 @@ class SeparableConv2d(nn.Module):
         self.bn = nn.BatchNorm2d(c_out)
 
     def forward(self, x):
-        return self.bn(self.pointwise(self.depthwise(x)))
+        # Shapes in Xception's exit flow (1024 -> 1536) on a CIFAR-10 batch at width 1.0
+        # (x: N x 1024 x 2 x 2); channels scale with `width`.
+        x = self.depthwise(x)       # one 3x3 filter per channel: N x 1024 x 2 x 2
+        x = self.pointwise(x)       # 1x1 across channels: N x 1536 x 2 x 2
+        return self.bn(x)           # N x 1536 x 2 x 2
 
 
 class XceptionBlock(nn.Module):
-    """Xception residual block: `reps` x (ReLU -> separable conv) with an identity shortcut, or,
-    when the block changes width or resolution, a 3x3/2 max-pool and a 1x1 strided projection
+    """Xception residual block (Chollet, 2017, "Xception: Deep learning with depthwise separable
+    convolutions").
+
+    The building block of Xception: a stack of depthwise separable convolutions with a residual
+    shortcut around it, as in ResNet. `reps` x (ReLU -> separable conv) with an identity shortcut,
+    or, when the block changes width or resolution, a 3x3/2 max-pool and a 1x1 strided projection
     shortcut. `relu_first=False` drops the first ReLU (the entry flow's first block). The first
     separable conv widens c_in -> c_out (entry flow), or with `grow_first=False` the last one does
-    (the exit flow's 728 -> 728 -> 1024, Fig. 5 of the paper).
-    N x c_in x H x W -> N x c_out x ceil(H/stride) x ceil(W/stride)."""
+    (the exit flow's 728 -> 728 -> 1024, Fig. 5 of the paper). Nothing differs from the paper at
+    28/32 px but the sides the blocks run at.
+    N x c_in x H x W -> N x c_out x ceil(H/stride) x ceil(W/stride).
+    """
 
     def __init__(self, c_in: int, c_out: int, reps: int, stride: int = 1, relu_first: bool = True,
                  grow_first: bool = True):
@@ -515,11 +651,22 @@ class XceptionBlock(nn.Module):
                                           nn.BatchNorm2d(c_out))
 
     def forward(self, x):
-        return self.residual(x) + self.shortcut(x)
+        # Shapes in the entry flow's second block (128 -> 256, stride 2) on a CIFAR-10 batch at
+        # width 1.0 (x: N x 128 x 16 x 16); channels scale with `width`.
+        #   ReLU, separable conv              N x 256 x 16 x 16
+        #   ReLU, separable conv              N x 256 x 16 x 16
+        #   max-pool 3x3/2                    N x 256 x 8 x 8
+        #   shortcut: 1x1 conv stride 2, BN   N x 256 x 8 x 8
+        return self.residual(x) + self.shortcut(x)  # N x 256 x 8 x 8
 
 
 class Xception(nn.Module):
     """Xception (Chollet, 2017, "Xception: Deep learning with depthwise separable convolutions").
+
+    "Extreme Inception": where an Inception module looks at channels and space in a few separate
+    branches, Xception separates them completely, using depthwise separable convolutions (see
+    SeparableConv2d) throughout, in residual blocks (XceptionBlock); with about as many parameters
+    as Inception v3 it did better on ImageNet.
 
     Entry flow: two 3x3 convolutions (32, 64) and three strided blocks (128, 256, 728); middle flow:
     `middle_blocks` (8 in the paper) residual blocks of three 728-wide separable convolutions; exit
@@ -549,10 +696,21 @@ class Xception(nn.Module):
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c2048, num_classes))
 
     def forward(self, x):
-        return self.exit_flow(self.middle_flow(self.entry_flow(x)))
+        # Shapes for a CIFAR-10 batch at width 1.0 (x: N x 3 x 32 x 32); channels scale with
+        # `width` (the cpu preset's 0.25 keeps a quarter of each), the sides do not.
+        #   convs 3x3 (32, 64)                N x 64 x 32 x 32
+        #   blocks 128, 256, 728 (stride 2)   N x 128 x 16 x 16, N x 256 x 8 x 8, N x 728 x 4 x 4
+        x = self.entry_flow(x)
+        x = self.middle_flow(x)  # 8 blocks: N x 728 x 4 x 4
+        #   block 728 -> 1024 (stride 2)      N x 1024 x 2 x 2
+        #   separable convs 1536, 2048        N x 1536 x 2 x 2, N x 2048 x 2 x 2
+        #   global average pool               N x 2048
+        return self.exit_flow(x)  # N x 10
 
 
-# CLI name -> (display name, constructor(in_channels, num_classes, width, image_size) -> nn.Module)
+# The --models names: each gives the name tables and plots use and builds its class above,
+# constructor(in_channels, num_classes, width, image_size) -> nn.Module ('senet' is the ResNet
+# class with squeeze-and-excitation units: SENet).
 MODELS_REGISTRY = {
     "lenet5": ("LeNet-5", lambda c, k, w, s: LeNet5(c, k, w, image_size=s)),
     "alexnet": ("AlexNet", lambda c, k, w, s: AlexNet(c, k, w)),
