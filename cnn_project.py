@@ -2738,6 +2738,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "SE-ResNet-18 from scratch on MNIST, Fashion-MNIST and CIFAR-10, and compare them. "
                     "A run is skipped when its record has the same settings; an interrupted run "
                     "resumes from its last epoch.", formatter_class=_HelpFormatter)
+    add_what_to_train(p)
+    add_where_data_and_results_are(p)
+    add_how_to_run(p)
+    return check_args(p, p.parse_args(argv))
+
+
+def add_what_to_train(p: argparse.ArgumentParser) -> None:
+    """--models, --datasets and the budget and recipe flags (--epochs, --width, --batch-size, --lr,
+    --preset), in the order --help lists them."""
     p.add_argument("--models", nargs="+", default=list(MODELS_REGISTRY), metavar="NAME",
                    help=f"architectures: {' '.join(MODELS_REGISTRY)}")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), metavar="NAME",
@@ -2758,6 +2767,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=("auto", "cpu", "gpu"), default="auto",
                    help="epochs per dataset and width per model; auto picks gpu when CUDA is used, "
                         "else cpu")
+
+
+def add_where_data_and_results_are(p: argparse.ArgumentParser) -> None:
+    """--data-dir, the image-folder flags (--image-size, --no-flip, --cache-dir) and --results-dir."""
     p.add_argument("--data-dir", default="./data", help="torchvision dataset root (downloads there)")
     p.add_argument("--image-size", type=int,
                    help="image folders: resize every image to N x N (default: the images' own "
@@ -2769,6 +2782,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--results-dir", default="./results",
                    help="records, weights, checkpoints and plots go to <this>/cnn; the committed "
                         "reference run is in results/reference_cpu")
+
+
+def add_how_to_run(p: argparse.ArgumentParser) -> None:
+    """--seed/--seeds, --device, --precision, --subset, --force, and the two other modes (--report,
+    --predict), then --no-progress."""
     p.add_argument("--seed", type=int, help="one seed for the validation split, the weights and the "
                    "batches (default: 0)")
     p.add_argument("--seeds", nargs="+", type=int, metavar="N",
@@ -2796,7 +2814,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars; they are drawn only on a terminal anyway, and a log gets "
                         "one line per epoch")
-    return check_args(p, p.parse_args(argv))
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
