@@ -695,15 +695,6 @@ def chat_settings_for(model, tokenizer, history: list[dict], base: GenerationSet
     return replace(base, earlier_replies=earlier, seed=int(base.seed) + turn)
 
 
-def chat_reply(model, tokenizer, history: list[dict], base: GenerationSettings,
-               system: str | None = None, stats: GenerationStats | None = None) -> tuple[str, int]:
-    """The assistant's next reply to `history` (ending with the user's message), as the Chatbot page
-    makes it: chat_inputs with `system`, then chat_settings_for. Returns (reply, turns dropped)."""
-    inputs, dropped = chat_inputs(model, tokenizer, history, base.max_new_tokens, system)
-    settings = chat_settings_for(model, tokenizer, history, base)
-    return generate_text(model, tokenizer, inputs, settings, stats).strip(), dropped
-
-
 # Chat decoding. A model's own recommendation wins: its generation_config.json (a Hub/transformers
 # model with do_sample set), or a GGUF's general.sampling.* metadata. Model cards that recommend
 # settings their files do not carry are listed by name. Everything else gets APP_CHAT_DECODING.

@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 from nlp_project import (APP_CHAT_DECODING, CONFIG, FACT_CATEGORIES, QA_THRESHOLD_FILE, RESULTS_DIR,  # noqa: E402
                          SENTIMENT_FEW_SHOT, SENTIMENT_INSTRUCTION, SENTIMENT_LABELS, SENTIMENT_PROMPTS,
                          GenerationSettings, GenerationStats, LoadedModel, ModelLoadError, answer_by_prompt,
-                         answer_question, chat_inputs, chat_reply, chat_system_default, decoding_defaults, facts_file,
-                         is_llama, load_text_model, normalize_answer, prompt_tokens, public_name, sentiment_by_prompt,
-                         smollm2_gguf_path, stream_generate)
+                         answer_question, chat_inputs, chat_settings_for, chat_system_default, decoding_defaults,
+                         facts_file, generate_text, is_llama, load_text_model, normalize_answer, prompt_tokens,
+                         public_name, sentiment_by_prompt, smollm2_gguf_path, stream_generate)
 
 
 # =====================================================================================================
@@ -426,6 +426,15 @@ def read_fact_questions(path: str | os.PathLike) -> list[dict]:
                              "that the question does not contain")
         items.append({"category": category, "question": question, "answers": golds})
     return items
+
+
+def chat_reply(model, tokenizer, history: list[dict], base: GenerationSettings,
+               system: str | None = None, stats: GenerationStats | None = None) -> tuple[str, int]:
+    """The assistant's next reply to `history` (ending with the user's message), as the Chatbot page
+    makes it: chat_inputs with `system`, then chat_settings_for. Returns (reply, turns dropped)."""
+    inputs, dropped = chat_inputs(model, tokenizer, history, base.max_new_tokens, system)
+    settings = chat_settings_for(model, tokenizer, history, base)
+    return generate_text(model, tokenizer, inputs, settings, stats).strip(), dropped
 
 
 def evaluate_facts(model, tokenizer, items: list[dict], base: "GenerationSettings", system: str | None) -> dict:

@@ -1078,7 +1078,7 @@ def test_chat_decoding_defaults_and_no_repeats(tiny_models, tmp_path):
                {"role": "user", "content": "Once upon a time"}]
     base = nlp_project.GenerationSettings(max_new_tokens=40, temperature=1.0, top_p=1.0, top_k=0,
                                           repetition_penalty=1.0, no_repeat_ngram=3)
-    replies = [nlp_project.chat_reply(model, tok, history, base, system="Be brief.")[0] for _ in range(2)]
+    replies = [nlp_eval.chat_reply(model, tok, history, base, system="Be brief.")[0] for _ in range(2)]
     assert replies[0] == replies[1]  # seeded
     inputs, _ = nlp_project.chat_inputs(model, tok, history, 40, system="Be brief.")
     settings = nlp_project.chat_settings_for(model, tok, history, base)

@@ -127,8 +127,8 @@ def test_six_turn_chat_converses_with_the_pages_defaults(smollm2, record_propert
     history, replies = [], []
     for message in CONVERSATION:
         history.append({"role": "user", "content": message})
-        reply, dropped = nlp_project.chat_reply(smollm2, None, history, base,
-                                                system=nlp_project.CONFIG["chat_system_prompt"])
+        reply, dropped = nlp_eval.chat_reply(smollm2, None, history, base,
+                                             system=nlp_project.CONFIG["chat_system_prompt"])
         assert dropped == 0 and reply
         history.append({"role": "assistant", "content": reply})
         replies.append(reply)
@@ -142,7 +142,7 @@ def test_six_turn_chat_converses_with_the_pages_defaults(smollm2, record_propert
     record_property("name_recalled", name_recalled)
     print(f"'What is my name?' -> {replies[-1]!r} (name recalled: {name_recalled})")
     # Seeded: the same conversation again gives the same first reply.
-    again, _ = nlp_project.chat_reply(smollm2, None, history[:1], base, system=nlp_project.CONFIG["chat_system_prompt"])
+    again, _ = nlp_eval.chat_reply(smollm2, None, history[:1], base, system=nlp_project.CONFIG["chat_system_prompt"])
     assert again == replies[0]
 
 
@@ -159,9 +159,9 @@ def test_chat_reuses_the_kv_cache_and_stays_seeded(smollm2):
             reused = smollm2._prefill(inputs["ids"])  # what the reply below will find in the cache
         assert inputs["ids"][:len(before)] == before  # this turn's prompt starts with the last one
         before = inputs["ids"]
-        warm, _ = nlp_project.chat_reply(smollm2, None, history, base, system=system)
+        warm, _ = nlp_eval.chat_reply(smollm2, None, history, base, system=system)
         smollm2.reset_cache()
-        cold, _ = nlp_project.chat_reply(smollm2, None, history, base, system=system)
+        cold, _ = nlp_eval.chat_reply(smollm2, None, history, base, system=system)
         assert warm == cold and warm, (message, warm, cold)
         history.append({"role": "assistant", "content": warm})
     # Turn 3 reused the whole chunks of turn 2's prompt (the cache then held turn 2's cold reply).
@@ -170,6 +170,6 @@ def test_chat_reuses_the_kv_cache_and_stays_seeded(smollm2):
     assert reused == len(previous) // chunk * chunk > 0
     # A different prompt after it shares only the system prompt's chunks, and still answers the same.
     other = [{"role": "user", "content": "What is the capital of France?"}]
-    first, _ = nlp_project.chat_reply(smollm2, None, other, base, system=system)
+    first, _ = nlp_eval.chat_reply(smollm2, None, other, base, system=system)
     smollm2.reset_cache()
-    assert nlp_project.chat_reply(smollm2, None, other, base, system=system)[0] == first
+    assert nlp_eval.chat_reply(smollm2, None, other, base, system=system)[0] == first
