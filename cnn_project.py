@@ -1,5 +1,18 @@
 """Seven classic CNNs trained from scratch on MNIST, Fashion-MNIST and CIFAR-10, compared.
 
+The file reads as a lesson, then its machinery: stop at THE MACHINERY's banner and you have seen
+the recipe, the data, the seven networks and the training loop.
+  THE LESSON
+    CONFIG     the shared recipe (RECIPE) and the presets' epochs and widths (PRESETS, budget)
+    DATA       the built-in datasets (DATASETS), the validation split (load_splits), normalize, augment
+    MODELS     the seven architectures and their blocks, with their papers and tensor shapes;
+               MODELS_REGISTRY
+    TRAINING   optimizer and schedule (make_optimizer), setup (setup_training), the training loop
+               (fit), evaluate, and train_one: set up, fit, score one run
+  THE MACHINERY (everything below supports the lesson)
+    IMAGE FOLDERS, TRAINING HELPERS, PRECISION, COST AND SCORES, CHECKPOINTS, RESULTS, COMPARISON,
+    REPORT, PREDICT, CLI
+
     python cnn_project.py                          # every model on every dataset, preset by device
     python cnn_project.py --models resnet senet --datasets mnist --epochs 5
     python cnn_project.py --datasets cifar10 --seeds 3   # three seeds: the spread and paired tests
@@ -31,7 +44,6 @@ The committed reference run (CPU preset, 3 seeds of all 21 pairs) is in results/
 GPU preset's CIFAR-10 run in results/reference_gpu.
 Evidence (accuracies, wall time, hardware, torch version) is in docs/cnn_project.md.
 
-Sections: CONFIG, DATA, MODELS, TRAINING, CHECKPOINTS, RESULTS, COMPARISON, REPORT, PREDICT, CLI.
 To add an architecture: write its nn.Module in MODELS and add it to MODELS_REGISTRY (it trains each
 dataset's preset epochs, like every model). To add a dataset: add a DatasetSpec to DATASETS and its
 epochs to PRESETS, or pass an image folder's path to --datasets.
@@ -62,6 +74,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
+# #############################################################################################
+# ===== THE LESSON: the recipe, the data, the seven networks and the training loop =====
+# #############################################################################################
 
 # =============================================================================================
 # CONFIG
@@ -976,251 +992,15 @@ def train_one(model_name: str, spec: DatasetSpec, data: Splits, epochs: int, wid
     return record, progress["best_state"]
 
 
-class RunsFailed(RuntimeError):
-    """Some runs of the grid ended as failed (diverged): their records are written, the exit status
-    is 1."""
+# #############################################################################################
+# ===== THE MACHINERY: everything below supports the lesson above =====
+# Reading data files and image folders, the training loop's helpers, precision, cost and test
+# scores, checkpoints, results, comparison, report, --predict and the command line.
+# #############################################################################################
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf, or stayed at chance level (ln num_classes) after an epoch."""
-
-
-# A run whose training loss is still at ln(num_classes) and whose validation accuracy is at chance
-# after this many optimizer steps has diverged (or never started learning): it is marked failed.
-DIVERGED_MIN_STEPS = 200
-
-
-def check_divergence(epoch: int, steps_per_epoch: int, train_loss: float, val_acc: float,
-                     num_classes: int) -> None:
-    """Raise TrainingDiverged for a non-finite loss, or one still at chance level (ln num_classes,
-    with validation accuracy at chance) after DIVERGED_MIN_STEPS optimizer steps."""
-    if not math.isfinite(train_loss):
-        raise TrainingDiverged(f"training loss became {train_loss} in epoch {epoch}")
-    if (epoch * steps_per_epoch >= DIVERGED_MIN_STEPS and val_acc <= 1.5 / num_classes
-            and train_loss > 0.95 * math.log(num_classes)):
-        raise TrainingDiverged(f"loss stuck at chance level (ln {num_classes} = "
-                               f"{math.log(num_classes):.3f}) after epoch {epoch}")
-
-
-def process_batches(t: Trainee, data: Splits, desc: str):
-    """This process's share of one epoch of fit: the training split shuffled by
-    t.generators['shuffle'] (seeded alike on every process, so all agree on each global batch), cut
-    into global batches of cfg['batch_size'] images (epoch_batches: the ragged last one dropped), of
-    which each of the num_processes processes takes every num_processes-th image. Yields (uint8
-    images n x C x H x W, int64 labels n) on the data's device; draws a progress bar named `desc`
-    on the main process when t.show_progress."""
-    from tqdm.auto import tqdm
-    world, rank = t.accelerator.num_processes, t.accelerator.process_index
-    steps, batch = epoch_batches(len(data.train_y), t.cfg["batch_size"])
-    perm = torch.randperm(len(data.train_y), generator=t.generators["shuffle"]).to(data.train_y.device)
-    for step in tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True,
-                     disable=not (t.show_progress and t.accelerator.is_local_main_process)):
-        idx = perm[step * batch:(step + 1) * batch][rank::world]
-        yield data.train_x[idx], data.train_y[idx]
-
-
-def check_finite(loss_sum: torch.Tensor, step: int, epoch: int, accelerator) -> None:
-    """Raise TrainingDiverged when an epoch's running loss sum (nats) has become NaN or inf, checked
-    after every 50th step (steps 49, 99, ...: one synchronisation per 50 steps) and summed over the
-    processes, so that all of them stop together."""
-    if step % 50 == 49 and not torch.isfinite(accelerator.reduce(loss_sum, "sum")):
-        raise TrainingDiverged(f"training loss became non-finite in epoch {epoch}")
-
-
-def cpu_bf16_support() -> str:
-    """The CPU's native bf16 instructions as torch reports them: 'AMX', 'AVX-512 BF16', both
-    joined by ' and ', or '' when it has neither (AVX2-only CPUs, most laptops)."""
-    found = [name for name, probe in (("AVX-512 BF16", "_is_avx512_bf16_supported"),
-                                      ("AMX", "_is_amx_tile_supported"))
-             if getattr(torch.cpu, probe, lambda: False)()]
-    return " and ".join(found)
-
-
-def choose_precision(requested: str, on_cpu: bool) -> tuple:
-    """The autocast precision for this process's device, and why: (precision, reason).
-
-    requested: 'auto' | 'bf16' | 'fp16' | 'no' (fp32); anything but 'auto' is kept as asked.
-    'auto' follows the hardware, not torch.cuda.is_bf16_supported() (which also counts emulated
-    bf16, so it says True on a T4):
-      - a CPU with native bf16 (AVX-512 BF16 or AMX, as torch reports them: cpu_bf16_support):
-        bf16; without it fp32 ('no'), since emulated bf16 trains 7-12x slower than fp32 there;
-      - a CUDA GPU of compute capability >= 8.0 (A100, L4, RTX 30xx on): bf16, native there;
-      - 7.0 <= capability < 8.0 (V100, T4, RTX 20xx): fp16 with loss scaling (tensor cores do fp16,
-        bf16 is emulated);
-      - below 7.0 (P100, K80): fp32, as there are no tensor cores for mixed precision to use.
-    """
-    if requested != "auto":
-        return requested, "as asked (--precision)"
-    if on_cpu:
-        native = cpu_bf16_support()
-        if native:
-            return "bf16", f"CPU with native bf16 ({native})"
-        return "no", "CPU without native bf16 (no AVX-512 BF16, no AMX): fp32, emulated bf16 is slower"
-    major, minor = torch.cuda.get_device_capability()
-    gpu = f"{torch.cuda.get_device_name()}, compute capability {major}.{minor}"
-    if major >= 8:
-        return "bf16", f"{gpu} >= 8.0: native bf16"
-    if major >= 7:
-        return "fp16", f"{gpu} < 8.0: bf16 only emulated, fp16 with loss scaling"
-    return "no", f"{gpu} < 7.0: no tensor cores, fp32"
-
-
-def make_accelerator(device: str, precision: str):
-    """One accelerate.Accelerator for this process: device placement, autocast and (fp16) loss
-    scaling. device: 'auto' | 'cpu' | 'cuda'; precision: see choose_precision.
-    Raises ValueError for --device cuda without a visible GPU.
-    """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is visible")
-    on_cpu = device == "cpu" or not torch.cuda.is_available()
-    precision, _ = choose_precision(precision, on_cpu)
-    AcceleratorState._reset_state(True)  # a fresh state: tests and notebooks may call main() twice
-    return Accelerator(cpu=on_cpu, mixed_precision=precision)
-
-
-def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
-                         transposed, _output_padding, _groups, output_mask, out_shape=None, **kwargs):
-    """FLOPs of aten.convolution_backward: the input gradient and the weight gradient each cost
-    what the forward convolution costs. torch's own formula leaves `groups` out of the weight
-    gradient and so counts a depthwise convolution's (Xception's) C times over."""
-    from torch.utils.flop_counter import conv_flop_count
-    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
-    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
-
-
-def count_flops(model: nn.Module, shape: tuple, backward: bool = False, batch: int = 2) -> float:
-    """FLOPs per image of one forward pass (or forward + backward, as one training step does) of
-    `model` on images of `shape` (C, H, W), counted by torch.utils.flop_counter on a copy:
-    convolutions and matmuls, 2 FLOPs per multiply-add (forward FLOPs / 2 =
-    MACs); normalisation, activations and pooling are not counted. The images need no gradient, so
-    the first layer's input gradient is not counted. Draws no random numbers."""
-    from torch.utils.flop_counter import FlopCounterMode
-    # On the meta device: shapes only, no arithmetic (Xception's first CPU pass would spend seconds
-    # building oneDNN kernels) and no random draws; eval mode, as dropout changes no op count.
-    m = copy.deepcopy(model).to("meta").float().eval()
-    x = torch.zeros(batch, *shape, device="meta")
-    mapping = {torch.ops.aten.convolution_backward: _conv_backward_flops}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        out = m(x)
-        if backward:
-            out.float().sum().backward()
-    return counter.get_total_flops() / batch
-
-
-# --predict calls an answer "low confidence" when its top softmax probability is below the 5% quantile
-# of the validation images', or below the level above which validation answers were right 95% of the
-# time (both chosen per trained run on validation data; see confidence_threshold).
-OOD_VAL_QUANTILE = 0.05
-CONFIDENT_ACCURACY = 0.95
-# ... and an image is "unlike the training images" when its pixel spread or its pixel-to-pixel
-# variation (image_statistics) falls outside the range of the middle 99% of validation images: a
-# blank picture and noise are caught there, where a network's softmax can still be sure (MSP alone
-# calls CIFAR-10 noise "frog" at 88%).
-INPUT_RANGE_QUANTILES = (0.005, 0.995)
-
-
-def score_test(model, data: Splits, spec: DatasetSpec, cfg: dict, accelerator,
-               n_misclassified: int = 24) -> dict:
-    """Score the (already restored) checkpoint on the test set.
-
-    Returns loss (nats), accuracy, macro precision, recall and F1 (scikit-learn), the confusion
-    matrix (int64 NumPy, true x predicted), per-class accuracy (the matrix's recall per true class),
-    every test image's true and predicted label (int8, int16 past 127 classes; the true labels make
-    paired tests between models possible from the records alone) and its softmax probability
-    (float16), and the `n_misclassified` most confident mistakes with their uint8 images
-    (k x C x H x W), so the report can show what the network gets wrong from the record alone.
-    """
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-    labels = list(range(len(spec.classes)))
-    loss, accuracy, preds, confidence = evaluate(model, data.test_x, data.test_y, spec, accelerator,
-                                                 cfg["eval_batch_size"])
-    y_true, y_pred, conf = data.test_y.cpu().numpy(), preds.numpy(), confidence.numpy()
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, average="macro", zero_division=0)
-    matrix = confusion_matrix(y_true, y_pred, labels=labels)
-    label_dtype = np.int8 if len(labels) <= 127 else np.int16
-    wrong = np.flatnonzero(y_pred != y_true)
-    worst = wrong[np.argsort(-conf[wrong], kind="stable")][:n_misclassified]
-    return {"loss": loss, "accuracy": accuracy, "precision": float(precision),
-            "recall": float(recall), "f1": float(f1), "n_images": int(len(y_true)),
-            "confusion_matrix": matrix,
-            "per_class_accuracy": matrix.diagonal() / np.maximum(matrix.sum(1), 1),
-            "labels": y_true.astype(label_dtype), "predictions": y_pred.astype(label_dtype),
-            "confidence": conf.astype(np.float16),
-            "misclassified": {
-                "index": worst.astype(np.int32),
-                "image": data.test_x[torch.as_tensor(worst, device=data.test_x.device)].cpu().numpy(),
-                "true": y_true[worst].astype(label_dtype), "predicted": y_pred[worst].astype(label_dtype),
-                "confidence": conf[worst].astype(np.float32)}}
-
-
-def confidence_threshold(model, data: Splits, spec: DatasetSpec, cfg: dict, accelerator) -> dict:
-    """The low-confidence rule of --predict, chosen on validation images (never on test), on the
-    maximum softmax probability of the chosen checkpoint (Hendrycks & Gimpel, "A Baseline for
-    Detecting Misclassified and Out-of-Distribution Examples", 2017). Two levels, the rule uses the
-    higher one:
-    - typical: the OOD_VAL_QUANTILE quantile of the validation images' top probability (an image
-      below it is less sure than 95% of them were);
-    - reliable: the lowest top probability above which the validation answers were right at least
-      CONFIDENT_ACCURACY of the time (selective classification; Geifman & El-Yaniv, 2017).
-    With it, input_range: the INPUT_RANGE_QUANTILES of the validation images' image_statistics.
-    Returns {"rule", "quantile", "target_accuracy", "typical", "reliable", "threshold" (in [0, 1]),
-    "input_range": {statistic: [low, high]}, "n_images"}."""
-    _, _, predicted, confidence = evaluate(model, data.val_x, data.val_y, spec, accelerator,
-                                           cfg["eval_batch_size"])
-    confidence = confidence.numpy().astype(np.float64)
-    order = np.argsort(-confidence, kind="stable")
-    right = (predicted.numpy() == data.val_y.cpu().numpy())[order]
-    accuracy_above = np.cumsum(right) / np.arange(1, len(right) + 1)  # of the k surest answers
-    ok = np.flatnonzero(accuracy_above >= CONFIDENT_ACCURACY)
-    reliable = float(confidence[order][ok.max()]) if len(ok) else 1.0
-    typical = float(np.quantile(confidence, OOD_VAL_QUANTILE))
-    stats = image_statistics(data.val_x)
-    input_range = {k: [float(q) for q in np.quantile(v, INPUT_RANGE_QUANTILES)] for k, v in stats.items()}
-    return {"rule": "max softmax probability", "quantile": OOD_VAL_QUANTILE,
-            "target_accuracy": CONFIDENT_ACCURACY, "typical": typical, "reliable": reliable,
-            "threshold": max(typical, reliable), "input_range": input_range,
-            "n_images": int(len(confidence))}
-
-
-def image_statistics(x_uint8: torch.Tensor) -> dict:
-    """Two plain statistics per image of N x C x H x W uint8 images, in grey levels (0-255), as
-    NumPy arrays of length N: 'pixel spread' (the standard deviation of all its values: 0 for a
-    blank image) and 'pixel-to-pixel variation' (the mean absolute difference between horizontal and
-    vertical neighbours: about 85 for uniform noise, far less for photos and digits)."""
-    x = x_uint8.float()
-    spread = x.flatten(1).std(1)
-    variation = ((x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
-                 + (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)) / 2
-    return {"pixel spread": spread.cpu().numpy(), "pixel-to-pixel variation": variation.cpu().numpy()}
-
-
-def make_record(model_name: str, spec: DatasetSpec, t: Trainee, progress: dict,
-                failure: str | None) -> dict:
-    """The result record of a trained (or failed) run, before test scoring: plain Python types and
-    NumPy arrays only (see RESULTS), so it unpickles without torch."""
-    history = progress["history"]
-    train_time = float(sum(history["epoch_time_s"]))
-    images_seen = len(history["epoch"]) * t.images_per_epoch
-    return {
-        "format": RESULTS_FORMAT, "model": model_name, "model_display_name": MODELS_REGISTRY[model_name][0],
-        "dataset": spec.name, "status": "failed" if failure else "ok", "failure_reason": failure,
-        "history": history, "best_epoch": progress["best_epoch"],
-        "best_val_accuracy": (progress["best_val_accuracy"] if progress["best_state"] is not None
-                              else None),
-        "params": t.params, "macs_per_image": t.macs_per_image,
-        "train_flops_per_image": t.train_flops_per_image,
-        "train_flops": t.train_flops_per_image * images_seen, "train_time_s": train_time,
-        "throughput_img_s": images_seen / train_time if history["epoch"] else None,
-        "target_val_accuracy": TARGET_VAL_ACCURACY.get(spec.name),
-        "time_to_target_s": progress["time_to_target"], "test": None, "classes": list(spec.classes),
-        "still_improving": still_improving(history),  # the last epoch set the best validation accuracy
-    }
-
-
-# --- image folders: a learner's own data, or a copy of CIFAR-10 ------------------------------
+# =============================================================================================
+# IMAGE FOLDERS (torchvision's files, a learner's own image folder, a copy of CIFAR-10)
+# =============================================================================================
 
 RESERVED_FOLDERS = ("plots", "superseded", "unreadable")  # the program's own folders under results/cnn
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -1615,6 +1395,262 @@ def data_label(spec: DatasetSpec, source: dict | None) -> str:
     formats = source.get("formats") or []
     return f"{title}, {formats[0]} copy" if len(formats) == 1 and formats[0].startswith("JPEG") \
         else f"{title}, image-folder copy"
+
+
+# =============================================================================================
+# TRAINING HELPERS (each process's batches, the divergence checks)
+# =============================================================================================
+
+class RunsFailed(RuntimeError):
+    """Some runs of the grid ended as failed (diverged): their records are written, the exit status
+    is 1."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf, or stayed at chance level (ln num_classes) after an epoch."""
+
+
+# A run whose training loss is still at ln(num_classes) and whose validation accuracy is at chance
+# after this many optimizer steps has diverged (or never started learning): it is marked failed.
+DIVERGED_MIN_STEPS = 200
+
+
+def check_divergence(epoch: int, steps_per_epoch: int, train_loss: float, val_acc: float,
+                     num_classes: int) -> None:
+    """Raise TrainingDiverged for a non-finite loss, or one still at chance level (ln num_classes,
+    with validation accuracy at chance) after DIVERGED_MIN_STEPS optimizer steps."""
+    if not math.isfinite(train_loss):
+        raise TrainingDiverged(f"training loss became {train_loss} in epoch {epoch}")
+    if (epoch * steps_per_epoch >= DIVERGED_MIN_STEPS and val_acc <= 1.5 / num_classes
+            and train_loss > 0.95 * math.log(num_classes)):
+        raise TrainingDiverged(f"loss stuck at chance level (ln {num_classes} = "
+                               f"{math.log(num_classes):.3f}) after epoch {epoch}")
+
+
+def process_batches(t: Trainee, data: Splits, desc: str):
+    """This process's share of one epoch of fit: the training split shuffled by
+    t.generators['shuffle'] (seeded alike on every process, so all agree on each global batch), cut
+    into global batches of cfg['batch_size'] images (epoch_batches: the ragged last one dropped), of
+    which each of the num_processes processes takes every num_processes-th image. Yields (uint8
+    images n x C x H x W, int64 labels n) on the data's device; draws a progress bar named `desc`
+    on the main process when t.show_progress."""
+    from tqdm.auto import tqdm
+    world, rank = t.accelerator.num_processes, t.accelerator.process_index
+    steps, batch = epoch_batches(len(data.train_y), t.cfg["batch_size"])
+    perm = torch.randperm(len(data.train_y), generator=t.generators["shuffle"]).to(data.train_y.device)
+    for step in tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True,
+                     disable=not (t.show_progress and t.accelerator.is_local_main_process)):
+        idx = perm[step * batch:(step + 1) * batch][rank::world]
+        yield data.train_x[idx], data.train_y[idx]
+
+
+def check_finite(loss_sum: torch.Tensor, step: int, epoch: int, accelerator) -> None:
+    """Raise TrainingDiverged when an epoch's running loss sum (nats) has become NaN or inf, checked
+    after every 50th step (steps 49, 99, ...: one synchronisation per 50 steps) and summed over the
+    processes, so that all of them stop together."""
+    if step % 50 == 49 and not torch.isfinite(accelerator.reduce(loss_sum, "sum")):
+        raise TrainingDiverged(f"training loss became non-finite in epoch {epoch}")
+
+
+# =============================================================================================
+# PRECISION (autocast by device: bf16, fp16 with loss scaling, or fp32)
+# =============================================================================================
+
+def cpu_bf16_support() -> str:
+    """The CPU's native bf16 instructions as torch reports them: 'AMX', 'AVX-512 BF16', both
+    joined by ' and ', or '' when it has neither (AVX2-only CPUs, most laptops)."""
+    found = [name for name, probe in (("AVX-512 BF16", "_is_avx512_bf16_supported"),
+                                      ("AMX", "_is_amx_tile_supported"))
+             if getattr(torch.cpu, probe, lambda: False)()]
+    return " and ".join(found)
+
+
+def choose_precision(requested: str, on_cpu: bool) -> tuple:
+    """The autocast precision for this process's device, and why: (precision, reason).
+
+    requested: 'auto' | 'bf16' | 'fp16' | 'no' (fp32); anything but 'auto' is kept as asked.
+    'auto' follows the hardware, not torch.cuda.is_bf16_supported() (which also counts emulated
+    bf16, so it says True on a T4):
+      - a CPU with native bf16 (AVX-512 BF16 or AMX, as torch reports them: cpu_bf16_support):
+        bf16; without it fp32 ('no'), since emulated bf16 trains 7-12x slower than fp32 there;
+      - a CUDA GPU of compute capability >= 8.0 (A100, L4, RTX 30xx on): bf16, native there;
+      - 7.0 <= capability < 8.0 (V100, T4, RTX 20xx): fp16 with loss scaling (tensor cores do fp16,
+        bf16 is emulated);
+      - below 7.0 (P100, K80): fp32, as there are no tensor cores for mixed precision to use.
+    """
+    if requested != "auto":
+        return requested, "as asked (--precision)"
+    if on_cpu:
+        native = cpu_bf16_support()
+        if native:
+            return "bf16", f"CPU with native bf16 ({native})"
+        return "no", "CPU without native bf16 (no AVX-512 BF16, no AMX): fp32, emulated bf16 is slower"
+    major, minor = torch.cuda.get_device_capability()
+    gpu = f"{torch.cuda.get_device_name()}, compute capability {major}.{minor}"
+    if major >= 8:
+        return "bf16", f"{gpu} >= 8.0: native bf16"
+    if major >= 7:
+        return "fp16", f"{gpu} < 8.0: bf16 only emulated, fp16 with loss scaling"
+    return "no", f"{gpu} < 7.0: no tensor cores, fp32"
+
+
+def make_accelerator(device: str, precision: str):
+    """One accelerate.Accelerator for this process: device placement, autocast and (fp16) loss
+    scaling. device: 'auto' | 'cpu' | 'cuda'; precision: see choose_precision.
+    Raises ValueError for --device cuda without a visible GPU.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is visible")
+    on_cpu = device == "cpu" or not torch.cuda.is_available()
+    precision, _ = choose_precision(precision, on_cpu)
+    AcceleratorState._reset_state(True)  # a fresh state: tests and notebooks may call main() twice
+    return Accelerator(cpu=on_cpu, mixed_precision=precision)
+
+
+# =============================================================================================
+# COST AND SCORES (FLOPs, the test set, the --predict threshold, the record)
+# =============================================================================================
+
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
+                         transposed, _output_padding, _groups, output_mask, out_shape=None, **kwargs):
+    """FLOPs of aten.convolution_backward: the input gradient and the weight gradient each cost
+    what the forward convolution costs. torch's own formula leaves `groups` out of the weight
+    gradient and so counts a depthwise convolution's (Xception's) C times over."""
+    from torch.utils.flop_counter import conv_flop_count
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def count_flops(model: nn.Module, shape: tuple, backward: bool = False, batch: int = 2) -> float:
+    """FLOPs per image of one forward pass (or forward + backward, as one training step does) of
+    `model` on images of `shape` (C, H, W), counted by torch.utils.flop_counter on a copy:
+    convolutions and matmuls, 2 FLOPs per multiply-add (forward FLOPs / 2 =
+    MACs); normalisation, activations and pooling are not counted. The images need no gradient, so
+    the first layer's input gradient is not counted. Draws no random numbers."""
+    from torch.utils.flop_counter import FlopCounterMode
+    # On the meta device: shapes only, no arithmetic (Xception's first CPU pass would spend seconds
+    # building oneDNN kernels) and no random draws; eval mode, as dropout changes no op count.
+    m = copy.deepcopy(model).to("meta").float().eval()
+    x = torch.zeros(batch, *shape, device="meta")
+    mapping = {torch.ops.aten.convolution_backward: _conv_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        out = m(x)
+        if backward:
+            out.float().sum().backward()
+    return counter.get_total_flops() / batch
+
+
+# --predict calls an answer "low confidence" when its top softmax probability is below the 5% quantile
+# of the validation images', or below the level above which validation answers were right 95% of the
+# time (both chosen per trained run on validation data; see confidence_threshold).
+OOD_VAL_QUANTILE = 0.05
+CONFIDENT_ACCURACY = 0.95
+# ... and an image is "unlike the training images" when its pixel spread or its pixel-to-pixel
+# variation (image_statistics) falls outside the range of the middle 99% of validation images: a
+# blank picture and noise are caught there, where a network's softmax can still be sure (MSP alone
+# calls CIFAR-10 noise "frog" at 88%).
+INPUT_RANGE_QUANTILES = (0.005, 0.995)
+
+
+def score_test(model, data: Splits, spec: DatasetSpec, cfg: dict, accelerator,
+               n_misclassified: int = 24) -> dict:
+    """Score the (already restored) checkpoint on the test set.
+
+    Returns loss (nats), accuracy, macro precision, recall and F1 (scikit-learn), the confusion
+    matrix (int64 NumPy, true x predicted), per-class accuracy (the matrix's recall per true class),
+    every test image's true and predicted label (int8, int16 past 127 classes; the true labels make
+    paired tests between models possible from the records alone) and its softmax probability
+    (float16), and the `n_misclassified` most confident mistakes with their uint8 images
+    (k x C x H x W), so the report can show what the network gets wrong from the record alone.
+    """
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+    labels = list(range(len(spec.classes)))
+    loss, accuracy, preds, confidence = evaluate(model, data.test_x, data.test_y, spec, accelerator,
+                                                 cfg["eval_batch_size"])
+    y_true, y_pred, conf = data.test_y.cpu().numpy(), preds.numpy(), confidence.numpy()
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, average="macro", zero_division=0)
+    matrix = confusion_matrix(y_true, y_pred, labels=labels)
+    label_dtype = np.int8 if len(labels) <= 127 else np.int16
+    wrong = np.flatnonzero(y_pred != y_true)
+    worst = wrong[np.argsort(-conf[wrong], kind="stable")][:n_misclassified]
+    return {"loss": loss, "accuracy": accuracy, "precision": float(precision),
+            "recall": float(recall), "f1": float(f1), "n_images": int(len(y_true)),
+            "confusion_matrix": matrix,
+            "per_class_accuracy": matrix.diagonal() / np.maximum(matrix.sum(1), 1),
+            "labels": y_true.astype(label_dtype), "predictions": y_pred.astype(label_dtype),
+            "confidence": conf.astype(np.float16),
+            "misclassified": {
+                "index": worst.astype(np.int32),
+                "image": data.test_x[torch.as_tensor(worst, device=data.test_x.device)].cpu().numpy(),
+                "true": y_true[worst].astype(label_dtype), "predicted": y_pred[worst].astype(label_dtype),
+                "confidence": conf[worst].astype(np.float32)}}
+
+
+def confidence_threshold(model, data: Splits, spec: DatasetSpec, cfg: dict, accelerator) -> dict:
+    """The low-confidence rule of --predict, chosen on validation images (never on test), on the
+    maximum softmax probability of the chosen checkpoint (Hendrycks & Gimpel, "A Baseline for
+    Detecting Misclassified and Out-of-Distribution Examples", 2017). Two levels, the rule uses the
+    higher one:
+    - typical: the OOD_VAL_QUANTILE quantile of the validation images' top probability (an image
+      below it is less sure than 95% of them were);
+    - reliable: the lowest top probability above which the validation answers were right at least
+      CONFIDENT_ACCURACY of the time (selective classification; Geifman & El-Yaniv, 2017).
+    With it, input_range: the INPUT_RANGE_QUANTILES of the validation images' image_statistics.
+    Returns {"rule", "quantile", "target_accuracy", "typical", "reliable", "threshold" (in [0, 1]),
+    "input_range": {statistic: [low, high]}, "n_images"}."""
+    _, _, predicted, confidence = evaluate(model, data.val_x, data.val_y, spec, accelerator,
+                                           cfg["eval_batch_size"])
+    confidence = confidence.numpy().astype(np.float64)
+    order = np.argsort(-confidence, kind="stable")
+    right = (predicted.numpy() == data.val_y.cpu().numpy())[order]
+    accuracy_above = np.cumsum(right) / np.arange(1, len(right) + 1)  # of the k surest answers
+    ok = np.flatnonzero(accuracy_above >= CONFIDENT_ACCURACY)
+    reliable = float(confidence[order][ok.max()]) if len(ok) else 1.0
+    typical = float(np.quantile(confidence, OOD_VAL_QUANTILE))
+    stats = image_statistics(data.val_x)
+    input_range = {k: [float(q) for q in np.quantile(v, INPUT_RANGE_QUANTILES)] for k, v in stats.items()}
+    return {"rule": "max softmax probability", "quantile": OOD_VAL_QUANTILE,
+            "target_accuracy": CONFIDENT_ACCURACY, "typical": typical, "reliable": reliable,
+            "threshold": max(typical, reliable), "input_range": input_range,
+            "n_images": int(len(confidence))}
+
+
+def image_statistics(x_uint8: torch.Tensor) -> dict:
+    """Two plain statistics per image of N x C x H x W uint8 images, in grey levels (0-255), as
+    NumPy arrays of length N: 'pixel spread' (the standard deviation of all its values: 0 for a
+    blank image) and 'pixel-to-pixel variation' (the mean absolute difference between horizontal and
+    vertical neighbours: about 85 for uniform noise, far less for photos and digits)."""
+    x = x_uint8.float()
+    spread = x.flatten(1).std(1)
+    variation = ((x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
+                 + (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)) / 2
+    return {"pixel spread": spread.cpu().numpy(), "pixel-to-pixel variation": variation.cpu().numpy()}
+
+
+def make_record(model_name: str, spec: DatasetSpec, t: Trainee, progress: dict,
+                failure: str | None) -> dict:
+    """The result record of a trained (or failed) run, before test scoring: plain Python types and
+    NumPy arrays only (see RESULTS), so it unpickles without torch."""
+    history = progress["history"]
+    train_time = float(sum(history["epoch_time_s"]))
+    images_seen = len(history["epoch"]) * t.images_per_epoch
+    return {
+        "format": RESULTS_FORMAT, "model": model_name, "model_display_name": MODELS_REGISTRY[model_name][0],
+        "dataset": spec.name, "status": "failed" if failure else "ok", "failure_reason": failure,
+        "history": history, "best_epoch": progress["best_epoch"],
+        "best_val_accuracy": (progress["best_val_accuracy"] if progress["best_state"] is not None
+                              else None),
+        "params": t.params, "macs_per_image": t.macs_per_image,
+        "train_flops_per_image": t.train_flops_per_image,
+        "train_flops": t.train_flops_per_image * images_seen, "train_time_s": train_time,
+        "throughput_img_s": images_seen / train_time if history["epoch"] else None,
+        "target_val_accuracy": TARGET_VAL_ACCURACY.get(spec.name),
+        "time_to_target_s": progress["time_to_target"], "test": None, "classes": list(spec.classes),
+        "still_improving": still_improving(history),  # the last epoch set the best validation accuracy
+    }
 
 
 # =============================================================================================
