@@ -1105,8 +1105,7 @@ def page_next_word(spec: str) -> None:
                               f"continuation {stats.describe()}")
             except Exception as exc:  # noqa: BLE001
                 show_failure("Prediction", exc)
-    if result := st.session_state.get(f"result::{page}"):
-        show_notices(result)
+    if result := shown_result(page):
         labels = [f"{i + 1}. {w!r}" for i, (w, _) in enumerate(result["top"])]
         frame = pd.DataFrame({"next word": labels, "probability": [p for _, p in result["top"]]})
         st.bar_chart(frame, x="next word", y="probability", horizontal=True, sort="-probability")
@@ -1340,10 +1339,7 @@ def page_sentiment(spec: str) -> None:
                          * truncated, cost=cost_line(time.perf_counter() - t0, what="one forward pass"))
             except Exception as exc:  # noqa: BLE001
                 show_failure("Analysis", exc)
-    if result := st.session_state.get(f"result::{page}"):
-        show_notices(result)
-        if result["by_prompt"]:
-            guess_notice("sentiment")
+    if result := shown_result(page, guessing="sentiment"):
         label, score = next(iter(result["scores"].items()))
         caption = "relative preference for the label word" if result["by_prompt"] else "confidence"
         st.metric("Sentiment", label, f"{caption} {score:.1%}", delta_color="off")
@@ -1476,10 +1472,7 @@ def page_summarization(spec: str) -> None:
                          notices=notices + [cut["notice"]] * bool(cut.get("notice")))
             except Exception as exc:  # noqa: BLE001
                 show_failure("Summarization", exc)
-    if result := st.session_state.get(f"result::{page}"):
-        show_notices(result)
-        if result["by_prompt"]:
-            guess_notice("summarization")
+    if result := shown_result(page, guessing="summarization"):
         st.subheader("Summary")
         st.markdown(markdown_text(result["output"]))
         rating_widget(result)
@@ -1511,8 +1504,7 @@ def page_image(spec: str) -> None:
                          * bool(cut))
             except Exception as exc:  # noqa: BLE001
                 show_failure("Image generation", exc)
-    if result := st.session_state.get(f"result::{page}"):
-        show_notices(result)
+    if result := shown_result(page):
         st.image(result["png"], caption=result["output"])
         st.download_button("Download PNG", result["png"], file_name="generated.png", mime="image/png",
                            key="img_download")
@@ -1744,6 +1736,17 @@ def show_notices(result: dict) -> None:
     """Draw the notices kept with an output (so they survive reruns)."""
     for notice in result.get("notices", []):
         st.info(notice)
+
+
+def shown_result(page: str, guessing: str = "") -> dict | None:
+    """The output kept for `page`, if any, after its notices (and, for an answer by prompt, the guess_notice
+    of task `guessing`)."""
+    result = st.session_state.get(f"result::{page}")
+    if result:
+        show_notices(result)
+        if guessing and result["by_prompt"]:
+            guess_notice(guessing)
+    return result
 
 
 def rating_widget(result: dict) -> None:
