@@ -2472,15 +2472,49 @@ def _error_ticks(errors: np.ndarray) -> list:
     return [t for t in ticks if lo / 1.3 <= t <= hi * 1.3] or [round(lo, 2)]
 
 
+CONFUSION_MATRIX_MAX_CLASSES = 30  # more classes: the most-confused pairs, not an unreadable matrix
+CONFUSED_PAIRS = 20
+
+
+def most_confused_pairs(matrix: np.ndarray, k: int = CONFUSED_PAIRS) -> list:
+    """The k largest off-diagonal cells of a confusion matrix (rows: true class, columns: the
+    predicted one) as [(true index, predicted index, test images)], largest first (ties in row,
+    then column order); empty cells are left out."""
+    off = np.array(matrix, dtype=np.int64)
+    np.fill_diagonal(off, 0)
+    cells = np.argsort(-off, axis=None, kind="stable")[:k]
+    return [(int(i), int(j), int(off[i, j])) for i, j in zip(*np.unravel_index(cells, off.shape))
+            if off[i, j] > 0]
+
+
 def plot_confusion(plt, dataset: str, r: dict, out: Path) -> Path:
-    """confusion_<dataset>.png: the test confusion matrix of one run of the dataset's best model."""
+    """confusion_<dataset>.png: the test confusion matrix of one run of the dataset's best model;
+    with more than CONFUSION_MATRIX_MAX_CLASSES classes, its most-confused pairs instead (a bar per
+    pair, most_confused_pairs): such a matrix is unreadable and takes a minute to draw."""
     from sklearn.metrics import ConfusionMatrixDisplay
-    fig, ax = plt.subplots(figsize=(7.5, 6.5))
-    ConfusionMatrixDisplay(r["test"]["confusion_matrix"], display_labels=r["classes"]).plot(
-        ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45)
-    ax.set_title(f"{record_label(r)}: {r['model_display_name']} (best on validation)\n"
-                 f"seed {r['config'].get('seed', 0)}, test accuracy {r['test']['accuracy']:.2%}",
-                 fontsize=10)
+    matrix, classes = r["test"]["confusion_matrix"], r["classes"]
+    title = (f"{record_label(r)}: {r['model_display_name']} (best on validation)\n"
+             f"seed {r['config'].get('seed', 0)}, test accuracy {r['test']['accuracy']:.2%}")
+    if len(classes) <= CONFUSION_MATRIX_MAX_CLASSES:
+        fig, ax = plt.subplots(figsize=(7.5, 6.5))
+        ConfusionMatrixDisplay(matrix, display_labels=classes).plot(
+            ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45)
+    else:
+        pairs = most_confused_pairs(matrix)
+        fig, ax = plt.subplots(figsize=(7.5, 1.6 + 0.3 * max(1, len(pairs))))
+        per_class = np.asarray(matrix).sum(1)
+        bars = ax.barh(np.arange(len(pairs)), [n for *_, n in pairs], color="C3")
+        ax.bar_label(bars, [f"{n} ({n / per_class[i]:.0%} of {classes[i]})" for i, _, n in pairs],
+                     fontsize=7, padding=2)
+        ax.set_yticks(np.arange(len(pairs)), [f"{classes[i]} → {classes[j]}" for i, j, _ in pairs],
+                      fontsize=8)
+        ax.invert_yaxis()
+        ax.margins(x=0.35)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.set_xlabel("test images of the true class predicted as the other")
+        title += (f"\nthe {len(pairs)} most-confused pairs (true → predicted) of {len(classes)} "
+                  f"classes" if pairs else "\nno test image was confused")
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return _figure(plt, out / f"confusion_{dataset}.png", fig)
 
@@ -2513,28 +2547,51 @@ def plot_misclassified(plt, dataset: str, r: dict, out: Path, columns: int = 8) 
     return _figure(plt, out / f"misclassified_{dataset}.png", fig)
 
 
+def figures_current(out: Path, dataset: str, best: bool, results_dir: Path) -> bool:
+    """Whether a dataset's own figures in `out` (curves; with a best model, its confusion and
+    mistakes) are all there and newer than what they are drawn from: the dataset's folder of
+    records (a record written, replaced, superseded or set aside changes its time), each record,
+    and this program."""
+    folder = Path(results_dir) / "cnn" / dataset
+    try:
+        since = max(p.stat().st_mtime_ns for p in (folder, Path(__file__), *folder.glob("*.pkl")))
+        drawn = [(out / f"{kind}_{dataset}.png").stat()
+                 for kind in ("curves", "confusion", "misclassified")[:3 if best else 1]]
+    except OSError:  # a figure not drawn yet
+        return False
+    return all(st.st_size > 0 and st.st_mtime_ns > since for st in drawn)
+
+
 def make_plots(runs: dict, summary: dict, results_dir: Path) -> list:
     """Save PNGs under results_dir/cnn/plots and return their paths: per-dataset curves, test error
     bars, error against cost, and the best model's confusion matrix and confident mistakes (its
-    lowest seed) per dataset. Figures of a dataset's earlier best model are removed first, so none
-    goes stale."""
+    lowest seed) per dataset. A dataset's own figures are drawn again only when its records changed
+    (figures_current), so a report's time does not grow with datasets trained earlier; figures of a
+    dataset's earlier best model are removed, so none goes stale."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out = Path(results_dir) / "cnn" / "plots"
     out.mkdir(parents=True, exist_ok=True)
+    current = {d for d in runs if figures_current(out, d, summary[d]["best"] is not None, results_dir)}
     for old in (*out.glob("confusion_*.png"), *out.glob("misclassified_*.png")):
-        old.unlink()
-    paths = plot_curves(plt, runs, out)
+        if old.stem.split("_", 1)[1] not in current:
+            old.unlink()
+    paths = [p for d in runs for p in ([out / f"curves_{d}.png"] if d in current
+                                        else plot_curves(plt, {d: runs[d]}, out))]
     rows = [r for r in pair_rows(runs, summary) if r["n_seeds"]]
     if rows:
         notes = {d: budget_note(by_model) for d, by_model in runs.items()}
         paths += [plot_test_metrics(plt, rows, out, notes), plot_cost(plt, rows, out, notes)]
     for dataset, v in summary.items():
-        if v["best"] is not None:
-            r = runs[dataset][v["best"]][min(v["pairs"][v["best"]]["seeds"])]
-            paths += [plot_confusion(plt, dataset, r, out), plot_misclassified(plt, dataset, r, out)]
+        if v["best"] is None:
+            continue
+        if dataset in current:
+            paths += [out / f"confusion_{dataset}.png", out / f"misclassified_{dataset}.png"]
+            continue
+        r = runs[dataset][v["best"]][min(v["pairs"][v["best"]]["seeds"])]
+        paths += [plot_confusion(plt, dataset, r, out), plot_misclassified(plt, dataset, r, out)]
     return [p for p in paths if p is not None]
 
 
@@ -2716,28 +2773,45 @@ def predict_run(results_dir: Path, dataset: str, models: list) -> tuple:
 
 def predict(args: argparse.Namespace, top_k: int = 3) -> list:
     """Print the top-k classes (softmax probabilities) of each --predict image under one dataset's
-    model (--models NAME, or the validation-chosen best of --results-dir) and whether the answer is
-    confident by the run's validation-chosen rule (confidence_verdict). Returns
-    [(path, [(class, probability), ...], verdict)]. Raises ValueError / ResultsFileError (one line)."""
+    model, or under each model --models names (default: the validation-chosen best of
+    --results-dir), and whether the answer is confident by the run's validation-chosen rule
+    (confidence_verdict). A file that cannot be read gets one line in place of its answers and the
+    others are answered; a ValueError naming the first such file is raised at the end. Returns
+    [(path, [(class, probability), ...], verdict)], model by model. Raises ValueError /
+    ResultsFileError (one line) before any answer when a model's weights are not there."""
     if len(args.datasets) != 1:
         raise ValueError("--predict needs one dataset: --dataset mnist | fashion_mnist | cifar10")
     dataset = args.datasets[0]
-    model, seed, record = predict_run(args.results_dir, dataset, args.models)
-    net = load_trained(args.results_dir, dataset, model, seed)
-    spec = pair_spec(args.results_dir, dataset, model, seed)
-    print(f"{dataset} / {MODELS_REGISTRY[model][0]}, seed {seed} "
-          f"({weights_path(args.results_dir, dataset, model, seed)})")
-    rule = (record or {}).get("confidence_threshold")
-    out = []
-    for path in args.predict:
-        image = prepare_image(path, spec)
-        with torch.no_grad():
-            probs = net(normalize(image, spec)).float().softmax(1)[0]
-        top = [(spec.classes[i], float(probs[i])) for i in probs.argsort(descending=True)[:top_k]]
-        stats = {k: v[0] for k, v in image_statistics(image).items()}
-        verdict = confidence_verdict(top[0][1], rule, stats)
-        print(f"{path}: " + ", ".join(f"{c} {p:.1%}" for c, p in top) + f"\n  {verdict}", flush=True)
-        out.append((path, top, verdict))
+    nets = []  # every model's weights are checked before the first answer
+    for models in ([[m] for m in dict.fromkeys(args.models)] if args.models_named else [args.models]):
+        model, seed, record = predict_run(args.results_dir, dataset, models)
+        nets.append((model, seed, record, load_trained(args.results_dir, dataset, model, seed),
+                     pair_spec(args.results_dir, dataset, model, seed)))
+    out, unread = [], {}
+    for model, seed, record, net, spec in nets:
+        print(f"{dataset} / {MODELS_REGISTRY[model][0]}, seed {seed} "
+              f"({weights_path(args.results_dir, dataset, model, seed)})")
+        rule = (record or {}).get("confidence_threshold")
+        for path in args.predict:
+            try:
+                image = prepare_image(path, spec)
+            except ValueError as err:
+                unread.setdefault(path, str(err).removeprefix("--predict: "))
+                print(f"not answered: {unread[path]}", flush=True)
+                continue
+            with torch.no_grad():
+                probs = net(normalize(image, spec)).float().softmax(1)[0]
+            top = [(spec.classes[i], float(probs[i])) for i in probs.argsort(descending=True)[:top_k]]
+            stats = {k: v[0] for k, v in image_statistics(image).items()}
+            verdict = confidence_verdict(top[0][1], rule, stats)
+            print(f"{path}: " + ", ".join(f"{c} {p:.1%}" for c, p in top) + f"\n  {verdict}", flush=True)
+            out.append((path, top, verdict))
+    if unread:
+        first = next(iter(unread.values()))
+        raise ValueError(f"--predict: {first}" if len(args.predict) == 1 else
+                         f"--predict: {len(unread)} of {len(args.predict)} images not answered"
+                         + (" (the others are, above)" if len(unread) < len(args.predict) else "")
+                         + f"; the first: {first}")
     return out
 
 
@@ -2767,9 +2841,48 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose bad command line is one line on stderr, 'error: <flag and what it takes>',
+    and exit status 2 (not the usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
+def number_in(kind: type, low, high=None, above: bool = False):
+    """An argparse `type`: a flag's text as a finite `kind` (int or float) from `low` (left out when
+    `above`) to `high` (None: no upper end). Anything else ends parsing with one line naming the
+    flag and this range, which the converter also carries as `.range` ('a number > 0 and <= 16')."""
+    show = str if kind is int else "{:g}".format
+    what = (f"{'a whole number' if kind is int else 'a number'} {'>' if above else '>='} {show(low)}"
+            + ("" if high is None else f" and <= {show(high)}"))
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not (math.isfinite(value) and (value > low if above else value >= low)
+                and (high is None or value <= high)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    convert.range = what
+    return convert
+
+
+# The accepted range of every numeric flag (checked while parsing, before any data is read).
+AT_LEAST_ONE = number_in(int, 1)
+LEARNING_RATE = number_in(float, 0, above=True)
+WIDTH = number_in(float, 0, 16, above=True)    # 16x the papers' channels: already beyond memory
+IMAGE_SIZE = number_in(int, 16, 1024)          # 16 px: the smallest input every network takes
+SUBSET = number_in(int, 8)                     # fewer images than 8: one-image batches break BatchNorm
+SEED = number_in(int, 0, 2**32 - 1)            # NumPy's seeds (accelerate's set_seed)
+MAX_SEED_COUNT = 1000
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse and check the command line; unknown model/dataset names exit with status 2."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         description="Train LeNet-5, AlexNet, VGG-16-BN, ResNet-18, GoogLeNet, Xception and "
                     "SE-ResNet-18 from scratch on MNIST, Fashion-MNIST and CIFAR-10, and compare them. "
                     "A run is skipped when its record has the same settings; an interrupted run "
@@ -2792,14 +2905,16 @@ def add_what_to_train(p: argparse.ArgumentParser) -> None:
                         f"CIFAR-10 is read from an image-folder copy under --data-dir ("
                         f"{', '.join(DATASETS['cifar10'].image_folders)}) when torchvision's files "
                         f"are not there")
-    p.add_argument("--epochs", type=int,
+    p.add_argument("--epochs", type=AT_LEAST_ONE,
                    help="epochs for every model on every dataset (default: the preset's epochs for "
-                        "each dataset, the same for every model)")
-    p.add_argument("--width", type=float,
+                        f"each dataset, the same for every model); {AT_LEAST_ONE.range}")
+    p.add_argument("--width", type=WIDTH,
                    help="width multiplier for every model (default: the preset's: 0.25 with the cpu "
-                        "preset, LeNet-5 1.0; 1.0 with the gpu preset)")
-    p.add_argument("--batch-size", type=int, default=RECIPE["batch_size"], help="images per step")
-    p.add_argument("--lr", type=float, default=RECIPE["lr"], help="peak one-cycle learning rate")
+                        f"preset, LeNet-5 1.0; 1.0 with the gpu preset); {WIDTH.range}")
+    p.add_argument("--batch-size", type=AT_LEAST_ONE, default=RECIPE["batch_size"],
+                   help=f"images per step; {AT_LEAST_ONE.range}")
+    p.add_argument("--lr", type=LEARNING_RATE, default=RECIPE["lr"],
+                   help=f"peak one-cycle learning rate; {LEARNING_RATE.range}")
     p.add_argument("--preset", choices=("auto", "cpu", "gpu"), default="auto",
                    help="epochs per dataset and width per model; auto picks gpu when CUDA is used, "
                         "else cpu")
@@ -2808,9 +2923,9 @@ def add_what_to_train(p: argparse.ArgumentParser) -> None:
 def add_where_data_and_results_are(p: argparse.ArgumentParser) -> None:
     """--data-dir, the image-folder flags (--image-size, --no-flip, --cache-dir) and --results-dir."""
     p.add_argument("--data-dir", default="./data", help="torchvision dataset root (downloads there)")
-    p.add_argument("--image-size", type=int,
+    p.add_argument("--image-size", type=IMAGE_SIZE,
                    help="image folders: resize every image to N x N (default: the images' own "
-                        "size, which must then be one square size)")
+                        f"size, which must then be one square size); {IMAGE_SIZE.range}")
     p.add_argument("--no-flip", action="store_true",
                    help="image folders: no random horizontal flips (digits, text)")
     p.add_argument("--cache-dir", default="~/.cache/cnn_project",
@@ -2823,12 +2938,13 @@ def add_where_data_and_results_are(p: argparse.ArgumentParser) -> None:
 def add_how_to_run(p: argparse.ArgumentParser) -> None:
     """--seed/--seeds, --device, --precision, --subset, --force, and the two other modes (--report,
     --predict), then --no-progress."""
-    p.add_argument("--seed", type=int, help="one seed for the validation split, the weights and the "
-                   "batches (default: 0)")
-    p.add_argument("--seeds", nargs="+", type=int, metavar="N",
+    p.add_argument("--seed", type=SEED, help="one seed for the validation split, the weights and the "
+                   f"batches (default: 0); {SEED.range}")
+    p.add_argument("--seeds", nargs="+", type=SEED, metavar="N",
                    help="train every pair once per seed, for the spread over seeds and paired tests: "
                         "one number N means seeds 0..N-1, several numbers are the seeds; each seed's "
-                        "run keeps its own record (<model>.pkl for seed 0, <model>.seed<k>.pkl)")
+                        "run keeps its own record (<model>.pkl for seed 0, <model>.seed<k>.pkl); "
+                        f"N from 1 to {MAX_SEED_COUNT}, seeds from 0 to {2**32 - 1}")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: the GPU when CUDA sees one, else the CPU")
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "no"), default="auto",
@@ -2836,7 +2952,8 @@ def add_how_to_run(p: argparse.ArgumentParser) -> None:
                         "or AMX; fp32 on other CPUs) and on GPUs of compute capability >= 8.0, "
                         "fp16 with loss scaling on 7.x (T4, V100), fp32 ('no') below; the first "
                         "log line says what was chosen and why")
-    p.add_argument("--subset", type=int, help="cap every split at this many images (quick runs)")
+    p.add_argument("--subset", type=SUBSET,
+                   help=f"cap every split at this many images (quick runs); {SUBSET.range}")
     p.add_argument("--force", action="store_true",
                    help="retrain pairs whose record has these settings (the old record is kept "
                         "in superseded/)")
@@ -2845,8 +2962,9 @@ def add_how_to_run(p: argparse.ArgumentParser) -> None:
                    help="classify your own PNG/JPG images with a trained pair's weights: the top-3 "
                         "classes and whether the answer is confident (a rule chosen on validation "
                         "images; LOW CONFIDENCE for images unlike the training data); with "
-                        "--datasets NAME (or --dataset) and optionally --models NAME (or --model; "
-                        "default: the best on validation that kept weights)")
+                        "--datasets NAME (or --dataset) and optionally --models NAME [NAME ...] (or "
+                        "--model; each named model answers; default: the best on validation that "
+                        "kept weights)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars; they are drawn only on a terminal anyway, and a log gets "
                         "one line per epoch")
@@ -2854,7 +2972,10 @@ def add_how_to_run(p: argparse.ArgumentParser) -> None:
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Check parsed arguments and derive args.specs, args.seed_list and args.progress; an unknown
-    model or dataset or a bad number exits with status 2 and one line (argparse's p.error)."""
+    model or dataset, a bad number or flags that conflict exit with status 2 and one line
+    (p.error). args.models_named: whether --models was given (--predict answers with each)."""
+    check_modes(p, args)
+    args.models_named = args.models is not p.get_default("models")
     unknown = [n for n in args.models if n not in MODELS_REGISTRY]
     if unknown:
         p.error(f"unknown model name(s): {', '.join(unknown)}; choose from {', '.join(MODELS_REGISTRY)}")
@@ -2871,21 +2992,56 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
                     f"{', '.join(DATASETS)} or give the path of an image folder")
         args.specs[spec.name] = spec
     args.datasets = list(args.specs)
-    for flag in ("epochs", "batch_size", "subset", "image_size"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.width is not None and args.width <= 0:
-        p.error("--width must be positive")
+    folder_only = [f for f in ("image_size", "no_flip") if getattr(args, f) not in (None, False)]
+    if folder_only and not any(s.torchvision_class is None for s in args.specs.values()):
+        p.error(f"{_flags(folder_only)} only change{'s' * (len(folder_only) == 1)} how your own image "
+                f"folders are read; {', '.join(args.datasets)} {'is' if len(args.datasets) == 1 else 'are'}"
+                f" read as published: leave {'it' if len(folder_only) == 1 else 'them'} out")
     if args.seeds is not None and args.seed is not None:
         p.error("give --seed or --seeds, not both")
-    if args.seeds is not None and (min(args.seeds) < 0 or args.seeds == [0]):
-        p.error("--seeds takes a count N >= 1 (seeds 0..N-1) or a list of seeds >= 0")
+    if args.seeds is not None and len(args.seeds) == 1 and not 1 <= args.seeds[0] <= MAX_SEED_COUNT:
+        p.error(f"--seeds takes a count N from 1 to {MAX_SEED_COUNT} (seeds 0..N-1) or a list of "
+                f"seeds from 0 to {2**32 - 1}")
     args.seed_list = (list(range(args.seeds[0])) if args.seeds and len(args.seeds) == 1
                       else sorted(set(args.seeds)) if args.seeds else [args.seed or 0])
     args.seed = args.seed_list[0]
     args.progress = not args.no_progress and sys.stderr.isatty()  # bars would fill a log file
     args.cache_dir = str(Path(args.cache_dir).expanduser())
     return args
+
+
+# Flags that only change what training does: --report and --predict read what training wrote, so
+# with either of them these would be ignored (the mode's check refuses them instead).
+TRAINING_FLAGS = ("epochs", "width", "batch_size", "lr", "preset", "image_size", "no_flip", "subset",
+                  "force", "seed", "seeds", "device", "precision")
+
+
+def _flags(dests: list) -> str:
+    """'--epochs', '--epochs and --lr', '--epochs, --lr and --force' from argparse dests."""
+    names = [f"--{d.replace('_', '-')}" for d in dests]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def check_modes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, with one line (p.error), flags that the chosen mode would ignore: --report with
+    --predict; a training flag (TRAINING_FLAGS) with either; --models or --datasets with --report,
+    which reports every record under --results-dir. A flag given its default value changes
+    nothing and passes."""
+    if args.predict and args.report:
+        p.error("--report and --predict are two modes: give one of them")
+    mode = "--predict" if args.predict else "--report" if args.report else None
+    if mode is None:
+        return
+    ignored = [f for f in TRAINING_FLAGS if getattr(args, f) != p.get_default(f)]
+    if ignored:
+        what = ("answers with kept weights (each model's lowest seed that kept them)" if args.predict
+                else "rebuilds the table and plots from the records")
+        p.error(f"{mode} {what}: {_flags(ignored)} only change{'s' * (len(ignored) == 1)} training; "
+                f"leave {'it' if len(ignored) == 1 else 'them'} out, or train without {mode}")
+    named = [f for f in ("models", "datasets") if getattr(args, f) is not p.get_default(f)]
+    if args.report and named:
+        p.error(f"--report reports every record under --results-dir: it takes no {_flags(named)}; "
+                f"point --results-dir at a folder holding only the runs to report")
 
 
 def run_name(dataset: str, model: str, seed: int) -> str:
@@ -3086,7 +3242,7 @@ def run_grid(args: argparse.Namespace) -> dict:
         flush=True)
     plan, listings = plan_grid(args, accelerator, preset_name, cfg, log)
     grid = GridProgress(plan, args.subset, preset_name == "cpu", log)
-    unavailable = []
+    unavailable = {}  # {dataset: why it could not be read}
     for dataset, by_seed in plan.items():
         for seed, todo in by_seed.items():
             try:
@@ -3096,7 +3252,7 @@ def run_grid(args: argparse.Namespace) -> dict:
             except DatasetUnavailable as err:  # go on with the other datasets, fail at the end
                 if accelerator.is_main_process and dataset not in unavailable:
                     print(f"error: {err}", file=sys.stderr, flush=True)
-                unavailable.append(dataset)
+                unavailable.setdefault(dataset, str(err))
                 for model in todo:
                     grid.finish(dataset, model, seed, None)
                 continue
@@ -3115,13 +3271,28 @@ def run_grid(args: argparse.Namespace) -> dict:
     failed = [f"{run_name(d, m, seed)} ({r['failure_reason']})" for d in args.datasets
               for m in args.models for seed, r in results.get(d, {}).get(m, {}).items()
               if seed in args.seed_list and r["status"] != "ok"]
+    lost = unavailable_line(unavailable)
     if failed:  # every run has its record, but not every one learned: a script must see it
         raise RunsFailed(f"{_count(len(failed), 'run')} failed, the others finished: "
-                         f"{'; '.join(failed)} (their records say why; --force trains them again)")
-    if unavailable:
-        raise DatasetUnavailable(f"not trained, dataset unavailable: {', '.join(dict.fromkeys(unavailable))} "
-                                 f"(see the message above)")
+                         f"{'; '.join(failed)} (their records say why; --force trains them again)"
+                         + (f"; also {lost}" if lost else ""))
+    if lost:
+        raise DatasetUnavailable(lost)
     return results
+
+
+def unavailable_line(unavailable: dict) -> str | None:
+    """The last line's words for the datasets {name: why} a grid could not read, with the first
+    one's cause (its first sentence when long): the report printed since may have pushed the
+    error line far up. None when every dataset was read."""
+    if not unavailable:
+        return None
+    first, why = next(iter(unavailable.items()))
+    why = why if len(why) <= 300 else why.split(". ")[0] + " (what to do: see above)"
+    if len(unavailable) == 1:
+        return f"not trained, dataset unavailable: {first}: {why}"
+    return (f"not trained, datasets unavailable: {', '.join(unavailable)} (each said why above); "
+            f"the first, {first}: {why}")
 
 
 def main(argv=None) -> int:
