@@ -62,7 +62,7 @@ CONFIG = dict(
     hidden_size=128,          # LSTM hidden size per direction in the encoder, and in the decoder (features)
     num_layers=1,             # stacked LSTM layers in the encoder and in the decoder
     bidirectional=True,       # bidirectional encoder (Bahdanau et al. 2015 use one)
-    dropout=0.0,              # dropout between stacked LSTM layers (only used when num_layers > 1)
+    dropout=0.0,              # dropout between stacked LSTM layers (needs num_layers > 1)
     # optimisation
     epochs=30,                # maximum passes over the training set, per model
     batch_size=64,            # sequences per optimiser step
@@ -73,13 +73,14 @@ CONFIG = dict(
     patience=5,               # stop after this many epochs without a better validation exact match
     max_train_seconds=300.0,  # wall-clock training budget per model (s); both models get the same one
     seed=0,                   # seeds data, initialisation and batch order
-    device="auto",            # "auto" = cuda if available else cpu; or e.g. "cpu", "cuda", "cuda:1"
+    device="auto",            # "auto" = cuda if available else cpu; or e.g. "cpu", "cuda", "cuda:1", "mps"
     results_dir="results/seq2seq",  # where results.pkl, the weights, summaries and plots go
 )
 
 # Special tokens are kept apart from the integers: integer k is token id k + N_SPECIAL.
 PAD, SOS, EOS = 0, 1, 2
 N_SPECIAL = 3
+SPECIAL_NAMES = {PAD: "PAD", SOS: "SOS", EOS: "EOS"}
 MODEL_KINDS = ("attention", "baseline")  # baseline = same encoder-decoder, attention context removed
 
 
@@ -95,39 +96,122 @@ def set_seed(seed):
 
 
 def pick_device(name):
-    """Return a torch.device: CUDA when available for "auto", else CPU; raises UserError for an unusable name."""
+    """Return a torch.device: CUDA when available for "auto", else CPU.
+
+    Raises UserError, before any work, for a name that is not a device, a device this machine lacks
+    (cuda, cuda:N beyond the GPUs present, mps) or a kind this program does not run on.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise UserError(f"--device {name!r} is not a device name ({e})") from None
+        raise UserError(f"--device {name!r} is not a device name ({e}): use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but CUDA is not available on this machine")
+        raise UserError(f"--device {name} asked for, but CUDA is not available on this machine: use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name} asked for, but MPS (Apple-silicon GPU) is not available on this machine: "
+                        "use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: this program runs on cpu, cuda (cuda:N) or mps; use --device auto")
     return device
 
 
+# The accepted range of every numeric setting, checked before any work (and shown by --help).
+# Whole-number settings: key -> the least value accepted.
+AT_LEAST = dict(vocab_size=2, min_len=1, n_train=1, n_val=1, n_test=1, n_gen_per_len=1, emb_dim=1, hidden_size=1,
+                num_layers=1, epochs=1, batch_size=1, patience=1)
+# Sizes, counts and lengths above this could never fit in memory (NumPy cannot even draw lengths past 2**63).
+MAX_SIZE = 10**9
+SIZE_KEYS = ("vocab_size", "min_len", "max_len", "gen_max_len", "n_train", "n_val", "n_test", "n_gen_per_len",
+             "emb_dim", "hidden_size", "num_layers")
+MAX_SEED = 2**32 - 1  # NumPy's global seed (np.random.seed) takes 0 .. 2**32 - 1
+MAX_LR = 1e37  # Adam's first step is 10 x lr, which must fit in a 32-bit float (at most 3.4e38)
+# The other numeric settings: key -> (is a value accepted?, the accepted range in words). NaN fails every test.
+RANGES = dict(
+    {key: (lambda v, least=least: v >= least, f"an integer >= {least}") for key, least in AT_LEAST.items()},
+    max_len=(lambda v: v >= 1, "an integer >= min_len"),
+    gen_max_len=(lambda v: v >= 1, "an integer >= max_len (equal: no length-generalisation sets)"),
+    dropout=(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    lr=(lambda v: 0.0 < v <= MAX_LR, "a number in (0, 1e37]"),
+    grad_clip=(lambda v: 0.0 < v < math.inf, "a finite number > 0"),
+    teacher_forcing_ratio=(lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
+    teacher_forcing_min=(lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
+    max_train_seconds=(lambda v: 0.0 < v < math.inf, "a finite number > 0"),
+    seed=(lambda v: 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED}"),
+)
+
+
+def flag(key):
+    """The command-line flag of a CONFIG key: "n_train" -> "--n-train"."""
+    return "--" + key.replace("_", "-")
+
+
 def validate_config(cfg):
-    """Raise UserError when a config value makes no sense (caught before any work is done)."""
-    if cfg["vocab_size"] < 2:
-        raise UserError("--vocab-size must be at least 2")
-    if cfg["min_len"] < 1:
-        raise UserError("--min-len must be at least 1")
+    """Raise UserError, with one line naming the flag(s) and what to change, when a setting is outside its
+    range (RANGES), contradicts another one, or asks for more distinct sequences than exist. Run before any work."""
+    for key, (accepted, words) in RANGES.items():
+        if not accepted(cfg[key]):
+            raise UserError(f"{flag(key)} {cfg[key]} is out of range: use {words}")
+    for key in SIZE_KEYS:
+        if cfg[key] > MAX_SIZE:
+            raise UserError(f"{flag(key)} {cfg[key]} is too large: sizes, counts and lengths above {MAX_SIZE:,} "
+                            "cannot fit in memory")
     if cfg["min_len"] > cfg["max_len"]:
         raise UserError(f"--min-len ({cfg['min_len']}) must not exceed --max-len ({cfg['max_len']})")
-    for key in ("n_train", "n_val", "n_test", "emb_dim", "hidden_size", "num_layers", "epochs", "batch_size"):
-        if cfg[key] < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be at least 1")
-    if not (cfg["lr"] > 0):
-        raise UserError("--lr must be positive")
-    for key in ("teacher_forcing_ratio", "teacher_forcing_min"):
-        if not (0.0 <= cfg[key] <= 1.0):
-            raise UserError(f"--{key.replace('_', '-')} must lie in [0, 1]")
+    if cfg["gen_max_len"] < cfg["max_len"]:
+        raise UserError(f"--gen-max-len ({cfg['gen_max_len']}) must not be below --max-len ({cfg['max_len']}): the "
+                        "length-generalisation sets cover max_len+1..gen_max_len (equal to --max-len: none)")
+    if cfg["dropout"] > 0 and cfg["num_layers"] == 1:
+        raise UserError(f"--dropout {cfg['dropout']} has no effect with --num-layers 1 (dropout acts between stacked "
+                        "LSTM layers): use --num-layers 2 or more, or leave --dropout at 0")
+    if cfg["teacher_forcing_min"] > cfg["teacher_forcing_ratio"]:
+        raise UserError(f"--teacher-forcing-min ({cfg['teacher_forcing_min']}) must not exceed --teacher-forcing-ratio "
+                        f"({cfg['teacher_forcing_ratio']}): the ratio falls from the one to the other over the epochs")
+    check_drawable(cfg)
+
+
+def distinct_sequences(vocab_size, min_len, max_len, cap):
+    """How many distinct integer sequences of lengths min_len..max_len exist over vocab_size >= 2 symbols,
+    counted exactly up to `cap` (any larger count is returned as cap + 1, so huge lengths cost nothing)."""
+    total = 0
+    for n in range(min_len, max_len + 1):
+        total += vocab_size ** min(n, cap.bit_length())  # vocab_size**bit_length > cap already
+        if total > cap:
+            return cap + 1
+    return total
+
+
+def check_drawable(cfg):
+    """Raise UserError when the splits ask for more distinct sequences than exist (drawing them would never end)."""
+    V, lo, hi = cfg["vocab_size"], cfg["min_len"], cfg["max_len"]
     needed = cfg["n_train"] + cfg["n_val"] + cfg["n_test"]
-    available = sum(cfg["vocab_size"] ** n for n in range(cfg["min_len"], cfg["max_len"] + 1))
+    available = distinct_sequences(V, lo, hi, needed)
     if needed > available:
-        raise UserError(f"only {available} distinct sequences exist for vocab {cfg['vocab_size']} and lengths "
-                        f"{cfg['min_len']}..{cfg['max_len']}, but the splits need {needed} distinct ones")
+        raise UserError(f"only {available} distinct sequences exist for vocab {V} and lengths {lo}..{hi}, but the "
+                        f"splits need {needed} distinct ones: lower --n-train/--n-val/--n-test, or raise "
+                        "--vocab-size or --max-len")
+    n_gen, shortest = cfg["n_gen_per_len"], hi + 1  # the shortest generalisation length has the fewest
+    if cfg["gen_max_len"] > hi and distinct_sequences(V, shortest, shortest, n_gen) < n_gen:
+        raise UserError(f"--n-gen-per-len {n_gen} is more than the {V ** shortest} distinct sequences of length "
+                        f"{shortest} (vocab {V}): lower --n-gen-per-len to at most {V ** shortest}, or raise "
+                        "--vocab-size or --max-len")
+
+
+def check_results_dir(path):
+    """Create the results folder and write (then drop) a temporary file in it, so that a folder that cannot hold
+    results is found before any training. Raises UserError naming --results-dir otherwise."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--results-dir {path} is a file, not a folder: choose a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"--results-dir {path}: cannot write there ({e.strerror or e}): choose another folder") from None
 
 
 # -----------------------------------------------------------------------------
@@ -385,6 +469,7 @@ def train_model(cfg, kind, data, device, log=print):
     scored with free-running greedy decoding. The checkpoint with the best validation exact match (ties: lower
     validation loss) is kept; training stops after `patience` epochs without improvement, when validation
     exact match reaches 1.0, at `epochs`, or when one more epoch would pass max_train_seconds of wall time.
+    A run whose loss became NaN or infinite stops after that epoch, with info status "failed" and the reason.
     The test set is not touched.
     Returns (model with the chosen weights, history dict of per-epoch lists, info dict).
     """
@@ -397,7 +482,7 @@ def train_model(cfg, kind, data, device, log=print):
     train_probe = SeqDataset(data["train"].seqs[:len(data["val"])], device)  # scored like val: shows over-fitting
     hist = {key: [] for key in HISTORY_KEYS}
     best, best_state, best_epoch, since_best = None, None, -1, 0
-    t0, stop_reason = time.perf_counter(), None
+    t0, stop_reason, failure = time.perf_counter(), None, None
     for epoch in range(cfg["epochs"]):
         model.train()
         tf = teacher_forcing_at(cfg, epoch)  # probability of feeding the gold previous token this epoch
@@ -424,12 +509,14 @@ def train_model(cfg, kind, data, device, log=print):
         else:
             since_best += 1
         log_epoch(log, kind, hist, improved)
-        stop_reason = reason_to_stop(cfg, hist, since_best)
+        failure = divergence(hist)  # a NaN or infinite loss: nothing more to learn, the run has failed
+        stop_reason = failure or reason_to_stop(cfg, hist, since_best)
         if stop_reason:
             break
     model.load_state_dict(best_state)
     info = dict(train_seconds=time.perf_counter() - t0, best_epoch=best_epoch, epochs_run=len(hist["epoch"]),
-                stop_reason=stop_reason or "epochs", n_params=sum(p.numel() for p in model.parameters()))
+                stop_reason=stop_reason or "epochs", n_params=sum(p.numel() for p in model.parameters()),
+                status="failed" if failure else "ok", failure_reason=failure)
     return model, hist, info
 
 
@@ -475,6 +562,15 @@ def log_epoch(log, kind, hist, improved):
         f"train loss {h['train_loss_running']:.4f}  val loss {h['val_loss']:.4f}  "
         f"val tok acc {h['val_token_acc']:.4f}  val exact {h['val_exact_match']:.4f}"
         f"{'  *' if improved else ''}  ({h['elapsed_s']:.0f}s)")
+
+
+def divergence(hist):
+    """Why the run has failed after the latest epoch in `hist` (its training or validation loss became NaN or
+    infinite), or None."""
+    for key, name in (("train_loss_running", "training loss"), ("val_loss", "validation loss")):
+        if not math.isfinite(hist[key][-1]):
+            return f"{name} became {hist[key][-1]} in epoch {hist['epoch'][-1]}"
+    return None
 
 
 def reason_to_stop(cfg, hist, since_best):
@@ -572,7 +668,8 @@ def attention_examples(model, seqs, device):
     """Greedy-decode a few integer sequences and return their attention maps.
 
     Returns a list of dicts: source (list of ints), prediction (list of ints), weights (NumPy (T_out, S)
-    array: row t = attention over the source positions while emitting output token t, EOS row included).
+    array: row t = attention over the source positions while emitting output token t, EOS row included),
+    output (T_out labels of those rows: the integers, or EOS / PAD / SOS where the model emitted one).
     Empty list for the no-attention baseline.
     """
     if not model.use_attention:
@@ -585,7 +682,8 @@ def attention_examples(model, seqs, device):
         ids = logits.argmax(-1)[0].tolist()
         n_out = ids.index(EOS) + 1 if EOS in ids else len(ids)
         out.append(dict(source=list(seq), prediction=decode(ids),
-                        weights=attn[0, :n_out].cpu().numpy().astype(np.float32)))
+                        weights=attn[0, :n_out].cpu().numpy().astype(np.float32),
+                        output=[SPECIAL_NAMES.get(i, str(i - N_SPECIAL)) for i in ids[:n_out]]))
     return out
 
 
@@ -593,19 +691,41 @@ def attention_examples(model, seqs, device):
 # results: atomic files, pickles, plots, tables
 # -----------------------------------------------------------------------------
 def atomic_write_bytes(path, data):
-    """Write bytes to `path` via a temp file in the same folder + os.replace, so a killed run never leaves half a file."""
+    """Write bytes to `path` via a temp file in the same folder + os.replace, so a killed run never leaves half a file.
+
+    Raises UserError (one line naming the file) when the disk is full, read-only or not writable."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as e:
+        raise write_error(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from None
         raise
+
+
+def write_error(path, err):
+    """The UserError for a file that could not be written (disk full, read-only, no permission)."""
+    return UserError(f"could not write {path} ({err.strerror or err}): make room on the disk or write elsewhere")
+
+
+def remove_file(path):
+    """Delete `path` if it exists; UserError (write_error) when it cannot be deleted."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise write_error(path, e) from None
 
 
 def save_pickle(path, obj):
@@ -643,6 +763,14 @@ def save_figure(fig, path):
 
 
 METRIC_KEYS = ("exact_match", "token_acc", "precision", "recall", "f1", "loss")
+MODEL_COLORS = {"attention": "tab:blue", "baseline": "tab:orange"}
+PLOT_NAMES = ("loss_curves.png", "accuracy_curves.png", "accuracy_vs_length.png", "attention_heatmaps.png")
+
+
+def model_failed(m):
+    """Whether a model's record (res["models"][kind]) is of a failed run: its loss became NaN or infinite.
+    Such a record has its history and info (status, failure_reason) but no test scores (test is None)."""
+    return m["info"].get("status") == "failed"
 
 
 def comparison_table(res):
@@ -651,6 +779,10 @@ def comparison_table(res):
     rows = [head, "|" + "---|" * 10]
     for kind, m in res["models"].items():
         t, i = m["test"], m["info"]
+        if model_failed(m):
+            rows.append(f"| {kind} | failed: {i['failure_reason']} | | | | | | {i['train_seconds']:.1f} | "
+                        f"{i['epochs_run']} (-) | {i['n_params']:,} |")
+            continue
         rows.append(f"| {kind} | {t['exact_match']:.4f} | {t['token_acc']:.4f} | {t['precision']:.4f} | "
                     f"{t['recall']:.4f} | {t['f1']:.4f} | {t['loss']:.4f} | {i['train_seconds']:.1f} | "
                     f"{i['epochs_run']} ({i['best_epoch']}) | {i['n_params']:,} |")
@@ -660,14 +792,15 @@ def comparison_table(res):
 def length_table(res):
     """Markdown table of exact match per source length for every model (lengths beyond max_len are unseen)."""
     kinds = list(res["models"])
-    if not kinds:
+    scored = [k for k in kinds if not model_failed(res["models"][k])]
+    if not scored:
         return ""
-    lengths = res["models"][kinds[0]]["by_length"]["length"]
+    lengths = res["models"][scored[0]]["by_length"]["length"]
     rows = ["| length | n | " + " | ".join(f"{k} exact match" for k in kinds) + " |", "|" + "---|" * (2 + len(kinds))]
     for j, L in enumerate(lengths):
-        n = res["models"][kinds[0]]["by_length"]["n"][j]
+        n = res["models"][scored[0]]["by_length"]["n"][j]
         rows.append(f"| {int(L)} | {int(n)} | " + " | ".join(f"{res['models'][k]['by_length']['exact_match'][j]:.3f}"
-                                                          for k in kinds) + " |")
+                                                          if k in scored else "failed" for k in kinds) + " |")
     return "\n".join(rows)
 
 
@@ -678,54 +811,32 @@ def write_summary(res, results_dir):
     atomic_write_bytes(os.path.join(results_dir, "summary.json"), json.dumps(summary, indent=2).encode())
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["model", *METRIC_KEYS, "train_seconds", "epochs_run", "best_epoch", "n_params"])
+    w.writerow(["model", *METRIC_KEYS, "train_seconds", "epochs_run", "best_epoch", "n_params", "status"])
     for k, m in res["models"].items():
-        w.writerow([k, *(f"{m['test'][key]:.6f}" for key in METRIC_KEYS), f"{m['info']['train_seconds']:.1f}",
-                    m["info"]["epochs_run"], m["info"]["best_epoch"], m["info"]["n_params"]])
+        metrics = [""] * len(METRIC_KEYS) if model_failed(m) else [f"{m['test'][key]:.6f}" for key in METRIC_KEYS]
+        w.writerow([k, *metrics, f"{m['info']['train_seconds']:.1f}", m["info"]["epochs_run"],
+                    m["info"]["best_epoch"], m["info"]["n_params"], m["info"].get("status", "ok")])
     atomic_write_bytes(os.path.join(results_dir, "summary.csv"), buf.getvalue().encode())
 
 
 def make_plots(res, results_dir):
-    """Loss curves, accuracy curves, accuracy vs length and attention heatmaps as PNGs in results_dir."""
+    """Loss curves, accuracy curves, accuracy vs length and attention heatmaps as PNGs in results_dir.
+
+    A failed model (its loss became NaN or infinite) is drawn dotted up to its last finite value and marked
+    "failed"; it has no accuracy-vs-length line and no heatmaps. A plot of PLOT_NAMES that this run has nothing
+    for is removed. Returns the names of the files written.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
-    models, colors = res["models"], {"attention": "tab:blue", "baseline": "tab:orange"}
-    if not models:
+    if not res["models"]:
         return []
-    written = []
-    for name, keys, ylabel in (("loss_curves.png", ("train_loss", "val_loss"), "cross-entropy (nats/token, teacher forced)"),
-                               ("accuracy_curves.png", ("train_exact_match", "val_exact_match"), "sequence exact match (greedy)")):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for kind, m in models.items():
-            h = m["history"]
-            for key, style in zip(keys, ("--", "-")):
-                ax.plot(h["epoch"], h[key], style, color=colors.get(kind), marker="o", ms=3,
-                        label=f"{kind} {key.split('_')[0]}")
-        ax.set_xlabel("epoch"); ax.set_ylabel(ylabel); ax.grid(alpha=0.3); ax.legend()
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if "loss" in name:
-            ax.set_yscale("log")
-        ax.set_title(f"reversal, lengths {res['config']['min_len']}..{res['config']['max_len']}: "
-                     f"{'loss' if 'loss' in name else 'accuracy'} per epoch")
-        save_figure(fig, os.path.join(results_dir, name)); plt.close(fig); written.append(name)
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for kind, m in models.items():
-        b = m["by_length"]
-        ax.plot(b["length"], b["exact_match"], "-o", color=colors.get(kind), ms=4, label=f"{kind} exact match")
-        ax.plot(b["length"], b["token_acc"], ":", color=colors.get(kind), label=f"{kind} token acc")
-    ax.axvline(res["config"]["max_len"] + 0.5, color="grey", lw=1)
-    ax.text(res["config"]["max_len"] + 0.7, 0.03, "unseen lengths →", color="grey", fontsize=8)
-    ax.set_xlabel("source length (tokens)"); ax.set_ylabel("accuracy (test sets)"); ax.set_ylim(-0.02, 1.02)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # lengths are whole tokens
-    ax.grid(alpha=0.3); ax.legend(fontsize=8); ax.set_title("accuracy vs sequence length")
-    save_figure(fig, os.path.join(results_dir, "accuracy_vs_length.png")); plt.close(fig)
-    written.append("accuracy_vs_length.png")
-
-    examples = models.get("attention", {}).get("attention_examples", [])
+    written = plot_curves(plt, res, results_dir)
+    if any(not model_failed(m) for m in res["models"].values()):
+        plot_accuracy_vs_length(plt, res, results_dir)
+        written.append("accuracy_vs_length.png")
+    examples = res["models"].get("attention", {}).get("attention_examples", [])
     if examples:
         fig, axes = plt.subplots(1, len(examples), figsize=(4.0 * len(examples) + 1.0, 4.0), squeeze=False)
         fig.subplots_adjust(wspace=0.35)
@@ -735,7 +846,58 @@ def make_plots(res, results_dir):
         fig.suptitle("additive attention on held-out sequences (rows: outputs, columns: source)")
         save_figure(fig, os.path.join(results_dir, "attention_heatmaps.png")); plt.close(fig)
         written.append("attention_heatmaps.png")
+    for name in PLOT_NAMES:  # an earlier run's plot that this one has nothing for would mislead: drop it
+        if name not in written:
+            remove_file(os.path.join(results_dir, name))
     return written
+
+
+def plot_curves(plt, res, results_dir):
+    """loss_curves.png and accuracy_curves.png: training and validation per epoch for every model. NaN and
+    infinite values are left out of the lines (a gap); the loss axis is logarithmic when it has positive values.
+    Returns the two file names."""
+    from matplotlib.ticker import MaxNLocator
+
+    written = []
+    for name, keys, ylabel in (("loss_curves.png", ("train_loss", "val_loss"), "cross-entropy (nats/token, teacher forced)"),
+                               ("accuracy_curves.png", ("train_exact_match", "val_exact_match"), "sequence exact match (greedy)")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        drawn = []
+        for kind, m in res["models"].items():
+            h, failed = m["history"], model_failed(m)
+            for key, style in zip(keys, ("--", "-")):
+                values = np.asarray(h[key], dtype=float)
+                values[~np.isfinite(values)] = np.nan  # matplotlib draws NaN as a gap
+                drawn.append(values)
+                ax.plot(h["epoch"], values, ":" if failed else style, color=MODEL_COLORS.get(kind), marker="o",
+                        ms=3, label=f"{kind} {key.split('_')[0]}{' (failed)' if failed else ''}")
+        ax.set_xlabel("epoch"); ax.set_ylabel(ylabel); ax.grid(alpha=0.3); ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if "loss" in name and any(np.nan_to_num(v, nan=-1.0).max(initial=-1.0) > 0 for v in drawn):
+            ax.set_yscale("log")
+        ax.set_title(f"reversal, lengths {res['config']['min_len']}..{res['config']['max_len']}: "
+                     f"{'loss' if 'loss' in name else 'accuracy'} per epoch")
+        save_figure(fig, os.path.join(results_dir, name)); plt.close(fig); written.append(name)
+    return written
+
+
+def plot_accuracy_vs_length(plt, res, results_dir):
+    """accuracy_vs_length.png: exact match and token accuracy per source length, every model that did not fail."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for kind, m in res["models"].items():
+        if model_failed(m):
+            continue
+        b = m["by_length"]
+        ax.plot(b["length"], b["exact_match"], "-o", color=MODEL_COLORS.get(kind), ms=4, label=f"{kind} exact match")
+        ax.plot(b["length"], b["token_acc"], ":", color=MODEL_COLORS.get(kind), label=f"{kind} token acc")
+    ax.axvline(res["config"]["max_len"] + 0.5, color="grey", lw=1)
+    ax.text(res["config"]["max_len"] + 0.7, 0.03, "unseen lengths →", color="grey", fontsize=8)
+    ax.set_xlabel("source length (tokens)"); ax.set_ylabel("accuracy (test sets)"); ax.set_ylim(-0.02, 1.02)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # lengths are whole tokens
+    ax.grid(alpha=0.3); ax.legend(fontsize=8); ax.set_title("accuracy vs sequence length")
+    save_figure(fig, os.path.join(results_dir, "accuracy_vs_length.png")); plt.close(fig)
 
 
 def draw_heatmap(ax, ex, max_train_len=None):
@@ -746,14 +908,21 @@ def draw_heatmap(ax, ex, max_train_len=None):
     w = np.asarray(ex["weights"])
     im = ax.imshow(w, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_xticks(range(w.shape[1])); ax.set_xticklabels([str(x) for x in ex["source"]])
-    ylabels = [str(x) for x in ex["prediction"]] + ["EOS"]
-    ax.set_yticks(range(w.shape[0])); ax.set_yticklabels(ylabels[:w.shape[0]])
+    ax.set_yticks(range(w.shape[0])); ax.set_yticklabels(row_labels(ex))
     ax.set_xlabel("source"); ax.set_ylabel("output")
     ok = ex["prediction"] == ex["source"][::-1]
     unseen = max_train_len is not None and len(ex["source"]) > max_train_len
     ax.set_title(f"len {len(ex['source'])}{' (unseen length)' if unseen else ''}: {'correct' if ok else 'wrong'}",
                  fontsize=9)
     return im
+
+
+def row_labels(ex):
+    """The output token of each row of an attention example's weights (older results lack "output": their
+    prediction then EOS, numbered rows where the model emitted PAD or SOS)."""
+    labels = ex.get("output") or [str(x) for x in ex["prediction"]] + ["EOS"]
+    rows = len(ex["weights"])
+    return labels[:rows] if len(labels) >= rows else [str(r + 1) for r in range(rows)]
 
 
 def describe_test_lengths(res):
@@ -775,7 +944,7 @@ def report(res, results_dir, log=print):
         f"on {res.get('device')}:\n")
     log(comparison_table(res))
     log("\nExact match by source length (beyond max_len: never seen in training):\n")
-    log(length_table(res))
+    log(length_table(res) or "(none: no model finished training)")
     log(f"\nwrote summary.json, summary.csv, {', '.join(written)} in {results_dir}")
 
 
@@ -802,21 +971,27 @@ def hardware_string(device):
 def run(cfg, log=print):
     """Generate data, train and evaluate both models, write results; returns the results dict.
 
-    Results are written after each model finishes, so a run killed halfway keeps the finished model's results.
+    Every setting, the device and the results folder are checked first (UserError, nothing trained). Results
+    are written after each model finishes, so a run killed halfway keeps the finished model's results. A model
+    whose loss became NaN or infinite is recorded as failed (see model_failed; no weights file) and the next
+    model still trains.
     """
     validate_config(cfg)
     device = pick_device(cfg["device"])
     results_dir = cfg["results_dir"]
+    check_results_dir(results_dir)
     t_data = time.perf_counter()
     splits = make_splits(cfg)
     train_set = set(splits["train"])
     overlap = sum(s in train_set for s in splits["val"] + splits["test"])
     if overlap:  # guaranteed by make_splits; checked here so a broken change can never go unnoticed
         raise RuntimeError(f"{overlap} validation/test sequences also appear in the training set")
-    data = {k: SeqDataset(v, device) for k, v in splits.items()}
+    data = {k: SeqDataset(v, device) for k, v in splits.items() if v}  # no "gen" when gen_max_len == max_len
+    gen = (f"{len(splits['gen'])} at lengths {cfg['max_len'] + 1}..{cfg['gen_max_len']}" if splits["gen"]
+           else "no length-generalisation sets")
     log(f"data: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test sequences, "
-        f"lengths {cfg['min_len']}..{cfg['max_len']}, + {len(splits['gen'])} at lengths {cfg['max_len'] + 1}.."
-        f"{cfg['gen_max_len']}; no val/test sequence is in train ({time.perf_counter() - t_data:.1f}s) on {device}")
+        f"lengths {cfg['min_len']}..{cfg['max_len']}, + {gen}; no val/test sequence is in train "
+        f"({time.perf_counter() - t_data:.1f}s) on {device}")
     res = dict(config=dict(cfg), device=str(device), hardware=hardware_string(device), torch=str(torch.__version__),
                data=dict(train_length_counts=np.bincount([len(s) for s in splits["train"]]),
                          test_length_counts=np.bincount([len(s) for s in splits["test"]]),
@@ -828,18 +1003,43 @@ def run(cfg, log=print):
                  splits["gen"][-1] if splits["gen"] else by_len[1 % len(by_len)]]
     for kind in MODEL_KINDS:
         model, hist, info = train_model(cfg, kind, data, device, log)
-        test = evaluate(model, data["test"])
-        gens = [data["test"]] + ([data["gen"]] if len(data["gen"]) else [])
-        res["models"][kind] = dict(history=hist, info=info, test=test, by_length=accuracy_by_length(model, gens),
-                                   attention_examples=attention_examples(model, heat_seqs, device))
-        save_weights(os.path.join(results_dir, f"{kind}_model.pt"), model)
+        res["models"][kind] = m = model_record(model, hist, info, data, heat_seqs, device)
+        weights = os.path.join(results_dir, f"{kind}_model.pt")
+        if model_failed(m):  # an earlier run's weights here would not match the config.json written below
+            remove_file(weights)
+        else:
+            save_weights(weights, model)
         save_pickle(os.path.join(results_dir, "results.pkl"), res)
         atomic_write_bytes(os.path.join(results_dir, "config.json"), json.dumps(dict(cfg), indent=2).encode())
-        log(f"[{kind}] test exact match {test['exact_match']:.4f}  token acc {test['token_acc']:.4f}  "
-            f"F1 {test['f1']:.4f}  trained {info['train_seconds']:.1f}s, best epoch {info['best_epoch']} "
-            f"({info['stop_reason']})")
+        if model_failed(m):
+            log(f"[{kind}] FAILED: {info['failure_reason']}; trained {info['train_seconds']:.1f}s, no test scores, "
+                "no weights saved")
+        else:
+            log(f"[{kind}] test exact match {m['test']['exact_match']:.4f}  token acc {m['test']['token_acc']:.4f}  "
+                f"F1 {m['test']['f1']:.4f}  trained {info['train_seconds']:.1f}s, best epoch {info['best_epoch']} "
+                f"({info['stop_reason']})")
     report(res, results_dir, log)
     return res
+
+
+def model_record(model, hist, info, data, heat_seqs, device):
+    """One model's entry in res["models"]: history, info, test scores, accuracy by length (test and
+    generalisation sets) and attention maps of heat_seqs. A failed run has test=None and by_length=None."""
+    if info["status"] == "failed":
+        return dict(history=hist, info=info, test=None, by_length=None, attention_examples=[])
+    gens = [data["test"]] + ([data["gen"]] if "gen" in data else [])
+    return dict(history=hist, info=info, test=evaluate(model, data["test"]), by_length=accuracy_by_length(model, gens),
+                attention_examples=attention_examples(model, heat_seqs, device))
+
+
+def failure_line(res):
+    """One line naming every model of `res` whose run failed and why, or None when none failed."""
+    failed = [f"the {kind} model failed ({m['info']['failure_reason']})" for kind, m in res["models"].items()
+              if model_failed(m)]
+    if not failed:
+        return None
+    return (f"{'; '.join(failed)}: recorded in {os.path.join(res['config']['results_dir'], 'results.pkl')}; "
+            "train again with a smaller --lr")
 
 
 def load_model(results_dir, kind="attention", device="cpu"):
@@ -847,7 +1047,9 @@ def load_model(results_dir, kind="attention", device="cpu"):
     cfg_path, w_path = os.path.join(results_dir, "config.json"), os.path.join(results_dir, f"{kind}_model.pt")
     for p in (cfg_path, w_path):
         if not os.path.exists(p):
-            raise UserError(f"{p} not found: train first with `python seq2seq_project.py --results-dir {results_dir}`")
+            why = "its training failed or did not finish" if os.path.exists(cfg_path) else "nothing was trained there"
+            raise UserError(f"{p} not found ({why}): train first with "
+                            f"`python seq2seq_project.py --results-dir {results_dir}`")
     try:
         with open(cfg_path) as f:
             cfg = json.load(f)
@@ -876,7 +1078,7 @@ def predict(tokens, results_dir, device="cpu", png=None, log=print):
     w = ex["weights"]
     log("\nattention (rows: output token, columns: source token, weights x100):")
     log("       " + "".join(f"{s:>5}" for s in tokens))
-    for label, row in zip([str(x) for x in ex["prediction"]] + ["EOS"], w):
+    for label, row in zip(row_labels(ex), w):
         log(f"{label:>5}  " + "".join(f"{100 * v:5.0f}" for v in row))
     if png:
         import matplotlib
@@ -914,7 +1116,7 @@ def config_help() -> dict:
 
 def build_parser():
     """The argparse parser: --report / --predict modes plus one flag per CONFIG key, each with its
-    CONFIG comment and default as help."""
+    CONFIG comment, accepted range (RANGES) and default as help."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     mode = p.add_mutually_exclusive_group()
@@ -924,30 +1126,65 @@ def build_parser():
     p.add_argument("--predict-png", default=None, metavar="PATH", help="with --predict: also draw the attention map here")
     helps = config_help()
     for key, default in CONFIG.items():
-        flag = "--" + key.replace("_", "-")
         kind = str2bool if isinstance(default, bool) else type(default)
-        p.add_argument(flag, type=kind, default=default, help=helps.get(key, " "),
+        accepted = f"; {RANGES[key][1]}" if key in RANGES else ""
+        p.add_argument(flag(key), type=kind, default=default, help=helps.get(key, " ") + accepted,
                        metavar=kind.__name__.upper() if kind is not str2bool else "BOOL")
     return p
 
 
 def main(argv=None):
-    """CLI entry point; returns the process exit status (0 ok, 2 bad input)."""
+    """CLI entry point; returns the process exit status (0 ok, 1 a model's training failed, 2 bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)  # unknown flags / bad types: argparse prints usage and exits 2
     cfg = {k: getattr(args, k) for k in CONFIG}
     try:
+        check_mode_flags(args, cfg)
         if args.report:
             res = load_results(cfg["results_dir"])
             report(res, cfg["results_dir"])
         elif args.predict is not None:
             predict(args.predict, cfg["results_dir"], pick_device(cfg["device"]), args.predict_png)
         else:
-            run(cfg)
+            failure = failure_line(run(cfg))
+            if failure:
+                print(f"{parser.prog}: error: {failure}", file=sys.stderr)
+                return 1
     except UserError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        print(f"{parser.prog}: error: out of memory: use smaller --n-train, "
+              "--max-len, --gen-max-len, --vocab-size, --emb-dim, --hidden-size or --batch-size", file=sys.stderr)
+        return 1
     return 0
+
+
+def is_out_of_memory(err):
+    """Whether an exception is an allocation failure: NumPy's MemoryError, torch.OutOfMemoryError (CUDA), or the
+    RuntimeError of torch's CPU allocator ("can't allocate memory")."""
+    return (isinstance(err, (MemoryError, torch.OutOfMemoryError))
+            or "can't allocate memory" in str(err))
+
+
+def check_mode_flags(args, cfg):
+    """Raise UserError for flags that the chosen mode would ignore: --predict-png without --predict, and
+    training settings given with --report (which redraws saved results) or --predict (which uses the saved
+    model's settings; only --results-dir and --device apply)."""
+    if args.predict_png is not None and args.predict is None:
+        raise UserError("--predict-png only works with --predict (it draws the attention map of the tokens given "
+                        "to --predict): add --predict TOKEN ..., or drop --predict-png")
+    mode = "--report" if args.report else "--predict" if args.predict is not None else None
+    if mode is None:
+        return
+    used = ("results_dir", "device") if mode == "--predict" else ("results_dir",)
+    ignored = [flag(k) for k in CONFIG if k not in used and cfg[k] != CONFIG[k]]
+    if ignored:
+        raise UserError(f"{', '.join(ignored)}: no effect with {mode}, which uses the settings saved in "
+                        f"{cfg['results_dir']}: drop {'it' if len(ignored) == 1 else 'them'}, or train with them "
+                        "(without --report/--predict)")
 
 
 if __name__ == "__main__":

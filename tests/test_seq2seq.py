@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -286,7 +287,7 @@ def test_help_describes_every_flag_with_its_default(capsys):
         described = after.split(" --", 1)[0]
         assert f"(default: {default})" in described, flag
         assert len(described.split("(default:")[0].split(maxsplit=1)[-1]) > 8, flag  # real words
-    assert "Adam learning rate (default: 0.003)" in out
+    assert "Adam learning rate; a number in (0, 1e37] (default: 0.003)" in out  # the accepted range, then the default
 
 
 def test_report_names_the_lengths_the_test_split_really_holds(tmp_path, capsys):
@@ -301,3 +302,173 @@ def test_report_names_the_lengths_the_test_split_really_holds(tmp_path, capsys):
     (tmp_path / "results.pkl").write_bytes(pickle.dumps(res))
     assert s2s.main(["--report", "--results-dir", str(tmp_path)]) == 0
     assert "Test set (lengths 2..10 (drawn from 1..10), 1000 sequences" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- every setting checked before any work
+UNAVAILABLE_DEVICE = "cuda" if torch.backends.mps.is_available() else "mps"
+BAD_SETTINGS = [  # (flags, the flag the one error line must name)
+    (["--gen-max-len", "5"], "--gen-max-len"), (["--n-gen-per-len", "0"], "--n-gen-per-len"),
+    (["--n-gen-per-len", "-1"], "--n-gen-per-len"), (["--seed", "-1"], "--seed"), (["--seed", str(2**32)], "--seed"),
+    (["--dropout", "2"], "--dropout"), (["--dropout", "-1"], "--dropout"), (["--dropout", "nan"], "--dropout"),
+    (["--dropout", "0.3"], "--dropout"),  # with --num-layers 1 it would be ignored
+    (["--device", UNAVAILABLE_DEVICE], "--device"), (["--device", "meta"], "--device"), (["--device", "gpu"], "--device"),
+    (["--vocab-size", "3", "--max-len", "3"], "--n-train"),  # 12,000 sequences asked of 39
+    (["--vocab-size", "3", "--max-len", "3", "--n-train", "10", "--n-val", "5", "--n-test", "5"], "--n-gen-per-len"),
+    (["--vocab-size", "1"], "--vocab-size"), (["--min-len", "0"], "--min-len"), (["--max-len", "0"], "--max-len"),
+    (["--max-len", str(10**21), "--gen-max-len", str(10**21)], "--max-len"),
+    (["--n-train", "0"], "--n-train"), (["--n-val", "-3"], "--n-val"), (["--n-test", "0"], "--n-test"),
+    (["--emb-dim", "0"], "--emb-dim"), (["--hidden-size", "0"], "--hidden-size"), (["--num-layers", "0"], "--num-layers"),
+    (["--epochs", "0"], "--epochs"), (["--batch-size", "0"], "--batch-size"), (["--patience", "0"], "--patience"),
+    (["--lr", "inf"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"), (["--lr", "-0.1"], "--lr"),
+    (["--lr", "1e38"], "--lr"), (["--grad-clip", "-1"], "--grad-clip"), (["--grad-clip", "0"], "--grad-clip"),
+    (["--grad-clip", "inf"], "--grad-clip"), (["--teacher-forcing-ratio", "1.5"], "--teacher-forcing-ratio"),
+    (["--teacher-forcing-min", "-0.1"], "--teacher-forcing-min"),
+    (["--teacher-forcing-ratio", "0.3"], "--teacher-forcing-min"),  # above the ratio it falls from
+    (["--max-train-seconds", "0"], "--max-train-seconds"), (["--max-train-seconds", "nan"], "--max-train-seconds"),
+    (["--predict-png", "map.png"], "--predict-png"),  # without --predict: no training run instead
+    (["--report", "--epochs", "3"], "--epochs"), (["--predict", "1", "2", "--lr", "0.1"], "--lr"),
+]
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any data drawing or training fails the test: a refused setting must stop before both."""
+    def forbidden(*a, **k):
+        raise AssertionError("work started despite a bad setting")
+    monkeypatch.setattr(s2s, "make_splits", forbidden)
+    monkeypatch.setattr(s2s, "train_model", forbidden)
+
+
+@pytest.mark.parametrize("flags,named", BAD_SETTINGS, ids=lambda x: " ".join(x) if isinstance(x, list) else x)
+def test_a_bad_setting_is_one_line_naming_its_flag(flags, named, tmp_path, capsys, no_work):
+    out = tmp_path / "out"
+    assert s2s.main([*flags, "--results-dir", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "error: " in err[0] and named in err[0], err
+    assert not out.exists()  # refused before the results folder was even made
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_a_results_dir_that_cannot_hold_results_is_refused_before_training(where, tmp_path, capsys, no_work):
+    (tmp_path / "f").write_text("not a folder")
+    out = tmp_path / "f" if where == "a file" else tmp_path / "f" / "results"
+    assert s2s.main(["--results-dir", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and f"--results-dir {out}" in err[0], err
+    assert (tmp_path / "f").read_text() == "not a folder"
+
+
+def test_every_numeric_setting_has_a_range_and_the_defaults_lie_in_it():
+    numeric = {k for k, v in s2s.CONFIG.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert numeric == set(s2s.RANGES)
+    s2s.validate_config(dict(s2s.CONFIG))  # the defaults are accepted
+    s2s.validate_config(dict(s2s.CONFIG, gen_max_len=s2s.CONFIG["max_len"]))  # no generalisation sets is allowed
+    assert s2s.distinct_sequences(3, 1, 3, 10**6) == 3 + 9 + 27
+    assert s2s.distinct_sequences(10, 1, 10**18, 500) == 501  # capped: no huge powers computed
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--vocab-size", "3", "--max-len", "3", "--n-train", "10", "--n-val", "5", "--n-test", "5"], "--n-gen-per-len"),
+    (["--seed", "-1"], "--seed"), (["--dropout", "2", "--num-layers", "2"], "--dropout")])
+def test_bad_settings_from_the_shell_exit_2_without_traceback(flags, named, tmp_path):
+    """The real program in a subprocess; the first case used to hang drawing 100 distinct sequences of
+    length 4 from only 81."""
+    p = subprocess.run([sys.executable, SCRIPT, *flags, "--results-dir", str(tmp_path / "out")], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 2 and p.stdout == "", (p.stdout, p.stderr)
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("seq2seq_project.py: error: ") and named in lines[0], p.stderr
+
+
+def test_a_write_that_fails_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+
+    def disk_full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    (tmp_path / "summary.json").write_text("earlier")
+    monkeypatch.setattr(s2s.os, "replace", disk_full)
+    with pytest.raises(s2s.UserError, match="No space left on device") as e:
+        s2s.atomic_write_bytes(str(tmp_path / "summary.json"), b"new")
+    assert str(tmp_path / "summary.json") in str(e.value)
+    assert (tmp_path / "summary.json").read_text() == "earlier" and not list(tmp_path.glob("*.tmp"))
+
+
+# ---------------------------------------------------------------- a diverged run is a result
+TINY_CLI = ["--vocab-size", "4", "--max-len", "4", "--n-train", "200", "--n-val", "20", "--n-test", "20",
+            "--gen-max-len", "5", "--n-gen-per-len", "3", "--emb-dim", "4", "--hidden-size", "8", "--epochs", "2",
+            "--device", "cpu"]
+
+
+def test_a_diverged_run_is_recorded_and_report_goes_on(tmp_path, capsys):
+    """--lr 1e37 is accepted (Adam's first step, 1e38, still fits in float32) and sends the loss to inf:
+    both models are recorded as failed, the plots are drawn, the exit status is 1, --report works."""
+    (tmp_path / "attention_model.pt").write_bytes(b"an earlier run's weights")
+    (tmp_path / "attention_heatmaps.png").write_bytes(b"an earlier run's plot")
+    assert s2s.main([*TINY_CLI, "--lr", "1e37", "--results-dir", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert len(err) == 1 and "the attention model failed" in err[0] and "--lr" in err[0], err
+    res = s2s.load_results(str(tmp_path))
+    for m in res["models"].values():
+        assert m["info"]["status"] == "failed" and "loss became" in m["info"]["failure_reason"]
+        assert m["test"] is None
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["models"]["baseline"]["info"]["status"] == "failed"
+    assert (tmp_path / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    # nothing left that belongs to an earlier run: no weights to --predict with, no heatmaps of another model
+    assert not (tmp_path / "attention_model.pt").exists() and not (tmp_path / "attention_heatmaps.png").exists()
+    assert s2s.main(["--report", "--results-dir", str(tmp_path)]) == 0
+    assert "| attention | failed: " in capsys.readouterr().out
+    assert s2s.main(["--predict", "1", "2", "--results-dir", str(tmp_path)]) == 2
+    assert "failed" in capsys.readouterr().err
+
+
+def test_a_nan_in_the_middle_of_one_run_leaves_the_other_scored(tmp_path, monkeypatch, capsys):
+    """The attention model's loss turns NaN in epoch 2 (an output bias set to NaN); the baseline trains on
+    and is scored. Also: --gen-max-len equal to --max-len (no generalisation sets)."""
+    models, real_build, real_batches = [], s2s.build_model, s2s.epoch_batches
+
+    def build(cfg, use_attention):
+        models.append(real_build(cfg, use_attention))
+        return models[-1]
+
+    def batches(train, cfg, gen, desc):
+        if desc.startswith("attention epoch 2/"):
+            with torch.no_grad():
+                models[-1].decoder.out.bias.fill_(float("nan"))
+        yield from real_batches(train, cfg, gen, desc)
+
+    monkeypatch.setattr(s2s, "build_model", build)
+    monkeypatch.setattr(s2s, "epoch_batches", batches)
+    flags = [*TINY_CLI, "--gen-max-len", "4", "--lr", "0.01", "--results-dir", str(tmp_path)]
+    assert s2s.main(flags) == 1
+    assert "the attention model failed (training loss became nan in epoch 2)" in capsys.readouterr().err
+    res = s2s.load_results(str(tmp_path))
+    att, base = res["models"]["attention"], res["models"]["baseline"]
+    assert att["info"]["status"] == "failed" and np.isfinite(att["history"]["train_loss_running"][0])
+    assert len(att["history"]["epoch"]) == 2 and np.isnan(att["history"]["train_loss_running"][1])
+    assert base["info"]["status"] == "ok" and 0 <= base["test"]["exact_match"] <= 1
+    assert set(base["by_length"]["length"]) <= {1, 2, 3, 4}  # no generalisation lengths
+    assert s2s.main(["--report", "--results-dir", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "| attention | failed: training loss became nan in epoch 2 |" in text
+    assert re.search(r"^\| baseline \| [01]\.\d{4} \|", text, re.M), text  # scored
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["accuracy_curves.png", "accuracy_vs_length.png",
+                                                             "loss_curves.png"]
+    assert (tmp_path / "baseline_model.pt").exists() and not (tmp_path / "attention_model.pt").exists()
+
+
+def test_out_of_memory_is_one_line_and_other_errors_still_raise(monkeypatch, capsys):
+    def no_memory(cfg):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 128000000384 bytes.")
+    monkeypatch.setattr(s2s, "run", no_memory)
+    assert s2s.main([]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "out of memory" in err[0] and "--hidden-size" in err[0], err
+
+    def broken(cfg):
+        raise RuntimeError("a bug, not a setting")
+    monkeypatch.setattr(s2s, "run", broken)
+    with pytest.raises(RuntimeError, match="a bug"):  # a real bug keeps its traceback
+        s2s.main([])
