@@ -144,7 +144,7 @@ def test_readme_quick_start_times_match_the_committed_logs():
     assert rows["python cnn_project.py --preset cpu --datasets mnist"][cpu] == f"{mnist_part.group(1)} min"
     lenet = re.search(r"mnist/lenet5: ok, test accuracy [\d.]+%, (\d+) s", log)
     assert f"(the pair itself: {lenet.group(1)} s)" in rows["python cnn_project.py --preset cpu --datasets mnist --models lenet5"][cpu]
-    seq = (ROOT / "results" / "seq2seq" / "run_log.txt").read_text()
+    seq = (ROOT / "results" / "reference_seq2seq" / "run_log.txt").read_text()
     m, sec = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\d+):([\d.]+)", seq).groups()
     seconds = round(60 * int(m) + float(sec))
     assert rows["python seq2seq_project.py"][cpu] == f"{seconds // 60} min {seconds % 60} s"
@@ -248,7 +248,7 @@ def test_the_docs_verdict_table_matches_the_committed_summary():
 
 
 def test_readme_seq2seq_headline_matches_the_committed_run():
-    with open(ROOT / "results" / "seq2seq" / "results.pkl", "rb") as f:
+    with open(ROOT / "results" / "reference_seq2seq" / "results.pkl", "rb") as f:
         res = pickle.load(f)
     att, base = res["models"]["attention"], res["models"]["baseline"]
     text = " ".join(README.read_text().split())

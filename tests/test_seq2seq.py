@@ -293,7 +293,7 @@ def test_help_describes_every_flag_with_its_default(capsys):
 def test_report_names_the_lengths_the_test_split_really_holds(tmp_path, capsys):
     """The committed run's test split holds no length-1 sequence (only 10 exist, all drawn into
     train and validation): the report says 2..10, not the configured 1..10."""
-    with open(os.path.join(ROOT, "results", "seq2seq", "results.pkl"), "rb") as f:
+    with open(os.path.join(ROOT, "results", "reference_seq2seq", "results.pkl"), "rb") as f:
         res = pickle.load(f)
     counts = res["data"]["test_length_counts"]
     assert counts[1] == 0 and counts[2] > 0 and res["config"]["min_len"] == 1
