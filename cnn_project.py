@@ -30,8 +30,9 @@ bf16 and GPUs of compute capability >= 8.0, fp32 on other CPUs, fp16 with loss s
 as Colab's T4; channels_last, batched tensor augmentation, fused SGD on GPUs). CIFAR-10 is read from
 torchvision's files or an image-folder copy; any folder of class sub-folders trains the same way. Under torchrun
 or accelerate launch every process trains on its slice of each global batch (DDP, via accelerate).
-5,000 training images are held out as a validation split: it picks each model's checkpoint and the
-best model per dataset; the test set is only scored at the end. Every (model, dataset, seed) result
+5,000 training images are held out as a validation split (an image folder's own val/ folder when
+it has one): it picks each model's checkpoint and the best model per dataset; the test set is only
+scored at the end. Every (model, dataset, seed) result
 is pickled atomically under results/cnn/<dataset>/<model>.pkl (<model>.seed<k>.pkl for seed k),
 keyed by its settings, with the chosen weights beside it (.safetensors); during training a checkpoint
 after every epoch lets a rerun resume an interrupted run from its last epoch. The report gives each
@@ -189,7 +190,8 @@ def load_splits(spec: DatasetSpec, root: str, seed: int, val_size: int, subset: 
                 device: torch.device, image_size: int | None = None, cache_dir: str | None = None,
                 show_progress: bool = False, listing: tuple | None = None) -> Splits:
     """Decode a dataset once into uint8 tensors and hold out a seeded validation split (val_size
-    images, at most a tenth of the training images).
+    images, at most a tenth of the training images; an image folder's own val/ folder instead,
+    when it has one).
 
     `subset` caps every split at that many images (for quick runs and tests). An image folder's
     spec comes back complete (Splits.spec): its classes, channels, size, and channel mean and std
@@ -200,22 +202,25 @@ def load_splits(spec: DatasetSpec, root: str, seed: int, val_size: int, subset: 
     x, y, test_x, test_y = raw["train_x"], raw["train_y"], raw["test_x"], raw["test_y"]
     if len(x) < 4:
         raise DatasetUnavailable(f"{spec.folder} has {len(x)} training images; at least 4 are needed")
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    val_size = max(1, min(val_size, len(x) // 10))
-    val_idx, train_idx = perm[:val_size], perm[val_size:]
+    if "val_x" in raw:  # the folder's own val/
+        val_x, val_y = raw["val_x"], raw["val_y"]
+    else:
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        val_size = max(1, min(val_size, len(x) // 10))
+        val_idx, train_idx = perm[:val_size], perm[val_size:]
+        val_x, val_y, x, y = x[val_idx], y[val_idx], x[train_idx], y[train_idx]
     if subset:
-        train_idx, val_idx = train_idx[:subset], val_idx[:subset]
-        test_x, test_y = test_x[:subset], test_y[:subset]
+        x, y, val_x, val_y, test_x, test_y = (t[:subset] for t in (x, y, val_x, val_y, test_x, test_y))
     if spec.torchvision_class is None:  # a learner's folder: what its images say
-        pixels = x[train_idx].float().div(255).transpose(0, 1).reshape(x.shape[1], -1)
+        pixels = x.float().div(255).transpose(0, 1).reshape(x.shape[1], -1)
         side = x.shape[-1]
         spec = dataclasses.replace(
             spec, in_channels=x.shape[1], image_size=side, classes=tuple(raw["classes"]),
             mean=tuple(round(v, 4) for v in pixels.mean(1).tolist()),
             std=tuple(round(max(v, 1e-3), 4) for v in pixels.std(1).tolist()),
             pad=max(1, side // 8))
-    return Splits(*(t.to(device) for t in (x[train_idx], y[train_idx], x[val_idx], y[val_idx],
-                                             test_x, test_y)), spec=spec, source=raw["source"])
+    return Splits(*(t.to(device) for t in (x, y, val_x, val_y, test_x, test_y)), spec=spec,
+                  source=raw["source"])
 
 
 def normalize(x_uint8: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
@@ -1003,7 +1008,7 @@ def train_one(model_name: str, spec: DatasetSpec, data: Splits, epochs: int, wid
 # =============================================================================================
 
 RESERVED_FOLDERS = ("plots", "superseded", "unreadable")  # the program's own folders under results/cnn
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 FOLDER_TEST_FRACTION = 0.2  # a folder without train/ and test/: this share of each class is test
 CACHE_FORMAT = "cnn_project/folder-cache/1"
 
@@ -1073,7 +1078,8 @@ def read_dataset(spec: DatasetSpec, root: str, seed: int, image_size: int | None
 
 
 NOT_DATA = ("__MACOSX", "Thumbs.db", "desktop.ini", "$RECYCLE.BIN", "System Volume Information")
-_SKIP_REPORTED = set()  # folders whose skipped entries were already reported in this process
+VAL_FOLDERS = ("val", "valid", "validation")  # beside train/ and test/: the validation split
+_SKIP_REPORTED = set()  # (folder, kind) of the lines folder_layout already printed in this process
 
 
 def _is_data(p: Path) -> bool:
@@ -1081,73 +1087,224 @@ def _is_data(p: Path) -> bool:
     return not p.name.startswith(".") and p.name not in NOT_DATA
 
 
-def _class_images(folder: Path, skipped: list) -> list:
-    """The image files under one class folder (symbolic links followed, sorted); what is not data
-    or has another extension goes to `skipped`."""
-    images = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        here = Path(dirpath)
-        skipped += [here / d for d in dirnames if not _is_data(here / d)]
-        dirnames[:] = sorted(d for d in dirnames if _is_data(here / d))
-        for name in filenames:
-            p = here / name
-            ok = _is_data(p) and p.suffix.lower() in IMAGE_EXTENSIONS
-            (images if ok else skipped).append(p)
+def shown(path) -> str:
+    """A path or file name as text that prints anywhere: bytes of a name that are not UTF-8 (kept
+    by Python as surrogate escapes) appear as \\xNN; every other name is unchanged."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+@dataclass
+class FolderScan:
+    """What folder_layout meets while it walks an image folder. `trees`: the real paths of the
+    folders it reads (every class folder, every linked folder followed), so that a symbolic link
+    is followed once: a link into one of them, or to a folder that holds one, would list the same
+    images again (a loop). The entries left out, by reason: `skipped` (hidden, OS metadata,
+    another file type), `loops`, `dangling` (links to nothing), `twice` ((path, the path of the
+    same real file that is kept)), `merged` (class folder names equal once in Unicode NFC)."""
+    root: Path
+    trees: list = dataclasses.field(default_factory=list)
+    skipped: list = dataclasses.field(default_factory=list)
+    loops: list = dataclasses.field(default_factory=list)
+    dangling: list = dataclasses.field(default_factory=list)
+    twice: list = dataclasses.field(default_factory=list)
+    merged: list = dataclasses.field(default_factory=list)
+
+    def follow(self, link: Path) -> Path | None:
+        """The real path behind a symbolic link, or None (the link noted) when it leads nowhere
+        or to a folder that overlaps one already read; a folder followed joins `trees`."""
+        real = Path(os.path.realpath(link))
+        if not real.exists():
+            self.dangling.append(link)
+            return None
+        if real.is_dir():
+            if any(real.is_relative_to(t) or t.is_relative_to(real) for t in self.trees):
+                self.loops.append(link)
+                return None
+            self.trees.append(real)
+        return real
+
+
+def _class_images(folder: Path, scan: FolderScan) -> list:
+    """[(path, real path, whether the file is a link)] of the image files under one class folder,
+    sorted by path: sub-folders and symbolic links followed once (FolderScan.follow); what is not
+    data or has another extension goes to scan.skipped. Raises DatasetUnavailable (one line) for
+    a folder that cannot be read."""
+    images, todo = [], [(folder, os.path.realpath(folder))]
+    while todo:
+        here, real_here = todo.pop()
+        try:
+            with os.scandir(here) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as err:
+            raise DatasetUnavailable(f"{shown(here)} could not be read ({err.strerror})") from None
+        for e in entries:
+            p = here / e.name
+            if not _is_data(p):
+                scan.skipped.append(p)
+                continue
+            real = scan.follow(p) if e.is_symlink() else os.path.join(real_here, e.name)
+            if real is None:
+                continue
+            if os.path.isdir(real) if e.is_symlink() else e.is_dir():  # e.is_dir(): no stat call
+                todo.append((p, str(real)))
+            elif p.suffix.lower() in IMAGE_EXTENSIONS:
+                images.append((p, str(real), e.is_symlink()))
+            else:
+                scan.skipped.append(p)
     return sorted(images)
 
 
-def folder_layout(root: Path) -> dict:
-    """{'train': [(path, class index)], 'test': [...] or None, 'classes': (...), 'skipped': [...]}
-    of an image folder: <root>/train/<class>/* and <root>/test/<class>/*, or <root>/<class>/*
-    (split later by split_folder). Classes are the sorted sub-folder names (torchvision
-    ImageFolder's rule); symbolic links are followed. Hidden files and folders, OS metadata
-    (__MACOSX/, macOS's ._ files, Thumbs.db) and files without an image extension are skipped and
-    reported once in one line. Raises DatasetUnavailable (one line naming the folder) for a missing
-    folder, train/ without test/ (or the reverse), an empty class folder, fewer than two classes,
-    or train/ and test/ with different classes."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetUnavailable(f"image folder {root} does not exist")
+def class_name(folder_name: str) -> str:
+    """A class folder's name as its class: in Unicode NFC (the same accented name typed on macOS,
+    NFD, and elsewhere, NFC, is one class), bytes that are not UTF-8 shown as \\xNN."""
+    return unicodedata.normalize("NFC", shown(folder_name))
+
+
+def _split_folders(root: Path, scan: FolderScan) -> dict:
+    """{split: folder} of an image folder: train/, test/ and (if there) val/ (or valid/,
+    validation/), or {'train': root} when the class folders are in root itself; root's other
+    entries beside train/ and test/ go to scan.skipped. Raises DatasetUnavailable for train/
+    without test/ or the reverse."""
     parts = {"train": root / "train", "test": root / "test"}
     if parts["train"].is_dir() != parts["test"].is_dir():
         has, lacks = ("train", "test") if parts["train"].is_dir() else ("test", "train")
-        raise DatasetUnavailable(f"image folder {root} has {has}/ but no {lacks}/: add {lacks}/<class>/ "
-                                 f"folders, or put the class folders directly in {root} to split "
-                                 f"them {1 - FOLDER_TEST_FRACTION:.0%}/{FOLDER_TEST_FRACTION:.0%}")
+        raise DatasetUnavailable(f"image folder {shown(root)} has {has}/ but no {lacks}/: add "
+                                 f"{lacks}/<class>/ folders, or put the class folders directly in "
+                                 f"{shown(root)} to split them {1 - FOLDER_TEST_FRACTION:.0%}/"
+                                 f"{FOLDER_TEST_FRACTION:.0%}")
     if not parts["train"].is_dir():
-        parts = {"train": root, "test": None}
-    found, skipped = {"skipped": []}, []
-    for split, folder in parts.items():
-        if folder is None:
-            found[split] = None
-            continue
-        entries = [d for d in folder.iterdir()]
-        skipped += [d for d in entries if not _is_data(d) or not d.is_dir()]
-        classes = sorted(d.name for d in entries if d.is_dir() and _is_data(d))
-        if len(classes) < 2:
-            raise DatasetUnavailable(f"image folder {folder} has {len(classes)} class sub-folder"
-                                     f"{'s' * (len(classes) != 1)}; it needs one per class, at least two")
-        files = []
-        for k, name in enumerate(classes):
-            images = _class_images(folder / name, skipped)
-            if not images:
-                raise DatasetUnavailable(f"class folder {folder / name} holds no images "
-                                         f"({', '.join(IMAGE_EXTENSIONS)})")
-            files += [(p, k) for p in images]
-        found[split] = files
-        if "classes" in found and tuple(classes) != found["classes"]:
-            raise DatasetUnavailable(f"{parts['train']} and {folder} have different class folders")
-        found["classes"] = tuple(classes)
-    found["skipped"] = skipped
-    if skipped and root.resolve() not in _SKIP_REPORTED:
-        _SKIP_REPORTED.add(root.resolve())
-        names = ", ".join(p.relative_to(root).as_posix() + "/" * p.is_dir() for p in skipped[:4])
-        one = len(skipped) == 1
-        print(f"{root}: skipped {len(skipped)} {'entry' if one else 'entries'} that "
-              f"{'is' if one else 'are'} not an image of a class folder "
-              f"(hidden, OS metadata or another file type): {names}"
-              + (", ..." if len(skipped) > 4 else ""), flush=True)
+        return {"train": root}
+    val = next((root / v for v in VAL_FOLDERS if (root / v).is_dir()), None)
+    if val is not None:
+        parts["val"] = val
+    scan.skipped += sorted(p for p in root.iterdir() if p not in parts.values())
+    return parts
+
+
+def _class_folders(parts: dict, scan: FolderScan) -> dict:
+    """{split: {class: [class folders]}}, classes in the order of their folders' sorted names
+    (torchvision ImageFolder's rule), named by class_name; a class folder that is a symbolic link
+    is followed unless it leads nowhere or into another class folder (FolderScan.follow). The
+    other entries go to scan."""
+    entries = {split: sorted(folder.iterdir(), key=lambda d: d.name)
+               for split, folder in parts.items()}
+    scan.trees += [Path(os.path.realpath(d)) for es in entries.values() for d in es
+                   if _is_data(d) and not d.is_symlink() and d.is_dir()]
+    found = {}
+    for split, es in entries.items():
+        classes = found[split] = {}
+        for d in es:
+            if d.is_symlink() and _is_data(d) and scan.follow(d) is None:
+                continue  # a link to nothing or back into the folder: noted by follow
+            if _is_data(d) and d.is_dir():
+                classes.setdefault(class_name(d.name), []).append(d)
+            else:
+                scan.skipped.append(d)
+        scan.merged += [folders for folders in classes.values() if len(folders) > 1]
     return found
+
+
+def _count_once(files: dict, scan: FolderScan) -> dict:
+    """{split: [(path, class index)]} keeping each real file once across every split: where one
+    file is reached by several paths (symbolic links), the path that is not a link wins, else the
+    first (train before test); the others go to scan.twice."""
+    owner = {}
+    for listed in files.values():
+        for p, real, is_link, _ in listed:
+            if real not in owner or (owner[real][1] and not is_link):
+                owner[real] = (p, is_link)
+    kept = {}
+    for split, listed in files.items():
+        kept[split] = [(p, k) for p, real, _, k in listed if owner[real][0] is p]
+        scan.twice += [(p, owner[real][0]) for p, real, _, _ in listed if owner[real][0] is not p]
+    return kept
+
+
+def folder_layout(root: Path) -> dict:
+    """{'train': [(path, class index)], 'test': [...] or None, 'val': [...] or None, 'classes':
+    (...), 'skipped': [...]} of an image folder: <root>/train/<class>/* and <root>/test/<class>/*
+    (and <root>/val/<class>/*, the validation split, when there), or <root>/<class>/* (split later
+    by split_folder). Classes are the sorted sub-folder names (torchvision ImageFolder's rule) in
+    Unicode NFC (class_name; two folders of one name in NFC and NFD are one class). Symbolic links
+    are followed once and every real file is listed once (FolderScan, _count_once). Hidden files
+    and folders, OS metadata (__MACOSX/, macOS's ._ files, Thumbs.db), files without an image
+    extension, links to nothing or back into the folder are skipped and reported once, a line per
+    reason. Raises DatasetUnavailable (one line naming the folder) for a missing folder, train/
+    without test/ (or the reverse), an empty class folder, fewer than two classes, or splits
+    with different classes."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetUnavailable(f"image folder {shown(root)} does not exist")
+    scan = FolderScan(root)
+    parts = _split_folders(root, scan)
+    folders = _class_folders(parts, scan)
+    classes = tuple(folders["train"])
+    files = {}
+    for split, by_class in folders.items():
+        if len(by_class) < 2:
+            raise DatasetUnavailable(f"image folder {shown(parts[split])} has {len(by_class)} class "
+                                     f"sub-folder{'s' * (len(by_class) != 1)}; it needs one per "
+                                     f"class, at least two")
+        if set(by_class) != set(classes):
+            raise DatasetUnavailable(f"{shown(parts['train'])} and {shown(parts[split])} have "
+                                     f"different class folders")
+        files[split] = [(*image, k) for k, name in enumerate(classes)
+                        for d in by_class[name] for image in _class_images(d, scan)]
+    files = _count_once(files, scan)
+    for split, by_class in folders.items():
+        empty = set(range(len(classes))) - {k for _, k in files[split]}
+        if empty:
+            raise DatasetUnavailable(f"class folder {shown(by_class[classes[min(empty)]][0])} holds "
+                                     f"no images ({', '.join(IMAGE_EXTENSIONS)})")
+    report_scan(scan, parts.get("val"))
+    return {"train": files["train"], "test": files.get("test"), "val": files.get("val"),
+            "classes": classes, "skipped": scan.skipped}
+
+
+def _say_once(root: Path, kind: str, line: str) -> None:
+    """Print one line about an image folder, once per process for each kind of line."""
+    if (Path(root).resolve(), kind) not in _SKIP_REPORTED:
+        _SKIP_REPORTED.add((Path(root).resolve(), kind))
+        print(f"{shown(root)}: {line}", flush=True)
+
+
+def _some(paths: list, root: Path, show=lambda p, rel: rel) -> str:
+    """The first four entries, relative to root ('cat/loop/'), and ', ...' when there are more."""
+    rel = [show(p, shown(p.relative_to(root).as_posix()) + "/" * (p.is_dir() and not p.is_symlink()))
+           for p in paths[:4]]
+    return ", ".join(rel) + (", ..." if len(paths) > 4 else "")
+
+
+def report_scan(scan: FolderScan, val: Path | None) -> None:
+    """One line per kind of entry folder_layout left out or joined (see FolderScan), each printed
+    once per folder and process, and one saying that `val` (val/), if any, is the validation split."""
+    root = scan.root
+    if scan.skipped:
+        one = len(scan.skipped) == 1
+        _say_once(root, "skipped", f"skipped {len(scan.skipped)} {'entry' if one else 'entries'} "
+                  f"that {'is' if one else 'are'} not an image of a class folder (hidden, OS "
+                  f"metadata or another file type): {_some(scan.skipped, root)}")
+    arrow = lambda p, rel: f"{rel} -> {shown(os.readlink(p))}"
+    if scan.loops:
+        _say_once(root, "loops", f"skipped {_count(len(scan.loops), 'symbolic link')} to a folder "
+                  f"already read (a loop, or the same images a second time): "
+                  f"{_some(scan.loops, root, arrow)}")
+    if scan.dangling:
+        _say_once(root, "dangling", f"skipped {_count(len(scan.dangling), 'symbolic link')} to "
+                  f"nothing (in a git-annex or DVC checkout: files not fetched yet; `git annex get .` or "
+                  f"`dvc pull` fetches them): {_some(scan.dangling, root, arrow)}")
+    if scan.twice:
+        same = lambda p, rel: f"{rel} (= {shown(dict(scan.twice)[p].relative_to(root).as_posix())})"
+        _say_once(root, "twice", f"{_count(len(scan.twice), 'file')} reached a second time through "
+                  f"symbolic links, counted once: {_some([p for p, _ in scan.twice], root, same)}")
+    for folders in scan.merged:
+        names = " and ".join(ascii(d.name) for d in folders)
+        _say_once(root, f"merged {folders[0]}", f"the class folders {names} are one name in "
+                  f"different Unicode forms (NFC, NFD): one class, {class_name(folders[0].name)}, "
+                  f"with the images of all")
+    if val is not None:
+        _say_once(root, "val", f"{shown(val.name)}/ is the validation split (instead of a seeded "
+                  f"share of train/)")
 
 
 def split_folder(files: list, seed: int) -> tuple:
@@ -1243,10 +1400,10 @@ def decode_images(files: list, root: Path, image_size: int | None, show_progress
         try:
             data = Path(path).read_bytes()
         except OSError as err:  # removed or made unreadable since the folder was listed
-            raise DatasetUnavailable(f"{path} could not be read ({err.strerror}); run again once "
-                                     f"the folder is settled") from None
+            raise DatasetUnavailable(f"{shown(path)} could not be read ({err.strerror}); run again "
+                                     f"once the folder is settled") from None
         try:
-            img, fmt = open_image(data, str(path))
+            img, fmt = open_image(data, shown(path))
         except ValueError as err:
             raise DatasetUnavailable(f"{err}; remove it from the folder") from None
         formats.add(fmt)
@@ -1257,17 +1414,18 @@ def decode_images(files: list, root: Path, image_size: int | None, show_progress
             if rgb.size != (image_size, image_size):
                 rgb = rgb.resize((image_size, image_size), Image.Resampling.LANCZOS)
         elif w != h:
-            raise DatasetUnavailable(f"{path} is {w}x{h}, not square: pass --image-size N to "
-                                     f"resize every image to N x N")
+            raise DatasetUnavailable(f"{shown(path)} is {w}x{h}, not square: pass --image-size N "
+                                     f"to resize every image to N x N")
         elif side is None:
-            side, reference = w, f"{path} is"
+            side, reference = w, f"{shown(path)} is"
         elif w != side:
             raise DatasetUnavailable(
-                f"{path} is {w}x{h} but {reference} {side}x{side}: the images have mixed sizes; "
+                f"{shown(path)} is {w}x{h} but {reference} {side}x{side}: the images have mixed sizes; "
                 f"pass --image-size N to resize every image to N x N")
         arrays.append(np.asarray(rgb))
         rel = Path(path).relative_to(root).as_posix()
-        digest.update(f"{hashlib.sha256(data).hexdigest()}  {rel}\n".encode())
+        digest.update(f"{hashlib.sha256(data).hexdigest()}  {rel}\n".encode("utf-8",
+                                                                           "surrogateescape"))
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     return {"x": (x[:, :1] if grey else x).contiguous(),
             "y": torch.tensor([k for _, k in files], dtype=torch.int64),
@@ -1275,9 +1433,10 @@ def decode_images(files: list, root: Path, image_size: int | None, show_progress
 
 
 def folder_listing(root: Path, image_size: int | None, seed: int) -> tuple:
-    """(layout, train files, test files, key) of an image folder: the key (20 hex digits) hashes
-    every file's path, class, size and mtime with image_size (and the seed, for a folder split by
-    split_folder), so it changes when the folder does; it names the cache and a run's data."""
+    """(layout, train files, test files, key) of an image folder (its val/ files, if any, are
+    layout['val']): the key (20 hex digits) hashes every file's path, class, size and mtime with
+    image_size (and the seed, for a folder split by split_folder), so it changes when the folder
+    does; it names the cache and a run's data."""
     layout = folder_layout(root)
     train, test = (layout["train"], layout["test"]) if layout["test"] is not None else \
         split_folder(layout["train"], seed)
@@ -1285,29 +1444,28 @@ def folder_listing(root: Path, image_size: int | None, seed: int) -> tuple:
     in_test = np.bincount([k for _, k in test], minlength=len(layout["classes"]))
     small = [f"{layout['classes'][k]} ({counts[k]} image{'s' * int(counts[k] != 1)})"
              for k in range(len(counts)) if in_test[k] == 0]
-    if small and (root, "small") not in _SKIP_REPORTED:
-        _SKIP_REPORTED.add((root, "small"))
-        print(f"{root}: too small to test, so no test image and no test score: {', '.join(small)}; "
-              f"add images to these classes", flush=True)
+    if small:
+        _say_once(root, "small", f"too small to test, so no test image and no test score: "
+                  f"{', '.join(small)}; add images to these classes")
     listing = hashlib.sha256(f"{CACHE_FORMAT} {image_size} {seed if layout['test'] is None else ''}"
                              .encode())
-    for split, files in (("train", train), ("test", test)):
+    for split, files in (("train", train), ("test", test), ("val", layout["val"] or [])):
         for path, k in files:
             st = path.stat()
             listing.update(f"{split} {path.relative_to(root).as_posix()} {k} {st.st_size} "
-                           f"{st.st_mtime_ns}\n".encode())
+                           f"{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return layout, train, test, listing.hexdigest()[:20]
 
 
 def read_image_folder(root: Path, image_size: int | None, seed: int, cache_dir: Path | None,
                       show_progress: bool = True, listing: tuple | None = None) -> dict:
     """An image folder (see folder_layout) as uint8 tensors: {'train_x', 'train_y', 'test_x',
-    'test_y', 'classes', 'source'}, 'source' saying where the images came from (path, file count,
-    content hash, JPEG qualities). Decoded once: the tensors are cached in `cache_dir` under a key
-    of every file's path, size and mtime (and image_size, seed), so a changed folder is decoded
-    again; an unwritable cache only costs the decoding next time. `listing`: folder_listing's
-    answer when the caller has it (a stat of every file: seconds for CIFAR-10's 60,000). Raises
-    DatasetUnavailable."""
+    'test_y', 'classes', 'source'} (and 'val_x', 'val_y' from its val/ folder, if any), 'source'
+    saying where the images came from (path, file counts, content hash, JPEG qualities). Decoded
+    once: the tensors are cached in `cache_dir` under a key of every file's path, size and mtime
+    (and image_size, seed), so a changed folder is decoded again; an unwritable cache only costs
+    the decoding next time. `listing`: folder_listing's answer when the caller has it (a stat of
+    every file: seconds for CIFAR-10's 60,000). Raises DatasetUnavailable."""
     root = Path(root).resolve()
     layout, train, test, key = listing or folder_listing(root, image_size, seed)
     cache = Path(cache_dir) / f"{root.name}-{key}.pt" if cache_dir else None
@@ -1317,27 +1475,46 @@ def read_image_folder(root: Path, image_size: int | None, seed: int, cache_dir: 
         except Exception:  # noqa: BLE001 - a broken cache is only decoded again
             pass
     if not test:
-        raise DatasetUnavailable(f"image folder {root} has too few images to split off a test set")
-    print(f"decoding {len(train) + len(test)} images of {root} (once; cached)", flush=True)
-    tr = decode_images(train, root, image_size, show_progress)
-    te = decode_images(test, root, image_size, show_progress, expect_side=tr["x"].shape[-1])
-    if tr["x"].shape[1] != te["x"].shape[1]:  # grey train, colour test (or the reverse): colour
-        tr["x"], te["x"] = tr["x"].expand(-1, 3, -1, -1), te["x"].expand(-1, 3, -1, -1)
-    h = hashlib.sha256(f"{tr['sha256']}\n{te['sha256']}\n".encode()).hexdigest()
-    out = {"train_x": tr["x"].contiguous(), "train_y": tr["y"], "test_x": te["x"].contiguous(),
-           "test_y": te["y"], "classes": list(layout["classes"]),
-           "source": {"kind": "image folder", "path": str(root), "files": len(train) + len(test),
-                      "train_files": len(train), "test_files": len(test),
-                      "split": "train/ and test/" if layout["test"] is not None else
-                               f"seeded {FOLDER_TEST_FRACTION:.0%} of each class to test (seed {seed})",
-                      "sha256": h, "formats": sorted(set(tr["formats"]) | set(te["formats"])),
-                      "resized_to": image_size}}
+        raise DatasetUnavailable(f"image folder {shown(root)} has too few images to split off a "
+                                 f"test set")
+    rule = ("train/, val/ and test/" if layout["val"] else "train/ and test/") if layout["test"] \
+        is not None else f"seeded {FOLDER_TEST_FRACTION:.0%} of each class to test (seed {seed})"
+    out = decode_splits(root, {"train": train, "test": test, "val": layout["val"]}, image_size,
+                        show_progress, rule)
+    out["classes"] = list(layout["classes"])
     if cache is not None:
         try:
             _write_atomically(cache, lambda f: torch.save(out, f))
         except OSError as err:
             print(f"note: could not cache the decoded images in {cache.parent} ({err.strerror}); "
                   f"they will be decoded again next time", flush=True)
+    return out
+
+
+def decode_splits(root: Path, splits: dict, image_size: int | None, show_progress: bool,
+                  rule: str) -> dict:
+    """{'train_x', 'train_y', 'test_x', 'test_y'} (and 'val_x', 'val_y' when splits['val'] lists
+    files) decoded by decode_images from an image folder's {split: [(path, class index)]}, every
+    split at the training images' size, and in colour when any split is; with 'source': the
+    folder's path, file counts, how it was split (`rule`), a sha256 over the splits' hashes, the
+    formats and image_size. Raises DatasetUnavailable."""
+    names = [s for s in ("train", "test", "val") if splits.get(s)]
+    print(f"decoding {sum(len(splits[s]) for s in names)} images of {shown(root)} (once; cached)",
+          flush=True)
+    got = {"train": decode_images(splits["train"], root, image_size, show_progress)}
+    for s in names[1:]:
+        got[s] = decode_images(splits[s], root, image_size, show_progress,
+                               expect_side=got["train"]["x"].shape[-1])
+    if len({d["x"].shape[1] for d in got.values()}) > 1:  # grey train, colour test or the reverse
+        for d in got.values():
+            d["x"] = d["x"].expand(-1, 3, -1, -1)
+    out = {f"{s}_{t}": got[s][t].contiguous() if t == "x" else got[s][t] for s in names for t in "xy"}
+    h = hashlib.sha256("".join(f"{got[s]['sha256']}\n" for s in names).encode()).hexdigest()
+    out["source"] = {"kind": "image folder", "path": str(root),
+                     "files": sum(len(splits[s]) for s in names),
+                     **{f"{s}_files": len(splits[s]) for s in names}, "split": rule, "sha256": h,
+                     "formats": sorted(set().union(*(d["formats"] for d in got.values()))),
+                     "resized_to": image_size}
     return out
 
 
@@ -1352,10 +1529,59 @@ def image_folder_spec(path: str, hflip: bool = True) -> DatasetSpec:
     ascii_title = unicodedata.normalize("NFKD", title).encode("ascii", "ignore").decode()
     name = "".join(c if c.isalnum() else "_" for c in ascii_title.lower()).strip("_") or "images"
     if ascii_title != title:  # letters were dropped: a stable suffix keeps two such names apart
-        name = f"{name}_{hashlib.sha1(title.encode()).hexdigest()[:6]}"
+        name = f"{name}_{_short_hash(title)}"
     name = f"{name}_folder" if name in DATASETS or name in RESERVED_FOLDERS else name
     return DatasetSpec(name, None, str(Path(path).resolve()), (), 0, 0, (), (), 0, hflip, (),
-                       title=title)
+                       title=shown(title))
+
+
+def _short_hash(text: str) -> str:
+    """6 hex digits of text's sha1 (a name that is not UTF-8 hashed as its bytes)."""
+    return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:6]
+
+
+def stored_source(results_dir: Path, key: str) -> str | None:
+    """The resolved path of the image folder whose records are in <results_dir>/cnn/<key>/ (its
+    first readable record's data source), or None: no record, or none that says."""
+    for path in sorted((Path(results_dir) / "cnn" / key).glob("*.pkl")):
+        try:
+            source = (load_result(path).get("data") or {}).get("source") or {}
+        except ResultsFileError:
+            continue
+        if source.get("kind") == "image folder" and source.get("path"):
+            return source["path"]
+    return None
+
+
+def folder_key(spec: DatasetSpec, results_dir: Path, taken: dict) -> DatasetSpec:
+    """An image folder's spec under a results key of its own: the key of records already made
+    from this very folder (their stored source path, compared with os.path.samefile); else its
+    name's key (image_folder_spec) unless another folder that still exists holds it, here or in
+    `taken` ({key: folder} of this command); else that key and '_' and 6 hex digits of the
+    folder's resolved path, the parent folder's name added to its title. So two folders of one
+    name (a/images, b/images; Photos, photos) are two datasets, in one command and across
+    commands, and a folder keeps its key from run to run (a moved one keeps its name's key
+    when its old place is gone)."""
+    folder, base = Path(spec.folder), spec.name
+    hashed = f"{base}_{_short_hash(str(folder))}"
+
+    def holder(key):  # the folder whose records or request hold the key, if it still exists
+        path = taken.get(key) or stored_source(results_dir, key)
+        return path if path and Path(path).is_dir() else None
+
+    def is_this(path):
+        try:
+            return path is not None and os.path.samefile(path, folder)
+        except OSError:
+            return False
+    earlier = sorted(p.name for p in (Path(results_dir) / "cnn").glob(f"{base}_??????")
+                     if p.is_dir())
+    key = next((k for k in (base, hashed, *earlier) if is_this(holder(k))), None)
+    if key is None:
+        key = base if holder(base) is None else hashed
+    if key == base:
+        return spec
+    return dataclasses.replace(spec, name=key, title=f"{shown(folder.parent.name)}/{spec.title}")
 
 
 def data_source(spec: DatasetSpec, root: str) -> str | None:
@@ -2900,7 +3126,8 @@ def add_what_to_train(p: argparse.ArgumentParser) -> None:
                    help=f"architectures: {' '.join(MODELS_REGISTRY)}")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), metavar="NAME",
                    help=f"datasets: {' '.join(DATASETS)}, or the path of your own image folder "
-                        f"(train/<class>/* and test/<class>/*, or <class>/* split "
+                        f"(train/<class>/* and test/<class>/*, and val/<class>/* if it has one, "
+                        f"or <class>/* split "
                         f"{1 - FOLDER_TEST_FRACTION:.0%}%/{FOLDER_TEST_FRACTION:.0%}% by --seed); "
                         f"CIFAR-10 is read from an image-folder copy under --data-dir ("
                         f"{', '.join(DATASETS['cifar10'].image_folders)}) when torchvision's files "
@@ -2979,12 +3206,14 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
     unknown = [n for n in args.models if n not in MODELS_REGISTRY]
     if unknown:
         p.error(f"unknown model name(s): {', '.join(unknown)}; choose from {', '.join(MODELS_REGISTRY)}")
-    args.specs = {}
+    args.specs, folders = {}, {}
     for name in args.datasets:
         if name in DATASETS:
             spec = DATASETS[name]
-        elif Path(name).is_dir():
-            spec = image_folder_spec(name, hflip=not args.no_flip)
+        elif Path(name).is_dir():  # its own key, also where another folder has its name
+            spec = folder_key(image_folder_spec(name, hflip=not args.no_flip), args.results_dir,
+                              folders)
+            folders[spec.name] = spec.folder
         elif (args.predict or args.report) and (Path(args.results_dir) / "cnn" / name).is_dir():
             spec = dataclasses.replace(image_folder_spec(name), name=name)  # trained earlier
         else:
@@ -3223,7 +3452,8 @@ def _where(source: dict) -> str:
     """'torchvision files in data/MNIST/raw' or 'image folder data/CIFAR10-JPEG, 60000 files'."""
     if source["kind"] == "torchvision":
         return f"torchvision files in {source['path']}"
-    return f"image folder {source['path']}, {source['files']} files, {', '.join(source['formats'])}"
+    return (f"image folder {shown(source['path'])}, {source['files']} files, "
+            f"{', '.join(source['formats'])}")
 
 
 def run_grid(args: argparse.Namespace) -> dict:

@@ -4,6 +4,7 @@ decode cache, the one-line errors of a broken folder, equal epochs for every mod
 on CPUs that have it natively (faked both ways). Every folder here is made by the test."""
 
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,32 @@ def test_grey_folder_with_train_and_test_is_read_as_one_channel(tmp_path):
     assert data.spec.classes == ("dark", "light") and len(data.test_y) == 6
     assert data.source["split"] == "train/ and test/"
     assert len(data.val_y) == 2 and len(data.train_y) == 22  # a tenth of the 24 held out
+
+
+def test_a_val_folder_beside_train_and_test_is_the_validation_split(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    for split, n, shift in (("train", 8, 0), ("val", 3, 20), ("test", 2, 0)):  # val/ a bit lighter
+        for name, level in (("dark", 40), ("light", 200)):
+            for i in range(n):
+                save_image(tmp_path / "g" / split / name / f"{i}.png", (20, 20), (level + shift,) * 3, rng, "L")
+    (tmp_path / "g" / "notes.txt").write_text("where the photos came from")
+    spec = cp.image_folder_spec(tmp_path / "g")
+    seeded = [cp.load_splits(spec, "unused", seed, 5000, None, torch.device("cpu"), cache_dir=tmp_path / "c")
+              for seed in (0, 1)]
+    for data in seeded:
+        assert (len(data.train_y), len(data.val_y), len(data.test_y)) == (16, 6, 4)
+        assert sorted(data.val_y.tolist()) == [0, 0, 0, 1, 1, 1]
+        assert data.source["split"] == "train/, val/ and test/" and data.source["val_files"] == 6
+    assert torch.equal(seeded[0].val_x, seeded[1].val_x)  # the folder's, whatever the seed
+    val_mean = seeded[0].val_x.float().mean()
+    assert val_mean > seeded[0].train_x.float().mean() + 10  # val/'s lighter images, not train/'s
+    out = capsys.readouterr().out
+    assert "val/ is the validation split" in out and "notes.txt" in out
+    key = cp.folder_listing(tmp_path / "g", None, 0)[3]
+    shutil.rmtree(tmp_path / "g" / "val")
+    assert cp.folder_listing(tmp_path / "g", None, 0)[3] != key  # another split: other data
+    data = cp.load_splits(spec, "unused", 0, 5000, None, torch.device("cpu"), cache_dir=tmp_path / "c")
+    assert (len(data.train_y), len(data.val_y)) == (15, 1)  # without val/: held out of train/
 
 
 def test_folder_cache_is_used_and_a_changed_folder_is_decoded_again(tmp_path, monkeypatch):
