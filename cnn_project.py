@@ -2070,7 +2070,7 @@ def file_lock(path: Path, wait: bool = False):
 def _take_lock(fcntl, path: Path, wait: bool) -> tuple:
     """(the open lock file, None) once this process holds it (or the file system has no locks),
     (None, pid of the holder) when another live process holds it."""
-    while True:
+    for attempt in range(10):
         f = open(path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -2085,11 +2085,10 @@ def _take_lock(fcntl, path: Path, wait: bool) -> tuple:
             same = os.path.samestat(os.fstat(f.fileno()), os.stat(path))
         except FileNotFoundError:
             same = False
-        if same:
-            f.seek(0)
-            f.truncate()
-            f.write(f"{os.getpid()}\n")
-            f.flush()
+        if same or attempt == 9:  # (a mount whose inode numbers change: take it as held)
+            with contextlib.suppress(OSError):  # the pid only names the holder; a full disk may refuse it
+                os.ftruncate(f.fileno(), 0)
+                os.write(f.fileno(), f"{os.getpid()}\n".encode())
             return f, None
         f.close()  # its holder deleted it between our open and our lock: lock the new file
 
