@@ -53,9 +53,11 @@ epochs to PRESETS, or pass an image folder's path to --datasets.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import dataclasses
+import errno
 import functools
 import hashlib
 import io
@@ -2033,21 +2035,48 @@ def settings_diff(old: dict, new: dict) -> str:
 
 def _write_atomically(path: Path, write, binary: bool = True) -> None:
     """Call write(file) on a temp file beside `path`, then rename it over `path`: a kill leaves the
-    old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    old file or the new one, never half of one, and a failed write removes its temp file. A write
+    the disk refuses (STORAGE_FAULTS) raises OSError naming `path`, whatever step failed."""
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
             write(f)
-        try:
+        with contextlib.suppress(OSError):  # a mount without permissions (Drive's FUSE) may refuse
             os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
-        except OSError:  # a mount without permissions (a FUSE mount such as Drive's may refuse)
-            pass
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno in STORAGE_FAULTS:
+            raise OSError(err.errno, err.strerror, str(path)) from None
         raise
+
+
+# A write the disk refuses: errno -> what it means for the learner.
+STORAGE_FAULTS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                  errno.EROFS: "the folder is read-only", errno.EACCES: "the folder is not writable",
+                  errno.EPERM: "the folder is not writable"}
+
+
+def storage_fault(err: BaseException, results_dir: Path | None = None) -> str | None:
+    """The one line for a write the disk refused (no space, read-only, no permission): what could
+    not be written, why, and what to do. None for any other error, and for a file outside
+    `results_dir` when it is given (that error is not a results folder's)."""
+    if not isinstance(err, OSError) or err.errno not in STORAGE_FAULTS:
+        return None
+    where = Path(err.filename) if err.filename else None
+    if results_dir is not None and where is not None and not where.resolve().is_relative_to(
+            Path(results_dir).resolve()):
+        return None
+    full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+    todo = ("free some space there, or choose another --results-dir" if full else
+            "choose another --results-dir, or make that folder writable")
+    return (f"could not write {where or 'the results folder'}: {STORAGE_FAULTS[err.errno]} "
+            f"({err.strerror}). {todo[0].upper() + todo[1:]}, then run the same command again: "
+            f"finished runs are kept and an interrupted one resumes after its last saved epoch.")
 
 
 def save_pickle(obj, path: Path) -> None:
@@ -2135,7 +2164,13 @@ def load_or_set_aside(path: Path) -> dict | None:
         return load_result(path)
     except ResultsFileError as err:
         if is_main_process():
-            set_aside(path, err)
+            try:
+                set_aside(path, err)
+            except OSError as fault:  # a read-only folder: report the others, move nothing
+                if not storage_fault(fault):
+                    raise
+                print(f"warning: {err} It could not be moved aside ({fault.strerror}): left as it "
+                      f"is and skipped.", file=sys.stderr, flush=True)
         return None
 
 
@@ -2226,6 +2261,100 @@ def write_summaries(runs: dict, summary: dict, results_dir: Path) -> None:
              SUMMARY_COLUMNS, results_dir / "cnn_summary.csv")
     save_csv([{k: row[k] for k in RUN_COLUMNS} for row in run_rows(runs)], RUN_COLUMNS,
              results_dir / "cnn_runs.csv")
+
+
+# Runs that share a results folder: a pair trains only under its lock (<model>.lock beside its
+# record), and a temp file is removed only by a run holding the lock of what it belongs to.
+
+@contextlib.contextmanager
+def file_lock(path: Path, wait: bool = False):
+    """Hold an exclusive lock (fcntl.flock) on the file `path` for the with-block. Yields None when
+    this process holds it, else the pid that the live process holding it wrote there ('unknown'
+    before it has); with wait=True it waits for the lock instead. The kernel drops a lock when its
+    process ends, even by SIGKILL. The file is deleted on leaving the block, while still held, so
+    none is left behind. Where there are no locks (Windows, a file system without them) it yields
+    None, holding nothing. Raises OSError when the file cannot be created (a read-only folder)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield None
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f, holder = _take_lock(fcntl, path, wait)
+    if f is None:
+        yield holder
+        return
+    try:
+        yield None
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # while held: a process that opened it meanwhile sees it gone and retries
+        f.close()
+
+
+def _take_lock(fcntl, path: Path, wait: bool) -> tuple:
+    """(the open lock file, None) once this process holds it (or the file system has no locks),
+    (None, pid of the holder) when another live process holds it."""
+    for attempt in range(10):
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            return None, holder
+        except OSError:  # no locks on this file system (ENOLCK, EOPNOTSUPP): go on unlocked
+            return f, None
+        try:
+            same = os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same or attempt == 9:  # (a mount whose inode numbers change: take it as held)
+            with contextlib.suppress(OSError):  # the pid only names the holder; a full disk may refuse it
+                os.ftruncate(f.fileno(), 0)
+                os.write(f.fileno(), f"{os.getpid()}\n".encode())
+            return f, None
+        f.close()  # its holder deleted it between our open and our lock: lock the new file
+
+
+def pair_of(name: str) -> str | None:
+    """The run a temp or lock file of a dataset folder belongs to ('lenet5', 'vgg.seed2'), from its
+    name ('lenet5.pklx1y2z3w4.tmp', 'vgg.seed2.checkpoint.pt9q8r7s6t.tmp', 'vgg.seed2.lock'); None
+    for any other file."""
+    if name.endswith(".lock"):
+        return name[:-len(".lock")]
+    for kind in (".checkpoint.pt", ".safetensors", ".pkl") if name.endswith(".tmp") else ():
+        stem, found, rest = name.partition(kind)
+        if found and "." not in rest[:-len(".tmp")]:
+            return stem
+    return None
+
+
+def remove_temp_files(paths: list, log) -> None:
+    """Delete temp files that a stopped run left half-written (their owner's lock is held by this
+    run), and say so in one line."""
+    gone = 0
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            gone += 1
+    if gone:
+        log(f"removed {_count(gone, 'temp file')} left half-written by a stopped run in "
+            f"{paths[0].parent}", flush=True)
+
+
+def tidy_dataset_folder(folder: Path, log) -> None:
+    """Remove the temp and lock files of every run in a dataset folder that no live run holds: what
+    a stopped run left. A run another live process is training keeps its files. Best effort: a
+    folder that cannot be written (read-only) is left as it is."""
+    leftovers = [*Path(folder).glob("*.tmp"), *Path(folder).glob("*.lock")]
+    for pair in sorted({pair_of(p.name) for p in leftovers} - {None}):
+        with contextlib.suppress(OSError), file_lock(Path(folder) / f"{pair}.lock") as holder:
+            if holder is None:
+                remove_temp_files([p for p in leftovers if p.suffix == ".tmp" and
+                                   pair_of(p.name) == pair], log)
 
 
 # =============================================================================================
@@ -2560,9 +2689,12 @@ def print_table(runs: dict, summary: dict) -> None:
 
 
 def _figure(plt, path: Path, fig) -> Path:
-    """Save a figure as PNG (110 dpi), close it, return its path."""
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Save a figure as PNG (110 dpi) atomically (a full disk leaves no partial plot), close it,
+    return its path."""
+    try:
+        _write_atomically(path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -2793,7 +2925,7 @@ def make_plots(runs: dict, summary: dict, results_dir: Path) -> list:
     bars, error against cost, and the best model's confusion matrix and confident mistakes (its
     lowest seed) per dataset. A dataset's own figures are drawn again only when its records changed
     (figures_current), so a report's time does not grow with datasets trained earlier; figures of a
-    dataset's earlier best model are removed, so none goes stale."""
+    dataset's earlier best model are removed once the new ones are written, so none goes stale."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -2801,9 +2933,7 @@ def make_plots(runs: dict, summary: dict, results_dir: Path) -> list:
     out = Path(results_dir) / "cnn" / "plots"
     out.mkdir(parents=True, exist_ok=True)
     current = {d for d in runs if figures_current(out, d, summary[d]["best"] is not None, results_dir)}
-    for old in (*out.glob("confusion_*.png"), *out.glob("misclassified_*.png")):
-        if old.stem.split("_", 1)[1] not in current:
-            old.unlink()
+    earlier = {*out.glob("confusion_*.png"), *out.glob("misclassified_*.png")}
     paths = [p for d in runs for p in ([out / f"curves_{d}.png"] if d in current
                                         else plot_curves(plt, {d: runs[d]}, out))]
     rows = [r for r in pair_rows(runs, summary) if r["n_seeds"]]
@@ -2818,23 +2948,44 @@ def make_plots(runs: dict, summary: dict, results_dir: Path) -> list:
             continue
         r = runs[dataset][v["best"]][min(v["pairs"][v["best"]]["seeds"])]
         paths += [plot_confusion(plt, dataset, r, out), plot_misclassified(plt, dataset, r, out)]
+    for old in earlier - set(paths):  # an earlier best model's figures, once the new ones are there
+        old.unlink()
     return [p for p in paths if p is not None]
+
+
+def write_report_files(runs: dict, summary: dict, results_dir: Path) -> list:
+    """Write the summaries and draw the plots under the results folder's report lock
+    (cnn_report.lock: two runs sharing the folder write them in turn), first removing the temp
+    files a stopped report left; return the plots' paths."""
+    results_dir = Path(results_dir)
+    with file_lock(results_dir / "cnn_report.lock", wait=True):
+        remove_temp_files([*results_dir.glob("cnn_*.tmp"),
+                           *(results_dir / "cnn" / "plots").glob("*.tmp")], print)
+        write_summaries(runs, summary, results_dir)
+        return make_plots(runs, summary, results_dir)
 
 
 def report(results_dir: Path, runs: dict | None = None) -> dict:
     """Rebuild the combined pickle, the CSVs, the table and the plots from
     results_dir/cnn/*/*.pkl (or from `runs`, already collected from there by collect_runs), and
-    return the summary (summarize). Raises ResultsFileError if there are no records."""
-    for tmp in Path(results_dir).glob("cnn_*.tmp"):  # a summary half-written when a run was killed
-        tmp.unlink()
+    return the summary (summarize). Raises ResultsFileError if there are no records. On a folder
+    that cannot be written (read-only) the table is printed and one line says the files were not
+    refreshed; a full disk raises OSError (STORAGE_FAULTS) after the table."""
     runs = collect_runs(results_dir) if runs is None else runs
     if not runs:
         raise ResultsFileError(f"no results under {Path(results_dir) / 'cnn'}: train first "
                                f"(python cnn_project.py)")
     summary = summarize(runs)
-    write_summaries(runs, summary, results_dir)
     print_table(runs, summary)
-    plots = make_plots(runs, summary, results_dir)
+    try:
+        plots = write_report_files(runs, summary, results_dir)
+    except OSError as err:
+        if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        print(f"note: the summary and plots were not refreshed: could not write in "
+              f"{Path(err.filename).parent} ({err.strerror}); the table above is complete. Choose "
+              f"another --results-dir to write them.", file=sys.stderr, flush=True)
+        return summary
     folder = Path(results_dir) / "cnn"
     print(f"\nfiles:\n  summary: {Path(results_dir) / 'cnn_results.pkl'} (every record, the spread "
           f"and verdicts), {Path(results_dir) / 'cnn_summary.csv'} (a row per model), "
@@ -3281,10 +3432,9 @@ def run_name(dataset: str, model: str, seed: int) -> str:
 def wants_training(args: argparse.Namespace, dataset: str, model: str, seed: int, settings: dict,
                    log) -> bool:
     """Whether a run trains: not when its record has these very settings (unless --force). Says
-    in one line what happens to an existing record or checkpoint. An unreadable record is set
-    aside (set_aside: kept, one line) and the run trains again."""
+    in one line what happens to an existing record. An unreadable record is set aside (set_aside:
+    kept, one line) and the run trains again."""
     path = result_path(args.results_dir, dataset, model, seed)
-    ckpt = checkpoint_path(args.results_dir, dataset, model, seed)
     name = run_name(dataset, model, seed)
     record = load_or_set_aside(path) if path.exists() else None
     if record is not None:
@@ -3295,10 +3445,46 @@ def wants_training(args: argparse.Namespace, dataset: str, model: str, seed: int
         why = "--force" if old == settings else f"its record has other settings ({settings_diff(old, settings)})"
         log(f"{name}: {why}: training; the old record will move to "
             f"{path.parent / 'superseded'}/ when the new one is written")
-    if args.force and ckpt.exists() and is_main_process():
-        ckpt.unlink()
-        log(f"{name}: --force: its checkpoint is deleted, training starts at epoch 1")
     return True
+
+
+@contextlib.contextmanager
+def claim_pair(args, accelerator, settings: dict, started: float, log):
+    """Hold a run's lock (<model>.lock beside its record; file_lock, main process) while the
+    with-block trains it, so that two runs sharing a results folder never both train it. Yields
+    None when this run trains it, else why not (logged): another live run holds it, or finished
+    it after `started` (time.time()). Once held, the run's leftover temp files go and, with
+    --force, its checkpoint. Every process enters it; the main process decides for all."""
+    dataset, model, seed = settings["dataset"], settings["model"], settings["seed"]
+    path, name = result_path(args.results_dir, dataset, model, seed), run_name(dataset, model, seed)
+    ckpt = checkpoint_path(args.results_dir, dataset, model, seed)
+    with contextlib.ExitStack() as held:
+        why_not = None
+        if accelerator.is_main_process:
+            holder = held.enter_context(file_lock(path.with_suffix(".lock")))
+            why_not = (f"being trained by another run (pid {holder})" if holder is not None else
+                       "finished by another run meanwhile"
+                       if finished_since(path, settings, started if args.force else None) else None)
+            if why_not:
+                log(f"{name}: {why_not}: skipped here", flush=True)
+            else:
+                remove_temp_files([p for p in path.parent.glob("*.tmp")
+                                   if pair_of(p.name) == path.stem], log)
+                if args.force and ckpt.exists():
+                    ckpt.unlink()
+                    log(f"{name}: --force: its checkpoint is deleted, training starts at epoch 1")
+        from accelerate.utils import broadcast_object_list
+        yield broadcast_object_list([why_not])[0]  # the main process's answer, on every process
+
+
+def finished_since(path: Path, settings: dict, since: float | None) -> bool:
+    """Whether the record at `path` has these `settings` and was written at or after `since`
+    (time.time(); None: at any time): another run finished it while this one was busy."""
+    try:
+        return settings_of(load_result(path)) == settings and (
+            since is None or path.stat().st_mtime >= since)
+    except (ResultsFileError, FileNotFoundError):
+        return False
 
 
 def finish_pair(args, record: dict, best_state: dict | None, log) -> None:
@@ -3370,6 +3556,7 @@ class GridProgress:
         self.done_estimate = self.done_seconds = 0.0
         self.prior = self.PRIOR_SECONDS if measured_preset else 0.0
         self.start_time, self.count, self.log = time.perf_counter(), 0, log
+        self.began = time.time()  # a record written after this was written while the grid ran
 
     def start(self, dataset: str, model: str, seed: int, settings: dict) -> None:
         """Log the line for the run about to train."""
@@ -3394,12 +3581,11 @@ def plan_grid(args: argparse.Namespace, accelerator, preset_name: str, cfg: dict
               log) -> tuple[dict, dict]:
     """({dataset: {seed: {model: settings}}} of the requested runs that will train, {(dataset,
     seed): its image folder's listing or None}, kept so a folder is listed once per seed);
-    wants_training logs why for each run. Also removes the half-written temp files of a killed run."""
+    wants_training logs why for each run. Also removes what a stopped run left (tidy_dataset_folder)."""
     plan, listings = {}, {}
     for dataset in args.datasets:
         if accelerator.is_main_process:
-            for tmp in (Path(args.results_dir) / "cnn" / dataset).glob("*.tmp"):
-                tmp.unlink()
+            tidy_dataset_folder(Path(args.results_dir) / "cnn" / dataset, log)
         for seed in args.seed_list:
             try:
                 listings[dataset, seed] = data_listing(args.specs[dataset], args.data_dir,
@@ -3415,7 +3601,7 @@ def plan_grid(args: argparse.Namespace, accelerator, preset_name: str, cfg: dict
                                         args.subset, identity)
                 if wants_training(args, dataset, model, seed, settings, log):
                     plan.setdefault(dataset, {}).setdefault(seed, {})[model] = settings
-    accelerator.wait_for_everyone()  # --force deletions are seen by every process
+    accelerator.wait_for_everyone()  # what the main process tidied or set aside is seen by all
     return plan, listings
 
 
@@ -3472,7 +3658,7 @@ def run_grid(args: argparse.Namespace) -> dict:
         flush=True)
     plan, listings = plan_grid(args, accelerator, preset_name, cfg, log)
     grid = GridProgress(plan, args.subset, preset_name == "cpu", log)
-    unavailable = {}  # {dataset: why it could not be read}
+    unavailable, elsewhere = {}, []  # {dataset: why it could not be read}; pairs another run holds
     for dataset, by_seed in plan.items():
         for seed, todo in by_seed.items():
             try:
@@ -3492,12 +3678,18 @@ def run_grid(args: argparse.Namespace) -> dict:
                 f"test images of {spec.in_channels}x{spec.image_size}x{spec.image_size}, "
                 f"{len(spec.classes)} classes", flush=True)
             for model, settings in todo.items():
-                grid.start(dataset, model, seed, settings)
-                record = train_pair(args, accelerator, spec, data, model, settings, cfg, why, log)
-                grid.finish(dataset, model, seed, record["wall_time_s"])
+                with claim_pair(args, accelerator, settings, grid.began, log) as why_not:
+                    if why_not is None:
+                        grid.start(dataset, model, seed, settings)
+                        record = train_pair(args, accelerator, spec, data, model, settings, cfg, why, log)
+                grid.finish(dataset, model, seed, None if why_not else record["wall_time_s"])
+                elsewhere += [f"{run_name(dataset, model, seed)}: {why_not}"] if why_not else []
     results = collect_runs(args.results_dir)
     if results and accelerator.is_main_process:
         report(args.results_dir, results)
+    if elsewhere:  # not failed: another run that shares the results folder has them
+        log(f"not trained by this run: {'; '.join(elsewhere)}. Once that run has ended, python "
+            f"cnn_project.py --report shows every record.", flush=True)
     failed = [f"{run_name(d, m, seed)} ({r['failure_reason']})" for d in args.datasets
               for m in args.models for seed, r in results.get(d, {}).get(m, {}).items()
               if seed in args.seed_list and r["status"] != "ok"]
@@ -3528,7 +3720,7 @@ def unavailable_line(unavailable: dict) -> str | None:
 def main(argv=None) -> int:
     """Entry point; returns the process exit status: 0 when every requested run finished and
     learned, 1 with one 'error:' line otherwise (a dataset unavailable, a run failed, unusable
-    results), 2 for a bad command line (argparse), 130 when interrupted (finished runs kept)."""
+    results, a write the disk refused), 2 for a bad command line (argparse), 130 when interrupted (finished runs kept)."""
     args = parse_args(argv)
     try:
         if args.predict:
@@ -3539,6 +3731,11 @@ def main(argv=None) -> int:
             run_grid(args)
     except (DatasetUnavailable, ResultsFileError, RunsFailed, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a write the disk refused: one line, every finished run kept
+        if storage_fault(err, args.results_dir) is None:
+            raise
+        print(f"error: {storage_fault(err, args.results_dir)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted: finished pairs and the last epoch of the current one are saved; run "
