@@ -1696,7 +1696,9 @@ def cpu_bf16_support() -> str:
 def choose_precision(requested: str, on_cpu: bool) -> tuple:
     """The autocast precision for this process's device, and why: (precision, reason).
 
-    requested: 'auto' | 'bf16' | 'fp16' | 'no' (fp32); anything but 'auto' is kept as asked.
+    requested: 'auto' | 'bf16' | 'fp16' | 'no' (fp32); anything but 'auto' is kept as asked, except
+    fp16 on a CPU: ValueError, as fp16 autocast with loss scaling applies only on a CUDA GPU (the run
+    would be fp32 while its record said fp16).
     'auto' follows the hardware, not torch.cuda.is_bf16_supported() (which also counts emulated
     bf16, so it says True on a T4):
       - a CPU with native bf16 (AVX-512 BF16 or AMX, as torch reports them: cpu_bf16_support):
@@ -1706,6 +1708,9 @@ def choose_precision(requested: str, on_cpu: bool) -> tuple:
         bf16 is emulated);
       - below 7.0 (P100, K80): fp32, as there are no tensor cores for mixed precision to use.
     """
+    if requested == "fp16" and on_cpu:
+        raise ValueError("--precision fp16 applies only on a CUDA GPU (fp16 with loss scaling); on a "
+                         "CPU use --precision bf16 or no (fp32)")
     if requested != "auto":
         return requested, "as asked (--precision)"
     if on_cpu:
@@ -2569,7 +2574,7 @@ def budget_note(by_model: dict) -> str:
     span = f"{epochs[0]}" if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}"
     if any(r.get("config", {}).get("budget_rule") != BUDGET_RULE for r in records):
         return f"epochs per model ({span}), before the equal-epochs rule"
-    return f"{span} epochs for every model" if len(epochs) == 1 else \
+    return f"{_count(epochs[0], 'epoch')} for every model" if len(epochs) == 1 else \
         f"{span} epochs: runs of other settings mixed, or a failed run"
 
 
@@ -2740,39 +2745,50 @@ def _tick_label(row: dict) -> str:
 
 
 def plot_test_metrics(plt, rows: list, out: Path, notes: dict) -> Path:
-    """test_metrics.png: test error (1 - accuracy, precision, recall, F1; macro) per model, the
-    mean over seeds with the standard deviation as error bars, bars from zero so their lengths
-    compare honestly; the best on validation is starred, the models tied with it are marked and
-    shaded."""
-    metrics = ("accuracy", "precision", "recall", "f1")
+    """test_metrics.png: test error (100% - test accuracy) per model, one panel per dataset: a bar
+    from zero (so lengths compare honestly) at the mean over seeds, a line from the lowest to the
+    highest seed's error, and the accuracy written beside it; the best on validation is starred and
+    drawn in colour, the models tied with it within noise are marked and shaded. Precision, recall
+    and F1 stay in cnn_summary.csv and the records. 9 inches (990 px) wide."""
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 5.4), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
+    sizes = [1.5 + 0.42 * sum(r["dataset"] == d for r in rows) for d in datasets]
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(9, sum(sizes)), squeeze=False,
+                             gridspec_kw={"height_ratios": sizes})
+    for ax, dataset in zip(axes[:, 0], datasets):
         sub = [r for r in rows if r["dataset"] == dataset]
-        xs = np.arange(len(sub))
-        for x, r in zip(xs, sub):
-            if r["best"] or r["verdict"] == "tied with the best within noise":
-                ax.axvspan(x - 0.45, x + 0.45, color="gold", alpha=0.25, lw=0)
-        for i, m in enumerate(metrics):
-            errors = [100 * (1 - r[f"test_{m}_mean"]) for r in sub]
-            stds = [100 * (r[f"test_{m}_std"] or 0) for r in sub]
-            bars = ax.bar(xs + (i - 1.5) * 0.2, errors, 0.2, yerr=stds if any(stds) else None,
-                          capsize=2, label=f"1 - {m}", error_kw={"lw": 0.8})
-            if m == "accuracy":
-                ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
-        ax.set_xticks(xs, [_tick_label(r) for r in sub], rotation=30, ha="right")
-        ax.set_ylabel("test error, % (lower is better)")
-        seeds = max(r["n_seeds"] for r in sub)
-        spread = "one seed" if seeds == 1 else f"mean of {seeds} seeds"
-        ax.set_title(f"{sub[0]['data']}: test error (macro metrics), {spread}\n{notes[dataset]}; "
-                     f"* best on validation; shaded: tied with it within noise", fontsize=9.5)
-        ax.grid(axis="y", alpha=0.3)
-        ax.margins(y=0.12)
-    handles, names = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=4, fontsize=9,
-               title="error bars: standard deviation over seeds", title_fontsize=8)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+        ys = np.arange(len(sub))
+        errors = np.array([100 * (1 - r["test_accuracy_mean"]) for r in sub])
+        lows = [100 * (1 - (r["test_accuracy_max"] or r["test_accuracy_mean"])) for r in sub]
+        highs = [100 * (1 - (r["test_accuracy_min"] or r["test_accuracy_mean"])) for r in sub]
+        tied = [r["verdict"] == "tied with the best within noise" for r in sub]
+        ax.barh(ys, errors, 0.6, color=["C2" if r["best"] else "C0" if t else "0.65"
+                                        for r, t in zip(sub, tied)])
+        ax.errorbar(errors, ys, xerr=[errors - lows, np.array(highs) - errors], fmt="none",
+                    ecolor="black", lw=1, capsize=3)
+        for y, high, r in zip(ys, highs, sub):  # beyond the seeds' line, so they never overlap
+            ax.annotate(_accuracy_note(r), (high, y), xytext=(5, 0), textcoords="offset points",
+                        va="center", fontsize=8)
+        ax.set_yticks(ys, [_tick_label(r) for r in sub], fontsize=9)
+        ax.invert_yaxis()
+        ax.set_xlim(0, max(highs) * 1.45)
+        ax.set_xlabel("test error, % of test images (lower is better)")
+        seeds = sorted({r["n_seeds"] for r in sub})
+        counts = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+        spread = ("one seed per model" if seeds == [1] else
+                  f"bar: mean of {counts} seeds; line: lowest to highest seed")
+        ax.set_title(f"{sub[0]['data']}: test error per model ({notes[dataset]})\n{spread}; "
+                     f"* best on validation (green); blue: tied with it within noise", fontsize=9.5)
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
     return _figure(plt, out / "test_metrics.png", fig)
+
+
+def _accuracy_note(row: dict) -> str:
+    """The words beside a model's bar: 'accuracy 99.12%', and '(98.90-99.30)' over its seeds."""
+    note = f"accuracy {row['test_accuracy_mean']:.2%}"
+    if row["n_seeds"] > 1 and row["test_accuracy_min"] is not None:
+        note += f" ({100 * row['test_accuracy_min']:.2f}-{100 * row['test_accuracy_max']:.2f})"
+    return note
 
 
 def plot_cost(plt, rows: list, out: Path, notes: dict) -> Path:
@@ -2802,32 +2818,64 @@ def plot_cost(plt, rows: list, out: Path, notes: dict) -> Path:
                 if r["best"]:
                     ax.scatter(x, y, s=300, facecolors="none", edgecolors="black", zorder=2,
                                label=f"best on validation: {r['model']}")
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            for axis in (ax.xaxis, ax.yaxis):
-                axis.set_minor_formatter(plt.NullFormatter())  # 2x10^1 3x10^1 ... overlap
-            ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.set_yticks(_error_ticks(100 * (1 - np.array([r["test_accuracy_mean"] for r in sub]))))
+            shown = [r for r in sub if r[key]]
+            errors = [100 * (1 - r["test_accuracy_mean"]) for r in shown]
+            bars = [100 * (r["test_accuracy_std"] or 0) for r in shown]
+            _log_axis(plt, ax, "x", [r[key] for r in shown], _flops_label if "flops" in key else None)
+            _log_axis(plt, ax, "y", [e - b for e, b in zip(errors, bars)] +
+                      [e + b for e, b in zip(errors, bars)])
             ax.set_xlabel(xlabel)
             ax.set_ylabel("test error, % (log; lower is better)")
             ax.set_title(f"{sub[0]['data']}: test error against training "
                          f"{'compute' if key == 'train_flops_mean' else 'time'}\n({notes[dataset]})",
                          fontsize=10)
             ax.grid(alpha=0.3, which="both")
-            ax.margins(x=0.15, y=0.15)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8, loc="upper right")
+    one_seed = all(r["n_seeds"] == 1 for r in rows)
     fig.legend(list(models.values()), list(models), loc="upper center", ncol=len(models), fontsize=9,
-               title="mean over seeds; error bars: standard deviation over seeds", title_fontsize=8)
+               title="one seed per model" if one_seed else
+               "mean over seeds; error bars: standard deviation over seeds", title_fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.8 / fig.get_figheight()))
     return _figure(plt, out / "cost_accuracy.png", fig)
 
 
-def _error_ticks(errors: np.ndarray) -> list:
-    """A few readable ticks (1-2-5 steps) spanning a log axis of test errors in %."""
-    lo, hi = float(errors.min()), float(errors.max())
-    ticks = [m * 10.0 ** e for e in range(-2, 3) for m in (1, 1.5, 2, 3, 4, 5, 6, 7, 8)]
-    return [t for t in ticks if lo / 1.3 <= t <= hi * 1.3] or [round(lo, 2)]
+def log_ticks(lo: float, hi: float) -> list:
+    """Two to ten readable ticks inside [lo, hi] (lo > 0) for a log axis: powers of ten (two or
+    more), else 1-2-5 steps (three or more), else 1-1.5-2-3-...-8 steps; a range too narrow for any of them (under a factor of about
+    1.3) gets three ticks spread evenly, rounded to three significant digits, so an axis always has
+    numbers."""
+    first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    for steps, enough in (((1,), 2), ((1, 2, 5), 3), ((1, 1.5, 2, 3, 4, 5, 6, 7, 8), 3)):
+        ticks = [m * 10.0 ** e for e in range(first, last + 1) for m in steps]
+        ticks = [float(f"{t:.3g}") for t in ticks if lo <= t <= hi]
+        if enough <= len(ticks) <= 10:
+            return ticks
+    return sorted({float(f"{t:.3g}") for t in np.geomspace(lo, hi, 5)[1:4]})
+
+
+def _log_axis(plt, ax, which: str, values: list, label=None) -> None:
+    """Make the axes' `which` ('x' or 'y') axis a log axis spanning `values` (positive; a factor of at least 1.6 around a single
+    value, 15% of the span beyond the extremes) with log_ticks as its only, labelled ticks:
+    `label(v)` writes each (default '{v:g}'). Matplotlib's own log ticks can fall outside a narrow
+    range, leaving an axis without numbers."""
+    values = [v for v in values if v and v > 0] or [1.0]
+    lo, hi = math.log10(min(values)), math.log10(max(values))
+    pad = max(0.15 * (hi - lo), math.log10(1.6) - (hi - lo) / 2, 0)
+    lo, hi = 10 ** (lo - pad), 10 ** (hi + pad)
+    getattr(ax, f"set_{which}scale")("log")
+    axis = getattr(ax, f"{which}axis")
+    axis.set_minor_locator(plt.NullLocator())
+    axis.set_major_locator(plt.FixedLocator(log_ticks(lo, hi)))
+    axis.set_major_formatter(plt.FuncFormatter(lambda v, _: label(v) if label else f"{v:g}"))
+    getattr(ax, f"set_{which}lim")(lo, hi)
+
+
+def _flops_label(v: float) -> str:
+    """A FLOP count as a tick label: '$10^{12}$', '$3\\times10^{12}$'."""
+    e = math.floor(math.log10(v) + 1e-9)
+    m = float(f"{v / 10 ** e:.3g}")
+    return f"$10^{{{e}}}$" if m == 1 else f"${m:g}\\times10^{{{e}}}$"
 
 
 CONFUSION_MATRIX_MAX_CLASSES = 30  # more classes: the most-confused pairs, not an unreadable matrix
@@ -2897,10 +2945,14 @@ def plot_misclassified(plt, dataset: str, r: dict, out: Path, columns: int = 8) 
     errors = int(r["test"]["n_images"] - np.trace(r["test"]["confusion_matrix"]))
     smoothing = r.get("config", {}).get("label_smoothing", RECIPE["label_smoothing"])
     cap = 1 - smoothing + smoothing / len(classes)
-    fig.suptitle(f"{record_label(r)}: the {n} most confident of {r['model_display_name']}'s {errors} "
-                 f"test mistakes (seed {r['config'].get('seed', 0)})\nlabel smoothing {smoothing:g} "
-                 f"trains the network toward {cap:.0%} on the class it names, so its confidences "
-                 f"cluster near {cap:.0%}", fontsize=10)
+    shown = np.asarray(wrong["confidence"][:n], dtype=float)
+    span = (f"{shown.min():.0%}" if f"{shown.min():.0%}" == f"{shown.max():.0%}"
+            else f"{shown.min():.0%} to {shown.max():.0%}")
+    most = "the most confident" if n == 1 else f"the {n} most confident"
+    fig.suptitle(f"{record_label(r)}: {most} of {r['model_display_name']}'s "
+                 f"{_count(errors, 'test mistake')} (seed {r['config'].get('seed', 0)})\n"
+                 f"probability given to the wrong class shown: {span} (label smoothing {smoothing:g} "
+                 f"sets the training target for a class at {cap:.0%})", fontsize=10)
     fig.tight_layout()
     return _figure(plt, out / f"misclassified_{dataset}.png", fig)
 
@@ -3329,7 +3381,7 @@ def add_how_to_run(p: argparse.ArgumentParser) -> None:
                    help="autocast precision; auto: bf16 on a CPU with native bf16 (AVX-512 BF16 "
                         "or AMX; fp32 on other CPUs) and on GPUs of compute capability >= 8.0, "
                         "fp16 with loss scaling on 7.x (T4, V100), fp32 ('no') below; the first "
-                        "log line says what was chosen and why")
+                        "log line says what was chosen and why; fp16 applies only on a CUDA GPU")
     p.add_argument("--subset", type=SUBSET,
                    help=f"cap every split at this many images (quick runs); {SUBSET.range}")
     p.add_argument("--force", action="store_true",
@@ -3353,6 +3405,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
     model or dataset, a bad number or flags that conflict exit with status 2 and one line
     (p.error). args.models_named: whether --models was given (--predict answers with each)."""
     check_modes(p, args)
+    check_precision(p, args)
     args.models_named = args.models is not p.get_default("models")
     unknown = [n for n in args.models if n not in MODELS_REGISTRY]
     if unknown:
@@ -3400,6 +3453,16 @@ def _flags(dests: list) -> str:
     """'--epochs', '--epochs and --lr', '--epochs, --lr and --force' from argparse dests."""
     names = [f"--{d.replace('_', '-')}" for d in dests]
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def check_precision(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, with one line (p.error), --precision fp16 where training would run on a CPU
+    (--device cpu, or auto without a CUDA GPU): fp16 autocast with loss scaling applies only on a
+    CUDA GPU, and a CPU run would train in fp32 while its record said fp16."""
+    if args.precision == "fp16" and (args.device == "cpu" or
+                                     (args.device == "auto" and not torch.cuda.is_available())):
+        p.error("--precision fp16 applies only on a CUDA GPU (fp16 with loss scaling); on a CPU "
+                "use --precision bf16 or no (fp32), or leave it at auto")
 
 
 def check_modes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:

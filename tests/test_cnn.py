@@ -449,20 +449,116 @@ def test_plots_start_bars_at_zero_mark_the_best_and_leave_nothing_stale(tiny_run
     figures, save = {}, cp._figure
 
     def keep(plt, path, fig):
-        figures[path.name] = [(ax.get_ylim(), [t.get_text() for t in ax.get_xticklabels()],
+        figures[path.name] = [(ax.get_xlim(), [t.get_text() for t in ax.get_yticklabels()],
                                ax.get_legend_handles_labels()[1]) for ax in fig.axes]
+        titles[path.name] = " ".join([fig._suptitle.get_text() if fig._suptitle else ""] +
+                                     [ax.get_title() for ax in fig.axes])
         return save(plt, path, fig)
 
+    titles = {}
     monkeypatch.setattr(cp, "_figure", keep)
     runs = cp.collect_runs(copy)
     written = cp.make_plots(runs, cp.summarize(runs), copy)
     assert not stale.exists() and all(p.exists() for p in written)
     best = cp.MODELS_REGISTRY[cp.best_models(runs)["mnist"]][0]
-    (ylim, ticks, _), = figures["test_metrics.png"]
-    assert ylim[0] == 0 and f"* {best}" in ticks and sum("*" in t for t in ticks) == 1
+    (xlim, ticks, _), = figures["test_metrics.png"]
+    assert xlim[0] == 0 and f"* {best}" in ticks and sum("*" in t for t in ticks) == 1
+    assert all("1 epoch for every model" in t and "1 epochs" not in t for t in titles.values()
+               if "epoch" in t), titles  # the one-epoch run: singular everywhere
     cost_axes = figures["cost_accuracy.png"]
     assert len(cost_axes) == 2
     assert all(labels == [f"best on validation: {best}"] for _, _, labels in cost_axes)
+
+
+def _pair_row(dataset, model, accuracy, n_seeds=1, spread=0.0, best=False, verdict="differs"):
+    """One made-up pair_rows row: what the comparison plots read."""
+    key = next(k for k, v in cp.MODELS_REGISTRY.items() if v[0] == model)
+    return dict(dataset=dataset, data=dataset.upper(), model=model, model_key=key, best=best,
+                verdict=verdict, n_seeds=n_seeds, test_accuracy_mean=accuracy,
+                test_accuracy_std=spread / 2 if n_seeds > 1 else None,
+                test_accuracy_min=accuracy - spread / 2, test_accuracy_max=accuracy + spread / 2,
+                train_flops_mean=3.1e12 * (1 + 0.01 * len(model)), train_time_s_mean=41.0 + len(model),
+                timed_on="CPU")
+
+
+def _shown_tick_labels(axis, lim) -> list:
+    """The tick labels an axis shows: ticks inside its limits with text."""
+    lo, hi = sorted(lim)
+    return [t.get_text() for t, v in zip(axis.get_ticklabels(), axis.get_ticklocs())
+            if lo <= v <= hi and t.get_text()]
+
+
+@pytest.mark.parametrize("accuracies", [[0.9871], [0.9912, 0.9915], [0.60, 0.995]])
+def test_every_cost_axis_has_numbers_whatever_the_range(tmp_path, monkeypatch, accuracies):
+    names = ("LeNet-5", "ResNet-18")
+    rows = [_pair_row("mnist", names[i], a, best=i == 0) for i, a in enumerate(accuracies)]
+    axes_seen = []
+
+    def keep(plt, path, fig):
+        fig.canvas.draw()
+        axes_seen.extend((ax, ax.get_xlim(), ax.get_ylim()) for ax in fig.axes)
+        for ax, xlim, ylim in axes_seen:
+            assert len(_shown_tick_labels(ax.xaxis, xlim)) >= 2, (path.name, xlim)
+            assert len(_shown_tick_labels(ax.yaxis, ylim)) >= 2, (path.name, ylim)
+            assert ax.get_xlabel() and ax.get_ylabel()
+        return cp._write_atomically(path, lambda f: fig.savefig(f, format="png")) or path
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    monkeypatch.setattr(cp, "_figure", keep)
+    cp.plot_cost(plt, rows, tmp_path, {"mnist": "1 epoch for every model"})
+    assert len(axes_seen) == 2
+    plt.close("all")
+
+
+@pytest.mark.parametrize("lo,hi", [(1.2, 1.37), (0.31, 1.4), (8.0, 40.0), (4e11, 6e13), (1.0, 1.01)])
+def test_log_ticks_fall_inside_any_range(lo, hi):
+    ticks = cp.log_ticks(lo, hi)
+    assert 2 <= len(ticks) <= 10 and ticks == sorted(set(ticks))
+    assert all(lo <= t <= hi for t in ticks), ticks
+
+
+def test_budget_note_and_counts_are_singular_for_one():
+    record = {"history": {"epoch": [1]}, "config": {"budget_rule": cp.BUDGET_RULE}}
+    assert cp.budget_note({"lenet5": {0: record}}) == "1 epoch for every model"
+    record = {"history": {"epoch": [1, 2]}, "config": {"budget_rule": cp.BUDGET_RULE}}
+    assert cp.budget_note({"lenet5": {0: record}}) == "2 epochs for every model"
+    assert cp._count(1, "test mistake") == "1 test mistake" and cp._count(3, "seed") == "3 seeds"
+
+
+def test_test_metrics_is_one_readable_chart_per_dataset(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.image
+    import matplotlib.pyplot as plt
+    names = [v[0] for v in cp.MODELS_REGISTRY.values()]
+    rows = [_pair_row(d, m, 0.80 + 0.02 * i, n_seeds=3, spread=0.01, best=i == 3,
+                      verdict="tied with the best within noise" if i == 4 else "differs")
+            for d in ("mnist", "fashion_mnist", "cifar10") for i, m in enumerate(names)]
+    path = cp.plot_test_metrics(plt, rows, tmp_path, dict.fromkeys(("mnist", "fashion_mnist",
+                                                                    "cifar10"), "10 epochs"))
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert width <= 1400 and height <= 2000, (width, height)
+
+
+def test_mistakes_title_states_the_confidences_shown(tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    confidences = np.array([0.95, 0.93, 0.92])
+    wrong = {"index": np.arange(3), "image": np.zeros((3, 1, 8, 8), np.uint8),
+             "true": np.array([0, 1, 2]), "predicted": np.array([1, 2, 0]), "confidence": confidences}
+    record = {"test": {"misclassified": wrong, "n_images": 10, "confusion_matrix": np.eye(3) * 2 +
+                       np.eye(3, k=1)}, "classes": ["a", "b", "c"], "model_display_name": "LeNet-5",
+              "config": {"seed": 0, "label_smoothing": 0.1}, "data": {"label": "MNIST"}}
+    titles = []
+    monkeypatch.setattr(cp, "_figure", lambda plt, path, fig: titles.append(fig._suptitle.get_text()))
+    monkeypatch.setattr(cp, "record_label", lambda r: "MNIST")
+    cp.plot_misclassified(plt, "mnist", record, tmp_path)
+    plt.close("all")
+    assert "92% to 95%" in titles[0] and "4 test mistakes" in titles[0], titles
+    assert "cluster" not in titles[0]
 
 
 def test_grid_progress_eta_rescales_with_measured_pairs():
@@ -602,6 +698,18 @@ def test_precision_on_cpu_and_as_asked(monkeypatch):
     assert cp.choose_precision("auto", on_cpu=True) == ("bf16", "CPU with native bf16 (AVX-512 BF16)")
     assert cp.choose_precision("fp16", on_cpu=False)[0] == "fp16"
     assert cp.choose_precision("no", on_cpu=True)[0] == "no"
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_fp16_on_a_cpu_is_refused_in_one_line(monkeypatch, capsys, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a laptop: no CUDA GPU
+    with pytest.raises(SystemExit) as exit_:
+        cp.parse_args(["--precision", "fp16", "--device", device, "--models", "lenet5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and "--precision fp16 applies only on a CUDA GPU" in err[-1]
+    with pytest.raises(ValueError, match="only on a CUDA GPU"):
+        cp.choose_precision("fp16", on_cpu=True)
+    assert cp.parse_args(["--precision", "no", "--device", device]).precision == "no"
 
 
 def test_help_shows_defaults_and_the_precision_rule(capsys):

@@ -303,11 +303,53 @@ def test_readme_ranges_of_the_five_later_designs_match_the_committed_summary():
         assert f"{acc[0]:.2f}-{acc[-1]:.2f}%" in text, dataset
     for model in ("lenet5", "alexnet"):
         assert f"({100 * pairs['cifar10'][model]['test_accuracy_mean']:.2f}%)" in text, model
-    stds = {(d, m): 100 * p["test_accuracy_std"] for d in pairs for m, p in pairs[d].items()}
-    worst = max(stds, key=stds.get)
-    assert worst == ("cifar10", "lenet5") and f"by up to {stds[worst]:.2f} points" in text
-    others = sorted(v for k, v in stds.items() if k != worst)
+
+
+def _seed_ranges() -> dict:
+    """{(dataset, model): (lowest, highest) test accuracy in % over the committed seeds}, from the
+    records themselves."""
+    return {(d, m): (min(a), max(a)) for d, by_model in _summary()["runs"].items()
+            for m, by_seed in by_model.items()
+            for a in [[100 * r["test"]["accuracy"] for r in by_seed.values()]]}
+
+
+@pytest.mark.parametrize("page", [README, ROOT / "docs" / "cnn_project.md"])
+def test_how_far_seeds_move_accuracy_is_the_range_over_seeds_in_the_records(page):
+    text = " ".join(page.read_text().split())
+    ranges = _seed_ranges()
+    moves = {k: round(hi, 2) - round(lo, 2) for k, (lo, hi) in ranges.items()}
+    worst = max(moves, key=moves.get)
+    lo, hi = ranges[worst]
+    assert worst == ("cifar10", "lenet5") and f"by up to {moves[worst]:.2f} points" in text
+    assert f"{lo:.2f}% to {hi:.2f}%" in text
+    others = sorted(v for k, v in moves.items() if k != worst)
     assert f"{others[0]:.2f}-{others[-1]:.2f} for the others" in text
+    assert "0.94 points" not in text  # a standard deviation is not how far seeds move it
+
+
+def _torch_by_seed(folder: str) -> dict:
+    """{torch version: sorted seeds} over every committed record of a results folder."""
+    with open(ROOT / "results" / folder / "cnn_results.pkl", "rb") as f:
+        runs = pickle.load(f)["runs"]
+    found = {}
+    for by_model in runs.values():
+        for by_seed in by_model.values():
+            for seed, r in by_seed.items():
+                found.setdefault(r["versions"]["torch"].split("+")[0], set()).add(seed)
+    return {v: sorted(s) for v, s in found.items()}
+
+
+def test_the_stated_torch_of_each_committed_run_is_the_one_its_records_store():
+    pinned = re.search(r"^torch==(\S+)", (ROOT / "constraints.txt").read_text(), re.M).group(1)
+    cpu, gpu = _torch_by_seed("reference_cpu"), _torch_by_seed("reference_gpu")
+    assert cpu[pinned] == [0] and len(cpu) == 2 and pinned not in gpu, (cpu, gpu)
+    other = next(v for v in cpu if v != pinned)
+    assert cpu[other] == [1, 2] and set(gpu) == {other}
+    for page in (README, ROOT / "docs" / "cnn_project.md"):
+        text = " ".join(page.read_text().split())
+        assert f"torch {pinned}" in text and "seed 0 of the committed CPU run" in text, page
+        assert f"seeds 1 and 2 and the GPU run were trained on torch {other}" in text, page
+        assert "pins the exact torch" not in text and "The exact releases of the committed runs" not in text
 
 
 def test_readme_every_model_still_improving_at_its_last_epoch_is_true_of_the_records():
