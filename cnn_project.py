@@ -2758,12 +2758,17 @@ def print_compact_table(runs: dict, summary: dict) -> None:
     print()
     several = any(row["test_accuracy_std"] is not None for row in rows)
     spread = "± is the standard deviation over seeds, in points. " if several else ""
-    _say(f"{spread}Verdicts compare each model with the "
-         f"best on validation on the same test images (p < 0.05 in every seed to be above or below "
-         f"it). Train time: the mean per run on {', '.join(hardware_used) or 'its hardware'}, the "
-         f"hardware of each model's lowest seed.")
+    compared = any(len(by_model) > 1 for by_model in runs.values())
+    verdicts = ("Verdicts compare each model with the best on validation on the same test images "
+                "(p < 0.05 in every seed to be above or below it). ") if compared else ""
+    on = f"{', '.join(hardware_used) or 'its hardware'}" + (
+        ", the hardware of each model's lowest seed" if several else "")
+    _say(f"{spread}{verdicts}Train time: the mean per run on {on}.")
+    by_note = {}  # one line for the datasets whose runs differ in the same way
     for dataset, note in mixed_settings(runs).items():
-        _say(f"note: the {dataset} runs differ in {note}: compare with care")
+        by_note.setdefault(note, []).append(dataset)
+    for note, datasets in by_note.items():
+        _say(f"note: the {', '.join(datasets)} runs differ in {note}: compare with care")
     _say("The full statistics (p-values, intervals, F1, per-seed figures) are in cnn_summary.csv "
          "and cnn_runs.csv; --full-table prints them.")
 
