@@ -17,6 +17,7 @@ the recipe, the data, the seven networks and the training loop.
     python cnn_project.py --models resnet senet --datasets mnist --epochs 5
     python cnn_project.py --datasets cifar10 --seeds 3   # three seeds: the spread and paired tests
     python cnn_project.py --report                 # rebuild table and plots from results/ alone
+    python cnn_project.py --report --full-table    # ... with every statistic (p-values, F1, ...)
     python cnn_project.py --predict digit.png --dataset mnist --model vgg   # your own image
     accelerate launch --multi_gpu --num_processes 4 cnn_project.py   # data parallel on 4 GPUs
     torchrun --standalone --nproc_per_node 2 cnn_project.py          # ... or 2 CPU processes
@@ -65,8 +66,10 @@ import math
 import os
 import pickle
 import platform
+import shlex
 import sys
 import tempfile
+import textwrap
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -2693,6 +2696,116 @@ def print_table(runs: dict, summary: dict) -> None:
                   + ", ".join(f"{r['classes'][i]}: {per_class[i]:.1%}" for i in worst))
 
 
+# The compact table's words for each verdict of summarize(); the full table prints the verdicts as
+# they are.
+VERDICT_WORDS = {"best on validation": "best on validation",
+                 "tied with the best within noise": "tied with the best",
+                 "worse, p < 0.05": "below the best", "better on test, p < 0.05": "above the best",
+                 "failed": "failed (every seed)"}
+WIDE = 100  # the compact table and the lines around it fit in this many characters
+
+
+def _say(text: str, indent: str = "") -> None:
+    """Print text wrapped at WIDE characters, continuation lines indented two more spaces."""
+    print(textwrap.fill(text, WIDE, initial_indent=indent, subsequent_indent=indent + "  ",
+                        break_on_hyphens=False, break_long_words=False))
+
+
+def compact_conclusion(summary_of_dataset: dict, names: dict, by_model: dict) -> list:
+    """A dataset's short conclusion for the compact table: the tied group in one sentence, whether
+    the runs were still improving, the best model's weakest classes (seed: its lowest)."""
+    pairs, best = summary_of_dataset["pairs"], summary_of_dataset["best"]
+    if best is None:
+        return ["no finished run"]
+    tied = [m for m in tied_group(summary_of_dataset) if m != best]
+    lines = [f"{names[best]} is best on validation" + (
+        f"; {', '.join(names[m] for m in tied)} {'is' if len(tied) == 1 else 'are'} tied with it: "
+        f"the test set does not separate them" if tied else "") + "."]
+    runs = sum(p["n_seeds"] for p in pairs.values())
+    rising = sum(p["still_improving"] for p in pairs.values())
+    if max(p["n_seeds"] for p in pairs.values()) == 1:
+        lines.append("One seed per model: train with --seeds 3 to see how much another seed moves "
+                     "these numbers.")
+    if rising:
+        lines.append(f"{rising} of {_count(runs, 'run')} still improved in their last epoch: more "
+                     f"epochs could change this ranking.")
+    r = by_model[best][min(pairs[best]["seeds"])]
+    per_class = r["test"].get("per_class_accuracy")
+    if per_class is not None:
+        worst = np.argsort(per_class, kind="stable")[:3]
+        lines.append(f"Weakest classes of {names[best]}: "
+                     + ", ".join(f"{r['classes'][i]} ({per_class[i]:.1%})" for i in worst) + ".")
+    return lines
+
+
+def print_compact_table(runs: dict, summary: dict) -> None:
+    """Print, per dataset, a table at most WIDE characters wide (model, test accuracy mean ± standard
+    deviation over seeds, the verdict in words, parameters, mean training time per run) and its
+    short conclusion; print_table has the full statistics."""
+    labels, rows = data_labels(runs), pair_rows(runs, summary)
+    names = {m: next(iter(by_seed.values()))["model_display_name"]
+             for by_model in runs.values() for m, by_seed in by_model.items()}
+    for dataset, by_model in runs.items():
+        mine = [row for row in rows if row["dataset"] == dataset]
+        seeds = sorted({row["n_seeds"] for row in mine if row["n_seeds"]})
+        print()
+        _say(f"{labels[dataset]} ({dataset}): {budget_note(by_model)}, "
+             f"{'-'.join(map(str, seeds)) or 'no'} seed{'s' * (seeds != [1])} per model")
+        print(f"  {'model':<14}{'test accuracy':<17}{'verdict':<21}{'parameters':>12}{'train time':>14}")
+        for row in mine:
+            verdict = VERDICT_WORDS.get(row["verdict"], "not compared")
+            time_s = row["train_time_s_mean"]
+            print(f"  {row['model']:<14}{_pm(row['test_accuracy_mean'], row['test_accuracy_std']):<17}"
+                  f"{verdict:<21}{row['params']:>12,}{'-' if time_s is None else _duration(time_s):>14}")
+        for line in compact_conclusion(summary[dataset], names, by_model):
+            _say(line, "  ")
+    hardware_used = sorted({row["timed_on"] for row in rows if row["timed_on"]})
+    print()
+    several = any(row["test_accuracy_std"] is not None for row in rows)
+    spread = "± is the standard deviation over seeds, in points. " if several else ""
+    compared = any(len(by_model) > 1 for by_model in runs.values())
+    verdicts = ("Verdicts compare each model with the best on validation on the same test images "
+                "(p < 0.05 in every seed to be above or below it). ") if compared else ""
+    on = f"{', '.join(hardware_used) or 'its hardware'}" + (
+        ", the hardware of each model's lowest seed" if several else "")
+    _say(f"{spread}{verdicts}Train time: the mean per run on {on}.")
+    by_note = {}  # one line for the datasets whose runs differ in the same way
+    for dataset, note in mixed_settings(runs).items():
+        by_note.setdefault(note, []).append(dataset)
+    for note, datasets in by_note.items():
+        _say(f"note: the {', '.join(datasets)} runs differ in {note}: compare with care")
+    _say("The full statistics (p-values, intervals, F1, per-seed figures) are in cnn_summary.csv "
+         "and cnn_runs.csv; --full-table prints them.")
+
+
+def predict_hint(spec: DatasetSpec) -> str:
+    """What image to try --predict with: 'a handwritten digit', or 'one of its 3 classes (a, b,
+    c)' for an image folder."""
+    known = {"mnist": "a handwritten digit",
+             "fashion_mnist": "a piece of clothing, a shoe or a bag",
+             "cifar10": "an animal or a vehicle (airplane, car, bird, cat, deer, dog, frog, horse, "
+                        "ship, truck)"}
+    if spec.name in known:
+        return known[spec.name]
+    shown_classes = ", ".join(spec.classes[:5]) + (", ..." if len(spec.classes) > 5 else "")
+    return f"one of its {len(spec.classes)} classes ({shown_classes})"
+
+
+def next_steps(results_dir: Path, runs: dict, datasets: list | None = None) -> None:
+    """The last lines of a run or a report: the plots' folder, and one --predict command to try on
+    the first dataset (of `datasets`, else of `runs`) whose records kept weights; none without."""
+    folder = Path(results_dir) / "cnn"
+    print(f"\nplots: {folder / 'plots'}")
+    for dataset in [d for d in (datasets or runs) if d in runs]:
+        records = records_of(runs[dataset])
+        if any(r.get("weights") and (folder / dataset / r["weights"]).is_file() for r in records):
+            _say(f"try it on your own image of {predict_hint(spec_of(records[0]))}: replace "
+                 f"YOUR_IMAGE.png with its path in")
+            print(f"  python cnn_project.py --predict YOUR_IMAGE.png --dataset {shlex.quote(dataset)} "
+                  f"--results-dir {shlex.quote(str(results_dir))}")
+            return
+
+
 def _figure(plt, path: Path, fig) -> Path:
     """Save a figure as PNG (110 dpi) atomically (a full disk leaves no partial plot), close it,
     return its path."""
@@ -3017,10 +3130,13 @@ def write_report_files(runs: dict, summary: dict, results_dir: Path) -> list:
         return make_plots(runs, summary, results_dir)
 
 
-def report(results_dir: Path, runs: dict | None = None) -> dict:
+def report(results_dir: Path, runs: dict | None = None, full: bool = False,
+           datasets: list | None = None) -> dict:
     """Rebuild the combined pickle, the CSVs, the table and the plots from
     results_dir/cnn/*/*.pkl (or from `runs`, already collected from there by collect_runs), and
-    return the summary (summarize). Raises ResultsFileError if there are no records. On a folder
+    return the summary (summarize). The table is the compact one, or with `full` the full
+    statistics and every file's path; the last lines name the plots' folder and a --predict command
+    (next_steps; on `datasets` first). Raises ResultsFileError if there are no records. On a folder
     that cannot be written (read-only) the table is printed and one line says the files were not
     refreshed; a full disk raises OSError (STORAGE_FAULTS) after the table."""
     runs = collect_runs(results_dir) if runs is None else runs
@@ -3028,7 +3144,7 @@ def report(results_dir: Path, runs: dict | None = None) -> dict:
         raise ResultsFileError(f"no results under {Path(results_dir) / 'cnn'}: train first "
                                f"(python cnn_project.py)")
     summary = summarize(runs)
-    print_table(runs, summary)
+    (print_table if full else print_compact_table)(runs, summary)
     try:
         plots = write_report_files(runs, summary, results_dir)
     except OSError as err:
@@ -3038,6 +3154,18 @@ def report(results_dir: Path, runs: dict | None = None) -> dict:
               f"{Path(err.filename).parent} ({err.strerror}); the table above is complete. Choose "
               f"another --results-dir to write them.", file=sys.stderr, flush=True)
         return summary
+    if full:
+        print_files(results_dir, runs, plots)
+    else:
+        print()
+        _say(f"records and weights: {Path(results_dir) / 'cnn'}/<dataset>/; a row per model: "
+             f"{Path(results_dir) / 'cnn_summary.csv'}")
+    next_steps(results_dir, runs, datasets)
+    return summary
+
+
+def print_files(results_dir: Path, runs: dict, plots: list) -> None:
+    """List what a report wrote (the summaries, each dataset's records and weights, every plot)."""
     folder = Path(results_dir) / "cnn"
     print(f"\nfiles:\n  summary: {Path(results_dir) / 'cnn_results.pkl'} (every record, the spread "
           f"and verdicts), {Path(results_dir) / 'cnn_summary.csv'} (a row per model), "
@@ -3050,7 +3178,6 @@ def report(results_dir: Path, runs: dict | None = None) -> dict:
               f"{_count(weights, 'weights file')} (.safetensors) in {folder / dataset}")
     for p in plots:
         print(f"  plot: {p}")
-    return summary
 
 
 # =============================================================================================
@@ -3367,7 +3494,7 @@ def add_where_data_and_results_are(p: argparse.ArgumentParser) -> None:
 
 def add_how_to_run(p: argparse.ArgumentParser) -> None:
     """--seed/--seeds, --device, --precision, --subset, --force, and the two other modes (--report,
-    --predict), then --no-progress."""
+    --predict), then --full-table and --no-progress."""
     p.add_argument("--seed", type=SEED, help="one seed for the validation split, the weights and the "
                    f"batches (default: 0); {SEED.range}")
     p.add_argument("--seeds", nargs="+", type=SEED, metavar="N",
@@ -3388,6 +3515,11 @@ def add_how_to_run(p: argparse.ArgumentParser) -> None:
                    help="retrain pairs whose record has these settings (the old record is kept "
                         "in superseded/)")
     p.add_argument("--report", action="store_true", help="only rebuild table and plots from results")
+    p.add_argument("--full-table", action="store_true",
+                   help="after training or with --report, print the full statistics (validation "
+                        "accuracy, min-max over seeds, F1, MACs, images/s, the largest p-value of "
+                        "each verdict) and every file written, in place of the compact table; "
+                        "cnn_summary.csv and cnn_runs.csv always hold them")
     p.add_argument("--predict", nargs="+", metavar="IMAGE",
                    help="classify your own PNG/JPG images with a trained pair's weights: the top-3 "
                         "classes and whether the answer is confident (a rule chosen on validation "
@@ -3472,6 +3604,8 @@ def check_modes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     nothing and passes."""
     if args.predict and args.report:
         p.error("--report and --predict are two modes: give one of them")
+    if args.predict and args.full_table:
+        p.error("--predict prints its answers, not a table: leave --full-table out")
     mode = "--predict" if args.predict else "--report" if args.report else None
     if mode is None:
         return
@@ -3749,7 +3883,7 @@ def run_grid(args: argparse.Namespace) -> dict:
                 elsewhere += [f"{run_name(dataset, model, seed)}: {why_not}"] if why_not else []
     results = collect_runs(args.results_dir)
     if results and accelerator.is_main_process:
-        report(args.results_dir, results)
+        report(args.results_dir, results, args.full_table, args.datasets)
     if elsewhere:  # not failed: another run that shares the results folder has them
         log(f"not trained by this run: {'; '.join(elsewhere)}. Once that run has ended, python "
             f"cnn_project.py --report shows every record.", flush=True)
@@ -3789,7 +3923,7 @@ def main(argv=None) -> int:
         if args.predict:
             predict(args)
         elif args.report:
-            report(args.results_dir)
+            report(args.results_dir, full=args.full_table)
         else:
             run_grid(args)
     except (DatasetUnavailable, ResultsFileError, RunsFailed, ValueError) as err:

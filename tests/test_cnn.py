@@ -4,7 +4,9 @@ Tests that need the real MNIST in ../shared/data skip when it is absent; CIFAR-1
 fixture in torchvision's format; nothing here touches the network.
 """
 
+import contextlib
 import csv
+import io
 import math
 import os
 import pickle
@@ -344,8 +346,52 @@ def tiny_run(tmp_path_factory):
     args = ["--models", "lenet5", "resnet", "--datasets", "mnist", "--epochs", "1", "--width", "0.125",
             "--subset", "300", "--data-dir", str(SHARED_DATA), "--results-dir", str(results),
             "--no-progress"]
-    assert cp.main(args) == 0
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cp.main(args) == 0
+    print(out.getvalue())
+    TINY_RUN_STDOUT[:] = [out.getvalue()]  # what the run printed, for the tests of its output
     return results, args
+
+
+TINY_RUN_STDOUT = []
+
+
+def test_a_runs_output_is_a_short_table_then_the_plots_and_a_predict_command(tiny_run):
+    """After the training lines: a table no wider than 100 characters, the conclusion, and last the
+    plots' folder and one --predict command for the dataset just trained."""
+    results, _ = tiny_run
+    out = TINY_RUN_STDOUT[0]
+    table = out[out.index("\nMNIST (mnist): "):].splitlines()[1:]
+    commands = [line for line in table if line.startswith("  python cnn_project.py")]
+    assert len(commands) == 1  # a command is not wrapped: it is copied whole, with its paths
+    too_wide = [line for line in table if len(line) > cp.WIDE and line not in commands]
+    assert not too_wide, too_wide
+    header = next(line for line in table if line.strip().startswith("model"))
+    assert header.split() == ["model", "test", "accuracy", "verdict", "parameters", "train", "time"]
+    rows = [line for line in table if re.match(r"  (LeNet-5|ResNet-18) +\d+\.\d\d% ", line)]
+    assert len(rows) == 2 and "best on validation" in " ".join(rows)
+    assert not re.search(r"\(p [0-9]", "\n".join(table))  # the p-values: --full-table
+    last = out.rstrip("\n").splitlines()[-4:]
+    assert last[-3] == f"plots: {results / 'cnn' / 'plots'}"
+    assert "your own image of a handwritten digit" in last[-2]
+    assert last[-1].split() == ["python", "cnn_project.py", "--predict", "YOUR_IMAGE.png", "--dataset",
+                                "mnist", "--results-dir", str(results)]
+
+
+def test_the_full_table_flag_prints_the_p_values_and_every_file(tiny_run, capsys):
+    results, _ = tiny_run
+    assert cp.main(["--report", "--full-table", "--results-dir", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "verdict against the best (largest p)" in out and re.search(r"\(p [0-9.e+-]+\)", out)
+    assert f"plot: {results / 'cnn' / 'plots' / 'curves_mnist.png'}" in out
+    assert out.rstrip("\n").splitlines()[-1].startswith("  python cnn_project.py --predict YOUR_IMAGE.png")
+
+
+def test_no_predict_command_without_weights(tmp_path, capsys):
+    record = {"weights": None, "model_display_name": "LeNet-5"}
+    cp.next_steps(tmp_path, {"mnist": {"lenet5": {0: record}}}, ["mnist"])
+    assert capsys.readouterr().out.strip() == f"plots: {tmp_path / 'cnn' / 'plots'}"
 
 
 def test_tiny_run_writes_complete_records(tiny_run):

@@ -127,6 +127,17 @@ def test_the_table_names_the_tied_group_not_a_single_winner(constructed, capsys)
     assert "still improving: 12 of 12 runs" in out and "could change with more training" in out
 
 
+def test_the_compact_table_says_each_verdict_in_words_within_100_characters(constructed, capsys):
+    cp.print_compact_table(constructed, cp.summarize(constructed))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(len(line) <= cp.WIDE for line in lines), max(lines, key=len)
+    rows = {line.split()[0]: line for line in lines if "±" in line and line.split()[0].isupper()}
+    assert {m: " ".join(line.split()[4:-3]) for m, line in rows.items()} == {
+        "BEST": "best on validation", "SAME": "tied with the best", "WORSE": "below the best",
+        "SHARP": "above the best"}
+    assert "BEST is best on validation; SAME is tied with it" in "\n".join(lines)
+
+
 def test_seconds_from_different_hardware_are_never_averaged(constructed, capsys):
     """Seed 0 on the CPU, seeds 1 and 2 on a GPU (10x faster here): time and throughput are seed
     0's alone, the note names each hardware with its seeds, and accuracy still uses every seed."""

@@ -300,8 +300,10 @@ def test_the_table_states_the_budget_rule(tmp_path, capsys):
                "0.125", "--data-dir", str(data_dir), "--results-dir", str(tmp_path / "res"),
                "--cache-dir", str(tmp_path / "c")) == 0
     out = capsys.readouterr().out
-    assert "  cifar10 = CIFAR-10, JPEG q75 copy: 1 epoch for every model" in out
     results = cp.collect_runs(tmp_path / "res")
+    assert f"\nCIFAR-10, JPEG q75 copy (cifar10): {cp.budget_note(results['cifar10'])}, 1 seed per " \
+           "model\n" in out
+    assert cp.budget_note(results["cifar10"]) == "1 epoch for every model"
     del results["cifar10"]["alexnet"][0]["config"]["budget_rule"]  # a record from before the rule
     assert cp.budget_note(results["cifar10"]) == "epochs per model (1), before the equal-epochs rule"
 

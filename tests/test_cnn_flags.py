@@ -75,6 +75,8 @@ CONFLICTS = {
     "a seed with --predict": (["--predict", "x.png", "--dataset", "mnist", "--seeds", "2"],
                               ["--predict", "--seeds", "lowest seed"]),
     "a training flag with --report": (["--report", "--lr", "0.05"], ["--report", "--lr"]),
+    "--full-table with --predict": (["--predict", "x.png", "--dataset", "mnist", "--full-table"],
+                                    ["--predict", "--full-table"]),
     "a selection with --report": (["--report", "--datasets", "mnist"], ["--report", "--datasets"]),
     "--image-size without a folder": (["--datasets", "mnist", "--image-size", "32"], ["--image-size"]),
     "--no-flip without a folder": (["--datasets", "cifar10", "--no-flip"], ["--no-flip", "cifar10"]),
@@ -240,7 +242,7 @@ def test_the_last_line_of_a_failed_run_names_the_file_and_why(trained, tmp_path,
     argv[argv.index("--datasets") + 1:argv.index("--datasets") + 1] = [str(bad)]
     assert cp.main(argv) == 1
     out, err = capsys.readouterr()
-    assert "skipped" in out and "plot: " in out  # the report came between the cause and the end
+    assert "skipped" in out and "plots: " in out  # the report came between the cause and the end
     last = err.splitlines()[-1]
     assert last.startswith("error: not trained, dataset unavailable: ")
     assert str(bad / "red" / "scan.png") in last and "is not an image Pillow can read" in last
