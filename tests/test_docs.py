@@ -439,3 +439,101 @@ def test_readme_and_docs_gpu_preset_figures_match_its_committed_summary():
         row = (f"| {shown} | {gpu['runs']['cifar10'][m][0]['params']:,} | {p['n_seeds']} | "
                f"{100 * p['test_accuracy_mean']:.2f}% | {100 * cpu[m]['test_accuracy_mean']:.2f}% | ")
         assert row in docs, row
+
+
+# The architecture lessons at the top of docs/cnn_project.md: one "###" section per model, each with
+# its size in a fixed form ("parameters: 11,173,962 at width 1.0, 701,466 at width 0.25; MACs per
+# image: ..."), its accuracy on every dataset and its verdicts, all as the committed records say.
+CNN_DOC = ROOT / "docs" / "cnn_project.md"
+SIZE = re.compile(r"parameters: ([\d,]+) at width 1\.0(?:, ([\d,]+) at width 0\.25| \(both presets\)); "
+                  r"MACs per image: ([\d,]+) at width 1\.0(?:, ([\d,]+) at width 0\.25)?\.")
+
+
+def _architecture_sections() -> dict:
+    """{### heading: its text, whitespace collapsed} for the sections under '## The seven architectures'."""
+    text = re.sub(r"```.*?```", "", CNN_DOC.read_text(), flags=re.S)
+    part = text.split("\n## The seven architectures\n", 1)[1].split("\n## ", 1)[0]
+    chunks = re.split(r"^### (.*)$", part, flags=re.M)[1:]
+    return {head: " ".join(body.split()) for head, body in zip(chunks[::2], chunks[1::2])}
+
+
+def _display_names() -> dict:
+    import cnn_project as cp
+    return {m: display for m, (display, _) in cp.MODELS_REGISTRY.items()}
+
+
+def test_cnn_docs_open_with_a_section_per_architecture_before_installation_data_and_usage():
+    headings = re.findall(r"^(#{2,3}) (.*)$", re.sub(r"```.*?```", "", CNN_DOC.read_text(), flags=re.S),
+                          flags=re.M)
+    first_setup = next(i for i, (_, h) in enumerate(headings)
+                       if re.search(r"install|data|usage", h, re.I))
+    assert headings[0] == ("##", "The seven architectures")
+    names = _display_names()
+    assert len(names) == 7
+    for model, name in names.items():
+        at = [i for i, (level, h) in enumerate(headings) if level == "###" and h.startswith(f"{name}:")]
+        assert len(at) == 1 and at[0] < first_setup, (model, name)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_each_architecture_section_states_the_records_sizes_accuracies_and_verdicts(model):
+    """Width 1.0 is the GPU preset's CIFAR-10 record (LeNet-5's CPU one: it trains at 1.0 in both),
+    width 0.25 the CPU preset's; accuracies are the committed CPU run's mean ± std over its seeds."""
+    import cnn_project as cp
+    name = _display_names()[model]
+    body = next(b for h, b in _architecture_sections().items() if h.startswith(f"{name}:"))
+    cpu = _record("cifar10", model)
+    with open(ROOT / "results" / "reference_gpu" / "cnn" / "cifar10" / f"{model}.pkl", "rb") as f:
+        gpu = pickle.load(f)
+    wide = cpu if model == "lenet5" else gpu
+    assert wide["config"]["width"] == 1.0
+    found = SIZE.findall(body)
+    assert len(found) == 1, body[:200]
+    params_1, params_q, macs_1, macs_q = (int(n.replace(",", "")) if n else None for n in found[0])
+    assert (params_1, macs_1) == (wide["params"], wide["macs_per_image"])
+    if model == "lenet5":
+        assert params_q is None and macs_q is None and cpu["config"]["width"] == 1.0
+    else:
+        assert cpu["config"]["width"] == 0.25
+        assert (params_q, macs_q) == (cpu["params"], cpu["macs_per_image"])
+    assert f"class `{type(cp.build_model(model, 3, 10, 0.125, 32)).__name__}`" in body \
+        or f"`{type(cp.build_model(model, 3, 10, 0.125, 32)).__name__}`" in body
+    shown = body.split("What the results show.** ", 1)[1]
+    cpu_part = shown.split("In the GPU run", 1)[0]
+    verdicts = set()
+    for dataset, label in (("mnist", "MNIST"), ("fashion_mnist", "Fashion-MNIST"), ("cifar10", "CIFAR-10")):
+        p = _summary()["summary"][dataset]["pairs"][model]
+        figure = f"{100 * p['test_accuracy_mean']:.2f} ± {100 * p['test_accuracy_std']:.2f}%"
+        assert re.search(rf"{re.escape(figure)} on {label}\b|\b{label} \({re.escape(figure)}\)", cpu_part), \
+            (dataset, figure)
+        verdicts.add(p["verdict"])
+    italic = re.findall(r"(?<!\*)\*([^*\s][^*]*)\*(?!\*)", cpu_part)
+    assert {v.lower() for v in italic} == verdicts
+
+
+def test_seq2seq_docs_explain_attention_beside_the_committed_heatmap():
+    import ast
+    text = (ROOT / "docs" / "seq2seq_project.md").read_text()
+    section = text.split("\n## Attention, step by step\n", 1)[1].split("\n## ", 1)[0]
+    assert "e_ij = v^T tanh(W s_{i-1} + U h_j)" in section and "softmax" in section
+    assert "](../results/reference_seq2seq/attention_heatmaps.png)" in section
+    assert "anti-diagonal" in section
+    source = ast.parse((ROOT / "seq2seq_project.py").read_text())
+    classes = {n.name for n in source.body if isinstance(n, ast.ClassDef)}
+    named = set(re.findall(r"`([A-Z][a-z]\w*)(?:\.\w+)?`", section))
+    assert {"AdditiveAttention", "Decoder", "Encoder", "Seq2Seq"} <= named <= classes
+    with open(ROOT / "results" / "reference_seq2seq" / "results.pkl", "rb") as f:
+        models = pickle.load(f)["models"]
+    at = {m: dict(zip(r["by_length"]["length"].tolist(), r["by_length"]["exact_match"].tolist()))
+          for m, r in models.items()}
+    base, att = at["baseline"], at["attention"]
+    flat = " ".join(section.split())
+    assert (f"at length 10 it gets {base[10]:.3f} of the sequences exactly right, at 11 only {base[11]:.3f}, "
+            f"at 12 {base[12]:.3f} and at 13 {base[13]:.3f}, while attention holds {att[11]:.3f}, "
+            f"{att[12]:.3f} and {att[13]:.3f} at 11, 12 and 13") in flat
+    first_all_wrong = min(n for n in base if all(at[m][k] == 0 for m in at for k in at[m] if k >= n))
+    assert f"From length {first_all_wrong} on both get none right" in flat
+    longest = max(models["attention"]["attention_examples"], key=lambda e: len(e["source"]))
+    assert len(longest["prediction"]) != len(longest["source"])  # the third panel: reversed wrongly
+    assert f"length {len(longest['source'])}, which the model never saw" in flat
+    assert f"({len(longest['prediction'])} digits instead of {len(longest['source'])})" in flat
