@@ -2727,8 +2727,8 @@ def compact_conclusion(summary_of_dataset: dict, names: dict, by_model: dict) ->
         lines.append("One seed per model: train with --seeds 3 to see how much another seed moves "
                      "these numbers.")
     if rising:
-        lines.append(f"{rising} of {_count(runs, 'run')} still improved in their last epoch: more "
-                     f"epochs could change this ranking.")
+        lines.append(f"{rising} of {_count(runs, 'run')} still improved in {'its' if runs == 1 else 'their'} "
+                     f"last epoch: more epochs could change {'this result' if len(pairs) == 1 else 'this ranking'}.")
     r = by_model[best][min(pairs[best]["seeds"])]
     per_class = r["test"].get("per_class_accuracy")
     if per_class is not None:
