@@ -1570,6 +1570,7 @@ def folder_key(spec: DatasetSpec, results_dir: Path, taken: dict) -> DatasetSpec
     folder, base = Path(spec.folder), spec.name
     hashed = f"{base}_{_short_hash(str(folder))}"
 
+    @functools.cache
     def holder(key):  # the folder whose records or request hold the key, if it still exists
         path = taken.get(key) or stored_source(results_dir, key)
         return path if path and Path(path).is_dir() else None
@@ -1581,7 +1582,7 @@ def folder_key(spec: DatasetSpec, results_dir: Path, taken: dict) -> DatasetSpec
             return False
     earlier = sorted(p.name for p in (Path(results_dir) / "cnn").glob(f"{base}_??????")
                      if p.is_dir())
-    key = next((k for k in (base, hashed, *earlier) if is_this(holder(k))), None)
+    key = next((k for k in dict.fromkeys((base, hashed, *earlier)) if is_this(holder(k))), None)
     if key is None:
         key = base if holder(base) is None else hashed
     if key == base:
@@ -2063,7 +2064,9 @@ def _write_atomically(path: Path, write, binary: bool = True) -> None:
         raise
 
 
-# A write the disk refuses: errno -> what it means for the learner.
+# A write the disk refuses: errno -> what it means for the learner. NOT_WRITABLE: the folder refuses
+# every write (another --results-dir, or its permissions, helps); the others: the disk is full.
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 STORAGE_FAULTS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
                   errno.EROFS: "the folder is read-only", errno.EACCES: "the folder is not writable",
                   errno.EPERM: "the folder is not writable"}
@@ -2079,7 +2082,7 @@ def storage_fault(err: BaseException, results_dir: Path | None = None) -> str | 
     if results_dir is not None and where is not None and not where.resolve().is_relative_to(
             Path(results_dir).resolve()):
         return None
-    full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+    full = err.errno not in NOT_WRITABLE
     todo = ("free some space there, or choose another --results-dir" if full else
             "choose another --results-dir, or make that folder writable")
     return (f"could not write {where or 'the results folder'}: {STORAGE_FAULTS[err.errno]} "
@@ -3148,7 +3151,7 @@ def report(results_dir: Path, runs: dict | None = None, full: bool = False,
     try:
         plots = write_report_files(runs, summary, results_dir)
     except OSError as err:
-        if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+        if err.errno not in NOT_WRITABLE:
             raise
         print(f"note: the summary and plots were not refreshed: could not write in "
               f"{Path(err.filename).parent} ({err.strerror}); the table above is complete. Choose "
@@ -3299,12 +3302,15 @@ def confidence_verdict(top_probability: float, rule: dict | None, stats: dict | 
             f"may show none of the classes: do not trust this answer")
 
 
-def predict_run(results_dir: Path, dataset: str, models: list) -> tuple:
+def predict_run(results_dir: Path, dataset: str, models: list, by_model: dict | None = None) -> tuple:
     """(model, seed, record) whose weights --predict uses: the one model named, else the dataset's
     best on validation (mean over seeds) that kept weights (a note says so when that is not the
     best itself: a folder may keep only some models' weights), at its lowest seed whose weights file
-    is there. Raises ResultsFileError (one line) when there is no such run."""
-    runs = {dataset: collect_runs(results_dir).get(dataset, {})}
+    is there. `by_model`: the dataset's records ({model: {seed: record}}) when already read. Raises
+    ResultsFileError (one line) when there is no such run."""
+    if by_model is None:
+        by_model = collect_runs(results_dir).get(dataset, {})
+    runs = {dataset: by_model}
     folder = Path(results_dir) / "cnn" / dataset
 
     def kept(model):  # the seeds of a model whose weights file is there, lowest first
@@ -3339,10 +3345,12 @@ def predict(args: argparse.Namespace, top_k: int = 3) -> list:
         raise ValueError("--predict needs one dataset: --dataset mnist | fashion_mnist | cifar10")
     dataset = args.datasets[0]
     nets = []  # every model's weights are checked before the first answer
+    by_model = collect_runs(args.results_dir).get(dataset, {})  # read once for every model named
     for models in ([[m] for m in dict.fromkeys(args.models)] if args.models_named else [args.models]):
-        model, seed, record = predict_run(args.results_dir, dataset, models)
+        model, seed, record = predict_run(args.results_dir, dataset, models, by_model)
         nets.append((model, seed, record, load_trained(args.results_dir, dataset, model, seed),
-                     pair_spec(args.results_dir, dataset, model, seed)))
+                     spec_of(record) if record is not None
+                     else pair_spec(args.results_dir, dataset, model, seed)))
     out, unread = [], {}
     for model, seed, record, net, spec in nets:
         print(f"{dataset} / {MODELS_REGISTRY[model][0]}, seed {seed} "
@@ -3678,8 +3686,8 @@ def finished_since(path: Path, settings: dict, since: float | None) -> bool:
     """Whether the record at `path` has these `settings` and was written at or after `since`
     (time.time(); None: at any time): another run finished it while this one was busy."""
     try:
-        return settings_of(load_result(path)) == settings and (
-            since is None or path.stat().st_mtime >= since)
+        return (since is None or path.stat().st_mtime >= since) and (
+            settings_of(load_result(path)) == settings)
     except (ResultsFileError, FileNotFoundError):
         return False
 
@@ -3930,9 +3938,10 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except OSError as err:  # a write the disk refused: one line, every finished run kept
-        if storage_fault(err, args.results_dir) is None:
+        line = storage_fault(err, args.results_dir)
+        if line is None:
             raise
-        print(f"error: {storage_fault(err, args.results_dir)}", file=sys.stderr)
+        print(f"error: {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted: finished pairs and the last epoch of the current one are saved; run "
