@@ -547,11 +547,9 @@ HISTORY_KEYS = ("epoch", "teacher_forcing_ratio", "train_loss_running", "train_l
 
 def record_epoch(hist, epoch, tf, running_loss, tr, va, lr, elapsed):
     """Append one epoch's numbers to the history lists (keys: HISTORY_KEYS)."""
-    for key, val in (("epoch", epoch + 1), ("teacher_forcing_ratio", tf), ("train_loss_running", running_loss),
-                     ("train_loss", tr["loss"]), ("train_token_acc", tr["token_acc"]),
-                     ("train_exact_match", tr["exact_match"]), ("val_loss", va["loss"]),
-                     ("val_token_acc", va["token_acc"]), ("val_exact_match", va["exact_match"]), ("lr", lr),
-                     ("elapsed_s", elapsed)):
+    values = (epoch + 1, tf, running_loss, tr["loss"], tr["token_acc"], tr["exact_match"], va["loss"],
+              va["token_acc"], va["exact_match"], lr, elapsed)
+    for key, val in zip(HISTORY_KEYS, values):  # one value per key, in HISTORY_KEYS order
         hist[key].append(val)
 
 
@@ -873,7 +871,7 @@ def plot_curves(plt, res, results_dir):
                         ms=3, label=f"{kind} {key.split('_')[0]}{' (failed)' if failed else ''}")
         ax.set_xlabel("epoch"); ax.set_ylabel(ylabel); ax.grid(alpha=0.3); ax.legend()
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if "loss" in name and any(np.nan_to_num(v, nan=-1.0).max(initial=-1.0) > 0 for v in drawn):
+        if "loss" in name and any((v > 0).any() for v in drawn):
             ax.set_yscale("log")
         ax.set_title(f"reversal, lengths {res['config']['min_len']}..{res['config']['max_len']}: "
                      f"{'loss' if 'loss' in name else 'accuracy'} per epoch")
@@ -1163,9 +1161,9 @@ def main(argv=None):
 
 
 def is_out_of_memory(err):
-    """Whether an exception is an allocation failure: NumPy's MemoryError, torch.OutOfMemoryError (CUDA), or the
+    """Whether an exception is an allocation failure: NumPy's MemoryError, torch.cuda.OutOfMemoryError (CUDA), or the
     RuntimeError of torch's CPU allocator ("can't allocate memory")."""
-    return (isinstance(err, (MemoryError, torch.OutOfMemoryError))
+    return (isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError))
             or "can't allocate memory" in str(err))
 
 

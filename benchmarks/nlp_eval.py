@@ -553,8 +553,7 @@ def _relative(path: str | os.PathLike) -> str:
     """`path` relative to the project's folder (where nlp_project.py is) when inside it (no machine paths in
     committed results)."""
     path = Path(path).resolve()
-    base = ROOT
-    return str(path.relative_to(base)) if base in path.parents else path.name
+    return str(path.relative_to(ROOT)) if ROOT in path.parents else path.name
 
 
 def _eval_parser(sub, name: str, help_text: str, model_help: str, data_file: str, data_help: str):
@@ -562,7 +561,7 @@ def _eval_parser(sub, name: str, help_text: str, model_help: str, data_file: str
     results/nlp/ by default) and --backend."""
     ev = sub.add_parser(name, help=help_text)
     ev.add_argument("--model", default=None, help=model_help)
-    ev.add_argument("--data", default=str(ROOT / "results/nlp" / data_file),
+    ev.add_argument("--data", default=str(RESULTS_DIR / data_file),
                     help=data_help)
     ev.add_argument("--backend", choices=["llama.cpp", "transformers"], default=None,
                     help="for a .gguf file (default: llama.cpp when installed)")
