@@ -570,3 +570,120 @@ def test_seq2seq_docs_explain_attention_beside_the_committed_heatmap():
     assert len(longest["prediction"]) != len(longest["source"])  # the third panel: reversed wrongly
     assert f"length {len(longest['source'])}, which the model never saw" in flat
     assert f"({len(longest['prediction'])} digits instead of {len(longest['source'])})" in flat
+
+
+def _cifar10_runs(folder: str) -> dict:
+    """{model: {seed: record}} of CIFAR-10 in a committed results folder."""
+    with open(ROOT / "results" / folder / "cnn_results.pkl", "rb") as f:
+        return pickle.load(f)["runs"]["cifar10"]
+
+
+def _section(page: Path, heading: str) -> str:
+    """The text under '## heading' up to the next '## ', whitespace collapsed."""
+    text = page.read_text().split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return " ".join(text.split())
+
+
+def test_the_worked_example_of_seeds_and_paired_tests_is_computed_from_the_records():
+    """ResNet-18 against GoogLeNet on CIFAR-10: each seed's accuracy, the means, the validation
+    choice (also seed 0's alone), the images each got right alone, McNemar's p per seed, the paired
+    interval and the verdict, all recomputed from the committed records with the program's own tests;
+    and SE-ResNet-18's counterexample."""
+    np = pytest.importorskip("numpy")
+    import cnn_project as cp
+    text = _section(CNN_DOC, "Seeds and paired tests: a worked example")
+    runs = _cifar10_runs("reference_cpu")
+    pct = lambda x: f"{100 * x:.2f}%"
+    for model, name in (("resnet", "ResNet-18"), ("googlenet", "GoogLeNet")):
+        by_seed = runs[model]
+        test = [by_seed[s]["test"]["accuracy"] for s in (0, 1, 2)]
+        val = np.mean([by_seed[s]["best_val_accuracy"] for s in (0, 1, 2)])
+        row = f"| {name} | " + " | ".join(pct(a) for a in test) + f" | {pct(np.mean(test))} | {pct(val)} |"
+        assert row in text, row
+    assert cp.best_models({"cifar10": runs})["cifar10"] == "resnet"
+    seed0 = {m: runs[m][0]["best_val_accuracy"] for m in ("resnet", "googlenet")}
+    assert seed0["googlenet"] > seed0["resnet"]
+    assert f"GoogLeNet would have been chosen ({pct(seed0['googlenet'])} against {pct(seed0['resnet'])}" in text
+    right = {m: [cp.correct_on_test(runs[m][s]) for s in (0, 1, 2)] for m in ("resnet", "googlenet", "senet")}
+    r, g = right["resnet"][0], right["googlenet"][0]
+    assert f"both were right on {int((r & g).sum()):,} images and both wrong on {int((~r & ~g).sum()):,}" in text
+    seeds = [cp.mcnemar_exact(right["googlenet"][s], right["resnet"][s]) for s in (0, 1, 2)]
+    t0 = seeds[0]
+    assert (f"{t0['only_b']} images only ResNet-18 got right, {t0['only_a']} only GoogLeNet" in text
+            and f"each of these {t0['only_a'] + t0['only_b']:,} disagreements" in text
+            and f"as uneven as {t0['only_b']} to {t0['only_a']}: p = {t0['p_value']:.2g}" in text)
+    for s, label in ((1, "Seed 1"), (2, "seed 2")):
+        t = seeds[s]
+        assert f"{label}: {t['only_b']} to {t['only_a']}, p = {t['p_value']:.2g}" in text, label
+    verdict = cp.compare_with_best(runs["googlenet"], runs["resnet"])
+    assert verdict["verdict"] == "tied with the best within noise" in text
+    assert (f"{100 * verdict['difference']:.2f} points, {100 * verdict['ci_low']:.2f} to "
+            f"{100 * verdict['ci_high']:.2f}) lies below zero") in text and verdict["ci_high"] < 0
+    assert sum(p < cp.ALPHA for p in verdict["p_values"]) == 1 and "one seed of three does" in text
+    se = [cp.mcnemar_exact(right["senet"][s], right["resnet"][s]) for s in (0, 1, 2)]
+    counts = ", ".join(f"{t['only_b']} to {t['only_a']}" for t in se[:2]) + f" and {se[2]['only_b']} to {se[2]['only_a']}"
+    ps = ", ".join(f"{t['p_value']:.2g}" for t in se[:2]) + f" and {se[2]['p_value']:.2g}"
+    assert f"{counts} in ResNet-18's favour, p = {ps}" in text
+    assert cp.compare_with_best(runs["senet"], runs["resnet"])["verdict"] == "worse, p < 0.05"
+    moves = {m: round(100 * max(a), 2) - round(100 * min(a), 2)
+             for m, by_seed in runs.items() for a in [[r["test"]["accuracy"] for r in by_seed.values()]]}
+    others = [v for m, v in moves.items() if m != "lenet5"]
+    assert f"lie {moves['resnet']:.2f} points apart" in text and f"GoogLeNet's {moves['googlenet']:.2f}" in text
+    assert f"by {min(others):.2f} to {max(others):.2f} points, and LeNet-5 by {moves['lenet5']:.2f}" in text
+
+
+def test_cpu_or_gpu_sets_the_committed_runs_side_by_side_as_their_records_say():
+    """Per model on CIFAR-10: widths, training time and test accuracy of the cpu preset on 2 CPU cores
+    (seed 0), of the same preset on the GPU (seeds 1-2), and of the gpu preset; the hardware, epochs
+    and precision the section names are the records'; the sentences' sums and gaps hold."""
+    np = pytest.importorskip("numpy")
+    text = _section(CNN_DOC, "CPU or GPU")
+    cpu, gpu = _cifar10_runs("reference_cpu"), _cifar10_runs("reference_gpu")
+    t = lambda rs: f"{np.mean([r['train_time_s'] for r in rs]):.0f} s"
+    acc = lambda rs: f"{100 * np.mean([r['test']['accuracy'] for r in rs]):.2f}%"
+    for model, by_seed in cpu.items():
+        on_cpu, on_gpu, wide = [by_seed[0]], [by_seed[1], by_seed[2]], list(gpu[model].values())
+        assert on_cpu[0]["versions"]["gpu"] is None and on_cpu[0]["versions"]["cpu_count"] == 2
+        assert {r["versions"]["gpu"] for r in on_gpu + wide} == {"NVIDIA H200"}
+        assert {r["config"]["epochs"] for r in on_cpu + on_gpu} == {10} and {r["config"]["epochs"] for r in wide} == {30}
+        assert {r["config"]["precision"] for r in on_cpu + on_gpu + wide} == {"bf16"}
+        row = (f"| {on_cpu[0]['model_display_name']} | {on_cpu[0]['config']['width']:g} / "
+               f"{wide[0]['config']['width']:g} | {t(on_cpu)}, {acc(on_cpu)} | {t(on_gpu)}, {acc(on_gpu)} | "
+               f"{t(wide)}, {acc(wide)} ({len(wide)}) |")
+        assert row in text, row
+        spread = max(r["test"]["accuracy"] for r in by_seed.values()) - min(r["test"]["accuracy"] for r in by_seed.values())
+        gap = np.mean([r["test"]["accuracy"] for r in on_gpu]) - on_cpu[0]["test"]["accuracy"]
+        assert abs(gap) <= spread, model  # "within the spread of seeds"
+    assert f"`{cpu['resnet'][0]['config']['precision_reason']}`" in text
+    minutes = lambda seeds: round(sum(np.mean([cpu[m][s]["train_time_s"] for s in seeds]) for m in cpu) / 60)
+    assert f"took {minutes([0])} minutes of training on 2 CPU cores and {minutes([1, 2])} on the H200" in text
+    gaps = {m: round(100 * (np.mean([cpu[m][s]["test"]["accuracy"] for s in (1, 2)]) - cpu[m][0]["test"]["accuracy"]), 2)
+            for m in cpu}
+    assert max(gaps.values()) == gaps["lenet5"] and f"(at most {gaps['lenet5']:.2f} points, LeNet-5)" in text
+
+
+def test_the_t4_estimates_are_the_counted_compute_over_the_stated_speeds():
+    """docs/benchmarks.md: the quick run's PFLOP is the sum of the committed CPU run's seed-0
+    records; the minutes it states follow from that and the assumed speeds; the README's T4 cells
+    and the notebook quote the same ranges."""
+    text = " ".join((ROOT / "docs" / "benchmarks.md").read_text().split())
+    runs = _summary()["runs"]
+    flops = {d: sum(by_model[m][0]["train_flops"] for m in by_model) for d, by_model in runs.items()}
+    quick = sum(flops.values())
+    assert (f"is {quick / 1e15:.2f} PFLOP (the committed CPU run's seed-0 records: {flops['mnist'] / 1e15:.2f} on "
+            f"MNIST, {flops['fashion_mnist'] / 1e15:.2f} on Fashion-MNIST, {flops['cifar10'] / 1e15:.2f} on CIFAR-10)") in text
+    gpu_cifar = sum(r[0]["train_flops"] for r in _cifar10_runs("reference_gpu").values())
+    assert f"({gpu_cifar / 1e15:.1f} on CIFAR-10, from the committed GPU records" in text
+    assert "1-4 TFLOP/s for the quarter-width networks" in text and "4-10 TFLOP/s at full width" in text
+    low, high = quick / 4e12 / 60, quick / 1e12 / 60
+    assert f"That gives {low:.1f}-{high:.0f} minutes for the quick run, 5-15 minutes with" in text
+    mnist = (flops["mnist"] / 4e12 / 60, flops["mnist"] / 1e12 / 60)
+    assert f"{mnist[0]:.1f}-{mnist[1]:.1f} minutes for MNIST alone (1-3 minutes)" in text
+    rows = _time_table()
+    t4 = next(c for c in next(iter(rows.values())) if "T4" in c)
+    assert rows["python cnn_project.py --preset cpu"][t4] == "5-15 min"
+    assert rows["python cnn_project.py --preset cpu --datasets mnist"][t4] == "1-3 min"
+    assert rows["python cnn_project.py"][t4].startswith("1-3 h")
+    notebook = " ".join("".join(c["source"]) for c in json.loads((ROOT / "colab.ipynb").read_text())["cells"])
+    notebook = " ".join(notebook.split())
+    assert f"{quick / 1e15:.2f} PFLOP for the quick run" in notebook and "about 5-15 minutes" in notebook
