@@ -682,6 +682,7 @@ def test_the_t4_estimates_are_the_counted_compute_over_the_stated_speeds():
     rows = _time_table()
     t4 = next(c for c in next(iter(rows.values())) if "T4" in c)
     assert rows["python cnn_project.py --preset cpu"][t4] == "5-15 min"
+    assert "quickly (5-15 minutes on a T4: an estimate, not measured)" in " ".join(README.read_text().split())
     assert rows["python cnn_project.py --preset cpu --datasets mnist"][t4] == "1-3 min"
     assert rows["python cnn_project.py"][t4].startswith("1-3 h")
     notebook = " ".join("".join(c["source"]) for c in json.loads((ROOT / "colab.ipynb").read_text())["cells"])

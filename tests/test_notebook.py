@@ -154,6 +154,8 @@ def test_the_notebook_says_what_to_expect_as_the_committed_records_say():
     with open(ROOT / "results" / "reference_seq2seq" / "results.pkl", "rb") as f:
         res = pickle.load(f)
     att, base = res["models"]["attention"], res["models"]["baseline"]
+    present = [length for length, n in enumerate(res["data"]["test_length_counts"]) if n]
+    assert f"held-out sequences of lengths {present[0]}-{present[-1]} reversed exactly right" in seq
     at12 = lambda r: float(r["by_length"]["exact_match"][list(r["by_length"]["length"]).index(12)])
     assert (f"with attention, {100 * att['test']['exact_match']:.0f}% of the held-out sequences" in seq
             and f"against {100 * base['test']['exact_match']:.1f}% without attention" in seq)
