@@ -5,8 +5,10 @@ repository and the notebook clones it through a file:// URL (NB_REPO_URL), then 
 requirements.txt with pip kept off the network (PIP_NO_INDEX: everything is already installed, so
 torch stays). Tiny settings through the NB_* variables its `parameters` cell reads, the real MNIST from
 the `shared/data` folder beside the checkout, results in a temp folder, a stand-in `cloudflared` on
-PATH. Asserts on what the cells show: the clone, torch kept, the precision line, the table, the
-figures, one record opened with pickle, seq2seq's figures, the app's public-URL line in sharing mode,
+PATH, and RUN left at "quick" (the path *Run all* takes). Asserts on what the cells show: the clone,
+torch kept, the committed comparison's table and plots (drawn by --report before any training), the
+precision line, the quick run's table and figures, one record opened with pickle, seq2seq's figures,
+the app's public-URL line in sharing mode,
 and the training cell interrupted in the middle of a pair (as its stop button does) and run again:
 the finished pair is skipped, the other resumes from its checkpoint. A second, short run leaves
 REPO_URL at its placeholder: the first cell stops with one sentence naming REPO_URL, and git is never
@@ -92,8 +94,8 @@ def test_colab_only_cells_hold_everything_that_needs_colab():
     assert "`colab-only`" in first and "tests/test_notebook.py" in first and "REPO_URL" in first
     params = [c for c in nb.cells if "parameters" in tags(c)]
     assert len(params) == 1 and params[0] is next(c for c in nb.cells if c.cell_type == "code")
-    for var in ("NB_REPO_URL", "NB_REPO_DIR", "NB_DATA_DIR", "NB_RESULTS_DIR", "NB_DATASETS", "NB_MODELS",
-                "NB_EPOCHS", "NB_WIDTH", "NB_SUBSET", "NB_SEQ2SEQ_ARGS"):
+    for var in ("NB_REPO_URL", "NB_REPO_DIR", "NB_DATA_DIR", "NB_RESULTS_DIR", "NB_RUN", "NB_DATASETS",
+                "NB_MODELS", "NB_EPOCHS", "NB_WIDTH", "NB_SUBSET", "NB_SEQ2SEQ_ARGS"):
         assert f'"{var}"' in params[0].source
     assert sum("train" in tags(c) for c in nb.cells) == 1
     # the defaults are the real run on Colab: results on Drive, datasets on the VM's disk
@@ -101,16 +103,63 @@ def test_colab_only_cells_hold_everything_that_needs_colab():
     assert "drive.flush_and_unmount()" in nb.cells[-1].source
 
 
-def test_the_repository_url_is_one_colab_form_field_with_a_placeholder():
-    """REPO_URL is a Colab form field (#@param) at the top of the first code cell, holding a
-    placeholder that names what to put there, and the environment (NB_REPO_URL) overrides it."""
+def test_the_settings_are_colab_form_fields_repo_url_first_with_a_placeholder():
+    """REPO_URL is a Colab form field (# @param) at the top of the first code cell, holding a
+    placeholder that names what to put there, and the environment (NB_REPO_URL) overrides it; RUN
+    offers "quick" (the default: the cpu preset) and "full" (the gpu preset), and the datasets and
+    models are fields too."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     first = next(c for c in nb.cells if c.cell_type == "code").source.splitlines()
-    fields = [line for line in first if "#@param" in line]
-    assert fields[0] == f'REPO_URL = "{PLACEHOLDER_URL}"  #@param {{type:"string"}}'
-    assert [line.split(" =")[0] for line in fields] == ["REPO_URL", "REPO_DIR"]
+    fields = [line for line in first if re.search(r"#\s?@param", line)]
+    assert fields[0] == f'REPO_URL = "{PLACEHOLDER_URL}"  # @param {{type:"string"}}'
+    assert [line.split(" =")[0] for line in fields] == ["REPO_URL", "REPO_DIR", "RUN", "DATASETS", "MODELS"]
+    assert 'RUN = "quick"  # @param ["quick", "full"]' in fields
+    assert any(line.startswith('PRESETS = {"quick": "cpu", "full": "gpu"}') for line in first)
     assert first.index(fields[0]) < 5  # at the top, under the form's title
     assert 'REPO_URL = os.environ.get("NB_REPO_URL", REPO_URL)' in "\n".join(first)
+
+
+def _summary(folder: str) -> dict:
+    import pickle
+    with open(ROOT / "results" / folder / "cnn_results.pkl", "rb") as f:
+        return pickle.load(f)  # plain Python and NumPy
+
+
+def test_the_notebook_says_what_to_expect_as_the_committed_records_say():
+    """Before the training: the committed CPU run's accuracy range per dataset (lowest and highest
+    model), how far seeds move a model, the committed GPU run's CIFAR-10 range, and where the figures
+    come from (the official CIFAR-10 here, a JPEG q75 copy in the records); before seq2seq: its
+    committed exact-match figures."""
+    import pickle
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    train_at = next(i for i, c in enumerate(nb.cells) if "train" in tags(c))
+    before = " ".join(" ".join(c.source for c in nb.cells[:train_at] if c.cell_type == "markdown").split())
+    cpu = _summary("reference_cpu")
+    spans = []
+    for dataset, label in (("mnist", "MNIST"), ("fashion_mnist", "Fashion-MNIST"), ("cifar10", "CIFAR-10")):
+        pairs = cpu["summary"][dataset]["pairs"]
+        acc = {m: 100 * p["test_accuracy_mean"] for m, p in pairs.items()}
+        assert min(acc, key=acc.get) == "lenet5" and max(acc, key=acc.get) == "resnet"  # "LeNet-5 lowest ..."
+        spans.append(f"{min(acc.values()):.2f}-{max(acc.values()):.2f}% on {label}")
+    assert f"span {spans[0]}, {spans[1]} and {spans[2]}, LeNet-5 lowest and ResNet-18 highest on each" in before
+    moves = [round(100 * max(a), 2) - round(100 * min(a), 2) for by_model in cpu["runs"].values()
+             for by_seed in by_model.values() for a in [[r["test"]["accuracy"] for r in by_seed.values()]]]
+    assert f"up to {max(moves):.2f} points" in before
+    gpu = {m: 100 * p["test_accuracy_mean"] for m, p in _summary("reference_gpu")["summary"]["cifar10"]["pairs"].items()}
+    assert f"scored {gpu['lenet5']:.2f}% (LeNet-5) to {gpu['resnet']:.2f}% (ResNet-18)" in before
+    assert min(gpu, key=gpu.get) == "lenet5" and max(gpu, key=gpu.get) == "resnet"
+    assert "official CIFAR-10 files" in before and "JPEG quality-75 copy" in before
+    assert "*estimated*" in before and "not measured" in before
+    seq = " ".join(next(c.source for c in nb.cells if c.source.startswith("## Seq2seq")).split())
+    with open(ROOT / "results" / "reference_seq2seq" / "results.pkl", "rb") as f:
+        res = pickle.load(f)
+    att, base = res["models"]["attention"], res["models"]["baseline"]
+    present = [length for length, n in enumerate(res["data"]["test_length_counts"]) if n]
+    assert f"held-out sequences of lengths {present[0]}-{present[-1]} reversed exactly right" in seq
+    at12 = lambda r: float(r["by_length"]["exact_match"][list(r["by_length"]["length"]).index(12)])
+    assert (f"with attention, {100 * att['test']['exact_match']:.0f}% of the held-out sequences" in seq
+            and f"against {100 * base['test']['exact_match']:.1f}% without attention" in seq)
+    assert f"attention holds {100 * at12(att):.0f}% at length 12 where the model without it falls to {100 * at12(base):.0f}%" in seq
 
 
 def kernel_spec(tmp: Path) -> Path:
@@ -260,20 +309,46 @@ def test_the_training_cell_interrupted_then_run_again_skips_and_resumes(executed
     assert "LeNet-5 / mnist epoch" not in out2
     assert "resuming from the checkpoint after epoch 1" in out2 and "VGG-16-BN / mnist epoch  1/2" not in out2
     assert "VGG-16-BN / mnist epoch  2/2" in out2 and "mnist/vgg: ok" in out2
-    for model in MODELS:
-        assert (results / "cnn" / "mnist" / f"{model}.pkl").is_file()
-    assert not list((results / "cnn" / "mnist").glob("*.checkpoint.pt"))
+    for model in MODELS:  # the quick run keeps its own folder on Drive
+        assert (results / "quick" / "cnn" / "mnist" / f"{model}.pkl").is_file()
+    assert not list((results / "quick" / "cnn" / "mnist").glob("*.checkpoint.pt"))
+    assert "--preset cpu" in out1.splitlines()[0]  # RUN = "quick": the committed comparison's recipe
 
 
-def test_the_report_cell_shows_the_table_and_every_plot_in_its_folder(executed):
+def test_the_training_cell_prints_its_table_and_the_next_cell_shows_every_plot_in_its_folder(executed):
     nb, results, *_ = executed
-    cell = cell_after(nb, "The comparison table")
+    second = [c for c in nb.cells if "train" in tags(c)][-1]
+    table = text_of(second)
+    assert "LeNet-5" in table and "VGG-16-BN" in table and "test" in table
+    cell = cell_after(nb, "Your plots")
     out = text_of(cell)
-    assert "LeNet-5" in out and "VGG-16-BN" in out and "test" in out
-    folder = results / "cnn" / "plots"  # drawn into the results folder (Drive)
+    folder = results / "quick" / "cnn" / "plots"  # drawn into the run's folder (Drive)
     assert f"plots: {folder}" in out
     plots = re.findall(re.escape(str(folder)) + r"/[^/\s]+\.png", out)  # the cell prints each it shows
     assert plots and images_of(cell) == len(plots) == len(list(folder.glob("*.png")))
+
+
+def test_the_committed_comparison_is_shown_before_any_training(executed):
+    """The cell after the install runs --report on the committed CPU run: its table (every model,
+    the verdicts in words) and four of its plots, inline."""
+    nb, *_ = executed
+    cell = cell_after(nb, "The committed comparison")
+    out = text_of(cell)
+    assert "$ " in out and "cnn_project.py --report --results-dir results/reference_cpu" in out
+    for name in ("LeNet-5", "AlexNet", "VGG-16-BN", "ResNet-18", "GoogLeNet", "Xception", "SE-ResNet-18"):
+        assert name in out, name
+    assert "tied" in out and images_of(cell) == 4
+
+
+def test_the_report_of_the_committed_run_comes_before_every_training_cell():
+    """In the notebook as committed: the --report cell on results/reference_cpu runs before any cell
+    that trains (the CNN training cell, seq2seq), and after the install."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    report = [i for i, c in enumerate(code) if '"--report"' in c.source and "results/reference_cpu" in c.source]
+    trains = [i for i, c in enumerate(code) if "train" in tags(c) or '"seq2seq_project.py"' in c.source]
+    install = next(i for i, c in enumerate(code) if '"pip", "install"' in c.source)
+    assert len(report) == 1 and trains and install < report[0] < min(trains)
 
 
 def test_the_pickle_cell_opens_a_record_and_plots_its_curve(executed):
