@@ -10,8 +10,8 @@ seed 0, precision) on the same software gives the same network. This script
 1. with --train: trains the seed-0 pairs that lack weights into --scratch, with cnn_project.py and
    the record's preset (a pair already trained there with the same settings is skipped, so an
    interrupted --train resumes);
-2. for each such pair trained in --scratch, checks that the new record has the same settings and
-   the same 10,000 (or however many) test predictions as the committed record, image by image;
+2. for each such pair trained in --scratch, checks that the new record has the same settings (for
+   an image folder, the same content hash: the run's data key also hashes file times) and the same 10,000 (or however many) test predictions as the committed record, image by image;
 3. only then copies the weights beside the committed record, atomically, and adds to that record
    the --predict rule computed at the end of the new training (confidence_threshold: the same
    network on the same validation split), noting it in record["restored_weights"].
@@ -60,8 +60,12 @@ def train_missing(results_dir: Path, scratch: Path, data_dir: str, missing: dict
 
 def same_network(old: dict, new: dict) -> str | None:
     """None when new (a retrained record) reproduces old; else one line saying how it differs."""
-    if cp.settings_of(old) != cp.settings_of(new):
-        return "its settings differ from the committed record's"
+    def settings(record):  # an image folder's data key hashes file times: compare its content hash
+        data = record.get("data") or {}
+        return {**cp.settings_of(record), "data": (data.get("source") or {}).get("sha256") or
+                record["config"].get("data")}
+    if settings(old) != settings(new):
+        return "its settings (or its data's content) differ from the committed record's"
     a, b = old["test"]["predictions"], new["test"]["predictions"]
     if len(a) != len(b):
         return f"it was tested on {len(b)} images, the committed record on {len(a)}"

@@ -836,6 +836,8 @@ def test_reference_records_hold_cost_and_mistakes_and_its_best_weights_predict(t
     for dataset in cp.best_models(cp.collect_runs(reference)):
         model, seed, _ = cp.predict_run(reference, dataset, list(cp.MODELS_REGISTRY))
         assert cp.weights_path(reference, dataset, model, seed).is_file(), (dataset, model, seed)
+        if dataset in ("fashion_mnist", "cifar10"):  # the best on validation kept weights: no fallback
+            assert (model, seed) == (cp.best_models(cp.collect_runs(reference))[dataset], 0)
         if dataset == "cifar10":
             continue  # below, on the JPEG files themselves
         data = cp.load_splits(cp.DATASETS[dataset], str(SHARED_DATA), 0, 5000, 20, torch.device("cpu"))
