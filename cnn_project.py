@@ -4089,7 +4089,7 @@ def explain_answer(results_dir: Path, dataset: str, model: str, net: nn.Module, 
     axes[2].set_title(f"{spec.classes[cam['predicted'][0]]} {cam['probability'][0]:.0%}: Grad-CAM\n"
                       f"at {cam['layer']}", fontsize=8.5)
     fig.suptitle("red: where the evidence for the answer is strongest (a hint, not a proof)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     out = Path(results_dir) / "cnn" / "plots" / "explain" / f"{Path(source).stem}_{dataset}_{model}.png"
     _figure(plt, out, fig)
     print(f"  Grad-CAM: {out}", flush=True)
