@@ -191,3 +191,20 @@ def test_inspect_and_explain_refuse_flags_they_would_ignore(capsys, argv, named)
         cp.main(argv)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and all(n in err for n in named), err
+
+
+def test_the_docs_state_the_layers_severities_and_subset_the_code_uses():
+    text = (cp.Path(cp.__file__).parent / "docs" / "cnn_project.md").read_text()
+    section = text.split("### Inside the networks")[1].split("\n### ")[0]
+    for model, (path, _) in cp.CAM_LAYERS.items():
+        row = next(line for line in section.splitlines()
+                   if line.startswith(f"| {cp.MODELS_REGISTRY[model][0]} |"))
+        assert f"(`{path}`)" in row, row
+    levels = [line.strip() for line in section.splitlines() if line.strip().startswith("| ")]
+    for kind, values in cp.CORRUPTIONS.items():
+        shown = ", ".join(f"{v:g}" if v != 1.0 else "1.0" for v in values)
+        assert any(line.endswith(f"| {shown} |") for line in levels), (kind, shown)
+    assert f"{cp.CORRUPTION_IMAGES:,} test images" in section and f"{cp.ECE_BINS} bins" in section
+    assert f"± {100 * 1.96 * (0.25 / cp.CORRUPTION_IMAGES) ** 0.5:.1f} points" in section
+    smoothing = cp.RECIPE["label_smoothing"]
+    assert f"label smoothing {smoothing:g}" in section and f"{1 - smoothing + smoothing / 10:.0%}" in section
