@@ -3582,7 +3582,7 @@ def predicted_labels(net: nn.Module, x_uint8: torch.Tensor, spec: DatasetSpec, b
     """Top-1 classes (int16, N) of uint8 images N x C x H x W, with bf16 autocast on a CPU with
     native bf16 (as the records were scored), fp32 elsewhere."""
     bf16 = choose_precision("auto", on_cpu=True)[0] == "bf16"
-    out = []
+    net, out = net.to(memory_format=torch.channels_last), []  # normalize's layout, as in training
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for i in range(0, len(x_uint8), batch):
             out.append(net(normalize(x_uint8[i:i + batch], spec)).argmax(1))
@@ -3779,8 +3779,8 @@ def robustness(dataset: str, entries: dict, by_model: dict, ranked: list) -> dic
         rows = []
         for key in (None, *entries[model]["weights"]["corrupted"]):
             mine = runs(model, key)
-            verdict = ({"verdict": "best on validation"} if model == against
-                       else compare_with_best(mine, runs(against, key)))
+            verdict = ({"verdict": "best on validation" if against == ranked[0] else "the one compared with"}
+                       if model == against else compare_with_best(mine, runs(against, key)))
             kind, severity = key or ("clean", 0)
             rows.append({"dataset": dataset, "model": MODELS_REGISTRY[model][0], "corruption": kind,
                          "severity": severity, "level": CORRUPTIONS[kind][severity - 1] if severity else None,
