@@ -11,7 +11,8 @@ the recipe, the data, the seven networks and the training loop.
                (fit), evaluate, and train_one: set up, fit, score one run
   THE MACHINERY (everything below supports the lesson)
     IMAGE FOLDERS, TRAINING HELPERS, PRECISION, COST AND SCORES, CHECKPOINTS, RESULTS, COMPARISON,
-    REPORT, PREDICT, CLI
+    REPORT, PREDICT, INSPECTION (--inspect: Grad-CAM, filters, feature maps, calibration,
+    robustness to corruptions, per-class accuracy), CLI
 
     python cnn_project.py                          # every model on every dataset, preset by device
     python cnn_project.py --models resnet senet --datasets mnist --epochs 5
@@ -19,6 +20,8 @@ the recipe, the data, the seven networks and the training loop.
     python cnn_project.py --report                 # rebuild table and plots from results/ alone
     python cnn_project.py --report --full-table    # ... with every statistic (p-values, F1, ...)
     python cnn_project.py --predict digit.png --dataset mnist --model vgg   # your own image
+    python cnn_project.py --predict digit.png --dataset mnist --explain   # ... and where it looked
+    python cnn_project.py --inspect --results-dir results/reference_cpu  # see inside the networks
     accelerate launch --multi_gpu --num_processes 4 cnn_project.py   # data parallel on 4 GPUs
     torchrun --standalone --nproc_per_node 2 cnn_project.py          # ... or 2 CPU processes
 
@@ -1012,7 +1015,7 @@ def train_one(model_name: str, spec: DatasetSpec, data: Splits, epochs: int, wid
 # IMAGE FOLDERS (torchvision's files, a learner's own image folder, a copy of CIFAR-10)
 # =============================================================================================
 
-RESERVED_FOLDERS = ("plots", "superseded", "unreadable")  # the program's own folders under results/cnn
+RESERVED_FOLDERS = ("plots", "superseded", "unreadable", "inspection")  # the program's own folders under results/cnn
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 FOLDER_TEST_FRACTION = 0.2  # a folder without train/ and test/: this share of each class is test
 CACHE_FORMAT = "cnn_project/folder-cache/1"
@@ -1991,14 +1994,15 @@ SETTINGS_KEYS = ("model", "dataset", "epochs", "width", *RECIPE, "seed", "precis
 RUN_COLUMNS = ("dataset", "data", "model", "seed", "status", "params", "macs_per_image",
                "train_flops", "epochs", "width", "preset", "precision", "subset", "best_epoch",
                "best_val_accuracy", "still_improving", "test_accuracy", "test_precision",
-               "test_recall", "test_f1", "test_loss", "train_time_s", "throughput_img_s",
+               "test_recall", "test_f1", "test_loss", "test_ece", "train_time_s", "throughput_img_s",
                "time_to_target_s", "failure_reason")
 SUMMARY_COLUMNS = ("dataset", "data", "model", "n_seeds", "seeds", "epochs", "width", "preset",
                    "precision", "params", "macs_per_image", "train_flops_mean",
                    "best_val_accuracy_mean", "test_accuracy_mean", "test_accuracy_std",
                    "test_accuracy_min", "test_accuracy_max", "test_f1_mean", "test_f1_std",
                    "train_time_s_mean", "throughput_img_s_mean", "timed_on", "still_improving", "verdict",
-                   "difference", "ci_low", "ci_high", "p_max", "p_values")
+                   "difference", "ci_low", "ci_high", "p_max", "p_values", "test_ece_mean",
+                   "test_ece_std", "corrupted_accuracy", "corrupted_verdicts")
 
 
 class ResultsFileError(RuntimeError):
@@ -2260,8 +2264,10 @@ def pair_rows(runs: dict, summary: dict) -> list:
 
 def write_summaries(runs: dict, summary: dict, results_dir: Path) -> None:
     """The combined pickle (cnn_results.pkl: every record, the spread and verdicts, the best per
-    dataset) and two CSV tables: cnn_summary.csv (a row per pair) and cnn_runs.csv (a row per run)."""
+    dataset) and two CSV tables: cnn_summary.csv (a row per pair) and cnn_runs.csv (a row per run);
+    with what --inspect kept (merge_inspection: ECE, corrupted accuracies) also cnn_robustness.csv."""
     results_dir = Path(results_dir)
+    robust = merge_inspection(results_dir, runs, summary)
     save_pickle({"format": RESULTS_FORMAT, "runs": runs,
                  "results": {d: {m: seeds[min(seeds)] for m, seeds in by_model.items()}
                              for d, by_model in runs.items()},
@@ -2270,8 +2276,11 @@ def write_summaries(runs: dict, summary: dict, results_dir: Path) -> None:
                 results_dir / "cnn_results.pkl")
     save_csv([{k: row[k] for k in SUMMARY_COLUMNS} for row in pair_rows(runs, summary)],
              SUMMARY_COLUMNS, results_dir / "cnn_summary.csv")
-    save_csv([{k: row[k] for k in RUN_COLUMNS} for row in run_rows(runs)], RUN_COLUMNS,
+    save_csv([{**{k: row.get(k) for k in RUN_COLUMNS}, "test_ece": summary[row["dataset"]]["pairs"][
+        row["model_key"]]["test_ece"].get(row["seed"])} for row in run_rows(runs)], RUN_COLUMNS,
              results_dir / "cnn_runs.csv")
+    if robust:
+        save_csv(robust, ROBUSTNESS_COLUMNS, results_dir / "cnn_robustness.csv")
 
 
 # Runs that share a results folder: a pair trains only under its lock (<model>.lock beside its
@@ -3211,10 +3220,7 @@ def load_trained(results_dir: Path, dataset: str, model: str, seed: int = 0) -> 
     spec = pair_spec(results_dir, dataset, model, seed)
     try:
         state = load_file(path)
-        with open(path, "rb") as f:  # the header's metadata: how the network was built
-            import json
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        width = float(header["__metadata__"]["width"])
+        width = float(weights_metadata(path)["width"])  # the header says how it was built
         net = build_model(model, spec.in_channels, len(spec.classes), width, spec.image_size)
         net.load_state_dict(state)
     except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as err:
@@ -3369,6 +3375,8 @@ def predict(args: argparse.Namespace, top_k: int = 3) -> list:
             stats = {k: v[0] for k, v in image_statistics(image).items()}
             verdict = confidence_verdict(top[0][1], rule, stats)
             print(f"{path}: " + ", ".join(f"{c} {p:.1%}" for c, p in top) + f"\n  {verdict}", flush=True)
+            if args.explain:
+                explain_answer(args.results_dir, dataset, model, net, spec, image, path)
             out.append((path, top, verdict))
     if unread:
         first = next(iter(unread.values()))
@@ -3376,6 +3384,717 @@ def predict(args: argparse.Namespace, top_k: int = 3) -> list:
                          f"--predict: {len(unread)} of {len(args.predict)} images not answered"
                          + (" (the others are, above)" if len(unread) < len(args.predict) else "")
                          + f"; the first: {first}")
+    return out
+
+
+# =============================================================================================
+# INSPECTION (inside the networks: Grad-CAM, filters, feature maps, calibration, robustness)
+# =============================================================================================
+
+# --inspect draws, per dataset, from the kept seed-0 weights and every seed's record: a Grad-CAM
+# grid, the first layer's filters, one image's feature maps stage by stage, the calibration
+# (expected calibration error and a reliability diagram), the accuracy under corruptions, and the
+# per-class accuracy of every model side by side. What it computes is kept per pair in
+# <results>/cnn/inspection/<dataset>/<model>.pkl (the records are never rewritten), keyed by the
+# weights file's SHA-256 and these settings, so a rerun only draws.
+INSPECT_FORMAT = "cnn_project/inspection/1"
+INSPECT_SEED = 0          # draws the 8 Grad-CAM images and the corruption subset, seeds the noise
+CAM_IMAGES = 8
+ECE_BINS = 15             # equal-width confidence bins (Guo et al., 2017, "On calibration of modern
+                          # neural networks")
+CORRUPTION_IMAGES = 5000  # a fixed seeded subset of the test set for every corrupted copy (the
+                          # whole 10,000 would take --inspect of 21 pairs past 15 min on 2 CPU cores)
+# Three severities of each corruption: CIFAR-10-C's severities 1, 3 and 5 (Hendrycks & Dietterich,
+# 2019, "Benchmarking neural network robustness to common corruptions"), made with torchvision's
+# transforms.v2; severity 0 is the clean image.
+CORRUPTIONS = {
+    "gaussian noise": (0.04, 0.08, 0.10),  # standard deviation, on the 0-1 pixel scale
+    "blur": (0.4, 0.7, 1.0),               # Gaussian blur, sigma in pixels
+    "contrast": (0.75, 0.4, 0.15),         # contrast factor (1 = unchanged)
+    "jpeg": (80, 58, 40),                  # JPEG quality of the re-compression
+}
+# Grad-CAM's layer per architecture: the deepest layer whose map is still 1/4 of the input's side
+# (8x8 at 32 px, 7x7 at 28 px; LeNet-5's C3: 10x10), so a map can still point at a part of the
+# object; the last stages (4x4, 2x2) would paint a few coarse blocks.
+CAM_LAYERS = {
+    "lenet5": ("features.3", "C3 conv 5x5"),
+    "alexnet": ("features.6", "conv5"),
+    "vgg": ("features.8", "stage 3, last conv"),
+    "resnet": ("stages.5", "end of stage 3"),
+    "googlenet": ("inception.7", "Inception 4e"),
+    "xception": ("entry_flow.3", "entry-flow block 256"),
+    "senet": ("stages.5", "end of stage 3"),
+}
+# The stages whose outputs the feature-map figure shows (module paths in each network).
+FEATURE_STAGES = {
+    "lenet5": (("C1", "features.0"), ("S2", "features.2"), ("C3", "features.3"), ("S4", "features.5")),
+    "alexnet": (("conv1", "features.0"), ("conv2", "features.2"), ("conv3", "features.4"),
+                ("conv5", "features.6")),
+    "vgg": (("stage 1", "features.1"), ("stage 2", "features.4"), ("stage 3", "features.8"),
+            ("stage 4", "features.12"), ("stage 5", "features.16")),
+    "resnet": (("stem", "stem"), ("stage 1", "stages.1"), ("stage 2", "stages.3"),
+               ("stage 3", "stages.5"), ("stage 4", "stages.7")),
+    "googlenet": (("stem", "stem"), ("3b", "inception.1"), ("4e", "inception.7"),
+                  ("5b", "inception.10")),
+    "xception": (("stem", "entry_flow.1"), ("block 128", "entry_flow.2"),
+                 ("block 256", "entry_flow.3"), ("block 728", "entry_flow.4"),
+                 ("middle flow", "middle_flow"), ("exit block", "exit_flow.0")),
+}
+FEATURE_STAGES["senet"] = FEATURE_STAGES["resnet"]
+FEATURE_CHANNELS = 8      # channels shown per stage: the most active on that image
+FIRST_FILTERS = 16        # first-layer filters shown per model
+
+
+class InspectError(RuntimeError):
+    """One pair (or one part of it) cannot be inspected; the message is one line saying why."""
+
+
+def expected_calibration_error(confidence, correct, bins: int = ECE_BINS) -> float:
+    """Top-1 expected calibration error (Naeini et al., 2015; Guo et al., 2017): the test images
+    are put in `bins` equal-width bins of their top-1 probability, and ECE is the mean over images
+    of |accuracy of its bin - mean confidence of its bin|, a fraction in [0, 1]. confidence: top-1
+    softmax probabilities (N), correct: whether each top-1 answer was right (N, bool). Computed by
+    torchmetrics' binary_calibration_error on (confidence, correct)."""
+    from torchmetrics.functional.classification import binary_calibration_error
+    return float(binary_calibration_error(torch.as_tensor(np.asarray(confidence), dtype=torch.float32),
+                                          torch.as_tensor(np.asarray(correct)).long(),
+                                          n_bins=bins, norm="l1"))
+
+
+def reliability_bins(confidence, correct, bins: int = ECE_BINS) -> dict:
+    """The reliability diagram's numbers: per equal-width confidence bin, the images in it
+    ('count'), their accuracy and their mean confidence (fractions; 0 for an empty bin)."""
+    confidence, correct = np.asarray(confidence, dtype=np.float64), np.asarray(correct, dtype=np.float64)
+    which = np.clip(np.floor(confidence * bins).astype(int), 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    mean = lambda v: np.bincount(which, weights=v, minlength=bins) / np.maximum(count, 1)  # noqa: E731
+    return {"count": count, "accuracy": mean(correct), "confidence": mean(confidence)}
+
+
+def run_calibration(record: dict) -> dict | None:
+    """{'ece', 'bins' (reliability_bins), 'finished_utc'} of one run's test predictions, or None
+    for a record without per-image confidences."""
+    test = record.get("test") or {}
+    if "confidence" not in test or "labels" not in test:
+        return None
+    correct = correct_on_test(record)
+    return {"ece": expected_calibration_error(test["confidence"], correct),
+            "bins": reliability_bins(test["confidence"], correct),
+            "finished_utc": record.get("finished_utc")}
+
+
+def corrupt(x: torch.Tensor, kind: str, severity: int, seed: int = INSPECT_SEED) -> torch.Tensor:
+    """One corruption of CORRUPTIONS at severity 0 (the images unchanged), 1, 2 or 3 on uint8
+    images N x C x H x W -> uint8, same shape (torchvision.transforms.v2.functional: gaussian_noise
+    seeded with `seed`, gaussian_blur, adjust_contrast, jpeg). Raises KeyError for an unknown kind."""
+    level = CORRUPTIONS[kind][severity - 1] if severity else None
+    if level is None:
+        return x
+    from torchvision.transforms.v2 import functional as TF
+    if kind == "gaussian noise":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            noisy = TF.gaussian_noise(x.float() / 255, sigma=level, clip=True)
+        return (noisy * 255).round().to(torch.uint8)
+    if kind == "blur":
+        k = 2 * math.ceil(2 * level) + 1  # the kernel covers +-2 sigma
+        return TF.gaussian_blur(x, [k, k], [level, level])
+    if kind == "contrast":
+        return TF.adjust_contrast(x, level)
+    return TF.jpeg(x, quality=level)
+
+
+def corrupted_sets(x: torch.Tensor) -> dict:
+    """{(kind, severity): uint8 images} for every corruption at severities 1-3."""
+    return {(kind, s): corrupt(x, kind, s) for kind in CORRUPTIONS for s in (1, 2, 3)}
+
+
+def hook_layer(net: nn.Module, path: str, model: str) -> nn.Module:
+    """The submodule at `path` ('stages.5'). Raises InspectError (one line) when there is none."""
+    try:
+        return net.get_submodule(path)
+    except AttributeError:
+        raise InspectError(f"{model} has no layer {path!r} to hook (CAM_LAYERS / FEATURE_STAGES "
+                           f"name a layer its network does not have)") from None
+
+
+def grad_cam(net: nn.Module, layer: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al., 2017, "Grad-CAM: visual explanations from deep networks") of
+    normalised images x (N x C x H x W) for the classes `targets` (N) at `layer`, with captum's
+    LayerGradCam: the layer's channels weighted by the mean gradient of the class score, summed,
+    ReLU, upsampled bilinearly to H x W and scaled to a peak of 1. Returns N x H x W in [0, 1].
+    Raises InspectError when the layer's output is not an image-shaped map."""
+    from captum.attr import LayerAttribution, LayerGradCam
+    attr = LayerGradCam(net, layer).attribute(x, target=targets, relu_attributions=True)
+    if attr.dim() != 4:
+        raise InspectError(f"the Grad-CAM layer gives a {attr.dim()}-D output, not a map")
+    up = LayerAttribution.interpolate(attr, tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0]
+    up = up.detach().float().clamp_min(0)
+    return up / up.flatten(1).max(1).values.clamp_min(1e-12)[:, None, None]
+
+
+def explain(net: nn.Module, model: str, spec: DatasetSpec, x_uint8: torch.Tensor) -> dict:
+    """Predicted class, its probability and the Grad-CAM (at CAM_LAYERS[model]) of uint8 images
+    N x C x H x W: {'predicted' (N), 'probability' (N), 'maps' (N x H x W float16), 'layer'}.
+    Raises InspectError when the layer cannot be hooked."""
+    path, what = CAM_LAYERS.get(model, (None, None))
+    if path is None:
+        raise InspectError(f"no Grad-CAM layer is chosen for {model} (add it to CAM_LAYERS)")
+    layer = hook_layer(net, path, model)
+    x = normalize(x_uint8, spec).contiguous()
+    with torch.no_grad():
+        probs = net(x).float().softmax(1)
+    p, predicted = probs.max(1)
+    maps = grad_cam(net, layer, x, predicted)
+    return {"predicted": predicted.numpy(), "probability": p.numpy(),
+            "maps": maps.numpy().astype(np.float16), "layer": f"{what} ({path})"}
+
+
+def first_filters(net: nn.Module) -> np.ndarray:
+    """The first convolution's first FIRST_FILTERS filters, out x in x k x k (float32)."""
+    conv = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+    return conv.weight.detach()[:FIRST_FILTERS].float().numpy()
+
+
+def stage_maps(net: nn.Module, model: str, spec: DatasetSpec, x_uint8: torch.Tensor) -> list:
+    """[(stage, path, maps FEATURE_CHANNELS x h x w float16)]: one image's (1 x C x H x W) feature
+    maps after each of FEATURE_STAGES[model], the most active channels first. Raises InspectError
+    when a stage cannot be hooked."""
+    seen, handles = {}, []
+    for label, path in FEATURE_STAGES.get(model, ()):
+        layer = hook_layer(net, path, model)
+        handles.append(layer.register_forward_hook(
+            lambda mod, args, out, label=label: seen.__setitem__(label, out.detach().float()[0])))
+    try:
+        with torch.no_grad():
+            net(normalize(x_uint8, spec))
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for label, path in FEATURE_STAGES.get(model, ()):
+        maps = seen[label]
+        top = maps.mean((1, 2)).argsort(descending=True)[:FEATURE_CHANNELS]
+        out.append((label, path, maps[top].numpy().astype(np.float16)))
+    return out
+
+
+def predicted_labels(net: nn.Module, x_uint8: torch.Tensor, spec: DatasetSpec, batch: int = 500) -> np.ndarray:
+    """Top-1 classes (int16, N) of uint8 images N x C x H x W, with bf16 autocast on a CPU with
+    native bf16 (as the records were scored), fp32 elsewhere."""
+    bf16 = choose_precision("auto", on_cpu=True)[0] == "bf16"
+    net, out = net.to(memory_format=torch.channels_last), []  # normalize's layout, as in training
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for i in range(0, len(x_uint8), batch):
+            out.append(net(normalize(x_uint8[i:i + batch], spec)).argmax(1))
+    return torch.cat(out).numpy().astype(np.int16)
+
+
+def inspection_path(results_dir: Path, dataset: str, model: str) -> Path:
+    """Where --inspect keeps what it computed for one pair: <results>/cnn/inspection/<dataset>/
+    <model>.pkl (the records and weights are left as they are)."""
+    return Path(results_dir) / "cnn" / "inspection" / dataset / f"{model}.pkl"
+
+
+def read_inspection(results_dir: Path, dataset: str, model: str) -> dict:
+    """A pair's inspection file as a dict ({} when there is none, or it is unreadable or of
+    another format: it is computed again)."""
+    try:
+        with open(inspection_path(results_dir, dataset, model), "rb") as f:
+            found = pickle.load(f)
+    except Exception:  # noqa: BLE001 - missing, truncated or foreign: recompute
+        return {}
+    return found if isinstance(found, dict) and found.get("format") == INSPECT_FORMAT else {}
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (hashlib.file_digest where Python has it)."""
+    with open(path, "rb") as f:
+        if hasattr(hashlib, "file_digest"):
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def weights_metadata(path: Path) -> dict:
+    """The metadata save_weights wrote in a safetensors header (model, width, settings, ...).
+    Raises OSError / ValueError for a file that is not safetensors."""
+    import json
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return header.get("__metadata__") or {}
+
+
+def check_weights_match(path: Path, record: dict) -> None:
+    """Raise InspectError (one line) when a weights file's settings are not its record's (another
+    run's weights copied beside it, or a record retrained without its weights)."""
+    import json
+    try:
+        stored = json.loads(weights_metadata(path)["settings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InspectError(f"{path} is not weights written by this program (no settings in its "
+                           f"header)") from None
+    own = json.loads(json.dumps(settings_of(record)))
+    if stored != own:
+        raise InspectError(f"{path} does not match its record's settings ("
+                           f"{settings_diff(stored, own) or 'they differ'}): train that pair again "
+                           f"with --force")
+
+
+def inspection_key(results_dir: Path, dataset: str, model: str) -> dict:
+    """What the cached weights-based results depend on: the weights' SHA-256 and the settings."""
+    return {"format": INSPECT_FORMAT, "weights": file_digest(weights_path(results_dir, dataset, model)),
+            "seed": INSPECT_SEED, "cam_images": CAM_IMAGES, "corruption_images": CORRUPTION_IMAGES,
+            "corruptions": CORRUPTIONS, "cam_layer": CAM_LAYERS.get(model),
+            "stages": FEATURE_STAGES.get(model)}
+
+
+@dataclass
+class TestImages:
+    """The test images --inspect draws from, the same for every model of a dataset: CAM_IMAGES
+    seeded images (uint8 N x C x H x W) with their test-set indices, and a seeded subset of
+    CORRUPTION_IMAGES with its indices, labels and corrupted copies ({(kind, severity): uint8})."""
+    cam_x: torch.Tensor
+    cam_index: np.ndarray
+    cam_y: np.ndarray
+    subset_index: np.ndarray
+    subset_y: np.ndarray
+    corrupted: dict
+
+
+def test_images(spec: DatasetSpec, args, record: dict) -> TestImages:
+    """Read a dataset's test set (seed 0's split) and draw TestImages from it. Raises
+    DatasetUnavailable, or InspectError when these test images are not the ones the record was
+    scored on (other labels or another count)."""
+    data = load_splits(spec, args.data_dir, 0, RECIPE["val_size"], None, torch.device("cpu"),
+                       spec.image_size if spec.torchvision_class is None else None, args.cache_dir)
+    labels = np.asarray(record["test"]["labels"])
+    if len(data.test_y) != len(labels) or not np.array_equal(data.test_y.numpy(), labels):
+        raise InspectError(f"the test images under --data-dir are not the {len(labels)} images the "
+                           f"{spec.name} records were scored on: point --data-dir at that data")
+    g = torch.Generator().manual_seed(INSPECT_SEED)
+    order = torch.randperm(len(labels), generator=g).numpy()
+    cam_index, subset_index = order[:CAM_IMAGES], np.sort(order[:CORRUPTION_IMAGES])
+    subset = data.test_x[torch.from_numpy(subset_index)]
+    return TestImages(data.test_x[torch.from_numpy(cam_index)], cam_index, labels[cam_index], subset_index,
+                      labels[subset_index], corrupted_sets(subset))
+
+
+def compute_pair(results_dir: Path, dataset: str, model: str, spec: DatasetSpec,
+                 images: TestImages | None) -> dict:
+    """What the weights of one pair (seed 0) show: the first filters always; with test images
+    also the Grad-CAM of the CAM images, one image's stage maps and the predictions on the clean
+    and corrupted subset. Hooking errors become one line in 'notes'. Raises ResultsFileError when
+    the weights cannot be loaded."""
+    net = load_trained(results_dir, dataset, model)
+    out = {"filters": first_filters(net), "notes": [], "cam": None, "stages": None, "corrupted": None}
+    if images is None:
+        return out
+    t0 = time.perf_counter()
+    for part, make in (("cam", lambda: explain(net, model, spec, images.cam_x)),
+                       ("stages", lambda: stage_maps(net, model, spec, images.cam_x[:1]))):
+        try:
+            out[part] = make()
+        except InspectError as err:
+            out["notes"].append(f"{dataset}/{model}: {err}; its {part} figure leaves it out")
+    out.update(cam_x=images.cam_x.numpy(), cam_index=images.cam_index, cam_y=images.cam_y,
+               subset_index=images.subset_index, subset_y=images.subset_y)
+    out["corrupted"] = {key: predicted_labels(net, x, spec) for key, x in images.corrupted.items()}
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def inspect_pair(args, dataset: str, model: str, by_seed: dict, images) -> dict:
+    """One pair's inspection, from its cache when it still holds: {'calibration': {seed:
+    run_calibration}, 'weights': compute_pair's dict with its 'key', or None, 'robustness'}.
+    `images`: a callable giving the dataset's TestImages or None (read once, on first use). Weights
+    that do not match their record, or cannot be loaded, get one 'note:' line and no weights-based
+    results (a pair without seed-0 weights has none; inspect_dataset names it). The cache is
+    rewritten (atomically) only when something changed."""
+    cached = read_inspection(args.results_dir, dataset, model)
+    calibration = {s: c for s, c in (cached.get("calibration") or {}).items()
+                   if s in by_seed and c and c["finished_utc"] == by_seed[s].get("finished_utc")}
+    fresh = {s: run_calibration(r) for s, r in by_seed.items()
+             if s not in calibration and r["status"] == "ok"}
+    calibration.update(fresh)
+    weights, path, record = cached.get("weights"), weights_path(args.results_dir, dataset, model), by_seed.get(0)
+    changed = bool(fresh) or not cached
+    try:
+        if record is None or record["status"] != "ok" or not path.is_file():
+            changed, weights = changed or weights is not None, None
+        elif (not weights or weights.get("key") != inspection_key(args.results_dir, dataset, model)
+              or (weights["corrupted"] is None and images())):
+            check_weights_match(path, record)
+            weights = dict(compute_pair(args.results_dir, dataset, model, spec_of(record), images()),
+                           key=inspection_key(args.results_dir, dataset, model))
+            changed = True
+            for line in weights["notes"]:
+                print(f"note: {line}", flush=True)
+    except (InspectError, ResultsFileError) as err:
+        print(f"note: {dataset}/{model}: {err}", flush=True)
+        changed, weights = True, None
+    entry = {"format": INSPECT_FORMAT, "calibration": calibration, "weights": weights,
+             "robustness": cached.get("robustness") if not changed else None}
+    if changed:
+        save_pickle(entry, inspection_path(args.results_dir, dataset, model))
+    return entry
+
+
+def lazy_test_images(spec: DatasetSpec, args, record: dict):
+    """A callable that reads the dataset's TestImages on its first call and returns them then and
+    after; None (after one 'note:' line) when they cannot be read."""
+    kept = {}
+
+    def get():
+        if "images" not in kept:
+            try:
+                kept["images"] = test_images(spec, args, record)
+            except (DatasetUnavailable, InspectError) as err:
+                print(f"note: {spec.name}: no test images ({str(err).split('. ')[0]}): Grad-CAM, "
+                      f"feature maps and corruptions are left out, the filters, calibration and "
+                      f"per-class accuracy are drawn", flush=True)
+                kept["images"] = None
+        return kept["images"]
+    return get
+
+
+def robustness(dataset: str, entries: dict, by_model: dict, ranked: list) -> dict:
+    """Each model's accuracy on every corrupted copy of the subset, and the verdict against the
+    best on validation (or, when it kept no weights, the best on validation that did), by the
+    clean comparison's rule (compare_with_best: McNemar and a paired bootstrap on the same
+    corrupted images). Severity 0 is the clean subset (the record's own test predictions).
+    Returns {model: {'against', 'accuracy' (mean over the corrupted copies), 'verdicts', 'rows'}}."""
+    have = [m for m in ranked if (entries[m].get("weights") or {}).get("corrupted")]
+    if not have:
+        return {}
+    against, out = have[0], {}
+    if against != ranked[0]:
+        print(f"note: {dataset}: {MODELS_REGISTRY[ranked[0]][0]}, the best on validation, kept no "
+              f"weights; the corruptions are compared with {MODELS_REGISTRY[against][0]}", flush=True)
+
+    def runs(model, key):  # one seed's pseudo-record: the predictions on these very images
+        w = entries[model]["weights"]
+        preds = (np.asarray(by_model[model][0]["test"]["predictions"])[w["subset_index"]]
+                 if key is None else w["corrupted"][key])
+        return {0: {"test": {"predictions": preds, "labels": w["subset_y"]}}}
+    for model in have:
+        rows = []
+        for key in (None, *entries[model]["weights"]["corrupted"]):
+            mine = runs(model, key)
+            verdict = ({"verdict": "best on validation" if against == ranked[0] else "the one compared with"}
+                       if model == against else compare_with_best(mine, runs(against, key)))
+            kind, severity = key or ("clean", 0)
+            rows.append({"dataset": dataset, "model": MODELS_REGISTRY[model][0], "corruption": kind,
+                         "severity": severity, "level": CORRUPTIONS[kind][severity - 1] if severity else None,
+                         "n_images": len(mine[0]["test"]["labels"]),
+                         "accuracy": float(correct_on_test(mine[0]).mean()), "against": against,
+                         **{k: verdict.get(k) for k in ("verdict", "difference", "ci_low", "ci_high", "p_max")}})
+        corrupted = [r for r in rows if r["severity"]]
+        counts = {}
+        for r in corrupted:
+            word = VERDICT_WORDS.get(r["verdict"], r["verdict"])
+            counts[word] = counts.get(word, 0) + 1
+        out[model] = {"against": against, "rows": rows,
+                      "accuracy": float(np.mean([r["accuracy"] for r in corrupted])),
+                      "verdicts": "the one compared with" if model == against else
+                      ", ".join(f"{k} in {v} of {len(corrupted)}" for k, v in counts.items())}
+    return out
+
+
+def _show_image(ax, x: np.ndarray) -> None:
+    """Draw one uint8 image C x H x W (grey or RGB) without axes."""
+    image = np.asarray(x).transpose(1, 2, 0)
+    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_gradcam(plt, dataset: str, title: str, entries: dict, classes: tuple, out: Path) -> Path | None:
+    """gradcam_<dataset>.png: the same CAM_IMAGES test images (columns) through every model with
+    weights (rows): the image under its Grad-CAM, with the predicted class and its probability
+    (green when right, red when wrong); each row names its model and layer."""
+    rows = {m: e["weights"] for m, e in entries.items() if (e.get("weights") or {}).get("cam")}
+    if not rows:
+        return None
+    first = next(iter(rows.values()))
+    n, labels = len(first["cam_index"]), first.get("cam_y")
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.45 * n + 1.6, 1.6 * len(rows) + 1.0), squeeze=False)
+    for i, (model, w) in enumerate(rows.items()):
+        for j in range(n):
+            ax, cam = axes[i, j], w["cam"]
+            _show_image(ax, w["cam_x"][j])
+            ax.imshow(cam["maps"][j].astype(np.float32), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            right = labels is None or cam["predicted"][j] == labels[j]
+            empty = " (empty map)" if not cam["maps"][j].any() else ""  # no positive evidence there
+            ax.set_title(f"{classes[cam['predicted'][j]]} {cam['probability'][j]:.0%}{empty}",
+                         fontsize=7.5, color="green" if right else "red")
+        axes[i, 0].set_ylabel(f"{MODELS_REGISTRY[model][0]}\n{cam['layer']}", fontsize=7)
+    if labels is not None:
+        for j in range(n):
+            axes[0, j].set_title(f"true: {classes[labels[j]]}\n" + axes[0, j].get_title(), fontsize=7.5,
+                                 color=axes[0, j].title.get_color())
+    fig.suptitle(f"{title}: Grad-CAM of the predicted class (seed 0; red = where the layer's "
+                 f"evidence for it is strongest)\ntitle: predicted class and its probability, green "
+                 f"right, red wrong; a plausible map is not proof of what the network uses", fontsize=9)
+    fig.tight_layout()
+    return _figure(plt, out / f"gradcam_{dataset}.png", fig)
+
+
+def plot_filters(plt, dataset: str, title: str, entries: dict, out: Path) -> Path | None:
+    """filters_<dataset>.png: each model's first convolution filters (rows: models), each scaled
+    to its own range (grey: one input channel; colour: the RGB weights)."""
+    rows = {m: e["weights"]["filters"] for m, e in entries.items() if e.get("weights")}
+    if not rows:
+        return None
+    fig, axes = plt.subplots(len(rows), FIRST_FILTERS, figsize=(0.75 * FIRST_FILTERS + 1.6,
+                                                                0.85 * len(rows) + 0.9), squeeze=False)
+    for i, (model, filters) in enumerate(rows.items()):
+        for j, ax in enumerate(axes[i]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_frame_on(j < len(filters))
+            if j >= len(filters):
+                continue
+            f = filters[j].transpose(1, 2, 0)
+            f = (f - f.min()) / max(float(f.max() - f.min()), 1e-12)
+            ax.imshow(f[..., 0] if f.shape[-1] == 1 else f[..., :3], cmap="gray", vmin=0, vmax=1)
+        k = filters.shape[-1]
+        axes[i, 0].set_ylabel(f"{MODELS_REGISTRY[model][0]}\n{k}x{k}", fontsize=7, rotation=0,
+                              ha="right", va="center")
+    fig.suptitle(f"{title}: the first convolution's filters (up to {FIRST_FILTERS} per model, seed 0, "
+                 f"each scaled to its own range)", fontsize=9)
+    fig.tight_layout()
+    return _figure(plt, out / f"filters_{dataset}.png", fig)
+
+
+def plot_feature_maps(plt, dataset: str, title: str, model: str, w: dict, out: Path) -> Path | None:
+    """featuremaps_<dataset>.png: one test image and, per stage of one model (rows), its
+    FEATURE_CHANNELS most active channels, each scaled to its own range."""
+    if not w or not w.get("stages"):
+        return None
+    stages = w["stages"]
+    fig, axes = plt.subplots(len(stages), FEATURE_CHANNELS + 1,
+                             figsize=(1.1 * (FEATURE_CHANNELS + 1) + 0.6, 1.15 * len(stages) + 0.9),
+                             squeeze=False)
+    for i, (label, path, maps) in enumerate(stages):
+        _show_image(axes[i, 0], w["cam_x"][0])
+        axes[i, 0].set_ylabel(f"{label}\n{maps.shape[-1]}x{maps.shape[-2]}", fontsize=7.5)
+        for j, ax in enumerate(axes[i, 1:]):
+            ax.axis("off")
+            if j < len(maps):
+                ax.imshow(maps[j].astype(np.float32), cmap="viridis")
+    fig.suptitle(f"{title}: one test image through {MODELS_REGISTRY[model][0]} (seed 0), stage by "
+                 f"stage: its {FEATURE_CHANNELS} most active channels (bright = strong)", fontsize=9)
+    fig.tight_layout()
+    return _figure(plt, out / f"featuremaps_{dataset}.png", fig)
+
+
+def plot_calibration(plt, dataset: str, title: str, entries: dict, out: Path) -> Path | None:
+    """calibration_<dataset>.png: a reliability diagram per model (its lowest seed): the accuracy
+    of each confidence bin against the bin's mean confidence (on the diagonal = calibrated), with
+    ECE's mean and standard deviation over seeds in each panel's title."""
+    models = [m for m, e in entries.items() if any(e["calibration"].values())]
+    if not models:
+        return None
+    cols = min(4, len(models))
+    fig, axes = plt.subplots(math.ceil(len(models) / cols), cols, figsize=(3.1 * cols, 3.2 * math.ceil(len(models) / cols) + 0.5),
+                             squeeze=False)
+    for ax in axes.flat[len(models):]:
+        ax.axis("off")
+    for ax, model in zip(axes.flat, models):
+        calibration = {s: c for s, c in entries[model]["calibration"].items() if c}
+        b = calibration[min(calibration)]["bins"]
+        edges = np.linspace(0, 1, ECE_BINS + 1)
+        used = b["count"] > 0
+        ax.bar(edges[:-1][used], b["accuracy"][used], width=1 / ECE_BINS, align="edge", color="tab:blue",
+               edgecolor="white", label="accuracy in the bin")
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="calibrated")
+        ax.plot(b["confidence"][used], b["accuracy"][used], "o", ms=2.5, color="tab:orange",
+                label="(mean confidence, accuracy)")
+        ece = [c["ece"] for c in calibration.values()]
+        ax.set_title(f"{MODELS_REGISTRY[model][0]}: ECE {_pm(*_mean_std(ece))}", fontsize=8.5)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("top-1 probability", fontsize=8)
+        ax.set_ylabel("accuracy", fontsize=8)
+    axes.flat[0].legend(fontsize=6.5, loc="upper left")
+    fig.suptitle(f"{title}: reliability diagrams ({ECE_BINS} bins, lowest seed); ECE = mean over "
+                 f"seeds ± standard deviation, in points", fontsize=9)
+    fig.tight_layout()
+    return _figure(plt, out / f"calibration_{dataset}.png", fig)
+
+
+def plot_robustness(plt, dataset: str, title: str, rob: dict, out: Path) -> Path | None:
+    """robustness_<dataset>.png: accuracy against severity (0 = clean), one panel per corruption,
+    a line per model with weights, on the same seeded subset of test images."""
+    if not rob:
+        return None
+    fig, axes = plt.subplots(1, len(CORRUPTIONS), figsize=(3.3 * len(CORRUPTIONS), 3.6), sharey=True)
+    for ax, kind in zip(axes, CORRUPTIONS):
+        for i, (model, r) in enumerate(rob.items()):
+            rows = [x for x in r["rows"] if x["corruption"] in (kind, "clean")]
+            ax.plot([x["severity"] for x in rows], [x["accuracy"] for x in rows], "o-", ms=3,
+                    color=plt.cm.tab10(i), lw=2.2 if model == r["against"] else 1.2,
+                    label=MODELS_REGISTRY[model][0] + (" (compared with)" if model == r["against"] else ""))
+        ax.set_title(f"{kind}: " + ", ".join(f"{v:g}" for v in CORRUPTIONS[kind]), fontsize=8.5)
+        ax.set_xticks([0, 1, 2, 3])
+        ax.set_xlabel("severity (0 = clean)", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy", fontsize=8)
+    axes[-1].legend(fontsize=7, loc="lower left")
+    n = next(iter(rob.values()))["rows"][0]["n_images"]
+    half = 1.96 * math.sqrt(0.25 / n)
+    fig.suptitle(f"{title}: accuracy under corruptions, seed 0, on the same {n} seeded test images "
+                 f"(95% interval of one accuracy: at most ± {half:.1%}; verdicts in cnn_robustness.csv)",
+                 fontsize=9)
+    fig.tight_layout()
+    return _figure(plt, out / f"robustness_{dataset}.png", fig)
+
+
+def plot_per_class(plt, dataset: str, title: str, by_model: dict, out: Path) -> Path | None:
+    """per_class_<dataset>.png: a heat map of test accuracy per class (columns) for every model
+    (rows), the mean over its seeds, each cell written in percent."""
+    rows = {}
+    for model, by_seed in by_model.items():
+        values = [r["test"]["per_class_accuracy"] for r in by_seed.values()
+                  if r["status"] == "ok" and r.get("test") and r["test"].get("per_class_accuracy") is not None]
+        if values:
+            rows[model] = np.mean(values, axis=0)
+    if not rows:
+        return None
+    classes = next(iter(by_model.values()))[min(next(iter(by_model.values())))]["classes"]
+    grid = np.array(list(rows.values()))
+    fig, ax = plt.subplots(figsize=(0.8 * len(classes) + 2.5, 0.45 * len(rows) + 1.6))
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=max(0.0, float(grid.min()) - 0.02), vmax=1, aspect="auto")
+    for (i, j), v in np.ndenumerate(grid):
+        ax.text(j, i, f"{v:.1%}"[:-1], ha="center", va="center", fontsize=6.5)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=7.5)
+    ax.set_yticks(range(len(rows)), [MODELS_REGISTRY[m][0] for m in rows], fontsize=7.5)
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    ax.set_title(f"{title}: test accuracy per class, % (mean over seeds)", fontsize=9)
+    fig.tight_layout()
+    return _figure(plt, out / f"per_class_{dataset}.png", fig)
+
+
+ROBUSTNESS_COLUMNS = ("dataset", "model", "corruption", "severity", "level", "n_images", "accuracy",
+                      "against", "verdict", "difference", "ci_low", "ci_high", "p_max")
+
+
+def inspect_dataset(args, dataset: str, by_model: dict, summary_of_dataset: dict, plt) -> list:
+    """Inspect one dataset's pairs (inspect_pair), compare their corrupted accuracies (robustness),
+    keep that in each pair's inspection file, and draw the six figures; returns their paths. A
+    dataset of one class gets one line and nothing else."""
+    first = records_of(by_model)[0]
+    spec, title = spec_of(first), record_label(first)
+    if len(spec.classes) < 2:
+        print(f"note: {dataset}: one class ({spec.classes[0] if spec.classes else 'none'}): there is "
+              f"nothing to tell apart, so nothing to explain or calibrate; skipped", flush=True)
+        return []
+    chosen = [m for m in args.models if m in by_model] if args.models_named else list(by_model)
+    with_seed0 = next((r for m in chosen for s, r in by_model[m].items() if s == 0 and r.get("test")), first)
+    images = lazy_test_images(spec, args, with_seed0)
+    entries = {m: inspect_pair(args, dataset, m, by_model[m], images) for m in chosen}
+    missing = [MODELS_REGISTRY[m][0] for m in chosen
+               if not weights_path(args.results_dir, dataset, m).is_file()]
+    if missing:
+        print(f"note: {dataset}: no seed-0 weights for {', '.join(missing)} in "
+              f"{Path(args.results_dir) / 'cnn' / dataset}: {'its' if len(missing) == 1 else 'their'} "
+              f"Grad-CAM, filters and corruptions are left out; calibration and per-class accuracy "
+              f"come from the records", flush=True)
+    ranked = [m for m in ranked_by_validation(summary_of_dataset["pairs"]) if m in entries]
+    rob = robustness(dataset, entries, by_model, ranked)
+    for model, entry in entries.items():
+        if entry["robustness"] != rob.get(model):
+            entry["robustness"] = rob.get(model)
+            save_pickle(entry, inspection_path(args.results_dir, dataset, model))
+    out = Path(args.results_dir) / "cnn" / "plots"
+    shown = next((m for m in (chosen[:1] if args.models_named else ranked) if entries[m].get("weights")), None)
+    paths = [plot_gradcam(plt, dataset, title, entries, spec.classes, out),
+             plot_filters(plt, dataset, title, entries, out),
+             plot_feature_maps(plt, dataset, title, shown, (entries.get(shown) or {}).get("weights"), out),
+             plot_calibration(plt, dataset, title, entries, out),
+             plot_robustness(plt, dataset, title, rob, out),
+             plot_per_class(plt, dataset, title, {m: by_model[m] for m in chosen}, out)]
+    return [p for p in paths if p is not None]
+
+
+def inspect_run(args) -> list:
+    """--inspect: for each dataset of --results-dir (or of --datasets), inspect its pairs and draw
+    its figures under <results>/cnn/plots/, then rewrite the summaries (cnn_summary.csv and
+    cnn_runs.csv gain ECE and corrupted accuracy, cnn_robustness.csv a row per corrupted copy).
+    Returns the figures' paths. Raises ResultsFileError when there are no records."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = collect_runs(args.results_dir)
+    datasets = [d for d in (args.datasets if args.datasets_named else runs) if d in runs]
+    if not datasets:
+        raise ResultsFileError(f"no records of {', '.join(args.datasets)} under "
+                               f"{Path(args.results_dir) / 'cnn'}: train first (python cnn_project.py)")
+    summary, paths = summarize(runs), []
+    for dataset in datasets:
+        t0 = time.perf_counter()
+        found = inspect_dataset(args, dataset, runs[dataset], summary[dataset], plt)
+        print(f"{dataset}: {_count(len(found), 'figure')} in {time.perf_counter() - t0:.0f} s", flush=True)
+        paths += found
+    with file_lock(Path(args.results_dir) / "cnn_report.lock", wait=True):
+        write_summaries(runs, summary, args.results_dir)
+    for p in paths:
+        print(f"  plot: {p}")
+    print(f"ECE and corrupted accuracy per model: {Path(args.results_dir) / 'cnn_summary.csv'}; every "
+          f"corrupted copy's accuracy and verdict: {Path(args.results_dir) / 'cnn_robustness.csv'}")
+    return paths
+
+
+def merge_inspection(results_dir: Path, runs: dict, summary: dict) -> list:
+    """Add what --inspect kept to the summary's pairs (in place): 'test_ece' {seed: ECE} of the
+    records it still describes, their mean and standard deviation over seeds, and the corrupted
+    accuracy and verdicts when the weights are the ones inspected. Returns the rows of
+    cnn_robustness.csv."""
+    rows = []
+    for dataset, by_model in runs.items():
+        for model, by_seed in by_model.items():
+            found, pair = read_inspection(results_dir, dataset, model), summary[dataset]["pairs"][model]
+            ece = {s: c["ece"] for s, c in (found.get("calibration") or {}).items()
+                   if c and s in by_seed and by_seed[s].get("finished_utc") == c["finished_utc"]}
+            pair["test_ece"] = ece
+            pair["test_ece_mean"], pair["test_ece_std"] = _mean_std(list(ece.values()))
+            rob, weights = found.get("robustness"), weights_path(results_dir, dataset, model)
+            if rob and weights.is_file() and found["weights"]["key"]["weights"] == file_digest(weights):
+                pair.update(corrupted_accuracy=rob["accuracy"], corrupted_verdicts=rob["verdicts"])
+                rows += [dict(r, against=MODELS_REGISTRY[r["against"]][0]) for r in rob["rows"]]
+    return rows
+
+
+def explain_answer(results_dir: Path, dataset: str, model: str, net: nn.Module, spec: DatasetSpec,
+                   image: torch.Tensor, source: str) -> Path | None:
+    """--predict --explain: save the user's image as given, as the network sees it (1 x C x H x W
+    uint8, prepare_image) and under the Grad-CAM of the answer (explain) as
+    <results>/cnn/plots/explain/<image>_<dataset>_<model>.png, print its path and return it; one
+    line and None when the model's layer cannot be hooked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    try:
+        cam = explain(net, model, spec, image)
+    except InspectError as err:
+        print(f"  not explained: {err}", flush=True)
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(8.4, 3.2))
+    axes[0].imshow(np.asarray(open_image(Path(source).read_bytes(), source)[0].convert("RGB")))
+    axes[0].set_title("your image", fontsize=9)
+    axes[0].axis("off")
+    for ax in axes[1:]:
+        _show_image(ax, image[0].numpy())
+    axes[2].imshow(cam["maps"][0].astype(np.float32), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    side = spec.image_size
+    axes[1].set_title(f"what {MODELS_REGISTRY[model][0]} sees ({side}x{side})", fontsize=9)
+    axes[2].set_title(f"{spec.classes[cam['predicted'][0]]} {cam['probability'][0]:.0%}: Grad-CAM\n"
+                      f"at {cam['layer']}", fontsize=8.5)
+    fig.suptitle("red: where the evidence for the answer is strongest (a hint, not a proof)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    out = Path(results_dir) / "cnn" / "plots" / "explain" / f"{Path(source).stem}_{dataset}_{model}.png"
+    _figure(plt, out, fig)
+    print(f"  Grad-CAM: {out}", flush=True)
     return out
 
 
@@ -3535,6 +4254,17 @@ def add_how_to_run(p: argparse.ArgumentParser) -> None:
                         "--datasets NAME (or --dataset) and optionally --models NAME [NAME ...] (or "
                         "--model; each named model answers; default: the best on validation that "
                         "kept weights)")
+    p.add_argument("--explain", action="store_true",
+                   help="with --predict: also save your image under the Grad-CAM of the model that "
+                        "answered (where in the picture the evidence for its answer is strongest) "
+                        "as a PNG, and print its path")
+    p.add_argument("--inspect", action="store_true",
+                   help="see inside the trained networks of --results-dir: per dataset a Grad-CAM "
+                        "grid, the first filters, one image's feature maps stage by stage (the first "
+                        "of --models, else the best on validation), calibration (ECE, reliability "
+                        "diagram), accuracy under noise, blur, low contrast and JPEG, and per-class "
+                        "accuracy, drawn under <results>/cnn/plots; needs the test images "
+                        "(--data-dir); --datasets and --models narrow it")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars; they are drawn only on a terminal anyway, and a log gets "
                         "one line per epoch")
@@ -3547,6 +4277,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
     check_modes(p, args)
     check_precision(p, args)
     args.models_named = args.models is not p.get_default("models")
+    args.datasets_named = args.datasets is not p.get_default("datasets")
     unknown = [n for n in args.models if n not in MODELS_REGISTRY]
     if unknown:
         p.error(f"unknown model name(s): {', '.join(unknown)}; choose from {', '.join(MODELS_REGISTRY)}")
@@ -3558,7 +4289,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
             spec = folder_key(image_folder_spec(name, hflip=not args.no_flip), args.results_dir,
                               folders)
             folders[spec.name] = spec.folder
-        elif (args.predict or args.report) and (Path(args.results_dir) / "cnn" / name).is_dir():
+        elif (args.predict or args.report or args.inspect) and (Path(args.results_dir) / "cnn" / name).is_dir():
             spec = dataclasses.replace(image_folder_spec(name), name=name)  # trained earlier
         else:
             p.error(f"unknown dataset name {name!r} and no such folder; choose from "
@@ -3610,17 +4341,22 @@ def check_modes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     --predict; a training flag (TRAINING_FLAGS) with either; --models or --datasets with --report,
     which reports every record under --results-dir. A flag given its default value changes
     nothing and passes."""
-    if args.predict and args.report:
-        p.error("--report and --predict are two modes: give one of them")
-    if args.predict and args.full_table:
-        p.error("--predict prints its answers, not a table: leave --full-table out")
-    mode = "--predict" if args.predict else "--report" if args.report else None
+    modes = [m for m in ("report", "predict", "inspect") if getattr(args, m)]
+    if len(modes) > 1:
+        p.error(f"{_flags(modes)} are separate modes: give one of them")
+    if (args.predict or args.inspect) and args.full_table:
+        p.error(f"{_flags(modes)} prints {'its answers' if args.predict else 'figures'}, not a "
+                f"table: leave --full-table out")
+    if args.explain and not args.predict:
+        p.error("--explain goes with --predict IMAGE: it shows where the model looked in your image")
+    mode = _flags(modes) if modes else None
     if mode is None:
         return
     ignored = [f for f in TRAINING_FLAGS if getattr(args, f) != p.get_default(f)]
     if ignored:
         what = ("answers with kept weights (each model's lowest seed that kept them)" if args.predict
-                else "rebuilds the table and plots from the records")
+                else "rebuilds the table and plots from the records" if args.report
+                else "draws from the kept weights and the records")
         p.error(f"{mode} {what}: {_flags(ignored)} only change{'s' * (len(ignored) == 1)} training; "
                 f"leave {'it' if len(ignored) == 1 else 'them'} out, or train without {mode}")
     named = [f for f in ("models", "datasets") if getattr(args, f) is not p.get_default(f)]
@@ -3930,6 +4666,8 @@ def main(argv=None) -> int:
     try:
         if args.predict:
             predict(args)
+        elif args.inspect:
+            inspect_run(args)
         elif args.report:
             report(args.results_dir, full=args.full_table)
         else:
