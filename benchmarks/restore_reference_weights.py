@@ -12,7 +12,8 @@ seed 0, precision) on the same software gives the same network. This script
    interrupted --train resumes);
 2. for each such pair trained in --scratch, checks that the new record has the same settings (for
    an image folder, the same content hash: the run's data key also hashes file times) and the same 10,000 (or however many) test predictions as the committed record, image by image;
-3. only then copies the weights beside the committed record, atomically, and adds to that record
+3. only then writes the weights beside the committed record, atomically, with the committed
+   record's settings in their metadata (an image folder's data key differs), and adds to that record
    the --predict rule computed at the end of the new training (confidence_threshold: the same
    network on the same validation split), noting it in record["restored_weights"].
 
@@ -22,14 +23,13 @@ different torch can do that; then the run has to be regenerated instead).
 """
 
 import argparse
-import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -90,10 +90,8 @@ def restore(results_dir: Path, scratch: Path, missing: dict) -> int:
             if problem:
                 print(f"{name}: NOT restored: {problem}", flush=True)
                 continue
-            target = cp.weights_path(results_dir, dataset, model, 0)
-            partial = target.with_name(target.name + ".tmp")
-            shutil.copyfile(source, partial)
-            os.replace(partial, target)
+            # the same tensors, under the committed record's settings (save_weights is atomic)
+            cp.save_weights(cp.weights_path(results_dir, dataset, model, 0), load_file(source), old)
             old["confidence_threshold"] = new["confidence_threshold"]
             old["restored_weights"] = {
                 "utc": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),

@@ -4,12 +4,16 @@ retraining that reproduces its test predictions image by image.
 Needs the real MNIST in ../shared/data (skips without it).
 """
 
+import json
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 import cnn_project as cp
 from test_cnn import SHARED_DATA
@@ -55,7 +59,11 @@ def test_a_reproduced_pair_gets_the_retrained_weights_and_its_predict_rule(
     assert rw.restore(folder, scratch, rw.missing_pairs(folder)) == 1
     assert "512 test predictions identical" in capsys.readouterr().out
     weights = cp.weights_path(folder, "mnist", "lenet5")
-    assert weights.read_bytes() == cp.weights_path(scratch, "mnist", "lenet5").read_bytes()
+    kept, trained = load_file(weights), load_file(cp.weights_path(scratch, "mnist", "lenet5"))
+    assert kept.keys() == trained.keys() and all(torch.equal(kept[k], trained[k]) for k in kept)
+    with safe_open(weights, "pt") as f:  # rebuilt as the committed record says
+        assert f.metadata()["settings"] == json.dumps(cp.settings_of(
+            cp.load_result(cp.result_path(folder, "mnist", "lenet5"))))
     record = cp.load_result(cp.result_path(folder, "mnist", "lenet5"))
     assert record["confidence_threshold"] and record["restored_weights"]["check"]
     assert rw.missing_pairs(folder) == {}
