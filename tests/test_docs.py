@@ -688,3 +688,17 @@ def test_the_t4_estimates_are_the_counted_compute_over_the_stated_speeds():
     notebook = " ".join("".join(c["source"]) for c in json.loads((ROOT / "colab.ipynb").read_text())["cells"])
     notebook = " ".join(notebook.split())
     assert f"{quick / 1e15:.2f} PFLOP for the quick run" in notebook and "about 5-15 minutes" in notebook
+
+
+def test_the_disk_cost_of_kept_weights_is_what_the_networks_hold():
+    """docs/cnn_project.md: every pair keeps its weights; the cost per dataset and seed is the seven
+    networks' fp32 parameters and float buffers at each preset's widths."""
+    import cnn_project as cp
+    text = " ".join(CNN_DOC.read_text().split())
+    for preset, default, stated in (("cpu", 0.25, 23), ("gpu", 1.0, 350)):
+        numbers = 0
+        for model in cp.MODELS_REGISTRY:
+            net = cp.build_model(model, 3, 10, cp.PRESETS[preset]["width"].get(model, default), 32)
+            numbers += sum(t.numel() for t in [*net.parameters(), *net.buffers()] if t.is_floating_point())
+        assert abs(numbers * 4 / 1e6 - stated) / stated < 0.05, (preset, numbers)
+        assert f"about {stated} MB" in text
