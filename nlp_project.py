@@ -575,6 +575,26 @@ def stream_generate(model, tokenizer, inputs: dict, settings: GenerationSettings
     yield from _stream_transformers(model, tokenizer, inputs, settings, stats, stop)
 
 
+def hit_token_limit(stats: GenerationStats, settings: GenerationSettings) -> bool:
+    """True when a generation ran to settings.max_new_tokens (cut there, maybe mid-word), not to its end
+    token or a Stop."""
+    return not stats.stopped and stats.new_tokens >= settings.max_new_tokens
+
+
+def extend_inputs(model, tokenizer, inputs: dict, text: str, max_new_tokens: int) -> dict:
+    """`inputs` (as chat_inputs gives them) followed by the tokens of `text`, the start of a reply that was cut,
+    so that generation continues it; only the last tokens are kept when they and `max_new_tokens` outgrow the
+    model's context."""
+    limit = max(8, input_token_limit(model, tokenizer) - max_new_tokens)
+    if is_llama(model):
+        return {"ids": (list(inputs["ids"]) + model.tokenize(text))[-limit:]}
+    import torch
+    more = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = inputs["input_ids"]
+    ids = torch.cat([ids, torch.tensor([more], dtype=ids.dtype, device=ids.device)], dim=1)[:, -limit:]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 def generate_text(model, tokenizer, inputs: dict, settings: GenerationSettings,
                   stats: GenerationStats | None = None) -> str:
     """The whole continuation of stream_generate as one string."""
@@ -1117,18 +1137,20 @@ def page_next_word(spec: str) -> None:
 def story_settings() -> GenerationSettings:
     """The Story page's sampling sliders (main area) as GenerationSettings."""
     c1, c2, c3 = st.columns(3)
+    off = busy()
     return GenerationSettings(
-        max_new_tokens=c1.slider("Max new tokens", 8, 512, CONFIG["max_new_tokens"], key="story_max"),
-        temperature=c2.slider("Temperature", 0.0, 2.0, CONFIG["temperature"], 0.05, key="story_temp"),
-        top_p=c3.slider("Top-p", 0.05, 1.0, CONFIG["top_p"], 0.05, key="story_top_p"),
-        top_k=c1.slider("Top-k (0 = off)", 0, 200, CONFIG["top_k"], key="story_top_k"),
+        max_new_tokens=c1.slider("Max new tokens", 8, 512, CONFIG["max_new_tokens"], key="story_max", disabled=off),
+        temperature=c2.slider("Temperature", 0.0, 2.0, CONFIG["temperature"], 0.05, key="story_temp", disabled=off),
+        top_p=c3.slider("Top-p", 0.05, 1.0, CONFIG["top_p"], 0.05, key="story_top_p", disabled=off),
+        top_k=c1.slider("Top-k (0 = off)", 0, 200, CONFIG["top_k"], key="story_top_k", disabled=off),
         repetition_penalty=c2.slider("Repetition penalty", 1.0, 2.0, CONFIG["repetition_penalty"], 0.05,
-                                     key="story_rep"),
-        seed=int(c3.number_input("Seed", 0, 2**31 - 1, CONFIG["seed"], key="story_seed")))
+                                     key="story_rep", disabled=off),
+        seed=int(c3.number_input("Seed", 0, 2**31 - 1, CONFIG["seed"], key="story_seed", disabled=off)))
 
 
 def page_story(spec: str) -> None:
-    """Sampled story, streamed as it is generated, with a Stop button."""
+    """Sampled story, streamed as it is generated, with a Stop button; a story cut at the token limit says
+    so and can be continued."""
     page = "Story generation"
     recover_stopped(page)
     st.caption(markdown_text(limits_line(spec)))  # what this model is good and bad at, measured where we could
@@ -1141,55 +1163,103 @@ def page_story(spec: str) -> None:
         device = None if is_llama(loaded.model) else loaded.model.device
         inputs, truncated = encode_tail(loaded.tokenizer, text, limit, device, loaded.model)
         notices = [f"Prompt longer than the model allows: only its last {limit} tokens were used."] * truncated
-        for notice in notices:
-            st.info(notice)
-        st.markdown(f"*{markdown_text(html.escape(text[-300:]))}*")
-        try:
-            story, stats = stream_to_page(page, loaded, inputs, settings, text)
-            remember(page, spec, text, story, shown=True, notices=notices, cost=stats.describe())
-        except Exception as exc:  # noqa: BLE001
-            show_failure("Generation", exc)
+        request_generation(page, loaded=loaded, inputs=inputs, settings=settings, text=text, notices=notices,
+                           spec=spec)
+    tail = None
     if result := st.session_state.get(f"result::{page}"):
-        if not result.pop("shown", False):  # just streamed: already on the page
-            show_notices(result)
-            st.markdown(f"*{markdown_text(html.escape(result['input'][-300:]))}*")
-            st.markdown(markdown_text(result["output"]))
+        show_notices(result)
+        st.markdown(f"*{markdown_text(html.escape(result['input'][-300:]))}*")
+        st.markdown(markdown_text(result["output"]))
+        tail = st.empty()  # where a continuation streams
+        if cut_notice(result) and st.button("Continue", key=f"more::{result['id']}", disabled=busy()):
+            story_continue(result, settings)
         rating_widget(result)
+    if request := take_generation(page):
+        with tail.container() if request.get("prefix") is not None and tail else st.container():
+            story_stream(page, request)
+
+
+def story_continue(result: dict, settings: GenerationSettings) -> None:
+    """Ask for `settings.max_new_tokens` more of the story `result` (prompt + story so far as the prompt)."""
+    got = get_model(result["model"], "causal-lm")
+    if got is None:
+        return
+    loaded = got[0]
+    limit = max(1, input_token_limit(loaded.model, loaded.tokenizer) - settings.max_new_tokens)
+    device = None if is_llama(loaded.model) else loaded.model.device
+    inputs, _ = encode_tail(loaded.tokenizer, result["input"] + result["output"], limit, device, loaded.model)
+    request_generation("Story generation", loaded=loaded, inputs=inputs, settings=settings, text=result["input"],
+                       notices=result["notices"], prefix=result["output"], spec=result["model"])
+
+
+def story_stream(page: str, request: dict) -> None:
+    """Stream the requested story (or its continuation, after request["prefix"]) and keep it as the result."""
+    loaded, settings, prefix = request["loaded"], request["settings"], request.get("prefix")
+    if prefix is None:
+        for notice in request["notices"]:
+            st.info(notice)
+        st.markdown(f"*{markdown_text(html.escape(request['text'][-300:]))}*")
+    try:
+        story, stats = stream_to_page(page, loaded, request["inputs"], settings, request["text"],
+                                      prefix=prefix or "", notices=request["notices"])
+    except Exception as exc:  # noqa: BLE001
+        keep_failure("Generation", exc)
+    else:
+        remember(page, request["spec"], request["text"], (prefix or "") + story, notices=request["notices"],
+                 cost=stats.describe(), cut=hit_token_limit(stats, settings) and settings.max_new_tokens)
+    st.rerun()  # redraw with every widget enabled again
 
 
 def page_chat(spec: str) -> None:
-    """Chat: history in session_state (each message stored once), notices that survive st.rerun."""
+    """Chat: history in session_state (each message stored once), notices that survive st.rerun; a reply cut
+    at the token limit says so and can be continued."""
     history = st.session_state.setdefault("chat_history", [])
     notices = st.session_state.setdefault("chat_notices", [])
     st.caption(markdown_text(limits_line(spec)))  # what this model is good and bad at, measured where we could
-    if st.sidebar.button("Clear conversation", key="chat_clear"):
+    if st.sidebar.button("Clear conversation", key="chat_clear", disabled=busy()):
         history.clear()
         notices.clear()
     if stopped := recover_stopped("Chatbot"):
         st.session_state.pop("result::Chatbot", None)
-        history.append({"role": "assistant", "content": stopped["output"], "id": stopped["id"],
-                        "model": stopped["model"], "cost": stopped["cost"]})
+        keep_reply(history, stopped["output"], stopped["model"], stopped["cost"], stopped.get("continues"))
         notices[:] = stopped["notices"]
-    for i, message in enumerate(history):
-        with st.chat_message(message["role"]):
-            st.markdown(markdown_text(message["content"]))
-            if message["role"] == "assistant":
-                rating_widget(chat_result(history, i))
+    tail, more = draw_history(history)
     for notice in notices:
         st.info(notice)
     # The model loads with the page: its recommended decoding sets the sidebar's defaults.
     if (got := get_model(spec, "causal-lm")) is None:
         return
     settings, system = chat_settings(got[0])
-    prompt = st.chat_input("Say something", key="chat_input")
+    prompt = st.chat_input("Say something", key="chat_input", disabled=busy())
     if prompt is not None:
         chat_turn(prompt, spec, got[0], history, notices, settings, system)
+    elif more:
+        chat_continue(got[0], history, settings, system)
+    if request := take_generation("Chatbot"):
+        with tail if request.get("continues") else st.chat_message("assistant"):
+            chat_stream(request, history)
+
+
+def draw_history(history: list[dict]):
+    """Draw the conversation, each reply with its notices and rating; returns (a placeholder at the end of the
+    last reply, where a continuation streams; whether its Continue button was pressed)."""
+    tail, more = None, False
+    for i, message in enumerate(history):
+        with st.chat_message(message["role"]):
+            st.markdown(markdown_text(message["content"]))
+            if message["role"] == "assistant":
+                result = chat_result(history, i)
+                tail = st.container()
+                if cut_notice(result) and i == len(history) - 1:
+                    more = st.button("Continue", key=f"more::{message['id']}", disabled=busy())
+                rating_widget(result)
+    return tail, more
 
 
 def chat_turn(prompt: str, spec: str, loaded: LoadedModel, history: list[dict], notices: list[str],
               settings: GenerationSettings, system: str = ""):
-    """Answer one chat message: append it and the streamed reply to `history`, then rerun. The model sees
-    the whole conversation (chat_inputs, with `system`), decoded with chat_settings_for."""
+    """Answer one chat message: append it to `history` and ask for the reply (request_generation). The model
+    sees the whole conversation (chat_inputs, with `system`), decoded with chat_settings_for."""
     notices.clear()
     text, cut = clean_text(prompt)
     if not text:
@@ -1198,8 +1268,6 @@ def chat_turn(prompt: str, spec: str, loaded: LoadedModel, history: list[dict], 
     if cut:
         notices.append(f"Message cut to its first {CONFIG['max_input_chars']:,} characters.")
     history.append({"role": "user", "content": text})
-    with st.chat_message("user"):
-        st.markdown(markdown_text(text))
     try:
         inputs, dropped = chat_inputs(loaded.model, loaded.tokenizer, history, settings.max_new_tokens, system)
         settings = chat_settings_for(loaded.model, loaded.tokenizer, history, settings)
@@ -1209,17 +1277,44 @@ def chat_turn(prompt: str, spec: str, loaded: LoadedModel, history: list[dict], 
         return
     if dropped:
         notices.append(f"Conversation too long for the model: the {dropped} oldest message(s) were left out.")
-    for notice in notices:
-        st.info(notice)
+    request_generation("Chatbot", loaded=loaded, inputs=inputs, settings=settings, text=text, spec=spec)
+
+
+def chat_continue(loaded: LoadedModel, history: list[dict], settings: GenerationSettings, system: str) -> None:
+    """Ask for more of the last reply, cut at the token limit: the conversation, then the reply so far."""
+    reply = history[-1]
+    inputs, _ = chat_inputs(loaded.model, loaded.tokenizer, history[:-1], settings.max_new_tokens, system)
+    inputs = extend_inputs(loaded.model, loaded.tokenizer, inputs, reply["content"], settings.max_new_tokens)
+    settings = chat_settings_for(loaded.model, loaded.tokenizer, history[:-1], settings)
+    request_generation("Chatbot", loaded=loaded, inputs=inputs, settings=settings, text=history[-2]["content"],
+                       continues=reply["id"], prefix=reply["content"], spec=reply["model"])
+
+
+def chat_stream(request: dict, history: list[dict]) -> None:
+    """Stream the requested reply (or the rest of a cut one) and keep it in `history`; then rerun."""
+    loaded, settings = request["loaded"], request["settings"]
     try:
-        with st.chat_message("assistant"):
-            reply, stats = stream_to_page("Chatbot", loaded, inputs, settings, text)
+        reply, stats = stream_to_page("Chatbot", loaded, request["inputs"], settings, request["text"],
+                                      prefix=request.get("prefix", ""), continues=request.get("continues"))
     except Exception as exc:  # noqa: BLE001
-        show_failure("Generation", exc)
-        return
-    history.append({"role": "assistant", "content": reply.strip(), "id": uuid.uuid4().hex, "model": spec,
-                    "cost": stats.describe()})
-    st.rerun()  # redraw from history so the new reply gets its rating widget
+        keep_failure("Generation", exc)
+    else:
+        keep_reply(history, request.get("prefix", "") + reply, request["spec"], stats.describe(),
+                   request.get("continues"), hit_token_limit(stats, settings) and settings.max_new_tokens)
+    st.rerun()  # redraw from history with every widget enabled again
+
+
+def keep_reply(history: list[dict], text: str, spec: str, cost: str, continues: str | None = None,
+               cut: int = 0) -> None:
+    """Put a reply into `history`: a new message, or the longer text of message `continues` (a new id, as it
+    is another output to rate). `cut`: the token limit it was cut at (0: it ended by itself)."""
+    message = {"role": "assistant", "content": text.strip(), "id": uuid.uuid4().hex, "model": spec,
+               "cost": cost, "cut": cut}
+    for i, old in enumerate(history):
+        if continues and old.get("id") == continues:
+            history[i] = message
+            return
+    history.append(message)
 
 
 def chat_settings(loaded: LoadedModel) -> tuple[GenerationSettings, str]:
@@ -1227,25 +1322,27 @@ def chat_settings(loaded: LoadedModel) -> tuple[GenerationSettings, str]:
     (decoding_defaults) unless unticked, and the no-repeat rule (NGramBlocker) unless set to 0."""
     bar = st.sidebar
     defaults, source = decoding_defaults(loaded)
-    max_new = bar.slider("Max new tokens", 8, 512, CONFIG["max_new_tokens"], key="chat_max")
+    off = busy()
+    max_new = bar.slider("Max new tokens", 8, 512, CONFIG["max_new_tokens"], key="chat_max", disabled=off)
     values = dict(defaults)
     ngram = CONFIG["chat_no_repeat_ngram"]
-    if bar.toggle("The model's recommended decoding", value=True, key="chat_auto"):
+    if bar.toggle("The model's recommended decoding", value=True, key="chat_auto", disabled=off):
         bar.caption(f"Temperature {values['temperature']:g} · top-p {values['top_p']:g} · top-k {values['top_k']} · "
                     f"repetition penalty {values['repetition_penalty']:g}, from {source}. No {ngram}-gram of tokens "
                     "twice in a reply, and none copied from an earlier reply.")
     else:
         model = uuid.uuid5(uuid.NAMESPACE_URL, loaded.spec).hex[:8]  # the sliders start anew for another model
         values["temperature"] = bar.slider("Temperature (0 = greedy)", 0.0, 2.0, float(defaults["temperature"]),
-                                           0.05, key=f"chat_temp::{model}")
-        values["top_p"] = bar.slider("Top-p", 0.05, 1.0, float(defaults["top_p"]), 0.05, key=f"chat_top_p::{model}")
+                                           0.05, key=f"chat_temp::{model}", disabled=off)
+        values["top_p"] = bar.slider("Top-p", 0.05, 1.0, float(defaults["top_p"]), 0.05, key=f"chat_top_p::{model}",
+                                     disabled=off)
         values["repetition_penalty"] = bar.slider("Repetition penalty", 1.0, 2.0, float(defaults["repetition_penalty"]),
-                                                  0.05, key=f"chat_rep::{model}")
-        ngram = bar.slider("No repeated n-gram of tokens (0 = off)", 0, 8, ngram, key="chat_ngram")
+                                                  0.05, key=f"chat_rep::{model}", disabled=off)
+        ngram = bar.slider("No repeated n-gram of tokens (0 = off)", 0, 8, ngram, key="chat_ngram", disabled=off)
     system_default, why = chat_system_default(loaded.spec)
     key = "chat_system" if not why else f"chat_system::{uuid.uuid5(uuid.NAMESPACE_URL, loaded.spec).hex[:8]}"
     system, _ = clean_text(bar.text_area("System prompt (empty: the model's own default)", system_default, key=key,
-                                         height=90), max_chars=CONFIG["max_comment_chars"])
+                                         height=90, disabled=off), max_chars=CONFIG["max_comment_chars"])
     if why:
         bar.caption(why)
     settings = GenerationSettings(max_new_tokens=max_new, temperature=float(values["temperature"]),
@@ -1261,7 +1358,7 @@ def chat_result(history: list[dict], i: int) -> dict:
     message = history[i]
     asked = history[i - 1]["content"] if i > 0 and history[i - 1]["role"] == "user" else ""
     return {"id": message["id"], "task": "Chatbot", "model": message["model"], "input": asked,
-            "output": message["content"], "cost": message.get("cost", "")}
+            "output": message["content"], "cost": message.get("cost", ""), "cut": message.get("cut", 0)}
 
 
 # The Chatbot's default system prompt where measurement chose another than the app's ("": the template's own):
@@ -1552,14 +1649,14 @@ def sidebar() -> tuple[str, str | None]:
     """Task and model pickers; returns (page, model entry or None for the Feedback page)."""
     st.sidebar.title("NLP playground")
     hub = hub_status()  # before the model lists: offline, they start with the bundled model
-    page = st.sidebar.radio("Task", TASKS + [FEEDBACK_PAGE], key="task")
+    page = st.sidebar.radio("Task", TASKS + [FEEDBACK_PAGE], key="task", disabled=busy())
     if page == FEEDBACK_PAGE:
         return page, None
     kind = TASK_KIND[page]
-    spec = st.sidebar.selectbox("Model", model_choices(kind), key=f"model::{kind}",
+    spec = st.sidebar.selectbox("Model", model_choices(kind), key=f"model::{kind}", disabled=busy(),
                                 format_func=lambda entry: model_label(entry, kind))
-    typed, _ = clean_text(st.sidebar.text_input(
-        "...or type a Hub id, local folder or .gguf file", key=f"model_custom::{kind}"), max_chars=1000)
+    typed, _ = clean_text(st.sidebar.text_input("...or type a Hub id, local folder or .gguf file",
+                                                key=f"model_custom::{kind}", disabled=busy()), max_chars=1000)
     device, dtype = pick_device()
     gguf = "llama.cpp" if llama_cpp_available() else f"transformers ({'bf16' if cpu_has_bf16() else 'fp32'})"
     loads = load_log()["loads"]
@@ -1581,16 +1678,21 @@ def run_app() -> None:
     """The Streamlit app: sidebar (task, model), then the chosen page's function."""
     st.set_page_config(page_title="NLP playground", page_icon=":speech_balloon:", layout="wide")
     apply_sharing_options()
+    st.session_state["busy_run"] = "generating" in st.session_state  # this run streams: widgets disabled
     chosen: list = []
     if not run_guarded("The sidebar", lambda: chosen.extend(sidebar())):
         return
     page, spec = chosen
     st.header(page)
+    if failure := st.session_state.pop("failure", None):
+        st.error(failure)
     forget = (f"result::{page}", f"partial::{page}")
     if page == FEEDBACK_PAGE:
         run_guarded(page, page_feedback)
     else:
         run_guarded(page, PAGES[page], spec, forget_keys=forget)
+    if st.session_state.pop("generating", None) is not None:  # asked for but not streamed (the page failed)
+        st.rerun()  # so that the widgets are enabled again
 
 
 def model_label(spec: str, kind: str = "causal-lm") -> str:
@@ -1682,10 +1784,43 @@ def default_text_model(env: dict | None = None, profile: dict | None = None) -> 
 
 
 # ---- helpers the pages share ------------------------------------------------------------------------
+def busy() -> bool:
+    """True in a run that streams a generation: every widget is drawn disabled in it, because a click reruns
+    the script, and Streamlit ends the running script (and so the stream) to start the new run."""
+    return bool(st.session_state.get("busy_run"))
+
+
+def request_generation(page: str, **request) -> None:
+    """Ask for a generation on `page` (loaded, inputs, settings, text, ...) and rerun at once: the next run
+    draws every widget disabled (busy) before the page takes the request (take_generation) and streams it."""
+    st.session_state["generating"] = {"page": page, **request}
+    st.rerun()
+
+
+def take_generation(page: str) -> dict | None:
+    """The generation requested for `page`, removed from the session (a Stop during it must not restart it)."""
+    request = st.session_state.get("generating")
+    return st.session_state.pop("generating") if request and request["page"] == page else None
+
+
+def keep_failure(what: str, exc: BaseException) -> None:
+    """Keep the one line of an unexpected error (failure_line) for the next run, which shows it on top."""
+    st.session_state["failure"] = markdown_text(failure_line(what, exc, app_is_shared()))
+
+
+def cut_notice(result: dict) -> bool:
+    """Say under an output that it was cut at its token limit (result["cut"], the limit); True if it was."""
+    if not result.get("cut"):
+        return False
+    st.info(f"Cut at the limit of {result['cut']} new tokens, maybe mid-word or mid-sentence: Continue asks the "
+            "model for more (or raise Max new tokens).")
+    return True
+
+
 def submitted(page: str, label: str, key: str, spec: str, kind: str, problem: str = ""):
     """The page's primary button: once pressed, its old output is dropped, and then either the `problem`
     with the input is shown (a warning) or the model loads: get_model's (model, direct), else None."""
-    if not st.button(label, type="primary", key=key):
+    if not st.button(label, type="primary", key=key, disabled=busy()):
         return None
     forget(page)
     if problem:
@@ -1713,7 +1848,7 @@ def get_model(spec: str, kind: str):
 
 def read_text(label: str, value: str, key: str, height: int = 150) -> str:
     """Text area -> cleaned text (clean_text); notes a cut."""
-    text, cut = clean_text(st.text_area(label, value=value, key=key, height=height))
+    text, cut = clean_text(st.text_area(label, value=value, key=key, height=height, disabled=busy()))
     if cut:
         st.info(f"Input cut to its first {CONFIG['max_input_chars']:,} characters.")
     return text
@@ -1759,9 +1894,9 @@ def rating_widget(result: dict) -> None:
         return
     cols = st.columns([1, 3])
     with cols[0]:
-        stars = st.feedback("stars", key=f"stars::{result['id']}")
+        stars = st.feedback("stars", key=f"stars::{result['id']}", disabled=busy())
     with cols[1]:
-        comment = st.text_input("Comment (optional)", key=f"comment::{result['id']}")
+        comment = st.text_input("Comment (optional)", key=f"comment::{result['id']}", disabled=busy())
     if stars is None:
         return
     comment, _ = clean_text(comment, max_chars=CONFIG["max_comment_chars"])
@@ -2498,13 +2633,14 @@ def _generate_hooks(tokenizer, settings: GenerationSettings, stats: GenerationSt
 
 
 def stream_to_page(page: str, loaded: LoadedModel, inputs: dict, settings: GenerationSettings,
-                   input_text: str) -> tuple[str, GenerationStats]:
-    """Stream a generation into the page under a Stop button; returns (text, stats). Stop, another page or a
-    closed tab ends the script: the stream closes, and the text so far waits for recover_stopped."""
+                   input_text: str, **keep) -> tuple[str, GenerationStats]:
+    """Stream a generation into the page under a Stop button; returns (text, stats). Stop or a closed tab
+    ends the script: the stream closes, and the text so far (after keep["prefix"], the start of a continued
+    output) waits for recover_stopped, with `keep`."""
     stop_slot = st.empty()
     stop_slot.button("Stop", key=f"stop::{page}", icon=":material/stop_circle:")
     stats = GenerationStats()
-    partial = {"input": input_text, "model": loaded.spec, "pieces": [], "stats": stats}
+    partial = {"input": input_text, "model": loaded.spec, "pieces": [], "stats": stats, "keep": keep}
     st.session_state[f"partial::{page}"] = partial
     pieces = stream_generate(loaded.model, loaded.tokenizer, inputs, settings, stats)
 
@@ -2553,9 +2689,11 @@ def recover_stopped(page: str) -> dict | None:
         return None
     stats = partial["stats"].finish()
     stats.stopped = True
-    text = "".join(partial["pieces"])
+    keep = partial.get("keep", {})
+    text = keep.get("prefix", "") + "".join(partial["pieces"])
+    notices = keep.get("notices", []) + [f"Generation stopped after {stats.new_tokens} tokens (Stop pressed)."]
     return remember(page, partial["model"], partial["input"], text, cost=stats.describe(), stopped=True,
-                    notices=[f"Generation stopped after {stats.new_tokens} tokens (Stop pressed or page left)."])
+                    continues=keep.get("continues"), notices=notices)
 
 
 # ---- share: the app for strangers behind a cloudflared quick tunnel ---------------------------------

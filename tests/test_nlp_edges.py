@@ -1,0 +1,59 @@
+"""nlp_project.py's pages at their edges, through AppTest on the tiny models of tests/nlp_fixtures.py:
+widgets are enabled again after a streamed reply, a reply cut at the token limit says so and can be
+continued, and feedback keeps what the user wrote."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from test_nlp import app_env, assert_clean, db_rows, new_app, tiny_models  # noqa: E402,F401 - fixtures
+
+
+def all_enabled(at) -> bool:
+    """True when no widget of the page (sidebar included) is drawn disabled."""
+    widgets = [*at.button, *at.slider, *at.text_area, *at.text_input, *at.radio, *at.selectbox, *at.chat_input,
+               *at.toggle, *at.number_input]
+    return not [w for w in widgets if getattr(w, "disabled", False)]
+
+
+def test_a_cut_chat_reply_says_so_and_continues_in_place(app_env):
+    at = new_app("Chatbot")
+    at.sidebar.slider(key="chat_max").set_value(8)  # the random tiny model never ends by itself in 8 tokens
+    at.chat_input[0].set_value("Hello!").run()
+    assert_clean(at)
+    assert "generating" not in at.session_state and all_enabled(at)
+    reply = at.session_state["chat_history"][-1]
+    assert reply["cut"] == 8 and any("Cut at the limit of 8 new tokens" in i.value for i in at.info)
+    at.button(key=f"more::{reply['id']}").click().run()
+    assert_clean(at)
+    history = at.session_state["chat_history"]
+    longer = history[-1]
+    assert len(history) == 2 and longer["content"].startswith(reply["content"][:10])
+    assert len(longer["content"]) > len(reply["content"]) and longer["id"] != reply["id"]
+    assert len(at.chat_message) == 2 and len(at.feedback) == 1 and all_enabled(at)
+
+
+def test_a_cut_story_says_so_and_continues(app_env):
+    at = new_app("Story generation")
+    at.text_area(key="story_text").set_value("Once upon a time")
+    at.slider(key="story_max").set_value(8)
+    at.button(key="story_go").click().run()
+    assert_clean(at)
+    story = at.session_state["result::Story generation"]
+    assert story["cut"] == 8 and any("Cut at the limit" in i.value for i in at.info) and all_enabled(at)
+    at.button(key=f"more::{story['id']}").click().run()
+    assert_clean(at)
+    longer = at.session_state["result::Story generation"]
+    assert longer["output"].startswith(story["output"]) and len(longer["output"]) > len(story["output"])
+    assert any(longer["output"][:20] in m.value for m in at.markdown)
+
+
+def test_a_failed_generation_is_one_line_and_the_page_works_again(app_env):
+    at = new_app("Chatbot")
+    at.session_state["generating"] = {"page": "Chatbot", "loaded": None, "inputs": {}, "settings": None,
+                                      "text": "x", "spec": "m"}
+    at.run()
+    assert not at.exception and len(at.error) == 1 and "Generation failed" in at.error[0].value
+    assert "generating" not in at.session_state and all_enabled(at)
