@@ -1243,13 +1243,17 @@ def page_chat(spec: str) -> None:
 def draw_history(history: list[dict]):
     """Draw the conversation, each reply with its notices and rating; returns (a placeholder at the end of the
     last reply, where a continuation streams; whether its Continue button was pressed)."""
-    tail, more = None, False
+    tail, more, caveats = None, False, {}
     for i, message in enumerate(history):
         with st.chat_message(message["role"]):
             st.markdown(markdown_text(message["content"]))
             if message["role"] == "assistant":
                 result = chat_result(history, i)
                 tail = st.container()
+                if message["model"] not in caveats:  # read once per model and run
+                    caveats[message["model"]] = reply_caveat(message["model"])
+                if caveats[message["model"]]:
+                    st.caption(f":warning: {markdown_text(caveats[message['model']])}")
                 if cut_notice(result) and i == len(history) - 1:
                     more = st.button("Continue", key=f"more::{message['id']}", disabled=busy())
                 rating_widget(result)
@@ -1391,31 +1395,56 @@ def facts_file(spec: str) -> str:
     return f"facts_{re.sub(r'[^A-Za-z0-9._-]+', '_', name).strip('_')}.json"
 
 
-def limits_line(spec: str) -> str:
-    """One line on what chat model `spec` is good and bad at, with its factual score measured by `eval-facts`
-    (results/nlp/facts_<model>.json); a generic line when none was measured."""
+FACTS_TRUSTED = 0.9  # share of the factual questions right at or above which a chat reply carries no caveat
+
+
+def facts_score(spec: str) -> dict | None:
+    """Model `spec`'s measured factual score (results/nlp/facts_<model>.json, by `eval-facts`) on the chat page's
+    settings: {"model", "right": "19-21", "n", "share" (mean right / n), "seeded", "parts", "date"}; None when
+    never measured."""
     report = read_results(facts_file(spec)) or {}
     result = (report.get("results") or {}).get(report.get("page_default", ""))
     if not result:
+        return None
+    runs = result["correct_runs"]
+    shares = {c: r / k for c, (r, k) in result["per_category"].items() if k}
+    return {"model": report.get("model", public_name(spec)), "n": result["n"],
+            "right": f"{min(runs)}" if min(runs) == max(runs) else f"{min(runs)}-{max(runs)}",
+            "share": sum(runs) / len(runs) / max(result["n"], 1),
+            "seeded": f" over {len(runs)} seeded runs" if len(runs) > 1 else "",
+            "parts": ", ".join(f"{FACT_CATEGORIES.get(c, c)} {s:.0%}" for c, s in shares.items()),
+            "date": str(report.get("date", ""))[:10]}
+
+
+def limits_line(spec: str) -> str:
+    """One line on what chat model `spec` is good and bad at, with its factual score measured by `eval-facts`
+    (facts_score); a generic line when none was measured."""
+    if (score := facts_score(spec)) is None:
         return (f"No factual score was measured for this model (`python benchmarks/nlp_eval.py eval-facts --model "
                 f"{public_name(spec)}` measures one). Small chat models write fluent text but often get facts "
                 "and arithmetic wrong: check anything that matters.")
-    runs = result["correct_runs"]
-    right = f"{min(runs)}" if min(runs) == max(runs) else f"{min(runs)}-{max(runs)}"
-    seeded = f" over {len(runs)} seeded runs" if len(runs) > 1 else ""
-    shares = {c: r / k for c, (r, k) in result["per_category"].items() if k}
-    parts = ", ".join(f"{FACT_CATEGORIES.get(c, c)} {s:.0%}" for c, s in shares.items())
-    share = sum(runs) / len(runs) / max(result["n"], 1)
+    share = score["share"]
     if share < 0.5:
         verdict = "good for fluent short text, unreliable for facts and arithmetic"
-    elif share < 0.9:
+    elif share < FACTS_TRUSTED:
         verdict = (f"good for fluent short text, but about 1 in {round(1 / (1 - share))} of even these simple "
                    "answers is wrong: check any fact or sum that matters")
     else:
         verdict = "mostly right on simple facts; still check anything that matters"
-    return (f"{report.get('model', public_name(spec))} answered {right} of {result['n']} simple factual questions "
-            f"right{seeded} ({parts}; measured {str(report.get('date', ''))[:10]} on the chat page's settings): "
-            f"{verdict}.")
+    return (f"{score['model']} answered {score['right']} of {score['n']} simple factual questions right"
+            f"{score['seeded']} ({score['parts']}; measured {score['date']} on the chat page's settings): {verdict}.")
+
+
+def reply_caveat(spec: str) -> str:
+    """The short caveat shown beside every chat reply of model `spec`: its measured factual score when below
+    FACTS_TRUSTED, a plain warning when never measured, "" when it scored at or above that level."""
+    if (score := facts_score(spec)) is None:
+        return "Not checked: no factual score was measured for this model here. Small models often state " \
+               "false facts and sums plainly."
+    if score["share"] >= FACTS_TRUSTED:
+        return ""
+    return (f"Not checked: {score['model']} answered only {score['right']} of {score['n']} simple factual "
+            f"questions right in a measured test. Check any fact or sum in this reply.")
 
 
 def page_sentiment(spec: str) -> None:

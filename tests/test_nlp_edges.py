@@ -57,3 +57,21 @@ def test_a_failed_generation_is_one_line_and_the_page_works_again(app_env):
     at.run()
     assert not at.exception and len(at.error) == 1 and "Generation failed" in at.error[0].value
     assert "generating" not in at.session_state and all_enabled(at)
+
+
+def test_every_chat_reply_carries_the_models_caveat(app_env, monkeypatch):
+    """The tiny model was never measured: each reply says so beside it. With a measured score below the
+    trusted level, each reply names that score; at or above it, no caveat."""
+    import nlp_project
+
+    at = new_app("Chatbot")
+    at.sidebar.slider(key="chat_max").set_value(8)
+    for message in ("Hello!", "And again?"):
+        at.chat_input[0].set_value(message).run()
+    caveats = [c.value for c in at.caption if "Not checked" in c.value]
+    assert len(caveats) == 2 and "no factual score was measured" in caveats[0]
+    score = {"model": "M", "right": "19-21", "n": 26, "share": 0.77}
+    monkeypatch.setattr(nlp_project, "facts_score", lambda spec: score)
+    assert "answered only 19-21 of 26 simple factual questions" in nlp_project.reply_caveat("m")
+    score["share"] = nlp_project.FACTS_TRUSTED
+    assert nlp_project.reply_caveat("m") == ""
