@@ -1652,9 +1652,10 @@ def page_feedback() -> None:
         st.error(scrub_paths(str(exc)) if shared else str(exc))
         return
     st.caption("Ratings from everyone using this app (1-5 stars)." if shared
-               else f"Ratings stored in `{store.path}` (1-5 stars).")
+               else f"Ratings stored in `{store.path}` (1-5 stars). Models are named short here; the CSV has their "
+                    "full names.")
     for row in summary + comments:
-        row["model"] = public_name(row["model"]) if shared else row["model"]
+        row["model"] = public_name(row["model"])
     if summary:
         st.subheader("Ratings per task and model")
         st.dataframe(summary, hide_index=True)  # cells are plain text: no Markdown, no HTML
@@ -1925,10 +1926,17 @@ def rating_widget(result: dict) -> None:
     with cols[0]:
         stars = st.feedback("stars", key=f"stars::{result['id']}", disabled=busy())
     with cols[1]:
-        comment = st.text_input("Comment (optional)", key=f"comment::{result['id']}", disabled=busy())
+        comment = st.text_input("Comment (optional)", key=f"comment::{result['id']}", disabled=busy(),
+                                max_chars=CONFIG["max_comment_chars"])
+    comment, cut = clean_text(comment, max_chars=CONFIG["max_comment_chars"])
+    if cut or len(comment) >= CONFIG["max_comment_chars"]:  # the box itself stops at the limit
+        st.caption(f"Comments hold {CONFIG['max_comment_chars']:,} characters at most: anything typed or pasted "
+                   "beyond that was not kept.")
     if stars is None:
+        if comment:
+            st.caption("Choose the stars to save this comment: a comment is saved with its rating (it stays in "
+                       "the box until then).")
         return
-    comment, _ = clean_text(comment, max_chars=CONFIG["max_comment_chars"])
     state = (stars + 1, comment)
     if st.session_state.get(f"saved::{result['id']}") == state:
         st.caption("Rating saved.")

@@ -75,3 +75,27 @@ def test_every_chat_reply_carries_the_models_caveat(app_env, monkeypatch):
     assert "answered only 19-21 of 26 simple factual questions" in nlp_project.reply_caveat("m")
     score["share"] = nlp_project.FACTS_TRUSTED
     assert nlp_project.reply_caveat("m") == ""
+
+
+def test_feedback_keeps_what_the_user_wrote(app_env):
+    """A comment typed before the stars waits in its box with a line saying why, and is saved with the stars; a
+    comment over the limit says it was cut; the Feedback page names a local model short, the CSV in full."""
+    import nlp_project
+
+    at = new_app("Story generation")
+    at.slider(key="story_max").set_value(8)
+    at.button(key="story_go").click().run()
+    result = at.session_state["result::Story generation"]
+    at.text_input(key=f"comment::{result['id']}").set_value("lovely start").run()
+    assert any("Choose the stars to save this comment" in c.value for c in at.caption) and not db_rows(app_env)
+    at.feedback[0].set_value(4).run()
+    assert db_rows(app_env) == [("Story generation", result["model"], 5, "lovely start")]
+    limit = nlp_project.CONFIG["max_comment_chars"]
+    at.text_input(key=f"comment::{result['id']}").set_value("x" * (limit + 50)).run()
+    assert any(f"Comments hold {limit:,} characters at most" in c.value for c in at.caption)
+    assert db_rows(app_env)[0][3] == "x" * limit
+    at.sidebar.radio(key="task").set_value("Feedback").run()
+    shown = [str(v) for frame in at.dataframe for v in frame.value["model"]]
+    assert shown == [nlp_project.public_name(result["model"])] * 2 and result["model"] not in shown
+    store = nlp_project.FeedbackStore(app_env)
+    assert result["model"] in store.to_csv()  # the page's CSV (private mode) has the full name
