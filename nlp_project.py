@@ -772,6 +772,22 @@ def sentiment_by_prompt(model, tokenizer, text: str, calibrate: bool = True,
     return dict(sorted(((k, v / total) for k, v in raw.items()), key=lambda kv: -kv[1])), truncated
 
 
+# Fixed before measuring (not tuned on the labelled set): below this gap between the two most preferred labels
+# the evidence is weak, and the Sentiment page says "mixed" (positive against negative) or "unsure".
+SENTIMENT_MARGIN = 0.25
+SENTIMENT_RESULTS = "sentiment_by_prompt.json"  # eval-sentiment's measurement, in results/nlp/
+SENTIMENT_PAGE = "few-shot, calibrated, the page's verdict"  # its entry for what the Sentiment page says
+
+
+def sentiment_verdict(scores: dict[str, float]) -> str:
+    """What the Sentiment page says for by-prompt `scores` (sentiment_by_prompt, high to low): the top label
+    when it leads the next by at least SENTIMENT_MARGIN, else "mixed" (positive and negative on top) or "unsure"."""
+    (first, p1), (second, p2) = list(scores.items())[:2]
+    if p1 - p2 >= SENTIMENT_MARGIN:
+        return first
+    return "mixed" if {first, second} == {"positive", "negative"} else "unsure"
+
+
 # ---- question answering: a span of the context, or a chat model's answer and what backs it ----------
 def answer_question(model, tokenizer, question: str, context: str,
                     max_answer_tokens: int = CONFIG["qa_max_answer_tokens"],
@@ -983,14 +999,16 @@ def answer_by_prompt(model, tokenizer, question: str, context: str,
     answer = answer[:max_answer_chars]
     no_answer = not answer or bool(NO_ANSWER_REPLY.search(answer))
     start, end = (-1, -1) if no_answer else _find_in_context(answer, context)
-    if start >= 0 and end - start >= 0.9 * len(context.strip()):  # the context repeated back is no answer
+    repeats = not no_answer and (start >= 0 and end - start >= 0.9 * len(context.strip())
+                                 or _find_in_context(context, answer)[0] >= 0)
+    if repeats:  # the context repeated back is no answer (answer_support says the same)
         start, end = -1, -1
     spans = [] if no_answer else [(start, end)] if start >= 0 else answer_support(answer, context, question)
     score, mean = (None, None) if no_answer else answer_confidence(model, tokenizer, instruction, answer, question,
                                                                    max_new_tokens)
     return {"answer": "" if no_answer else answer, "score": score, "mean_score": mean, "no_answer": no_answer,
             "start": spans[0][0] if spans else -1, "end": spans[-1][1] if spans else -1, "spans": spans,
-            "windows_cut": False, "by_prompt": True, "in_context": bool(spans)}
+            "windows_cut": False, "by_prompt": True, "in_context": bool(spans), "repeats_context": repeats}
 
 
 # ---- summarization: a summary cut by its length limit ends at its last whole sentence ---------------
@@ -1466,11 +1484,39 @@ def page_sentiment(spec: str) -> None:
             except Exception as exc:  # noqa: BLE001
                 show_failure("Analysis", exc)
     if result := shown_result(page, guessing="sentiment"):
-        label, score = next(iter(result["scores"].items()))
-        caption = "relative preference for the label word" if result["by_prompt"] else "confidence"
-        st.metric("Sentiment", label, f"{caption} {score:.1%}", delta_color="off")
-        st.bar_chart({"probability": result["scores"]}, horizontal=True)
+        if result["by_prompt"]:
+            show_sentiment_guess(result["scores"], result["model"])
+        else:
+            label, score = next(iter(result["scores"].items()))
+            st.metric("Sentiment", label, f"confidence {score:.1%}", delta_color="off")
+            st.bar_chart({"probability": result["scores"]}, horizontal=True)
         rating_widget(result)
+
+
+def show_sentiment_guess(scores: dict[str, float], spec: str) -> None:
+    """A chat model's sentiment by prompt as what it is: the page's verdict (sentiment_verdict: "mixed" or
+    "unsure" when the evidence is weak), the relative preference between the label words, and how often this
+    verdict was right on the labelled set (eval-sentiment)."""
+    verdict = sentiment_verdict(scores)
+    st.metric("Sentiment (a guess by prompt)", verdict)
+    st.bar_chart({"relative preference": scores}, horizontal=True)
+    weak = (f" The top two are less than {SENTIMENT_MARGIN:.0%} apart, so the evidence is weak: the page says "
+            f"{verdict}.") if verdict in ("mixed", "unsure") else ""
+    st.caption(f"The bars are the model's relative preference between the three label words after the prompt "
+               f"(they add up to 100%), not the chance that the label is right.{weak}")
+    report = read_results(SENTIMENT_RESULTS) or {}
+    measured = (report.get("results") or {}).get(SENTIMENT_PAGE)
+    if report.get("model") != public_name(spec) or not measured:
+        st.caption("How often this verdict is right was not measured for this model (`python benchmarks/nlp_eval.py "
+                   f"eval-sentiment --model {public_name(spec)}` measures it).")
+        return
+    kinds = measured["per_kind"]
+    parts = [f"{r} of {n} {name}" for key, name in (("plain", "plain ones"), ("sarcasm", "sarcastic ones"),
+                                                     ("mixed", "mixed reviews")) if key in kinds
+             for r, n in [kinds[key]]]
+    right = round(measured["accuracy"] * measured["n"])
+    st.caption(f"Measured: on {measured['n']} labelled sentences this verdict was right for {right} "
+               f"({measured['accuracy']:.0%}): {', '.join(parts)} ({str(report.get('date', ''))[:10]}).")
 
 
 def page_qa(spec: str) -> None:
@@ -1514,6 +1560,11 @@ def show_answer(res: dict, context: str, measured: dict | None = None, spec: str
     answer, verdict = markdown_text(res["answer"]), qa_verdict(res, measured)
     threshold = (measured or {}).get("threshold")
     scored = "no score" if res.get("score") is None else f"score {res['score']:.3f}"
+    if verdict == "guess" and res.get("repeats_context"):
+        st.warning(f"The model repeated (most of) the context back instead of picking an answer out of it, so "
+                   f"this does not show what answers the question: {answer} ({scored})."
+                   + _measured_rate(measured, "unbacked"))
+        return
     if verdict == "guess":
         st.warning(f"Not found in the context, so this is probably a guess: {answer} ({scored})."
                    + _measured_rate(measured, "unbacked"))

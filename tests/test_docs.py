@@ -537,3 +537,27 @@ def test_seq2seq_docs_explain_attention_beside_the_committed_heatmap():
     assert len(longest["prediction"]) != len(longest["source"])  # the third panel: reversed wrongly
     assert f"length {len(longest['source'])}, which the model never saw" in flat
     assert f"({len(longest['prediction'])} digits instead of {len(longest['source'])})" in flat
+
+
+def test_nlp_doc_sentiment_table_matches_the_committed_measurement():
+    """docs/nlp_project.md's by-prompt sentiment table and its quoted page line come from
+    results/nlp/sentiment_by_prompt.json (eval-sentiment), row by row."""
+    report = json.loads((ROOT / "results" / "nlp" / "sentiment_by_prompt.json").read_text())
+    flat = " ".join((ROOT / "docs" / "nlp_project.md").read_text().split())
+    rows = {"few-shot, plain": "three worked examples (few-shot), top label",
+            "few-shot, calibrated": "few-shot, calibrated, top label",
+            "instruction, plain": "an instruction in a chat message, first-token probabilities",
+            "instruction, calibrated": "the instruction, calibrated"}
+    for name, words in rows.items():
+        result = report["results"][name]
+        kinds = result["per_kind"]
+        assert (f"| {words} | {round(result['accuracy'] * result['n'])} | {kinds['plain'][0]} | "
+                f"{kinds['sarcasm'][0]} | {kinds['mixed'][0]} |") in flat, name
+    page = report["results"][report["app_default"]]
+    kinds, right = page["per_kind"], round(page["accuracy"] * page["n"])
+    assert (f"**{right} ({page['accuracy']:.0%})** | {kinds['plain'][0]} | {kinds['sarcasm'][0]} | "
+            f"{kinds['mixed'][0]} |") in flat
+    assert (f"on {page['n']} labelled sentences this verdict was right for {right} ({page['accuracy']:.0%}): "
+            f"{kinds['plain'][0]} of {kinds['plain'][1]} plain ones, {kinds['sarcasm'][0]} of {kinds['sarcasm'][1]} "
+            f"sarcastic ones, {kinds['mixed'][0]} of {kinds['mixed'][1]} mixed reviews") in flat
+    assert f"{report['wall_s'] // 60:.0f} min {report['wall_s'] % 60:.0f} s of wall time" in flat

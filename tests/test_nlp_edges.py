@@ -99,3 +99,49 @@ def test_feedback_keeps_what_the_user_wrote(app_env):
     assert shown == [nlp_project.public_name(result["model"])] * 2 and result["model"] not in shown
     store = nlp_project.FeedbackStore(app_env)
     assert result["model"] in store.to_csv()  # the page's CSV (private mode) has the full name
+
+
+def test_sentiment_by_prompt_says_mixed_or_unsure_when_the_evidence_is_weak():
+    import nlp_project
+
+    margin = nlp_project.SENTIMENT_MARGIN
+    assert nlp_project.sentiment_verdict({"positive": 0.5 + margin, "negative": 0.5 - margin, "neutral": 0}) \
+        == "positive"
+    assert nlp_project.sentiment_verdict({"positive": 0.45, "negative": 0.4, "neutral": 0.15}) == "mixed"
+    assert nlp_project.sentiment_verdict({"neutral": 0.45, "positive": 0.35, "negative": 0.2}) == "unsure"
+
+
+def _sentiment_guess():
+    import nlp_project
+    import streamlit as st
+
+    nlp_project.show_sentiment_guess(st.session_state["scores"], st.session_state["spec"])
+
+
+def test_the_sentiment_page_shows_a_relative_preference_and_the_measured_accuracy(app_env, tiny_models):
+    """By prompt, the page names its number a relative preference, not a confidence, and states how often its
+    verdict was right on the committed labelled set (sarcasm and mixed reviews counted apart)."""
+    import json
+
+    import nlp_project
+    from streamlit.testing.v1 import AppTest
+
+    at = new_app("Sentiment analysis")
+    at.sidebar.text_input(key="model_custom::sentiment").set_value(str(tiny_models / "causal-lm")).run()
+    at.button(key="sent_go").click().run()
+    assert_clean(at)
+    captions = " ".join(c.value for c in at.caption)
+    assert "relative preference between the three label words" in captions and "not the chance" in captions
+    assert "confidence" not in " ".join(m.label + str(m.value) for m in at.metric).lower()
+    assert "was not measured for this model" in captions  # the tiny model
+    report = json.loads((nlp_project.RESULTS_DIR / nlp_project.SENTIMENT_RESULTS).read_text())
+    measured = report["results"][nlp_project.SENTIMENT_PAGE]
+    assert {"sarcasm", "mixed", "plain"} <= set(measured["per_kind"]) and report["data"].startswith("results/")
+    at = AppTest.from_function(_sentiment_guess, default_timeout=60)
+    at.session_state["scores"] = {"positive": 0.45, "negative": 0.40, "neutral": 0.15}
+    at.session_state["spec"] = f"/some/folder/{report['model']}"  # the measured model, as the page names it
+    at.run()
+    captions = " ".join(c.value for c in at.caption)
+    (sarcastic, n_sarcastic), (mixed, n_mixed) = measured["per_kind"]["sarcasm"], measured["per_kind"]["mixed"]
+    assert at.metric[0].value == "mixed" and "evidence is weak" in captions
+    assert f"{sarcastic} of {n_sarcastic} sarcastic ones" in captions and f"{mixed} of {n_mixed} mixed" in captions
