@@ -1299,7 +1299,8 @@ def chat_turn(prompt: str, spec: str, loaded: LoadedModel, history: list[dict], 
         return
     if dropped:
         notices.append(f"Conversation too long for the model: the {dropped} oldest message(s) were left out.")
-    request_generation("Chatbot", loaded=loaded, inputs=inputs, settings=settings, text=text, spec=spec)
+    request_generation("Chatbot", loaded=loaded, inputs=inputs, settings=settings, text=text, spec=spec,
+                       system=system)
 
 
 def chat_continue(loaded: LoadedModel, history: list[dict], settings: GenerationSettings, system: str) -> None:
@@ -1309,7 +1310,7 @@ def chat_continue(loaded: LoadedModel, history: list[dict], settings: Generation
     inputs = extend_inputs(loaded.model, loaded.tokenizer, inputs, reply["content"], settings.max_new_tokens)
     settings = chat_settings_for(loaded.model, loaded.tokenizer, history[:-1], settings)
     request_generation("Chatbot", loaded=loaded, inputs=inputs, settings=settings, text=history[-2]["content"],
-                       continues=reply["id"], prefix=reply["content"], spec=reply["model"])
+                       continues=reply["id"], prefix=reply["content"], spec=reply["model"], system=system)
 
 
 def chat_stream(request: dict, history: list[dict]) -> None:
@@ -1323,6 +1324,9 @@ def chat_stream(request: dict, history: list[dict]) -> None:
     else:
         keep_reply(history, request.get("prefix", "") + reply, request["spec"], stats.describe(),
                    request.get("continues"), hit_token_limit(stats, settings) and settings.max_new_tokens)
+        if is_llama(loaded.model):  # the next message then waits only for its own tokens
+            inputs, _ = chat_inputs(loaded.model, None, history, settings.max_new_tokens, request["system"])
+            loaded.model.warm(inputs["ids"])
     st.rerun()  # redraw from history with every widget enabled again
 
 
@@ -2456,6 +2460,13 @@ class LlamaCppLM:
             self.llm.eval(ids[first:first + chunk])
         self._reusable = len(ids) // chunk * chunk
         return start
+
+    def warm(self, ids: list[int]) -> None:
+        """Evaluate `ids` into the KV cache now (as _prefill, in the same whole chunks a cold start uses), so a
+        later prompt that starts with them evaluates only the rest: the chat warms the conversation with each
+        new reply while the learner reads it. Seeded replies stay the same as from a cold cache."""
+        with self.lock:
+            self._prefill(list(ids))
 
     def _last_probs(self):
         """Softmax over the vocabulary after the last evaluated token (float64 [n_vocab]). Lock held."""
