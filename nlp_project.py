@@ -106,7 +106,7 @@ CONFIG = {
     "stream_timeout_s": 600,         # streaming: give up if no token arrives for this long (seconds)
     "llama_n_ctx": 2048,             # llama.cpp: context window allocated (tokens; SmolLM2 has 2048)
     "llama_prompt_chunk": 16,        # llama.cpp: prompts are evaluated in chunks of this many tokens (see _prefill)
-    "stream_interval_s": 0.05,       # streaming: the page is redrawn at most this often (seconds)
+    "stream_interval_s": 0.25,       # streaming: the page is redrawn at most this often (seconds)
     "text_models_in_memory": 2,      # how many text models stay loaded at once (least recently used leaves)
     "feedback_db": "results/feedback.db",  # relative to this file's folder; NLP_APP_FEEDBACK_DB overrides
     "latest_comments": 10,           # Feedback page: how many recent comments to list
@@ -1189,7 +1189,8 @@ def page_story(spec: str) -> None:
         st.markdown(f"*{markdown_text(html.escape(result['input'][-300:]))}*")
         st.markdown(markdown_text(result["output"]))
         tail = st.empty()  # where a continuation streams
-        if cut_notice(result) and st.button("Continue", key=f"more::{result['id']}", disabled=busy()):
+        key = f"more::{result['id']}"
+        if cut_notice(result) and clicked(key, st.button("Continue", key=key, disabled=busy())):
             story_continue(result, settings)
         rating_widget(result)
     if request := take_generation(page):
@@ -1248,7 +1249,7 @@ def page_chat(spec: str) -> None:
     if (got := get_model(spec, "causal-lm")) is None:
         return
     settings, system = chat_settings(got[0])
-    prompt = st.chat_input("Say something", key="chat_input", disabled=busy())
+    prompt = clicked("chat_input", st.chat_input("Say something", key="chat_input", disabled=busy()))
     if prompt is not None:
         chat_turn(prompt, spec, got[0], history, notices, settings, system)
     elif more:
@@ -1273,7 +1274,8 @@ def draw_history(history: list[dict]):
                 if caveats[message["model"]]:
                     st.caption(f":warning: {markdown_text(caveats[message['model']])}")
                 if cut_notice(result) and i == len(history) - 1:
-                    more = st.button("Continue", key=f"more::{message['id']}", disabled=busy())
+                    key = f"more::{message['id']}"
+                    more = clicked(key, st.button("Continue", key=key, disabled=busy()))
                 rating_widget(result)
     return tail, more
 
@@ -1285,17 +1287,19 @@ def chat_turn(prompt: str, spec: str, loaded: LoadedModel, history: list[dict], 
     notices.clear()
     text, cut = clean_text(prompt)
     if not text:
-        st.warning("Please type a message first.")
+        say("warning", "Please type a message first.")
         return
     if cut:
         notices.append(f"Message cut to its first {CONFIG['max_input_chars']:,} characters.")
     history.append({"role": "user", "content": text})
+    with st.chat_message("user"):  # below the conversation drawn before it, above the reply
+        st.markdown(markdown_text(text))
     try:
         inputs, dropped = chat_inputs(loaded.model, loaded.tokenizer, history, settings.max_new_tokens, system)
         settings = chat_settings_for(loaded.model, loaded.tokenizer, history, settings)
     except ValueError as exc:
         history.pop()
-        st.error(str(exc))
+        say("error", markdown_text(str(exc)))
         return
     if dropped:
         notices.append(f"Conversation too long for the model: the {dropped} oldest message(s) were left out.")
@@ -1763,21 +1767,25 @@ def run_app() -> None:
     """The Streamlit app: sidebar (task, model), then the chosen page's function."""
     st.set_page_config(page_title="NLP playground", page_icon=":speech_balloon:", layout="wide")
     apply_sharing_options()
-    st.session_state["busy_run"] = "generating" in st.session_state  # this run streams: widgets disabled
+    asked = st.session_state["asked"] = generation_asked()
+    st.session_state["busy_run"] = bool(asked)  # this run streams: every widget is drawn disabled
+    if asked:
+        keep_what_was_typed()
     chosen: list = []
     if not run_guarded("The sidebar", lambda: chosen.extend(sidebar())):
         return
     page, spec = chosen
     st.header(page)
-    if failure := st.session_state.pop("failure", None):
-        st.error(failure)
+    for kind, text in st.session_state.pop("said", []):  # kept by the run before (say, keep_failure)
+        getattr(st, kind)(text)
     forget = (f"result::{page}", f"partial::{page}")
     if page == FEEDBACK_PAGE:
         run_guarded(page, page_feedback)
     else:
         run_guarded(page, PAGES[page], spec, forget_keys=forget)
-    if st.session_state.pop("generating", None) is not None:  # asked for but not streamed (the page failed)
-        st.rerun()  # so that the widgets are enabled again
+    st.session_state.pop("generating", None)  # asked for but not streamed (the page failed)
+    if busy():  # nothing streamed after all: draw the widgets enabled again (what was said is kept)
+        st.rerun()
 
 
 def model_label(spec: str, kind: str = "causal-lm") -> str:
@@ -1869,6 +1877,37 @@ def default_text_model(env: dict | None = None, profile: dict | None = None) -> 
 
 
 # ---- helpers the pages share ------------------------------------------------------------------------
+def generation_asked() -> dict:
+    """The clicks that started this run and generate text, read before any widget is drawn (a widget drawn
+    disabled returns nothing): {"story_go": True} with a prompt, {"chat_input": message}, {"more::<id>": True}."""
+    state, asked = st.session_state, {}
+    if state.get("story_go") and clean_text(state.get("story_text", ""))[0]:
+        asked["story_go"] = True
+    if (message := state.get("chat_input")) and clean_text(message)[0]:
+        asked["chat_input"] = message
+    asked.update({key: True for key in state.keys() if str(key).startswith("more::") and state.get(key) is True})
+    return asked
+
+
+# Widgets whose values a click that generates may carry (a prompt typed just before Generate, a slider, a comment).
+TYPED_KEYS = ("story_text", "story_max", "story_temp", "story_top_p", "story_top_k", "story_rep", "story_seed",
+              "chat_max", "chat_auto", "chat_temp::", "chat_top_p::", "chat_rep::", "chat_ngram", "chat_system",
+              "comment::")
+
+
+def keep_what_was_typed() -> None:
+    """In a busy run, keep the values sent with the click: Streamlit discards what the browser sends for a
+    widget drawn disabled, but a value set through st.session_state before the widget is drawn still wins."""
+    for key in list(st.session_state.keys()):
+        if str(key).startswith(TYPED_KEYS):
+            st.session_state[key] = st.session_state[key]
+
+
+def clicked(key: str, value):
+    """A widget's value in this run: what it returned, or, drawn disabled in a busy run, what was clicked."""
+    return value or st.session_state.get("asked", {}).get(key)
+
+
 def busy() -> bool:
     """True in a run that streams a generation: every widget is drawn disabled in it, because a click reruns
     the script, and Streamlit ends the running script (and so the stream) to start the new run."""
@@ -1876,10 +1915,9 @@ def busy() -> bool:
 
 
 def request_generation(page: str, **request) -> None:
-    """Ask for a generation on `page` (loaded, inputs, settings, text, ...) and rerun at once: the next run
-    draws every widget disabled (busy) before the page takes the request (take_generation) and streams it."""
+    """Ask for a generation on `page` (loaded, inputs, settings, text, ...), streamed later in this run by the
+    page (take_generation), after every widget was drawn (disabled: busy)."""
     st.session_state["generating"] = {"page": page, **request}
-    st.rerun()
 
 
 def take_generation(page: str) -> dict | None:
@@ -1888,9 +1926,18 @@ def take_generation(page: str) -> dict | None:
     return st.session_state.pop("generating") if request and request["page"] == page else None
 
 
+def say(kind: str, text: str) -> None:
+    """st.warning / st.error (`kind`) of `text`; in a busy run also kept for the next run, which shows it on
+    top (the run that enables the widgets again would otherwise lose it)."""
+    getattr(st, kind)(text)
+    if busy():
+        st.session_state.setdefault("said", []).append((kind, text))
+
+
 def keep_failure(what: str, exc: BaseException) -> None:
     """Keep the one line of an unexpected error (failure_line) for the next run, which shows it on top."""
-    st.session_state["failure"] = markdown_text(failure_line(what, exc, app_is_shared()))
+    st.session_state.setdefault("said", []).append(("error", markdown_text(failure_line(what, exc,
+                                                                                       app_is_shared()))))
 
 
 def cut_notice(result: dict) -> bool:
@@ -1905,11 +1952,11 @@ def cut_notice(result: dict) -> bool:
 def submitted(page: str, label: str, key: str, spec: str, kind: str, problem: str = ""):
     """The page's primary button: once pressed, its old output is dropped, and then either the `problem`
     with the input is shown (a warning) or the model loads: get_model's (model, direct), else None."""
-    if not st.button(label, type="primary", key=key, disabled=busy()):
+    if not clicked(key, st.button(label, type="primary", key=key, disabled=busy())):
         return None
     forget(page)
     if problem:
-        st.warning(problem)
+        say("warning", problem)
         return None
     return get_model(spec, kind)
 
@@ -1927,7 +1974,7 @@ def get_model(spec: str, kind: str):
             loaded = cached_text_model(model_key(spec), kind)
         return loaded, check_model_fits(loaded, kind)
     except ModelLoadError as exc:
-        st.error("Could not load the model. " + markdown_text(scrub_paths(str(exc))))
+        say("error", "Could not load the model. " + markdown_text(scrub_paths(str(exc))))
         return None
 
 
@@ -2176,7 +2223,7 @@ def failure_line(what: str, exc: BaseException, shared: bool) -> str:
 
 def show_failure(what: str, exc: BaseException) -> None:
     """One st.error line for an unexpected error (see failure_line)."""
-    st.error(markdown_text(failure_line(what, exc, app_is_shared())))
+    say("error", markdown_text(failure_line(what, exc, app_is_shared())))
 
 
 def run_guarded(what: str, draw, *args, forget_keys: tuple[str, ...] = ()) -> bool:

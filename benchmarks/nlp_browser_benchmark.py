@@ -52,6 +52,11 @@ OBSERVE = """(idx) => {
   obs.observe(document.body, {childList: true, subtree: true, characterData: true});
 }"""
 
+# The reply of `turn` is complete: its stars are drawn and the script run is over. Polled twice a second (a
+# check on every animation frame, Playwright's default, would slow the page it measures).
+DONE = """(turn) => document.querySelectorAll('[data-testid="stFeedback"]').length >= turn &&
+  document.querySelector('[data-testid=stApp]')?.getAttribute('data-test-script-state') === 'notRunning'"""
+
 
 def app_turn(page, message: str, turn: int, timeout_ms: int) -> dict:
     """One reply through the page (turn 1-based); times in seconds."""
@@ -61,8 +66,8 @@ def app_turn(page, message: str, turn: int, timeout_ms: int) -> dict:
     box.fill(message)
     t0 = page.evaluate("() => performance.now()")
     box.press("Enter")
-    page.locator('[data-testid="stFeedback"]').nth(turn - 1).wait_for(timeout=timeout_ms)
-    wait_idle(page, timeout_ms)
+    page.wait_for_timeout(700)  # the run the key press starts has begun
+    page.wait_for_function(DONE, arg=turn, polling=500, timeout=timeout_ms)  # rarely: a busy page is slowed
     first = page.evaluate("() => window.__first")
     text = page.locator('[data-testid="stChatMessage"]').nth(reply_index).inner_text()
     tokens, first_ms, total_s = COST.search(text).groups()

@@ -561,3 +561,19 @@ def test_nlp_doc_sentiment_table_matches_the_committed_measurement():
             f"{kinds['plain'][0]} of {kinds['plain'][1]} plain ones, {kinds['sarcasm'][0]} of {kinds['sarcasm'][1]} "
             f"sarcastic ones, {kinds['mixed'][0]} of {kinds['mixed'][1]} mixed reviews") in flat
     assert f"{report['wall_s'] // 60:.0f} min {report['wall_s'] % 60:.0f} s of wall time" in flat
+
+
+def test_nlp_doc_browser_speed_tables_match_the_committed_runs():
+    """docs/nlp_project.md's two browser-speed tables (after and before the speed changes) are the committed
+    runs of benchmarks/nlp_browser_benchmark.py, turn by turn."""
+    flat = (ROOT / "docs" / "nlp_project.md").read_text()
+    for name in ("browser_chat_speed_smollm2.json", "browser_chat_speed_smollm2_before.json"):
+        report = json.loads((ROOT / "results" / "nlp" / name).read_text())
+        assert report["cpu"].startswith("AMD EPYC") and report["repeats"] == 3
+        for turn in range(1, 6):
+            row = report["summary"][f"turn {turn}"]
+            d, f = row["decode_ratio"], row["ttft_ratio"]
+            assert (f"| {turn} | {d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f}) | "
+                    f"{row['app']['decode_tokens_per_s']:.1f} and {row['direct']['decode_tokens_per_s']:.1f} | "
+                    f"{f['median']:.2f} ({f['min']:.2f}-{f['max']:.2f}) | {row['app']['ttft_s'] * 1000:.0f} and "
+                    f"{row['direct']['ttft_s'] * 1000:.0f} ms |") in flat, (name, turn)

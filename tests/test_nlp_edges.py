@@ -43,6 +43,7 @@ def test_a_cut_story_says_so_and_continues(app_env):
     assert_clean(at)
     story = at.session_state["result::Story generation"]
     assert story["cut"] == 8 and any("Cut at the limit" in i.value for i in at.info) and all_enabled(at)
+    assert story["input"] == "Once upon a time"  # typed and sent with the click, while the box was disabled
     at.button(key=f"more::{story['id']}").click().run()
     assert_clean(at)
     longer = at.session_state["result::Story generation"]
