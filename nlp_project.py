@@ -106,7 +106,7 @@ CONFIG = {
     "stream_timeout_s": 600,         # streaming: give up if no token arrives for this long (seconds)
     "llama_n_ctx": 2048,             # llama.cpp: context window allocated (tokens; SmolLM2 has 2048)
     "llama_prompt_chunk": 16,        # llama.cpp: prompts are evaluated in chunks of this many tokens (see _prefill)
-    "stream_interval_s": 0.05,       # streaming: the page is redrawn at most this often (seconds)
+    "stream_interval_s": 0.25,       # streaming: the page is redrawn at most this often (seconds)
     "text_models_in_memory": 2,      # how many text models stay loaded at once (least recently used leaves)
     "feedback_db": "results/feedback.db",  # relative to this file's folder; NLP_APP_FEEDBACK_DB overrides
     "latest_comments": 10,           # Feedback page: how many recent comments to list
@@ -575,6 +575,26 @@ def stream_generate(model, tokenizer, inputs: dict, settings: GenerationSettings
     yield from _stream_transformers(model, tokenizer, inputs, settings, stats, stop)
 
 
+def hit_token_limit(stats: GenerationStats, settings: GenerationSettings) -> bool:
+    """True when a generation ran to settings.max_new_tokens (cut there, maybe mid-word), not to its end
+    token or a Stop."""
+    return not stats.stopped and stats.new_tokens >= settings.max_new_tokens
+
+
+def extend_inputs(model, tokenizer, inputs: dict, text: str, max_new_tokens: int) -> dict:
+    """`inputs` (as chat_inputs gives them) followed by the tokens of `text`, the start of a reply that was cut,
+    so that generation continues it; only the last tokens are kept when they and `max_new_tokens` outgrow the
+    model's context."""
+    limit = max(8, input_token_limit(model, tokenizer) - max_new_tokens)
+    if is_llama(model):
+        return {"ids": (list(inputs["ids"]) + model.tokenize(text))[-limit:]}
+    import torch
+    more = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = inputs["input_ids"]
+    ids = torch.cat([ids, torch.tensor([more], dtype=ids.dtype, device=ids.device)], dim=1)[:, -limit:]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 def generate_text(model, tokenizer, inputs: dict, settings: GenerationSettings,
                   stats: GenerationStats | None = None) -> str:
     """The whole continuation of stream_generate as one string."""
@@ -750,6 +770,22 @@ def sentiment_by_prompt(model, tokenizer, text: str, calibrate: bool = True,
         raw = {lab: raw[lab] / _CALIBRATION[key][lab] for lab in SENTIMENT_LABELS}
     total = sum(raw.values()) or 1.0
     return dict(sorted(((k, v / total) for k, v in raw.items()), key=lambda kv: -kv[1])), truncated
+
+
+# Fixed before measuring (not tuned on the labelled set): below this gap between the two most preferred labels
+# the evidence is weak, and the Sentiment page says "mixed" (positive against negative) or "unsure".
+SENTIMENT_MARGIN = 0.25
+SENTIMENT_RESULTS = "sentiment_by_prompt.json"  # eval-sentiment's measurement, in results/nlp/
+SENTIMENT_PAGE = "few-shot, calibrated, the page's verdict"  # its entry for what the Sentiment page says
+
+
+def sentiment_verdict(scores: dict[str, float]) -> str:
+    """What the Sentiment page says for by-prompt `scores` (sentiment_by_prompt, high to low): the top label
+    when it leads the next by at least SENTIMENT_MARGIN, else "mixed" (positive and negative on top) or "unsure"."""
+    (first, p1), (second, p2) = list(scores.items())[:2]
+    if p1 - p2 >= SENTIMENT_MARGIN:
+        return first
+    return "mixed" if {first, second} == {"positive", "negative"} else "unsure"
 
 
 # ---- question answering: a span of the context, or a chat model's answer and what backs it ----------
@@ -963,14 +999,16 @@ def answer_by_prompt(model, tokenizer, question: str, context: str,
     answer = answer[:max_answer_chars]
     no_answer = not answer or bool(NO_ANSWER_REPLY.search(answer))
     start, end = (-1, -1) if no_answer else _find_in_context(answer, context)
-    if start >= 0 and end - start >= 0.9 * len(context.strip()):  # the context repeated back is no answer
+    repeats = not no_answer and (start >= 0 and end - start >= 0.9 * len(context.strip())
+                                 or _find_in_context(context, answer)[0] >= 0)
+    if repeats:  # the context repeated back is no answer (answer_support says the same)
         start, end = -1, -1
     spans = [] if no_answer else [(start, end)] if start >= 0 else answer_support(answer, context, question)
     score, mean = (None, None) if no_answer else answer_confidence(model, tokenizer, instruction, answer, question,
                                                                    max_new_tokens)
     return {"answer": "" if no_answer else answer, "score": score, "mean_score": mean, "no_answer": no_answer,
             "start": spans[0][0] if spans else -1, "end": spans[-1][1] if spans else -1, "spans": spans,
-            "windows_cut": False, "by_prompt": True, "in_context": bool(spans)}
+            "windows_cut": False, "by_prompt": True, "in_context": bool(spans), "repeats_context": repeats}
 
 
 # ---- summarization: a summary cut by its length limit ends at its last whole sentence ---------------
@@ -1117,18 +1155,20 @@ def page_next_word(spec: str) -> None:
 def story_settings() -> GenerationSettings:
     """The Story page's sampling sliders (main area) as GenerationSettings."""
     c1, c2, c3 = st.columns(3)
+    off = busy()
     return GenerationSettings(
-        max_new_tokens=c1.slider("Max new tokens", 8, 512, CONFIG["max_new_tokens"], key="story_max"),
-        temperature=c2.slider("Temperature", 0.0, 2.0, CONFIG["temperature"], 0.05, key="story_temp"),
-        top_p=c3.slider("Top-p", 0.05, 1.0, CONFIG["top_p"], 0.05, key="story_top_p"),
-        top_k=c1.slider("Top-k (0 = off)", 0, 200, CONFIG["top_k"], key="story_top_k"),
+        max_new_tokens=c1.slider("Max new tokens", 8, 512, CONFIG["max_new_tokens"], key="story_max", disabled=off),
+        temperature=c2.slider("Temperature", 0.0, 2.0, CONFIG["temperature"], 0.05, key="story_temp", disabled=off),
+        top_p=c3.slider("Top-p", 0.05, 1.0, CONFIG["top_p"], 0.05, key="story_top_p", disabled=off),
+        top_k=c1.slider("Top-k (0 = off)", 0, 200, CONFIG["top_k"], key="story_top_k", disabled=off),
         repetition_penalty=c2.slider("Repetition penalty", 1.0, 2.0, CONFIG["repetition_penalty"], 0.05,
-                                     key="story_rep"),
-        seed=int(c3.number_input("Seed", 0, 2**31 - 1, CONFIG["seed"], key="story_seed")))
+                                     key="story_rep", disabled=off),
+        seed=int(c3.number_input("Seed", 0, 2**31 - 1, CONFIG["seed"], key="story_seed", disabled=off)))
 
 
 def page_story(spec: str) -> None:
-    """Sampled story, streamed as it is generated, with a Stop button."""
+    """Sampled story, streamed as it is generated, with a Stop button; a story cut at the token limit says
+    so and can be continued."""
     page = "Story generation"
     recover_stopped(page)
     st.caption(markdown_text(limits_line(spec)))  # what this model is good and bad at, measured where we could
@@ -1141,85 +1181,170 @@ def page_story(spec: str) -> None:
         device = None if is_llama(loaded.model) else loaded.model.device
         inputs, truncated = encode_tail(loaded.tokenizer, text, limit, device, loaded.model)
         notices = [f"Prompt longer than the model allows: only its last {limit} tokens were used."] * truncated
-        for notice in notices:
-            st.info(notice)
-        st.markdown(f"*{markdown_text(html.escape(text[-300:]))}*")
-        try:
-            story, stats = stream_to_page(page, loaded, inputs, settings, text)
-            remember(page, spec, text, story, shown=True, notices=notices, cost=stats.describe())
-        except Exception as exc:  # noqa: BLE001
-            show_failure("Generation", exc)
+        request_generation(page, loaded=loaded, inputs=inputs, settings=settings, text=text, notices=notices,
+                           spec=spec)
+    tail = None
     if result := st.session_state.get(f"result::{page}"):
-        if not result.pop("shown", False):  # just streamed: already on the page
-            show_notices(result)
-            st.markdown(f"*{markdown_text(html.escape(result['input'][-300:]))}*")
-            st.markdown(markdown_text(result["output"]))
+        show_notices(result)
+        st.markdown(f"*{markdown_text(html.escape(result['input'][-300:]))}*")
+        st.markdown(markdown_text(result["output"]))
+        tail = st.empty()  # where a continuation streams
+        key = f"more::{result['id']}"
+        if cut_notice(result) and clicked(key, st.button("Continue", key=key, disabled=busy())):
+            story_continue(result, settings)
         rating_widget(result)
+    if request := take_generation(page):
+        with tail.container() if request.get("prefix") is not None and tail else st.container():
+            story_stream(page, request)
+
+
+def story_continue(result: dict, settings: GenerationSettings) -> None:
+    """Ask for `settings.max_new_tokens` more of the story `result` (prompt + story so far as the prompt)."""
+    got = get_model(result["model"], "causal-lm")
+    if got is None:
+        return
+    loaded = got[0]
+    limit = max(1, input_token_limit(loaded.model, loaded.tokenizer) - settings.max_new_tokens)
+    device = None if is_llama(loaded.model) else loaded.model.device
+    inputs, _ = encode_tail(loaded.tokenizer, result["input"] + result["output"], limit, device, loaded.model)
+    request_generation("Story generation", loaded=loaded, inputs=inputs, settings=settings, text=result["input"],
+                       notices=result["notices"], prefix=result["output"], spec=result["model"])
+
+
+def story_stream(page: str, request: dict) -> None:
+    """Stream the requested story (or its continuation, after request["prefix"]) and keep it as the result."""
+    loaded, settings, prefix = request["loaded"], request["settings"], request.get("prefix")
+    if prefix is None:
+        for notice in request["notices"]:
+            st.info(notice)
+        st.markdown(f"*{markdown_text(html.escape(request['text'][-300:]))}*")
+    try:
+        story, stats = stream_to_page(page, loaded, request["inputs"], settings, request["text"],
+                                      prefix=prefix or "", notices=request["notices"])
+    except Exception as exc:  # noqa: BLE001
+        keep_failure("Generation", exc)
+    else:
+        remember(page, request["spec"], request["text"], (prefix or "") + story, notices=request["notices"],
+                 cost=stats.describe(), cut=hit_token_limit(stats, settings) and settings.max_new_tokens)
+    st.rerun()  # redraw with every widget enabled again
 
 
 def page_chat(spec: str) -> None:
-    """Chat: history in session_state (each message stored once), notices that survive st.rerun."""
+    """Chat: history in session_state (each message stored once), notices that survive st.rerun; a reply cut
+    at the token limit says so and can be continued."""
     history = st.session_state.setdefault("chat_history", [])
     notices = st.session_state.setdefault("chat_notices", [])
     st.caption(markdown_text(limits_line(spec)))  # what this model is good and bad at, measured where we could
-    if st.sidebar.button("Clear conversation", key="chat_clear"):
+    if st.sidebar.button("Clear conversation", key="chat_clear", disabled=busy()):
         history.clear()
         notices.clear()
     if stopped := recover_stopped("Chatbot"):
         st.session_state.pop("result::Chatbot", None)
-        history.append({"role": "assistant", "content": stopped["output"], "id": stopped["id"],
-                        "model": stopped["model"], "cost": stopped["cost"]})
+        keep_reply(history, stopped["output"], stopped["model"], stopped["cost"], stopped.get("continues"))
         notices[:] = stopped["notices"]
-    for i, message in enumerate(history):
-        with st.chat_message(message["role"]):
-            st.markdown(markdown_text(message["content"]))
-            if message["role"] == "assistant":
-                rating_widget(chat_result(history, i))
+    tail, more = draw_history(history)
     for notice in notices:
         st.info(notice)
     # The model loads with the page: its recommended decoding sets the sidebar's defaults.
     if (got := get_model(spec, "causal-lm")) is None:
         return
     settings, system = chat_settings(got[0])
-    prompt = st.chat_input("Say something", key="chat_input")
+    prompt = clicked("chat_input", st.chat_input("Say something", key="chat_input", disabled=busy()))
     if prompt is not None:
         chat_turn(prompt, spec, got[0], history, notices, settings, system)
+    elif more:
+        chat_continue(got[0], history, settings, system)
+    if request := take_generation("Chatbot"):
+        with tail if request.get("continues") else st.chat_message("assistant"):
+            chat_stream(request, history)
+
+
+def draw_history(history: list[dict]):
+    """Draw the conversation, each reply with its notices and rating; returns (a placeholder at the end of the
+    last reply, where a continuation streams; whether its Continue button was pressed)."""
+    tail, more, caveats = None, False, {}
+    for i, message in enumerate(history):
+        with st.chat_message(message["role"]):
+            st.markdown(markdown_text(message["content"]))
+            if message["role"] == "assistant":
+                result = chat_result(history, i)
+                tail = st.container()
+                if message["model"] not in caveats:  # read once per model and run
+                    caveats[message["model"]] = reply_caveat(message["model"])
+                if caveats[message["model"]]:
+                    st.caption(f":warning: {markdown_text(caveats[message['model']])}")
+                if cut_notice(result) and i == len(history) - 1:
+                    key = f"more::{message['id']}"
+                    more = clicked(key, st.button("Continue", key=key, disabled=busy()))
+                rating_widget(result)
+    return tail, more
 
 
 def chat_turn(prompt: str, spec: str, loaded: LoadedModel, history: list[dict], notices: list[str],
               settings: GenerationSettings, system: str = ""):
-    """Answer one chat message: append it and the streamed reply to `history`, then rerun. The model sees
-    the whole conversation (chat_inputs, with `system`), decoded with chat_settings_for."""
+    """Answer one chat message: append it to `history` and ask for the reply (request_generation). The model
+    sees the whole conversation (chat_inputs, with `system`), decoded with chat_settings_for."""
     notices.clear()
     text, cut = clean_text(prompt)
     if not text:
-        st.warning("Please type a message first.")
+        say("warning", "Please type a message first.")
         return
     if cut:
         notices.append(f"Message cut to its first {CONFIG['max_input_chars']:,} characters.")
     history.append({"role": "user", "content": text})
-    with st.chat_message("user"):
+    with st.chat_message("user"):  # below the conversation drawn before it, above the reply
         st.markdown(markdown_text(text))
     try:
         inputs, dropped = chat_inputs(loaded.model, loaded.tokenizer, history, settings.max_new_tokens, system)
         settings = chat_settings_for(loaded.model, loaded.tokenizer, history, settings)
     except ValueError as exc:
         history.pop()
-        st.error(str(exc))
+        say("error", markdown_text(str(exc)))
         return
     if dropped:
         notices.append(f"Conversation too long for the model: the {dropped} oldest message(s) were left out.")
-    for notice in notices:
-        st.info(notice)
+    request_generation("Chatbot", loaded=loaded, inputs=inputs, settings=settings, text=text, spec=spec,
+                       system=system)
+
+
+def chat_continue(loaded: LoadedModel, history: list[dict], settings: GenerationSettings, system: str) -> None:
+    """Ask for more of the last reply, cut at the token limit: the conversation, then the reply so far."""
+    reply = history[-1]
+    inputs, _ = chat_inputs(loaded.model, loaded.tokenizer, history[:-1], settings.max_new_tokens, system)
+    inputs = extend_inputs(loaded.model, loaded.tokenizer, inputs, reply["content"], settings.max_new_tokens)
+    settings = chat_settings_for(loaded.model, loaded.tokenizer, history[:-1], settings)
+    request_generation("Chatbot", loaded=loaded, inputs=inputs, settings=settings, text=history[-2]["content"],
+                       continues=reply["id"], prefix=reply["content"], spec=reply["model"], system=system)
+
+
+def chat_stream(request: dict, history: list[dict]) -> None:
+    """Stream the requested reply (or the rest of a cut one) and keep it in `history`; then rerun."""
+    loaded, settings = request["loaded"], request["settings"]
     try:
-        with st.chat_message("assistant"):
-            reply, stats = stream_to_page("Chatbot", loaded, inputs, settings, text)
+        reply, stats = stream_to_page("Chatbot", loaded, request["inputs"], settings, request["text"],
+                                      prefix=request.get("prefix", ""), continues=request.get("continues"))
     except Exception as exc:  # noqa: BLE001
-        show_failure("Generation", exc)
-        return
-    history.append({"role": "assistant", "content": reply.strip(), "id": uuid.uuid4().hex, "model": spec,
-                    "cost": stats.describe()})
-    st.rerun()  # redraw from history so the new reply gets its rating widget
+        keep_failure("Generation", exc)
+    else:
+        keep_reply(history, request.get("prefix", "") + reply, request["spec"], stats.describe(),
+                   request.get("continues"), hit_token_limit(stats, settings) and settings.max_new_tokens)
+        if is_llama(loaded.model):  # the next message then waits only for its own tokens
+            inputs, _ = chat_inputs(loaded.model, None, history, settings.max_new_tokens, request["system"])
+            loaded.model.warm(inputs["ids"])
+    st.rerun()  # redraw from history with every widget enabled again
+
+
+def keep_reply(history: list[dict], text: str, spec: str, cost: str, continues: str | None = None,
+               cut: int = 0) -> None:
+    """Put a reply into `history`: a new message, or the longer text of message `continues` (a new id, as it
+    is another output to rate). `cut`: the token limit it was cut at (0: it ended by itself)."""
+    message = {"role": "assistant", "content": text.strip(), "id": uuid.uuid4().hex, "model": spec,
+               "cost": cost, "cut": cut}
+    for i, old in enumerate(history):
+        if continues and old.get("id") == continues:
+            history[i] = message
+            return
+    history.append(message)
 
 
 def chat_settings(loaded: LoadedModel) -> tuple[GenerationSettings, str]:
@@ -1227,25 +1352,27 @@ def chat_settings(loaded: LoadedModel) -> tuple[GenerationSettings, str]:
     (decoding_defaults) unless unticked, and the no-repeat rule (NGramBlocker) unless set to 0."""
     bar = st.sidebar
     defaults, source = decoding_defaults(loaded)
-    max_new = bar.slider("Max new tokens", 8, 512, CONFIG["max_new_tokens"], key="chat_max")
+    off = busy()
+    max_new = bar.slider("Max new tokens", 8, 512, CONFIG["max_new_tokens"], key="chat_max", disabled=off)
     values = dict(defaults)
     ngram = CONFIG["chat_no_repeat_ngram"]
-    if bar.toggle("The model's recommended decoding", value=True, key="chat_auto"):
+    if bar.toggle("The model's recommended decoding", value=True, key="chat_auto", disabled=off):
         bar.caption(f"Temperature {values['temperature']:g} · top-p {values['top_p']:g} · top-k {values['top_k']} · "
                     f"repetition penalty {values['repetition_penalty']:g}, from {source}. No {ngram}-gram of tokens "
                     "twice in a reply, and none copied from an earlier reply.")
     else:
         model = uuid.uuid5(uuid.NAMESPACE_URL, loaded.spec).hex[:8]  # the sliders start anew for another model
         values["temperature"] = bar.slider("Temperature (0 = greedy)", 0.0, 2.0, float(defaults["temperature"]),
-                                           0.05, key=f"chat_temp::{model}")
-        values["top_p"] = bar.slider("Top-p", 0.05, 1.0, float(defaults["top_p"]), 0.05, key=f"chat_top_p::{model}")
+                                           0.05, key=f"chat_temp::{model}", disabled=off)
+        values["top_p"] = bar.slider("Top-p", 0.05, 1.0, float(defaults["top_p"]), 0.05, key=f"chat_top_p::{model}",
+                                     disabled=off)
         values["repetition_penalty"] = bar.slider("Repetition penalty", 1.0, 2.0, float(defaults["repetition_penalty"]),
-                                                  0.05, key=f"chat_rep::{model}")
-        ngram = bar.slider("No repeated n-gram of tokens (0 = off)", 0, 8, ngram, key="chat_ngram")
+                                                  0.05, key=f"chat_rep::{model}", disabled=off)
+        ngram = bar.slider("No repeated n-gram of tokens (0 = off)", 0, 8, ngram, key="chat_ngram", disabled=off)
     system_default, why = chat_system_default(loaded.spec)
     key = "chat_system" if not why else f"chat_system::{uuid.uuid5(uuid.NAMESPACE_URL, loaded.spec).hex[:8]}"
     system, _ = clean_text(bar.text_area("System prompt (empty: the model's own default)", system_default, key=key,
-                                         height=90), max_chars=CONFIG["max_comment_chars"])
+                                         height=90, disabled=off), max_chars=CONFIG["max_comment_chars"])
     if why:
         bar.caption(why)
     settings = GenerationSettings(max_new_tokens=max_new, temperature=float(values["temperature"]),
@@ -1261,7 +1388,7 @@ def chat_result(history: list[dict], i: int) -> dict:
     message = history[i]
     asked = history[i - 1]["content"] if i > 0 and history[i - 1]["role"] == "user" else ""
     return {"id": message["id"], "task": "Chatbot", "model": message["model"], "input": asked,
-            "output": message["content"], "cost": message.get("cost", "")}
+            "output": message["content"], "cost": message.get("cost", ""), "cut": message.get("cut", 0)}
 
 
 # The Chatbot's default system prompt where measurement chose another than the app's ("": the template's own):
@@ -1294,31 +1421,56 @@ def facts_file(spec: str) -> str:
     return f"facts_{re.sub(r'[^A-Za-z0-9._-]+', '_', name).strip('_')}.json"
 
 
-def limits_line(spec: str) -> str:
-    """One line on what chat model `spec` is good and bad at, with its factual score measured by `eval-facts`
-    (results/nlp/facts_<model>.json); a generic line when none was measured."""
+FACTS_TRUSTED = 0.9  # share of the factual questions right at or above which a chat reply carries no caveat
+
+
+def facts_score(spec: str) -> dict | None:
+    """Model `spec`'s measured factual score (results/nlp/facts_<model>.json, by `eval-facts`) on the chat page's
+    settings: {"model", "right": "19-21", "n", "share" (mean right / n), "seeded", "parts", "date"}; None when
+    never measured."""
     report = read_results(facts_file(spec)) or {}
     result = (report.get("results") or {}).get(report.get("page_default", ""))
     if not result:
+        return None
+    runs = result["correct_runs"]
+    shares = {c: r / k for c, (r, k) in result["per_category"].items() if k}
+    return {"model": report.get("model", public_name(spec)), "n": result["n"],
+            "right": f"{min(runs)}" if min(runs) == max(runs) else f"{min(runs)}-{max(runs)}",
+            "share": sum(runs) / len(runs) / max(result["n"], 1),
+            "seeded": f" over {len(runs)} seeded runs" if len(runs) > 1 else "",
+            "parts": ", ".join(f"{FACT_CATEGORIES.get(c, c)} {s:.0%}" for c, s in shares.items()),
+            "date": str(report.get("date", ""))[:10]}
+
+
+def limits_line(spec: str) -> str:
+    """One line on what chat model `spec` is good and bad at, with its factual score measured by `eval-facts`
+    (facts_score); a generic line when none was measured."""
+    if (score := facts_score(spec)) is None:
         return (f"No factual score was measured for this model (`python benchmarks/nlp_eval.py eval-facts --model "
                 f"{public_name(spec)}` measures one). Small chat models write fluent text but often get facts "
                 "and arithmetic wrong: check anything that matters.")
-    runs = result["correct_runs"]
-    right = f"{min(runs)}" if min(runs) == max(runs) else f"{min(runs)}-{max(runs)}"
-    seeded = f" over {len(runs)} seeded runs" if len(runs) > 1 else ""
-    shares = {c: r / k for c, (r, k) in result["per_category"].items() if k}
-    parts = ", ".join(f"{FACT_CATEGORIES.get(c, c)} {s:.0%}" for c, s in shares.items())
-    share = sum(runs) / len(runs) / max(result["n"], 1)
+    share = score["share"]
     if share < 0.5:
         verdict = "good for fluent short text, unreliable for facts and arithmetic"
-    elif share < 0.9:
+    elif share < FACTS_TRUSTED:
         verdict = (f"good for fluent short text, but about 1 in {round(1 / (1 - share))} of even these simple "
                    "answers is wrong: check any fact or sum that matters")
     else:
         verdict = "mostly right on simple facts; still check anything that matters"
-    return (f"{report.get('model', public_name(spec))} answered {right} of {result['n']} simple factual questions "
-            f"right{seeded} ({parts}; measured {str(report.get('date', ''))[:10]} on the chat page's settings): "
-            f"{verdict}.")
+    return (f"{score['model']} answered {score['right']} of {score['n']} simple factual questions right"
+            f"{score['seeded']} ({score['parts']}; measured {score['date']} on the chat page's settings): {verdict}.")
+
+
+def reply_caveat(spec: str) -> str:
+    """The short caveat shown beside every chat reply of model `spec`: its measured factual score when below
+    FACTS_TRUSTED, a plain warning when never measured, "" when it scored at or above that level."""
+    if (score := facts_score(spec)) is None:
+        return "Not checked: no factual score was measured for this model here. Small models often state " \
+               "false facts and sums plainly."
+    if score["share"] >= FACTS_TRUSTED:
+        return ""
+    return (f"Not checked: {score['model']} answered only {score['right']} of {score['n']} simple factual "
+            f"questions right in a measured test. Check any fact or sum in this reply.")
 
 
 def page_sentiment(spec: str) -> None:
@@ -1340,11 +1492,39 @@ def page_sentiment(spec: str) -> None:
             except Exception as exc:  # noqa: BLE001
                 show_failure("Analysis", exc)
     if result := shown_result(page, guessing="sentiment"):
-        label, score = next(iter(result["scores"].items()))
-        caption = "relative preference for the label word" if result["by_prompt"] else "confidence"
-        st.metric("Sentiment", label, f"{caption} {score:.1%}", delta_color="off")
-        st.bar_chart({"probability": result["scores"]}, horizontal=True)
+        if result["by_prompt"]:
+            show_sentiment_guess(result["scores"], result["model"])
+        else:
+            label, score = next(iter(result["scores"].items()))
+            st.metric("Sentiment", label, f"confidence {score:.1%}", delta_color="off")
+            st.bar_chart({"probability": result["scores"]}, horizontal=True)
         rating_widget(result)
+
+
+def show_sentiment_guess(scores: dict[str, float], spec: str) -> None:
+    """A chat model's sentiment by prompt as what it is: the page's verdict (sentiment_verdict: "mixed" or
+    "unsure" when the evidence is weak), the relative preference between the label words, and how often this
+    verdict was right on the labelled set (eval-sentiment)."""
+    verdict = sentiment_verdict(scores)
+    st.metric("Sentiment (a guess by prompt)", verdict)
+    st.bar_chart({"relative preference": scores}, horizontal=True)
+    weak = (f" The top two are less than {SENTIMENT_MARGIN:.0%} apart, so the evidence is weak: the page says "
+            f"{verdict}.") if verdict in ("mixed", "unsure") else ""
+    st.caption(f"The bars are the model's relative preference between the three label words after the prompt "
+               f"(they add up to 100%), not the chance that the label is right.{weak}")
+    report = read_results(SENTIMENT_RESULTS) or {}
+    measured = (report.get("results") or {}).get(SENTIMENT_PAGE)
+    if report.get("model") != public_name(spec) or not measured:
+        st.caption("How often this verdict is right was not measured for this model (`python benchmarks/nlp_eval.py "
+                   f"eval-sentiment --model {public_name(spec)}` measures it).")
+        return
+    kinds = measured["per_kind"]
+    parts = [f"{r} of {n} {name}" for key, name in (("plain", "plain ones"), ("sarcasm", "sarcastic ones"),
+                                                     ("mixed", "mixed reviews")) if key in kinds
+             for r, n in [kinds[key]]]
+    right = round(measured["accuracy"] * measured["n"])
+    st.caption(f"Measured: on {measured['n']} labelled sentences this verdict was right for {right} "
+               f"({measured['accuracy']:.0%}): {', '.join(parts)} ({str(report.get('date', ''))[:10]}).")
 
 
 def page_qa(spec: str) -> None:
@@ -1388,6 +1568,11 @@ def show_answer(res: dict, context: str, measured: dict | None = None, spec: str
     answer, verdict = markdown_text(res["answer"]), qa_verdict(res, measured)
     threshold = (measured or {}).get("threshold")
     scored = "no score" if res.get("score") is None else f"score {res['score']:.3f}"
+    if verdict == "guess" and res.get("repeats_context"):
+        st.warning(f"The model repeated (most of) the context back instead of picking an answer out of it, so "
+                   f"this does not show what answers the question: {answer} ({scored})."
+                   + _measured_rate(measured, "unbacked"))
+        return
     if verdict == "guess":
         st.warning(f"Not found in the context, so this is probably a guess: {answer} ({scored})."
                    + _measured_rate(measured, "unbacked"))
@@ -1526,9 +1711,10 @@ def page_feedback() -> None:
         st.error(scrub_paths(str(exc)) if shared else str(exc))
         return
     st.caption("Ratings from everyone using this app (1-5 stars)." if shared
-               else f"Ratings stored in `{store.path}` (1-5 stars).")
+               else f"Ratings stored in `{store.path}` (1-5 stars). Models are named short here; the CSV has their "
+                    "full names.")
     for row in summary + comments:
-        row["model"] = public_name(row["model"]) if shared else row["model"]
+        row["model"] = public_name(row["model"])
     if summary:
         st.subheader("Ratings per task and model")
         st.dataframe(summary, hide_index=True)  # cells are plain text: no Markdown, no HTML
@@ -1552,14 +1738,14 @@ def sidebar() -> tuple[str, str | None]:
     """Task and model pickers; returns (page, model entry or None for the Feedback page)."""
     st.sidebar.title("NLP playground")
     hub = hub_status()  # before the model lists: offline, they start with the bundled model
-    page = st.sidebar.radio("Task", TASKS + [FEEDBACK_PAGE], key="task")
+    page = st.sidebar.radio("Task", TASKS + [FEEDBACK_PAGE], key="task", disabled=busy())
     if page == FEEDBACK_PAGE:
         return page, None
     kind = TASK_KIND[page]
-    spec = st.sidebar.selectbox("Model", model_choices(kind), key=f"model::{kind}",
+    spec = st.sidebar.selectbox("Model", model_choices(kind), key=f"model::{kind}", disabled=busy(),
                                 format_func=lambda entry: model_label(entry, kind))
-    typed, _ = clean_text(st.sidebar.text_input(
-        "...or type a Hub id, local folder or .gguf file", key=f"model_custom::{kind}"), max_chars=1000)
+    typed, _ = clean_text(st.sidebar.text_input("...or type a Hub id, local folder or .gguf file",
+                                                key=f"model_custom::{kind}", disabled=busy()), max_chars=1000)
     device, dtype = pick_device()
     gguf = "llama.cpp" if llama_cpp_available() else f"transformers ({'bf16' if cpu_has_bf16() else 'fp32'})"
     loads = load_log()["loads"]
@@ -1581,16 +1767,25 @@ def run_app() -> None:
     """The Streamlit app: sidebar (task, model), then the chosen page's function."""
     st.set_page_config(page_title="NLP playground", page_icon=":speech_balloon:", layout="wide")
     apply_sharing_options()
+    asked = st.session_state["asked"] = generation_asked()
+    st.session_state["busy_run"] = bool(asked)  # this run streams: every widget is drawn disabled
+    if asked:
+        keep_what_was_typed()
     chosen: list = []
     if not run_guarded("The sidebar", lambda: chosen.extend(sidebar())):
         return
     page, spec = chosen
     st.header(page)
+    for kind, text in st.session_state.pop("said", []):  # kept by the run before (say, keep_failure)
+        getattr(st, kind)(text)
     forget = (f"result::{page}", f"partial::{page}")
     if page == FEEDBACK_PAGE:
         run_guarded(page, page_feedback)
     else:
         run_guarded(page, PAGES[page], spec, forget_keys=forget)
+    st.session_state.pop("generating", None)  # asked for but not streamed (the page failed)
+    if busy():  # nothing streamed after all: draw the widgets enabled again (what was said is kept)
+        st.rerun()
 
 
 def model_label(spec: str, kind: str = "causal-lm") -> str:
@@ -1682,14 +1877,86 @@ def default_text_model(env: dict | None = None, profile: dict | None = None) -> 
 
 
 # ---- helpers the pages share ------------------------------------------------------------------------
+def generation_asked() -> dict:
+    """The clicks that started this run and generate text, read before any widget is drawn (a widget drawn
+    disabled returns nothing): {"story_go": True} with a prompt, {"chat_input": message}, {"more::<id>": True}."""
+    state, asked = st.session_state, {}
+    if state.get("story_go") and clean_text(state.get("story_text", ""))[0]:
+        asked["story_go"] = True
+    if (message := state.get("chat_input")) and clean_text(message)[0]:
+        asked["chat_input"] = message
+    asked.update({key: True for key in state.keys() if str(key).startswith("more::") and state.get(key) is True})
+    return asked
+
+
+# Widgets whose values a click that generates may carry (a prompt typed just before Generate, a slider, a comment).
+TYPED_KEYS = ("story_text", "story_max", "story_temp", "story_top_p", "story_top_k", "story_rep", "story_seed",
+              "chat_max", "chat_auto", "chat_temp::", "chat_top_p::", "chat_rep::", "chat_ngram", "chat_system",
+              "comment::")
+
+
+def keep_what_was_typed() -> None:
+    """In a busy run, keep the values sent with the click: Streamlit discards what the browser sends for a
+    widget drawn disabled, but a value set through st.session_state before the widget is drawn still wins."""
+    for key in list(st.session_state.keys()):
+        if str(key).startswith(TYPED_KEYS):
+            st.session_state[key] = st.session_state[key]
+
+
+def clicked(key: str, value):
+    """A widget's value in this run: what it returned, or, drawn disabled in a busy run, what was clicked."""
+    return value or st.session_state.get("asked", {}).get(key)
+
+
+def busy() -> bool:
+    """True in a run that streams a generation: every widget is drawn disabled in it, because a click reruns
+    the script, and Streamlit ends the running script (and so the stream) to start the new run."""
+    return bool(st.session_state.get("busy_run"))
+
+
+def request_generation(page: str, **request) -> None:
+    """Ask for a generation on `page` (loaded, inputs, settings, text, ...), streamed later in this run by the
+    page (take_generation), after every widget was drawn (disabled: busy)."""
+    st.session_state["generating"] = {"page": page, **request}
+
+
+def take_generation(page: str) -> dict | None:
+    """The generation requested for `page`, removed from the session (a Stop during it must not restart it)."""
+    request = st.session_state.get("generating")
+    return st.session_state.pop("generating") if request and request["page"] == page else None
+
+
+def say(kind: str, text: str) -> None:
+    """st.warning / st.error (`kind`) of `text`; in a busy run also kept for the next run, which shows it on
+    top (the run that enables the widgets again would otherwise lose it)."""
+    getattr(st, kind)(text)
+    if busy():
+        st.session_state.setdefault("said", []).append((kind, text))
+
+
+def keep_failure(what: str, exc: BaseException) -> None:
+    """Keep the one line of an unexpected error (failure_line) for the next run, which shows it on top."""
+    st.session_state.setdefault("said", []).append(("error", markdown_text(failure_line(what, exc,
+                                                                                       app_is_shared()))))
+
+
+def cut_notice(result: dict) -> bool:
+    """Say under an output that it was cut at its token limit (result["cut"], the limit); True if it was."""
+    if not result.get("cut"):
+        return False
+    st.info(f"Cut at the limit of {result['cut']} new tokens, maybe mid-word or mid-sentence: Continue asks the "
+            "model for more (or raise Max new tokens).")
+    return True
+
+
 def submitted(page: str, label: str, key: str, spec: str, kind: str, problem: str = ""):
     """The page's primary button: once pressed, its old output is dropped, and then either the `problem`
     with the input is shown (a warning) or the model loads: get_model's (model, direct), else None."""
-    if not st.button(label, type="primary", key=key):
+    if not clicked(key, st.button(label, type="primary", key=key, disabled=busy())):
         return None
     forget(page)
     if problem:
-        st.warning(problem)
+        say("warning", problem)
         return None
     return get_model(spec, kind)
 
@@ -1707,13 +1974,13 @@ def get_model(spec: str, kind: str):
             loaded = cached_text_model(model_key(spec), kind)
         return loaded, check_model_fits(loaded, kind)
     except ModelLoadError as exc:
-        st.error("Could not load the model. " + markdown_text(scrub_paths(str(exc))))
+        say("error", "Could not load the model. " + markdown_text(scrub_paths(str(exc))))
         return None
 
 
 def read_text(label: str, value: str, key: str, height: int = 150) -> str:
     """Text area -> cleaned text (clean_text); notes a cut."""
-    text, cut = clean_text(st.text_area(label, value=value, key=key, height=height))
+    text, cut = clean_text(st.text_area(label, value=value, key=key, height=height, disabled=busy()))
     if cut:
         st.info(f"Input cut to its first {CONFIG['max_input_chars']:,} characters.")
     return text
@@ -1759,12 +2026,19 @@ def rating_widget(result: dict) -> None:
         return
     cols = st.columns([1, 3])
     with cols[0]:
-        stars = st.feedback("stars", key=f"stars::{result['id']}")
+        stars = st.feedback("stars", key=f"stars::{result['id']}", disabled=busy())
     with cols[1]:
-        comment = st.text_input("Comment (optional)", key=f"comment::{result['id']}")
+        comment = st.text_input("Comment (optional)", key=f"comment::{result['id']}", disabled=busy(),
+                                max_chars=CONFIG["max_comment_chars"])
+    comment, cut = clean_text(comment, max_chars=CONFIG["max_comment_chars"])
+    if cut or len(comment) >= CONFIG["max_comment_chars"]:  # the box itself stops at the limit
+        st.caption(f"Comments hold {CONFIG['max_comment_chars']:,} characters at most: anything typed or pasted "
+                   "beyond that was not kept.")
     if stars is None:
+        if comment:
+            st.caption("Choose the stars to save this comment: a comment is saved with its rating (it stays in "
+                       "the box until then).")
         return
-    comment, _ = clean_text(comment, max_chars=CONFIG["max_comment_chars"])
     state = (stars + 1, comment)
     if st.session_state.get(f"saved::{result['id']}") == state:
         st.caption("Rating saved.")
@@ -1949,7 +2223,7 @@ def failure_line(what: str, exc: BaseException, shared: bool) -> str:
 
 def show_failure(what: str, exc: BaseException) -> None:
     """One st.error line for an unexpected error (see failure_line)."""
-    st.error(markdown_text(failure_line(what, exc, app_is_shared())))
+    say("error", markdown_text(failure_line(what, exc, app_is_shared())))
 
 
 def run_guarded(what: str, draw, *args, forget_keys: tuple[str, ...] = ()) -> bool:
@@ -2234,6 +2508,13 @@ class LlamaCppLM:
         self._reusable = len(ids) // chunk * chunk
         return start
 
+    def warm(self, ids: list[int]) -> None:
+        """Evaluate `ids` into the KV cache now (as _prefill, in the same whole chunks a cold start uses), so a
+        later prompt that starts with them evaluates only the rest: the chat warms the conversation with each
+        new reply while the learner reads it. Seeded replies stay the same as from a cold cache."""
+        with self.lock:
+            self._prefill(list(ids))
+
     def _last_probs(self):
         """Softmax over the vocabulary after the last evaluated token (float64 [n_vocab]). Lock held."""
         import llama_cpp
@@ -2498,13 +2779,14 @@ def _generate_hooks(tokenizer, settings: GenerationSettings, stats: GenerationSt
 
 
 def stream_to_page(page: str, loaded: LoadedModel, inputs: dict, settings: GenerationSettings,
-                   input_text: str) -> tuple[str, GenerationStats]:
-    """Stream a generation into the page under a Stop button; returns (text, stats). Stop, another page or a
-    closed tab ends the script: the stream closes, and the text so far waits for recover_stopped."""
+                   input_text: str, **keep) -> tuple[str, GenerationStats]:
+    """Stream a generation into the page under a Stop button; returns (text, stats). Stop or a closed tab
+    ends the script: the stream closes, and the text so far (after keep["prefix"], the start of a continued
+    output) waits for recover_stopped, with `keep`."""
     stop_slot = st.empty()
     stop_slot.button("Stop", key=f"stop::{page}", icon=":material/stop_circle:")
     stats = GenerationStats()
-    partial = {"input": input_text, "model": loaded.spec, "pieces": [], "stats": stats}
+    partial = {"input": input_text, "model": loaded.spec, "pieces": [], "stats": stats, "keep": keep}
     st.session_state[f"partial::{page}"] = partial
     pieces = stream_generate(loaded.model, loaded.tokenizer, inputs, settings, stats)
 
@@ -2553,9 +2835,11 @@ def recover_stopped(page: str) -> dict | None:
         return None
     stats = partial["stats"].finish()
     stats.stopped = True
-    text = "".join(partial["pieces"])
+    keep = partial.get("keep", {})
+    text = keep.get("prefix", "") + "".join(partial["pieces"])
+    notices = keep.get("notices", []) + [f"Generation stopped after {stats.new_tokens} tokens (Stop pressed)."]
     return remember(page, partial["model"], partial["input"], text, cost=stats.describe(), stopped=True,
-                    notices=[f"Generation stopped after {stats.new_tokens} tokens (Stop pressed or page left)."])
+                    continues=keep.get("continues"), notices=notices)
 
 
 # ---- share: the app for strangers behind a cloudflared quick tunnel ---------------------------------

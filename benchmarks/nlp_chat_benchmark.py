@@ -63,19 +63,24 @@ def app_turn(model, history: list[dict], base, system: str) -> dict:
     return _timing(t0, first, last, stats.new_tokens, len(inputs["ids"]))
 
 
-def direct_turn(llm, history: list[dict], values: dict, max_new_tokens: int, seed: int, system: str) -> dict:
-    """One reply through llama-cpp-python's create_chat_completion(stream=True); times in seconds.
+def direct_turn(llm, history: list[dict], values: dict, max_new_tokens: int, seed: int, system: str,
+                pieces: list[str] | None = None) -> dict:
+    """One reply through llama-cpp-python's create_chat_completion(stream=True); times in seconds. An empty
+    `system` sends none (the chat template's own); the reply's text pieces go into `pieces` when given.
     Tokens are counted as the streamed chunks that carry text (one per token for this English text)."""
     t0 = time.perf_counter()
     stream = llm.create_chat_completion(
-        messages=[{"role": "system", "content": system}] + history, stream=True, max_tokens=max_new_tokens,
+        messages=([{"role": "system", "content": system}] if system else []) + history, stream=True,
+        max_tokens=max_new_tokens,
         temperature=values["temperature"], top_p=values["top_p"], top_k=values["top_k"], min_p=0.0,
         repeat_penalty=values["repetition_penalty"], seed=seed)
     first = last = None
     tokens = 0
     for chunk in stream:
-        if chunk["choices"][0]["delta"].get("content"):
+        if text := chunk["choices"][0]["delta"].get("content"):
             tokens += 1
+            if pieces is not None:
+                pieces.append(text)
             last = time.perf_counter()
             first = first or last
     return _timing(t0, first, last, tokens, None)

@@ -27,11 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nlp_project import (APP_CHAT_DECODING, CONFIG, FACT_CATEGORIES, QA_THRESHOLD_FILE, RESULTS_DIR,  # noqa: E402
-                         SENTIMENT_FEW_SHOT, SENTIMENT_INSTRUCTION, SENTIMENT_LABELS, SENTIMENT_PROMPTS,
+                         SENTIMENT_FEW_SHOT, SENTIMENT_INSTRUCTION, SENTIMENT_LABELS, SENTIMENT_MARGIN,
+                         SENTIMENT_PAGE, SENTIMENT_PROMPTS,
                          GenerationSettings, GenerationStats, LoadedModel, ModelLoadError, answer_by_prompt,
                          answer_question, chat_inputs, chat_settings_for, chat_system_default, decoding_defaults,
                          facts_file, generate_text, is_llama, load_text_model, normalize_answer, prompt_tokens,
-                         public_name, sentiment_by_prompt, smollm2_gguf_path, stream_generate)
+                         public_name, sentiment_by_prompt, sentiment_verdict, smollm2_gguf_path, stream_generate)
 
 
 # =====================================================================================================
@@ -164,54 +165,68 @@ def _bench(args) -> int:
 # =====================================================================================================
 # eval-sentiment: accuracy of the by-prompt sentiment of a chat model on a labelled set.
 # =====================================================================================================
-def read_labelled_sentences(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """(label, sentence) pairs from a TSV file "label<TAB>sentence" (lines starting with # skipped).
+SENTIMENT_KINDS = ("plain", "sarcasm", "mixed")  # the third column of the labelled set (default plain)
 
-    Raises ValueError naming the line for a label outside positive / negative / neutral.
+
+def read_labelled_sentences(path: str | os.PathLike, with_kind: bool = False) -> list[tuple]:
+    """(label, sentence) pairs, or (label, sentence, kind) with `with_kind`, from a TSV file
+    "label<TAB>sentence[<TAB>kind]" (lines starting with # skipped); label positive / negative / neutral or, for a
+    review that is both, mixed; kind one of SENTIMENT_KINDS (default plain).
+
+    Raises ValueError naming the line for any other label or kind.
     """
-    pairs = []
+    rows = []
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
-        label, _, sentence = line.partition("\t")
-        if label not in SENTIMENT_LABELS or not sentence.strip():
-            raise ValueError(f"{path}:{n}: expected 'positive|negative|neutral<TAB>sentence'")
-        pairs.append((label, sentence.strip()))
-    return pairs
+        parts = line.split("\t")
+        label, sentence, kind = parts[0], parts[1] if len(parts) > 1 else "", parts[2] if len(parts) > 2 else "plain"
+        if label not in SENTIMENT_LABELS + ("mixed",) or not sentence.strip() or kind not in SENTIMENT_KINDS:
+            raise ValueError(f"{path}:{n}: expected 'positive|negative|neutral|mixed<TAB>sentence[<TAB>plain|"
+                             "sarcasm|mixed]'")
+        rows.append((label, sentence.strip(), kind) if with_kind else (label, sentence.strip()))
+    return rows
 
 
-def evaluate_sentiment(model, tokenizer, pairs: list[tuple[str, str]], calibrate: bool,
-                       prompt: str = "few-shot") -> dict:
-    """Accuracy of sentiment_by_prompt (with `prompt`, `calibrate`) on (label, sentence) pairs.
+def evaluate_sentiment(model, tokenizer, rows: list[tuple], calibrate: bool, prompt: str = "few-shot",
+                       verdict: bool = False) -> dict:
+    """Accuracy of sentiment_by_prompt (with `prompt`, `calibrate`) on (label, sentence[, kind]) rows: its top
+    label, or with `verdict` what the Sentiment page says (sentiment_verdict: a label, "mixed" or "unsure").
 
-    Returns {"accuracy": fraction correct, "per_label": {label: fraction correct}, "n": count,
-    "confusion": {true: {predicted: count}}}.
+    Returns {"accuracy": fraction correct, "per_label": {true label: fraction correct}, "per_kind": {kind:
+    [right, count]}, "n": count, "confusion": {true: {predicted: count}}}.
     """
-    confusion = {t: {p: 0 for p in SENTIMENT_LABELS} for t in SENTIMENT_LABELS}
-    for label, sentence in pairs:
+    confusion: dict[str, dict[str, int]] = {}
+    per_kind: dict[str, list[int]] = {}
+    for label, sentence, *kind in rows:
         scores, _ = sentiment_by_prompt(model, tokenizer, sentence, calibrate=calibrate, prompt=prompt)
-        confusion[label][next(iter(scores))] += 1
-    per_label = {t: confusion[t][t] / max(sum(confusion[t].values()), 1) for t in SENTIMENT_LABELS}
-    correct = sum(confusion[t][t] for t in SENTIMENT_LABELS)
-    return {"accuracy": correct / max(len(pairs), 1), "per_label": per_label, "n": len(pairs),
+        said = sentiment_verdict(scores) if verdict else next(iter(scores))
+        row = confusion.setdefault(label, {})
+        row[said] = row.get(said, 0) + 1
+        tally = per_kind.setdefault(kind[0] if kind else "plain", [0, 0])
+        tally[0], tally[1] = tally[0] + (said == label), tally[1] + 1
+    per_label = {t: row.get(t, 0) / sum(row.values()) for t, row in confusion.items()}
+    correct = sum(row.get(t, 0) for t, row in confusion.items())
+    return {"accuracy": correct / max(len(rows), 1), "per_label": per_label, "per_kind": per_kind, "n": len(rows),
             "confusion": confusion}
 
 
 def _eval_sentiment(args) -> int:
-    if (got := _eval_inputs(args, read_labelled_sentences)) is None:
+    if (got := _eval_inputs(args, lambda path: read_labelled_sentences(path, with_kind=True))) is None:
         return 2
-    spec, pairs, loaded = got
+    spec, rows, loaded = got
     t0 = time.perf_counter()
-    report = {"model": public_name(spec), "backend": loaded.backend, "data": str(args.data),
+    report = {"model": public_name(spec), "backend": loaded.backend, "data": _relative(args.data),
               "few_shot_prompt": SENTIMENT_FEW_SHOT, "instruction_prompt": SENTIMENT_INSTRUCTION,
-              "app_default": "few-shot, calibrated", "results": {}, **_machine()}
-    for prompt in SENTIMENT_PROMPTS:
-        for calibrate in (False, True):
-            name = f"{prompt}, {'calibrated' if calibrate else 'plain'}"
-            result = evaluate_sentiment(loaded.model, loaded.tokenizer, pairs, calibrate, prompt)
-            report["results"][name] = result
-            print(f"{name:24s} accuracy {result['accuracy']:.1%} ({round(result['accuracy'] * result['n'])}/"
-                  f"{result['n']}) per label " + ", ".join(f"{k} {v:.0%}" for k, v in result["per_label"].items()))
+              "app_default": SENTIMENT_PAGE, "margin": SENTIMENT_MARGIN, "results": {}, **_machine()}
+    configs = [(prompt, calibrate, False) for prompt in SENTIMENT_PROMPTS for calibrate in (False, True)]
+    for prompt, calibrate, verdict in configs + [("few-shot", True, True)]:
+        name = SENTIMENT_PAGE if verdict else f"{prompt}, {'calibrated' if calibrate else 'plain'}"
+        result = evaluate_sentiment(loaded.model, loaded.tokenizer, rows, calibrate, prompt, verdict)
+        report["results"][name] = result
+        kinds = ", ".join(f"{k} {r}/{n}" for k, (r, n) in result["per_kind"].items())
+        print(f"{name:40s} accuracy {result['accuracy']:.1%} ({round(result['accuracy'] * result['n'])}/"
+              f"{result['n']}); right per kind: {kinds}")
     report["wall_s"] = time.perf_counter() - t0
     write_json_atomic(args.out, report)
     print(f"-> {args.out} ({report['wall_s']:.1f} s)")
@@ -590,8 +605,8 @@ def cli(argv: list[str] | None = None) -> int:
                        help="JSON file for the per-run figures (default results/nlp/bench_generation.json)")
     ev = _eval_parser(sub, "eval-sentiment", "accuracy of by-prompt sentiment on a labelled TSV, plain and "
                                              "calibrated", "causal LM (default: local SmolLM2 GGUF)",
-                      "sentiment_set.tsv", "TSV of label<TAB>sentence lines (default: the 36 sentences in "
-                                           "results/nlp/sentiment_set.tsv)")
+                      "sentiment_set.tsv", "TSV of label<TAB>sentence[<TAB>kind] lines (default: the labelled "
+                                           "sentences in results/nlp/sentiment_set.tsv)")
     ev.add_argument("--out", default="results/nlp/sentiment_by_prompt.json",
                     help="JSON file for accuracies and confusion counts (default results/nlp/sentiment_by_prompt.json)")
     qa = _eval_parser(sub, "eval-qa", "score a model's answers on a labelled QA set and choose the score at and "

@@ -702,3 +702,43 @@ def test_the_disk_cost_of_kept_weights_is_what_the_networks_hold():
             numbers += sum(t.numel() for t in [*net.parameters(), *net.buffers()] if t.is_floating_point())
         assert abs(numbers * 4 / 1e6 - stated) / stated < 0.05, (preset, numbers)
         assert f"about {stated} MB" in text
+
+
+def test_nlp_doc_sentiment_table_matches_the_committed_measurement():
+    """docs/nlp_project.md's by-prompt sentiment table and its quoted page line come from
+    results/nlp/sentiment_by_prompt.json (eval-sentiment), row by row."""
+    report = json.loads((ROOT / "results" / "nlp" / "sentiment_by_prompt.json").read_text())
+    flat = " ".join((ROOT / "docs" / "nlp_project.md").read_text().split())
+    rows = {"few-shot, plain": "three worked examples (few-shot), top label",
+            "few-shot, calibrated": "few-shot, calibrated, top label",
+            "instruction, plain": "an instruction in a chat message, first-token probabilities",
+            "instruction, calibrated": "the instruction, calibrated"}
+    for name, words in rows.items():
+        result = report["results"][name]
+        kinds = result["per_kind"]
+        assert (f"| {words} | {round(result['accuracy'] * result['n'])} | {kinds['plain'][0]} | "
+                f"{kinds['sarcasm'][0]} | {kinds['mixed'][0]} |") in flat, name
+    page = report["results"][report["app_default"]]
+    kinds, right = page["per_kind"], round(page["accuracy"] * page["n"])
+    assert (f"**{right} ({page['accuracy']:.0%})** | {kinds['plain'][0]} | {kinds['sarcasm'][0]} | "
+            f"{kinds['mixed'][0]} |") in flat
+    assert (f"on {page['n']} labelled sentences this verdict was right for {right} ({page['accuracy']:.0%}): "
+            f"{kinds['plain'][0]} of {kinds['plain'][1]} plain ones, {kinds['sarcasm'][0]} of {kinds['sarcasm'][1]} "
+            f"sarcastic ones, {kinds['mixed'][0]} of {kinds['mixed'][1]} mixed reviews") in flat
+    assert f"{report['wall_s'] // 60:.0f} min {report['wall_s'] % 60:.0f} s of wall time" in flat
+
+
+def test_nlp_doc_browser_speed_tables_match_the_committed_runs():
+    """docs/nlp_project.md's two browser-speed tables (after and before the speed changes) are the committed
+    runs of benchmarks/nlp_browser_benchmark.py, turn by turn."""
+    flat = (ROOT / "docs" / "nlp_project.md").read_text()
+    for name in ("browser_chat_speed_smollm2.json", "browser_chat_speed_smollm2_before.json"):
+        report = json.loads((ROOT / "results" / "nlp" / name).read_text())
+        assert report["cpu"].startswith("AMD EPYC") and report["repeats"] == 3
+        for turn in range(1, 6):
+            row = report["summary"][f"turn {turn}"]
+            d, f = row["decode_ratio"], row["ttft_ratio"]
+            assert (f"| {turn} | {d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f}) | "
+                    f"{row['app']['decode_tokens_per_s']:.1f} and {row['direct']['decode_tokens_per_s']:.1f} | "
+                    f"{f['median']:.2f} ({f['min']:.2f}-{f['max']:.2f}) | {row['app']['ttft_s'] * 1000:.0f} and "
+                    f"{row['direct']['ttft_s'] * 1000:.0f} ms |") in flat, (name, turn)

@@ -609,6 +609,7 @@ def test_answer_by_prompt_is_only_sure_when_in_context(monkeypatch):
         monkeypatch.setattr(nlp_project, "generate_by_prompt", lambda *a, g=generated, **k: g)
         res = nlp_project.answer_by_prompt(None, None, "Q?", context)
         assert (res["no_answer"], res["in_context"], res["by_prompt"]) == (no_answer, in_context, True), generated
+        assert res["repeats_context"] == (generated == context), generated  # the reason the page gives
         assert len(res["answer"]) <= nlp_project.CONFIG["qa_max_answer_chars"]
         for start, end in res["spans"]:
             assert context[start:end].lower().replace(" ", "") in generated.lower().replace(" ", "")
@@ -679,11 +680,14 @@ def test_sentiment_by_prompt_scores_and_set(tiny_models):
             assert set(scores) == set(nlp_project.SENTIMENT_LABELS) and abs(sum(scores.values()) - 1) < 1e-6
     with pytest.raises(ValueError, match="prompt must be"):
         nlp_project.sentiment_by_prompt(model, tok, "x", prompt="other")
-    pairs = nlp_eval.read_labelled_sentences(ROOT / "results/nlp/sentiment_set.tsv")
-    counts = {lab: sum(1 for label, _ in pairs if label == lab) for lab in nlp_project.SENTIMENT_LABELS}
-    assert len(pairs) >= 30 and len(set(counts.values())) == 1  # balanced
-    report = nlp_eval.evaluate_sentiment(model, tok, pairs[:6], calibrate=True)
-    assert report["n"] == 6 and 0 <= report["accuracy"] <= 1
+    rows = nlp_eval.read_labelled_sentences(ROOT / "results/nlp/sentiment_set.tsv", with_kind=True)
+    counts = {lab: sum(1 for label, _, kind in rows if label == lab and kind == "plain")
+              for lab in nlp_project.SENTIMENT_LABELS}
+    assert sum(counts.values()) >= 30 and len(set(counts.values())) == 1  # the plain ones balanced
+    kinds = {kind: {label for label, _, k in rows if k == kind} for kind in nlp_eval.SENTIMENT_KINDS}
+    assert kinds["sarcasm"] == {"negative"} and kinds["mixed"] == {"mixed"}
+    report = nlp_eval.evaluate_sentiment(model, tok, rows[:6] + rows[-2:], calibrate=True, verdict=True)
+    assert report["n"] == 8 and 0 <= report["accuracy"] <= 1 and report["per_kind"]["mixed"][1] == 2
 
 
 # ---- sharing mode ------------------------------------------------------------------------------------

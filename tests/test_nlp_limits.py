@@ -207,6 +207,10 @@ def test_the_page_does_not_call_a_confident_backed_answer_a_guess(tiny, tmp_path
                                   and "5 of 8 such answers were right" in w.value for w in at.warning)
     at = _patched_qa_app(tiny, tmp_path, monkeypatch, {**res, "in_context": False, "spans": []}, measured)
     assert any("probably a guess" in w.value and "4 of 20" in w.value for w in at.warning)
+    at = _patched_qa_app(tiny, tmp_path, monkeypatch, {**res, "in_context": False, "spans": [],
+                                                       "repeats_context": True}, measured)  # found, all of it
+    assert any("repeated (most of) the context back" in w.value for w in at.warning)
+    assert not any("Not found" in w.value for w in at.warning)
     at = _patched_qa_app(tiny, tmp_path, monkeypatch, res, None)  # never measured: blue, with the command
     assert not at.success and any("is guessing" in w.value for w in at.warning)
     assert any("eval-qa --model" in c.value for c in at.caption)

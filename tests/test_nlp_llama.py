@@ -173,3 +173,24 @@ def test_chat_reuses_the_kv_cache_and_stays_seeded(smollm2):
     first, _ = nlp_eval.chat_reply(smollm2, None, other, base, system=system)
     smollm2.reset_cache()
     assert nlp_eval.chat_reply(smollm2, None, other, base, system=system)[0] == first
+
+
+def test_warming_the_next_turn_reuses_the_reply_and_stays_seeded(smollm2):
+    """What the Chatbot page does after each reply (LlamaCppLM.warm on the conversation so far): the next
+    turn's prompt then finds the previous reply in the KV cache, and its seeded reply is the cold cache's."""
+    base = nlp_project.GenerationSettings(max_new_tokens=16, temperature=0.7, top_p=0.9, seed=3, no_repeat_ngram=4)
+    system = nlp_project.CONFIG["chat_system_prompt"]
+    history = [{"role": "user", "content": CONVERSATION[0]}]
+    first, _ = nlp_eval.chat_reply(smollm2, None, history, base, system=system)
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": CONVERSATION[1]}]
+    warmed = nlp_project.chat_inputs(smollm2, None, history[:2], base.max_new_tokens, system)[0]["ids"]
+    smollm2.warm(warmed)
+    after = nlp_project.chat_inputs(smollm2, None, history, base.max_new_tokens, system)[0]["ids"]
+    with smollm2.lock:
+        reused = smollm2._prefill(after)
+    chunk = nlp_project.CONFIG["llama_prompt_chunk"]
+    assert reused >= len(warmed) - 2 * chunk > 0  # the reply came from the cache (all but the last chunks)
+    warm, _ = nlp_eval.chat_reply(smollm2, None, history, base, system=system)
+    smollm2.reset_cache()
+    cold, _ = nlp_eval.chat_reply(smollm2, None, history, base, system=system)
+    assert warm == cold and warm
