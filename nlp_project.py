@@ -1889,10 +1889,11 @@ def generation_asked() -> dict:
     return asked
 
 
-# Widgets whose values a click that generates may carry (a prompt typed just before Generate, a slider, a comment).
+# Widgets whose values a click that generates may carry (a prompt or a model typed just before Generate, a slider,
+# a comment).
 TYPED_KEYS = ("story_text", "story_max", "story_temp", "story_top_p", "story_top_k", "story_rep", "story_seed",
               "chat_max", "chat_auto", "chat_temp::", "chat_top_p::", "chat_rep::", "chat_ngram", "chat_system",
-              "comment::")
+              "comment::", "model_custom::")
 
 
 def keep_what_was_typed() -> None:
