@@ -3626,7 +3626,7 @@ def weights_metadata(path: Path) -> dict:
 
 def check_weights_match(path: Path, record: dict) -> None:
     """Raise InspectError (one line) when a weights file's settings are not its record's (another
-    run's weights copied beside it, or a record retrained without its weights)."""
+    run's weights copied beside it, or a record retrained without its weights); returns None."""
     import json
     try:
         stored = json.loads(weights_metadata(path)["settings"])
@@ -3721,9 +3721,9 @@ def inspect_pair(args, dataset: str, model: str, by_seed: dict, images) -> dict:
     try:
         if record is None or record["status"] != "ok" or not path.is_file():
             changed, weights = changed or weights is not None, None
-        elif (not weights or weights.get("key") != inspection_key(args.results_dir, dataset, model)
-              or (weights["corrupted"] is None and images())):
-            check_weights_match(path, record)
+        elif check_weights_match(path, record) or (  # the header (cheap), checked also on a cached pair
+                not weights or weights.get("key") != inspection_key(args.results_dir, dataset, model)
+                or (weights["corrupted"] is None and images())):
             weights = dict(compute_pair(args.results_dir, dataset, model, spec_of(record), images()),
                            key=inspection_key(args.results_dir, dataset, model))
             changed = True

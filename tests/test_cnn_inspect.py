@@ -151,6 +151,17 @@ def test_weights_of_another_run_are_one_line(trained, tmp_path, capsys):
     assert "model lenet5 -> resnet" in line
 
 
+def test_a_record_retrained_without_its_weights_is_one_line_even_with_a_cache(trained, tmp_path, capsys):
+    results, dataset = fresh_copy(trained, tmp_path)  # inspected: the cache holds resnet's weights
+    path = cp.result_path(results, dataset, "resnet")
+    record = cp.load_result(path)
+    record["config"]["epochs"] = 2  # retrained with other settings; the old weights file stayed
+    cp.save_pickle(record, path)
+    line = one_note(capsys, results)
+    assert f"{dataset}/resnet" in line and "does not match its record's settings" in line
+    assert cp.read_inspection(results, dataset, "resnet")["weights"] is None
+
+
 def test_a_layer_that_cannot_be_hooked_is_one_line(trained, tmp_path, capsys, monkeypatch):
     results, dataset = fresh_copy(trained, tmp_path)
     monkeypatch.setitem(cp.CAM_LAYERS, "lenet5", ("features.99", "no such layer"))
