@@ -1308,8 +1308,13 @@ def chat_turn(prompt: str, spec: str, loaded: LoadedModel, history: list[dict], 
 
 
 def chat_continue(loaded: LoadedModel, history: list[dict], settings: GenerationSettings, system: str) -> None:
-    """Ask for more of the last reply, cut at the token limit: the conversation, then the reply so far."""
+    """Ask the model that wrote the last reply (cut at the token limit) for more of it: the conversation, then
+    the reply so far."""
     reply = history[-1]
+    if loaded.spec != reply["model"]:  # another model was picked since: the reply's own model goes on with it
+        if (got := get_model(reply["model"], "causal-lm")) is None:
+            return
+        loaded = got[0]
     inputs, _ = chat_inputs(loaded.model, loaded.tokenizer, history[:-1], settings.max_new_tokens, system)
     inputs = extend_inputs(loaded.model, loaded.tokenizer, inputs, reply["content"], settings.max_new_tokens)
     settings = chat_settings_for(loaded.model, loaded.tokenizer, history[:-1], settings)
