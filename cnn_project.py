@@ -3456,8 +3456,11 @@ def expected_calibration_error(confidence, correct, bins: int = ECE_BINS) -> flo
     softmax probabilities (N), correct: whether each top-1 answer was right (N, bool). Computed by
     torchmetrics' binary_calibration_error on (confidence, correct)."""
     from torchmetrics.functional.classification import binary_calibration_error
-    return float(binary_calibration_error(torch.as_tensor(np.asarray(confidence), dtype=torch.float32),
-                                          torch.as_tensor(np.asarray(correct)).long(),
+    confidence = torch.as_tensor(np.asarray(confidence), dtype=torch.float32)
+    # torchmetrics gives a confidence of exactly 1.0 (a float16 record's rounding of one above 0.99976)
+    # a bin of its own; the largest float32 below 1 puts it in the last of the `bins`, as reliability_bins does
+    confidence = confidence.clamp(max=float(np.nextafter(np.float32(1), np.float32(0))))
+    return float(binary_calibration_error(confidence, torch.as_tensor(np.asarray(correct)).long(),
                                           n_bins=bins, norm="l1"))
 
 

@@ -71,6 +71,16 @@ def test_ece_matches_a_hand_computed_example():
     assert np.sum(share * np.abs(bins["accuracy"] - bins["confidence"])) == pytest.approx(by_hand)
 
 
+def test_a_confidence_of_exactly_1_is_in_the_last_of_the_15_bins():
+    # float16 records round a top-1 probability above 0.99976 to 1.0: it belongs in [14/15, 1], as
+    # in the reliability diagram, not in a 16th bin of its own
+    confidence, correct = np.array([1.0, 0.95], dtype=np.float16), [False, True]
+    by_hand = abs(0.5 - (1.0 + float(np.float16(0.95))) / 2)
+    assert cp.expected_calibration_error(confidence, correct) == pytest.approx(by_hand, abs=1e-6)
+    bins = cp.reliability_bins(confidence, correct)
+    assert np.sum(bins["count"] / 2 * np.abs(bins["accuracy"] - bins["confidence"])) == pytest.approx(by_hand)
+
+
 def test_a_corruption_at_severity_0_is_the_identity_and_the_noise_is_seeded():
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     for kind in cp.CORRUPTIONS:
