@@ -3456,8 +3456,11 @@ def expected_calibration_error(confidence, correct, bins: int = ECE_BINS) -> flo
     softmax probabilities (N), correct: whether each top-1 answer was right (N, bool). Computed by
     torchmetrics' binary_calibration_error on (confidence, correct)."""
     from torchmetrics.functional.classification import binary_calibration_error
-    return float(binary_calibration_error(torch.as_tensor(np.asarray(confidence), dtype=torch.float32),
-                                          torch.as_tensor(np.asarray(correct)).long(),
+    confidence = torch.as_tensor(np.asarray(confidence), dtype=torch.float32)
+    # torchmetrics gives a confidence of exactly 1.0 (a float16 record's rounding of one above 0.99976)
+    # a bin of its own; the largest float32 below 1 puts it in the last of the `bins`, as reliability_bins does
+    confidence = confidence.clamp(max=float(np.nextafter(np.float32(1), np.float32(0))))
+    return float(binary_calibration_error(confidence, torch.as_tensor(np.asarray(correct)).long(),
                                           n_bins=bins, norm="l1"))
 
 
@@ -3626,7 +3629,7 @@ def weights_metadata(path: Path) -> dict:
 
 def check_weights_match(path: Path, record: dict) -> None:
     """Raise InspectError (one line) when a weights file's settings are not its record's (another
-    run's weights copied beside it, or a record retrained without its weights)."""
+    run's weights copied beside it, or a record retrained without its weights); returns None."""
     import json
     try:
         stored = json.loads(weights_metadata(path)["settings"])
@@ -3721,9 +3724,9 @@ def inspect_pair(args, dataset: str, model: str, by_seed: dict, images) -> dict:
     try:
         if record is None or record["status"] != "ok" or not path.is_file():
             changed, weights = changed or weights is not None, None
-        elif (not weights or weights.get("key") != inspection_key(args.results_dir, dataset, model)
-              or (weights["corrupted"] is None and images())):
-            check_weights_match(path, record)
+        elif check_weights_match(path, record) or (  # the header (cheap), checked also on a cached pair
+                not weights or weights.get("key") != inspection_key(args.results_dir, dataset, model)
+                or (weights["corrupted"] is None and images())):
             weights = dict(compute_pair(args.results_dir, dataset, model, spec_of(record), images()),
                            key=inspection_key(args.results_dir, dataset, model))
             changed = True

@@ -1308,8 +1308,13 @@ def chat_turn(prompt: str, spec: str, loaded: LoadedModel, history: list[dict], 
 
 
 def chat_continue(loaded: LoadedModel, history: list[dict], settings: GenerationSettings, system: str) -> None:
-    """Ask for more of the last reply, cut at the token limit: the conversation, then the reply so far."""
+    """Ask the model that wrote the last reply (cut at the token limit) for more of it: the conversation, then
+    the reply so far."""
     reply = history[-1]
+    if loaded.spec != reply["model"]:  # another model was picked since: the reply's own model goes on with it
+        if (got := get_model(reply["model"], "causal-lm")) is None:
+            return
+        loaded = got[0]
     inputs, _ = chat_inputs(loaded.model, loaded.tokenizer, history[:-1], settings.max_new_tokens, system)
     inputs = extend_inputs(loaded.model, loaded.tokenizer, inputs, reply["content"], settings.max_new_tokens)
     settings = chat_settings_for(loaded.model, loaded.tokenizer, history[:-1], settings)
@@ -1889,10 +1894,11 @@ def generation_asked() -> dict:
     return asked
 
 
-# Widgets whose values a click that generates may carry (a prompt typed just before Generate, a slider, a comment).
+# Widgets whose values a click that generates may carry (a prompt or a model typed just before Generate, a slider,
+# a comment).
 TYPED_KEYS = ("story_text", "story_max", "story_temp", "story_top_p", "story_top_k", "story_rep", "story_seed",
               "chat_max", "chat_auto", "chat_temp::", "chat_top_p::", "chat_rep::", "chat_ngram", "chat_system",
-              "comment::")
+              "comment::", "model_custom::")
 
 
 def keep_what_was_typed() -> None:

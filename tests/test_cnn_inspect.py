@@ -71,6 +71,16 @@ def test_ece_matches_a_hand_computed_example():
     assert np.sum(share * np.abs(bins["accuracy"] - bins["confidence"])) == pytest.approx(by_hand)
 
 
+def test_a_confidence_of_exactly_1_is_in_the_last_of_the_15_bins():
+    # float16 records round a top-1 probability above 0.99976 to 1.0: it belongs in [14/15, 1], as
+    # in the reliability diagram, not in a 16th bin of its own
+    confidence, correct = np.array([1.0, 0.95], dtype=np.float16), [False, True]
+    by_hand = abs(0.5 - (1.0 + float(np.float16(0.95))) / 2)
+    assert cp.expected_calibration_error(confidence, correct) == pytest.approx(by_hand, abs=1e-6)
+    bins = cp.reliability_bins(confidence, correct)
+    assert np.sum(bins["count"] / 2 * np.abs(bins["accuracy"] - bins["confidence"])) == pytest.approx(by_hand)
+
+
 def test_a_corruption_at_severity_0_is_the_identity_and_the_noise_is_seeded():
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     for kind in cp.CORRUPTIONS:
@@ -149,6 +159,17 @@ def test_weights_of_another_run_are_one_line(trained, tmp_path, capsys):
     line = one_note(capsys, results)
     assert f"{dataset}/resnet" in line and "does not match its record's settings" in line
     assert "model lenet5 -> resnet" in line
+
+
+def test_a_record_retrained_without_its_weights_is_one_line_even_with_a_cache(trained, tmp_path, capsys):
+    results, dataset = fresh_copy(trained, tmp_path)  # inspected: the cache holds resnet's weights
+    path = cp.result_path(results, dataset, "resnet")
+    record = cp.load_result(path)
+    record["config"]["epochs"] = 2  # retrained with other settings; the old weights file stayed
+    cp.save_pickle(record, path)
+    line = one_note(capsys, results)
+    assert f"{dataset}/resnet" in line and "does not match its record's settings" in line
+    assert cp.read_inspection(results, dataset, "resnet")["weights"] is None
 
 
 def test_a_layer_that_cannot_be_hooked_is_one_line(trained, tmp_path, capsys, monkeypatch):

@@ -146,3 +146,29 @@ def test_the_sentiment_page_shows_a_relative_preference_and_the_measured_accurac
     (sarcastic, n_sarcastic), (mixed, n_mixed) = measured["per_kind"]["sarcasm"], measured["per_kind"]["mixed"]
     assert at.metric[0].value == "mixed" and "evidence is weak" in captions
     assert f"{sarcastic} of {n_sarcastic} sarcastic ones" in captions and f"{mixed} of {n_mixed} mixed" in captions
+
+
+def test_a_model_typed_just_before_generate_is_the_one_used_and_stays_typed(app_env, tiny_models):
+    at = new_app("Story generation")
+    typed = str(Path(tiny_models) / "causal-lm")
+    at.sidebar.text_input(key="model_custom::causal-lm").set_value(typed)  # sent with the click, in one run
+    at.text_area(key="story_text").set_value("Once upon a time")
+    at.button(key="story_go").click().run()
+    assert_clean(at)
+    assert at.sidebar.text_input(key="model_custom::causal-lm").value == typed
+    assert at.session_state["result::Story generation"]["model"] == typed
+
+
+def test_continue_asks_the_model_that_wrote_the_reply_after_another_was_picked(tiny_models, monkeypatch):
+    import dataclasses
+
+    import nlp_project
+    wrote = nlp_project.load_text_model(str(Path(tiny_models) / "causal-lm"), "causal-lm")
+    picked = dataclasses.replace(wrote, spec="another chat model")  # chosen in the sidebar after the cut reply
+    history = [{"role": "user", "content": "Hello!"},
+               {"role": "assistant", "content": "Hi there, I am", "id": "r1", "model": wrote.spec, "cut": 8}]
+    loads, requests = [], []
+    monkeypatch.setattr(nlp_project, "get_model", lambda spec, kind: loads.append(spec) or (wrote, True))
+    monkeypatch.setattr(nlp_project, "request_generation", lambda page, **request: requests.append(request))
+    nlp_project.chat_continue(picked, history, nlp_project.GenerationSettings(max_new_tokens=8), "")
+    assert loads == [wrote.spec] and requests[0]["loaded"].spec == requests[0]["spec"] == wrote.spec
