@@ -742,3 +742,27 @@ def test_nlp_doc_browser_speed_tables_match_the_committed_runs():
                     f"{row['app']['decode_tokens_per_s']:.1f} and {row['direct']['decode_tokens_per_s']:.1f} | "
                     f"{f['median']:.2f} ({f['min']:.2f}-{f['max']:.2f}) | {row['app']['ttft_s'] * 1000:.0f} and "
                     f"{row['direct']['ttft_s'] * 1000:.0f} ms |") in flat, (name, turn)
+
+
+def test_what_the_committed_cifar10_inspection_shows_is_what_its_csvs_hold():
+    """docs/cnn_project.md's reading of the committed CIFAR-10 inspection: ECE range, mean corrupted
+    accuracy, GoogLeNet's ties, AlexNet under the strongest noise, the strongest contrast range."""
+    import csv
+    text = " ".join(CNN_DOC.read_text().split())
+    folder = ROOT / "results" / "reference_cpu"
+    summary = {r["model"]: r for r in csv.DictReader(open(folder / "cnn_summary.csv"))
+               if r["dataset"] == "cifar10"}
+    ece = {m: 100 * float(r["test_ece_mean"]) for m, r in summary.items()}
+    assert min(ece, key=ece.get) == "GoogLeNet" and max(ece, key=ece.get) == "LeNet-5"
+    assert (f"ECE ranges from {ece['GoogLeNet']:.1f}% (GoogLeNet) to {ece['LeNet-5']:.1f}% (LeNet-5)"
+            in text)
+    kept = {m: 100 * float(summary[m]["corrupted_accuracy"]) for m in ("ResNet-18", "GoogLeNet")}
+    assert f"ResNet-18 keeps {kept['ResNet-18']:.1f}% and GoogLeNet {kept['GoogLeNet']:.1f}%" in text
+    assert "tied with the best in 10 of 12" in summary["GoogLeNet"]["corrupted_verdicts"]
+    rows = [r for r in csv.DictReader(open(folder / "cnn_robustness.csv"))
+            if r["dataset"] == "cifar10" and r["severity"] == "3"]
+    noise = {r["model"]: 100 * float(r["accuracy"]) for r in rows if r["corruption"] == "gaussian noise"}
+    assert min(noise, key=noise.get) == "AlexNet"
+    assert f"{noise['AlexNet']:.1f}% at the strongest, against {noise['ResNet-18']:.1f}%" in text
+    contrast = [100 * float(r["accuracy"]) for r in rows if r["corruption"] == "contrast"]
+    assert len(contrast) == 7 and f"{min(contrast):.1f}-{max(contrast):.1f}%" in text

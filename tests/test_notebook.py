@@ -340,6 +340,17 @@ def test_the_committed_comparison_is_shown_before_any_training(executed):
     assert "tied" in out and images_of(cell) == 4
 
 
+def test_inside_the_networks_shows_the_committed_inspection_figures(executed):
+    """After the committed comparison: the Grad-CAM grid, the reliability diagrams and the robustness
+    plot that --inspect drew from the committed weights, shown inline."""
+    nb, *_ = executed
+    out = text_of(cell_after(nb, "Inside the networks"))
+    for name in ("gradcam_cifar10.png", "calibration_cifar10.png", "robustness_cifar10.png"):
+        assert f"results/reference_cpu/cnn/plots/{name}" in out
+        assert (ROOT / "results" / "reference_cpu" / "cnn" / "plots" / name).is_file()
+    assert images_of(cell_after(nb, "Inside the networks")) == 3
+
+
 def test_the_report_of_the_committed_run_comes_before_every_training_cell():
     """In the notebook as committed: the --report cell on results/reference_cpu runs before any cell
     that trains (the CNN training cell, seq2seq), and after the install."""
