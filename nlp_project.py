@@ -1048,14 +1048,33 @@ _SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*(?=\s|$)")
 _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "prof", "jr", "sr", "vs", "etc", "eg", "ie", "no", "approx"}
 
 
+def _ends_sentence(text: str, match: re.Match) -> bool:
+    """True when `match` of _SENTENCE_END in `text` ends a sentence: not a full stop after a single letter
+    ("J. K.") or a common abbreviation ("Mr.")."""
+    word = re.search(r"[\w.]*$", text[:match.start()]).group(0).replace(".", "").lower()
+    return not (match.group(0)[0] == "." and ((len(word) == 1 and word.isalpha()) or word in _ABBREVIATIONS))
+
+
 def _last_sentence_end(text: str) -> int | None:
     """Index just after the last complete sentence of `text`, or None when it holds none (end_at_sentence)."""
-    for match in reversed(list(_SENTENCE_END.finditer(text))):
-        word = re.search(r"[\w.]*$", text[:match.start()]).group(0).replace(".", "").lower()
-        if match.group(0)[0] == "." and ((len(word) == 1 and word.isalpha()) or word in _ABBREVIATIONS):
-            continue
-        return match.end()
-    return None
+    ends = [m.end() for m in _SENTENCE_END.finditer(text) if _ends_sentence(text, m)]
+    return ends[-1] if ends else None
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of `text`, split where end_at_sentence would end one (not after "J." or "Mr."); a last
+    piece without an ending is a sentence too."""
+    sentences, rest = [], text.strip()
+    while rest:
+        end = _first_sentence_end(rest)
+        sentences.append(rest[:end].strip() if end else rest)
+        rest = rest[end:].strip() if end else ""
+    return sentences
+
+
+def _first_sentence_end(text: str) -> int | None:
+    """Index just after the first complete sentence of `text` (as _last_sentence_end judges one), or None."""
+    return next((m.end() for m in _SENTENCE_END.finditer(text) if _ends_sentence(text, m)), None)
 
 
 def end_at_sentence(text: str) -> tuple[str, str]:
@@ -1420,10 +1439,15 @@ def read_results(name: str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def model_results_file(prefix: str, spec: str) -> str:
+    """Name of a measured file of model `spec` in results/nlp/: <prefix>_<public name>.json."""
+    name = re.sub(r"\.gguf$", "", public_name(spec), flags=re.IGNORECASE)
+    return f"{prefix}_{re.sub(r'[^A-Za-z0-9._-]+', '_', name).strip('_')}.json"
+
+
 def facts_file(spec: str) -> str:
     """Name of model `spec`'s factual-score file in results/nlp/: facts_<public name>.json."""
-    name = re.sub(r"\.gguf$", "", public_name(spec), flags=re.IGNORECASE)
-    return f"facts_{re.sub(r'[^A-Za-z0-9._-]+', '_', name).strip('_')}.json"
+    return model_results_file("facts", spec)
 
 
 FACTS_TRUSTED = 0.9  # share of the factual questions right at or above which a chat reply carries no caveat
@@ -1633,6 +1657,31 @@ def qa_threshold_for(spec: str) -> dict | None:
     return entry if isinstance(entry, dict) and "threshold" in entry else None
 
 
+def summary_check(spec: str) -> dict | None:
+    """Model `spec`'s hand-checked summaries (results/nlp/summaries_<model>.json, by `eval-summaries`):
+    {"model", "unsupported", "labelled" (sentences), "texts", "date"}; None when never checked or no
+    sentence has a label."""
+    report = read_results(model_results_file("summaries", spec)) or {}
+    labelled = [s for item in report.get("items", []) for s in item.get("sentences", [])
+                if s.get("supported") is not None]
+    if not labelled:
+        return None
+    return {"model": report.get("model", public_name(spec)), "labelled": len(labelled),
+            "unsupported": sum(1 for s in labelled if not s["supported"]), "texts": len(report["items"]),
+            "date": str(report.get("date", ""))[:10]}
+
+
+def summary_caveat(spec: str) -> str:
+    """The caveat shown under every summary of model `spec`: the measured share of its summary sentences that
+    the text does not support (summary_check), or a plain warning when never checked."""
+    if (check := summary_check(spec)) is None:
+        return ("Not checked: no summaries of this model were checked by hand here. Summaries, above all by small "
+                "models, can state things the text does not say: compare it with the text.")
+    return (f"Not checked: in a test on {check['texts']} short texts, {check['unsupported']} of the "
+            f"{check['labelled']} sentences {check['model']} wrote stated something the text does not say "
+            f"(checked by hand, {check['date']}). Compare this summary with the text before you rely on it.")
+
+
 def page_summarization(spec: str) -> None:
     """Abstractive summary (beam search), or a chat model by prompt."""
     page = "Summarization"
@@ -1665,6 +1714,7 @@ def page_summarization(spec: str) -> None:
     if result := shown_result(page, guessing="summarization"):
         st.subheader("Summary")
         st.markdown(markdown_text(result["output"]))
+        st.caption(f":warning: {markdown_text(summary_caveat(result['model']))}")  # where the summary is read
         rating_widget(result)
 
 
@@ -2450,6 +2500,7 @@ class LlamaCppLM:
         self._reusable = 0  # leading tokens of llm.input_ids whose KV cache _prefill may reuse
         meta = self.llm.metadata or {}
         self.chat_template = meta.get("tokenizer.chat_template")
+        self._formatter = None  # its Jinja2ChatFormatter, made on first use (chat_tokens)
         self.eos_id = self.llm.token_eos()
         self.bos_id = self.llm.token_bos()
         self._bos_text = self._piece(self.bos_id)
@@ -2482,10 +2533,11 @@ class LlamaCppLM:
         """Tokens of `messages` through the GGUF's chat template, ending with the assistant prompt."""
         if not self.chat_template:
             raise ValueError("this model has no chat template; pick an instruct/chat model")
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-        formatter = Jinja2ChatFormatter(template=self.chat_template, eos_token=self._eos_text,
-                                        bos_token=self._bos_text)
-        prompt = formatter(messages=[{"role": m["role"], "content": m["content"]} for m in messages]).prompt
+        if self._formatter is None:  # compiled once: a Jinja compile per message would delay every reply
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+            self._formatter = Jinja2ChatFormatter(template=self.chat_template, eos_token=self._eos_text,
+                                                  bos_token=self._bos_text)
+        prompt = self._formatter(messages=[{"role": m["role"], "content": m["content"]} for m in messages]).prompt
         return self.tokenize(prompt, add_bos=False, special=True)
 
     def reset_cache(self) -> None:

@@ -38,13 +38,16 @@ from test_nlp_browser import browser_available, browser_page, choose_task, strea
 
 MESSAGES = [user for user, _ in nlp_chat_benchmark.CONVERSATION]
 COST = re.compile(r"(\d+) tokens · first token (\d+) ms · total ([\d.]+) s")
-# Records in window.__first when the reply at index window.__reply first shows text, then stops observing.
+# Records in window.__first when the reply at index idx first shows text of its own (the Stop button's label
+# does not count), then stops observing.
 OBSERVE = """(idx) => {
   window.__first = null;
   const seen = () => {
     const msg = document.querySelectorAll('[data-testid="stChatMessage"]')[idx];
-    const md = msg && msg.querySelector('[data-testid="stMarkdownContainer"]');
-    return md && md.innerText.trim().length > 0;
+    // The reply's own text: not the Stop button's label, which is Markdown too and is drawn first.
+    const md = msg && [...msg.querySelectorAll('[data-testid="stMarkdownContainer"]')]
+      .filter(el => !el.closest('button'));
+    return md && md.some(el => el.innerText.trim().length > 0);
   };
   const obs = new MutationObserver(() => {
     if (seen()) { window.__first = performance.now(); obs.disconnect(); }

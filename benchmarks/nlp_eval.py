@@ -30,9 +30,11 @@ from nlp_project import (APP_CHAT_DECODING, CONFIG, FACT_CATEGORIES, QA_THRESHOL
                          SENTIMENT_FEW_SHOT, SENTIMENT_INSTRUCTION, SENTIMENT_LABELS, SENTIMENT_MARGIN,
                          SENTIMENT_PAGE, SENTIMENT_PROMPTS,
                          GenerationSettings, GenerationStats, LoadedModel, ModelLoadError, answer_by_prompt,
-                         answer_question, chat_inputs, chat_settings_for, chat_system_default, decoding_defaults,
-                         facts_file, generate_text, is_llama, load_text_model, normalize_answer, prompt_tokens,
-                         public_name, sentiment_by_prompt, sentiment_verdict, smollm2_gguf_path, stream_generate)
+                         answer_question, chat_inputs, chat_settings_for, chat_system_default, check_model_fits,
+                         decoding_defaults,
+                         facts_file, generate_text, is_llama, load_text_model, model_results_file,
+                         normalize_answer, prompt_tokens, public_name, sentiment_by_prompt, sentiment_verdict,
+                         smollm2_gguf_path, split_sentences, stream_generate, summarize, summarize_by_prompt)
 
 
 # =====================================================================================================
@@ -543,6 +545,85 @@ def _eval_facts(args) -> int:
 
 
 # =====================================================================================================
+# eval-summaries: the Summarization page's summaries of a set of short texts, each sentence labelled by
+# hand as supported by its text or not; the page names the share of unsupported ones beside a summary.
+# =====================================================================================================
+def read_summary_set(path: str | os.PathLike) -> list[dict]:
+    """Items {"id", "text"} from a TSV "id<TAB>text"; ValueError naming the line for an empty or repeated id."""
+    items = []
+    for n, (key, text) in _tsv_rows(path, 2):
+        if not key or not text or key in {i["id"] for i in items}:
+            raise ValueError(f"{path}:{n}: expected a new id and a text")
+        items.append({"id": key, "text": text})
+    return items
+
+
+def read_summary_labels(path: str | os.PathLike) -> dict[tuple[str, str], dict]:
+    """Hand labels {(text id, sentence): {"supported": bool, "note"}} from a TSV "id<TAB>yes|no<TAB>sentence
+    <TAB>note"; {} when the file does not exist; ValueError naming the line for a label other than yes/no."""
+    if not Path(path).exists():
+        return {}
+    labels = {}
+    for n, (key, label, sentence, note) in _tsv_rows(path, 4):
+        if label not in ("yes", "no") or not sentence:
+            raise ValueError(f"{path}:{n}: expected yes or no, then the sentence")
+        labels[(key, sentence)] = {"supported": label == "yes", "note": note}
+    return labels
+
+
+def summarize_as_page(loaded: "LoadedModel", text: str) -> str:
+    """`text` summarised as the Summarization page does with its default lengths: beam search for a
+    summarization model, a greedy answer to a prompt for a chat model."""
+    if loaded.kind == "summarization":
+        return summarize(loaded.model, loaded.tokenizer, text, CONFIG["summary_min_tokens"],
+                         CONFIG["summary_max_tokens"])[0]
+    return summarize_by_prompt(loaded.model, loaded.tokenizer, text, CONFIG["summary_max_tokens"])[0]
+
+
+def evaluate_summaries(loaded: "LoadedModel", items: list[dict], labels: dict) -> list[dict]:
+    """Every text of `items` summarised (summarize_as_page) and cut into sentences, each with its hand label
+    from `labels` (supported None when it has none yet)."""
+    rows = []
+    for item in items:
+        summary = summarize_as_page(loaded, item["text"])
+        sentences = [{"text": s, **labels.get((item["id"], s), {"supported": None, "note": ""})}
+                     for s in split_sentences(summary)]
+        rows.append({"id": item["id"], "summary": summary, "sentences": sentences})
+    return rows
+
+
+def _eval_summaries(args) -> int:
+    """`eval-summaries`: summaries of the committed texts with their hand labels; writes
+    results/nlp/summaries_<model>.json and names the sentences still to be labelled."""
+    spec = args.model or smollm2_gguf_path() or ""
+    labels_path = args.labels or str(RESULTS_DIR / model_results_file("summary_labels", spec))[:-len(".json")] + ".tsv"
+    read = lambda path: (read_summary_set(path), read_summary_labels(labels_path))  # noqa: E731 - before loading
+    fits = lambda loaded: check_model_fits(loaded, "summarization")  # noqa: E731 - raises ModelLoadError
+    if (got := _eval_inputs(args, read, kind="summarization", check=fits)) is None:
+        return 2
+    spec, (items, labels), loaded = got
+    t0 = time.perf_counter()
+    rows = evaluate_summaries(loaded, items, labels)
+    sentences = [s for r in rows for s in r["sentences"]]
+    labelled = [s for s in sentences if s["supported"] is not None]
+    report = {"model": public_name(spec), "backend": loaded.backend, "data": _relative(args.data),
+              "labels": _relative(labels_path), "max_tokens": CONFIG["summary_max_tokens"],
+              "rule": "a sentence is supported when the text says it; a sentence that adds or changes a fact is not",
+              "sentences": len(sentences), "labelled": len(labelled),
+              "unsupported": sum(1 for s in labelled if not s["supported"]), "items": rows,
+              "wall_s": round(time.perf_counter() - t0, 1), **_machine()}
+    out = args.out or str(RESULTS_DIR / model_results_file("summaries", spec))
+    write_json_atomic(out, report)
+    print(f"{report['unsupported']} of {len(labelled)} labelled sentences unsupported -> {out} "
+          f"({report['wall_s']:.0f} s)")
+    for row in rows:
+        for s in row["sentences"]:
+            if s["supported"] is None:
+                print(f"no label yet: {row['id']}\t?\t{s['text']}")
+    return 0
+
+
+# =====================================================================================================
 # The command line.
 # =====================================================================================================
 def _eval_inputs(args, read, kind: str = "causal-lm", check=None):
@@ -625,8 +706,17 @@ def cli(argv: list[str] | None = None) -> int:
                        help=f"longest reply (tokens; default {CONFIG['max_new_tokens']}, the chat page's default)")
     facts.add_argument("--out", default=None, help="JSON file (default: results/nlp/facts_<model>.json, which the "
                                                    "Chatbot and Story pages read)")
+    sums = _eval_parser(sub, "eval-summaries", "summaries of short texts by the Summarization page's path, "
+                                               "with hand labels of which sentences the text supports",
+                        "chat model or summarization model (default: local SmolLM2 GGUF)", "summary_set.tsv",
+                        "TSV of id<TAB>text (default: the 12 texts in results/nlp/summary_set.tsv)")
+    sums.add_argument("--labels", default=None, help="TSV of id<TAB>yes|no<TAB>sentence<TAB>note (default: "
+                                                     "results/nlp/summary_labels_<model>.tsv)")
+    sums.add_argument("--out", default=None, help="JSON file (default: results/nlp/summaries_<model>.json, which "
+                                                  "the Summarization page reads)")
     args = parser.parse_args(argv)
-    commands = {"bench": _bench, "eval-sentiment": _eval_sentiment, "eval-qa": _eval_qa, "eval-facts": _eval_facts}
+    commands = {"bench": _bench, "eval-sentiment": _eval_sentiment, "eval-qa": _eval_qa, "eval-facts": _eval_facts,
+                "eval-summaries": _eval_summaries}
     return commands[args.command](args)
 
 

@@ -346,6 +346,8 @@ def test_app_summarization(app_env):
     assert_clean(at)
     assert at.session_state["result::Summarization"]["output"] is not None
     assert at.subheader and at.subheader[0].value == "Summary"
+    caveat = [c.value for c in at.caption if "Not checked" in c.value]  # beside the summary, for every model
+    assert caveat and "no summaries of this model were checked by hand" in caveat[0]
 
 
 def test_app_image_generation_and_download(app_env):

