@@ -766,3 +766,40 @@ def test_what_the_committed_cifar10_inspection_shows_is_what_its_csvs_hold():
     assert f"{noise['AlexNet']:.1f}% at the strongest, against {noise['ResNet-18']:.1f}%" in text
     contrast = [100 * float(r["accuracy"]) for r in rows if r["corruption"] == "contrast"]
     assert len(contrast) == 7 and f"{min(contrast):.1f}-{max(contrast):.1f}%" in text
+
+
+def test_every_seed0_pair_of_the_reference_run_has_its_weights():
+    """All 21 seed-0 pairs of results/reference_cpu keep weights in git, as the docs say; a pair whose weights
+    were added later says how they were checked (the record's 10,000 test predictions, image by image)."""
+    folder = ROOT / "results" / "reference_cpu" / "cnn"
+    records = sorted(p for p in folder.glob("*/*.pkl") if ".seed" not in p.name)
+    assert len(records) == 21
+    for path in records:
+        assert path.with_suffix(".safetensors").is_file(), path
+        restored = pickle.loads(path.read_bytes()).get("restored_weights")
+        assert restored is None or "the same 10000 test predictions" in restored["check"], path
+    assert "All 21 pairs have them now." in " ".join(CNN_DOC.read_text().split())
+
+
+def test_what_the_committed_mnist_robustness_shows_is_what_its_csvs_hold():
+    """docs/cnn_project.md's MNIST robustness lesson: the best clean model keeps the least under corruptions
+    and LeNet-5 the most, with the quoted accuracies (and the Fashion-MNIST figures beside them)."""
+    import csv
+    text = " ".join(CNN_DOC.read_text().split())
+    folder = ROOT / "results" / "reference_cpu"
+    summary = {(r["dataset"], r["model"]): 100 * float(r["corrupted_accuracy"])
+               for r in csv.DictReader(open(folder / "cnn_summary.csv"))}
+    mnist = {m: a for (d, m), a in summary.items() if d == "mnist"}
+    assert min(mnist, key=mnist.get) == "ResNet-18" and max(mnist, key=mnist.get) == "LeNet-5"
+    assert (f"keeps only {mnist['ResNet-18']:.1f}% on average over the 12 damaged copies, the least of the seven, "
+            f"while LeNet-5, the worst on clean digits, keeps the most: {mnist['LeNet-5']:.1f}%") in text
+    assert f"SE-ResNet-18 is the next most fragile ({mnist['SE-ResNet-18']:.1f}%)" in text
+    fashion = {m: summary[("fashion_mnist", m)] for m in ("ResNet-18", "SE-ResNet-18", "LeNet-5")}
+    assert (f"(ResNet-18 {fashion['ResNet-18']:.1f}%, SE-ResNet-18 {fashion['SE-ResNet-18']:.1f}%, LeNet-5 "
+            f"{fashion['LeNet-5']:.1f}%)") in text
+    acc = {(r["model"], r["corruption"], r["severity"]): 100 * float(r["accuracy"])
+           for r in csv.DictReader(open(folder / "cnn_robustness.csv")) if r["dataset"] == "mnist"}
+    assert (f"falls to {acc['ResNet-18', 'gaussian noise', '3']:.1f}% while LeNet-5 keeps "
+            f"{acc['LeNet-5', 'gaussian noise', '3']:.1f}%") in text
+    assert (f"at 40% of the contrast it is at {acc['ResNet-18', 'contrast', '2']:.1f}%, no better than guessing, "
+            f"where LeNet-5 keeps {acc['LeNet-5', 'contrast', '2']:.1f}%") in text
