@@ -6,7 +6,9 @@
 app     `streamlit run nlp_project.py` on 127.0.0.1 (offline: the bundled GGUF), driven by Playwright in
         Debian's chromium: type the message, press Enter, wait for the reply and its stars. Time to first
         token: from the key press to the first text of the reply in the page (a MutationObserver in the
-        page records it, and is then removed, so nothing polls the page while the reply streams). Decode
+        page records it, and is then removed, so nothing polls the page while the reply streams; the label
+        of the Stop button drawn above the reply does not count). Its share in the server, from the start
+        of the stream to the first token, comes from the reply's cost line (server_ttft_s). Decode
         speed: the reply's cost line, (tokens - 1) / (total - first token), measured by the app's server.
 direct  llama_cpp.Llama.create_chat_completion(stream=True) in this process, on its own Llama (its default
         prefix cache), with the page's decoding (the model card's sampling), no system prompt (the chat
@@ -104,8 +106,12 @@ def summarize(runs: list[dict], turns: list[int]) -> dict:
     out = {}
     for turn in turns:
         row = {path: {k: statistics.median([r[k] for r in runs if r["path"] == path and r["turn"] == turn
-                                            and r[k] is not None] or [float("nan")])
+                                            and r.get(k) is not None] or [float("nan")])
                       for k in ("ttft_s", "decode_tokens_per_s", "new_tokens")} for path in ("app", "direct")}
+        # The app's own share of its first token: from the start of its stream to the first token (the prompt's
+        # evaluation); the rest is the key press reaching the server, the page drawn before, and the browser.
+        row["app"]["server_ttft_s"] = statistics.median(
+            [r["server_ttft_s"] for r in runs if r["path"] == "app" and r["turn"] == turn] or [float("nan")])
         for name, key in (("decode_ratio", "decode_tokens_per_s"), ("ttft_ratio", "ttft_s")):
             ratios = paired(runs, turn, key)
             row[name] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)} \

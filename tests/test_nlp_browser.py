@@ -342,3 +342,46 @@ if __name__ == "__main__":
     if reason := browser_available():
         raise SystemExit(f"error: {reason}")
     capture_real(Path(args.out), Path(args.db), args.model_dir, args.only)
+
+
+def _browser_benchmark():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import nlp_browser_benchmark
+    return nlp_browser_benchmark
+
+
+def test_the_browser_benchmark_times_the_replys_own_text_not_the_stop_button():
+    """benchmarks/nlp_browser_benchmark.py's first-token observer: the Stop button's Markdown label in the reply
+    does not count; the reply's own text does."""
+    if reason := browser_available():
+        pytest.skip(reason)
+    bench = _browser_benchmark()
+    with browser_page() as page:
+        page.set_content('<div data-testid="stChatMessage">user</div><div data-testid="stChatMessage" id="reply">'
+                         '<button><div data-testid="stMarkdownContainer">Stop</div></button></div>')
+        page.evaluate(bench.OBSERVE, 1)
+        page.evaluate("""() => { const b = document.createElement('button');
+            b.innerHTML = '<div data-testid="stMarkdownContainer">Stop again</div>';
+            document.getElementById('reply').appendChild(b); }""")
+        page.wait_for_timeout(100)
+        assert page.evaluate("() => window.__first") is None
+        page.evaluate("""() => { const d = document.createElement('div');
+            d.setAttribute('data-testid', 'stMarkdownContainer'); d.innerText = 'Hello';
+            document.getElementById('reply').appendChild(d); }""")
+        page.wait_for_function("() => window.__first !== null", timeout=5000)
+
+
+def test_the_browser_benchmark_pairs_each_repeat_and_reports_the_servers_share():
+    """Ratios app / direct are taken within each repeat, then their median and range; the app's share of its
+    first token in the server is a median of its own."""
+    bench = _browser_benchmark()
+    runs = [{"repeat": 0, "path": "app", "turn": 2, "ttft_s": 0.3, "decode_tokens_per_s": 80.0, "new_tokens": 40,
+             "server_ttft_s": 0.2},
+            {"repeat": 0, "path": "direct", "turn": 2, "ttft_s": 0.1, "decode_tokens_per_s": 100.0, "new_tokens": 40},
+            {"repeat": 1, "path": "app", "turn": 2, "ttft_s": 0.4, "decode_tokens_per_s": 90.0, "new_tokens": 40,
+             "server_ttft_s": 0.3},
+            {"repeat": 1, "path": "direct", "turn": 2, "ttft_s": 0.2, "decode_tokens_per_s": 90.0, "new_tokens": 40}]
+    row = bench.summarize(runs, [2])["turn 2"]
+    assert row["decode_ratio"] == pytest.approx({"median": 0.9, "min": 0.8, "max": 1.0})
+    assert row["ttft_ratio"] == pytest.approx({"median": 2.5, "min": 2.0, "max": 3.0})
+    assert row["app"]["server_ttft_s"] == pytest.approx(0.25) and "server_ttft_s" not in row["direct"]
