@@ -993,14 +993,16 @@ def answer_by_prompt(model, tokenizer, question: str, context: str,
                      stats: GenerationStats | None = None) -> dict:
     """Question answering with a chat LM, a greedy answer to QA_PROMPT: answer_question's dict with by_prompt
     True, score and mean_score (answer_confidence), and in_context / spans: whether and where the context backs
-    the answer (answer_support). "Not provided." (NO_ANSWER_REPLY) or the context repeated back is no answer."""
+    the answer (answer_support). "Not provided." (NO_ANSWER_REPLY) or a context of several sentences repeated back
+    is no answer."""
     instruction = QA_PROMPT.format(context=context, question=question)
     answer = generate_by_prompt(model, tokenizer, instruction, max_new_tokens, stats)
     answer = answer[:max_answer_chars]
     no_answer = not answer or bool(NO_ANSWER_REPLY.search(answer))
     start, end = (-1, -1) if no_answer else _find_in_context(answer, context)
-    repeats = not no_answer and (start >= 0 and end - start >= 0.9 * len(context.strip())
-                                 or _find_in_context(context, answer)[0] >= 0)
+    # Repeating a context of one sentence can be the answer ("Paris is the capital." for "What is the capital?").
+    repeats = not no_answer and len(split_sentences(context)) > 1 and (
+        start >= 0 and end - start >= 0.9 * len(context.strip()) or _find_in_context(context, answer)[0] >= 0)
     if repeats:  # the context repeated back is no answer (answer_support says the same)
         start, end = -1, -1
     spans = [] if no_answer else [(start, end)] if start >= 0 else answer_support(answer, context, question)

@@ -601,17 +601,19 @@ def test_app_every_output_shows_its_cost(app_env):
 
 def test_answer_by_prompt_is_only_sure_when_in_context(monkeypatch):
     context = "The Eiffel Tower was completed in 1889 and stands in Paris, France."
+    longer = context + " It is 330 metres tall."
     monkeypatch.setattr(nlp_project, "answer_confidence", lambda *a, **k: (0.5, 0.5))  # no model here
     for generated, no_answer, in_context in [("The Eiffel Tower is in Paris.", False, True),  # every word backed
                                              ("The Eiffel Tower is in London.", False, False),
                                              ("1889.", False, True), ("in  PARIS, france", False, True),
                                              ("No answer.", True, False), ("x" * 5000, False, False),
                                              ("The text does not say.", True, False),
-                                             (context, False, False)]:  # the context repeated back
+                                             (context, False, True),  # one sentence: it may be the answer
+                                             (longer, False, False)]:  # a longer context repeated back
         monkeypatch.setattr(nlp_project, "generate_by_prompt", lambda *a, g=generated, **k: g)
-        res = nlp_project.answer_by_prompt(None, None, "Q?", context)
+        res = nlp_project.answer_by_prompt(None, None, "Q?", longer if generated == longer else context)
         assert (res["no_answer"], res["in_context"], res["by_prompt"]) == (no_answer, in_context, True), generated
-        assert res["repeats_context"] == (generated == context), generated  # the reason the page gives
+        assert res["repeats_context"] == (generated == longer), generated  # the reason the page gives
         assert len(res["answer"]) <= nlp_project.CONFIG["qa_max_answer_chars"]
         for start, end in res["spans"]:
             assert context[start:end].lower().replace(" ", "") in generated.lower().replace(" ", "")
