@@ -4023,8 +4023,9 @@ def inspect_dataset(args, dataset: str, by_model: dict, summary_of_dataset: dict
 def inspect_run(args) -> list:
     """--inspect: for each dataset of --results-dir (or of --datasets), inspect its pairs and draw
     its figures under <results>/cnn/plots/, then rewrite the summaries (cnn_summary.csv and
-    cnn_runs.csv gain ECE and corrupted accuracy, cnn_robustness.csv a row per corrupted copy).
-    Returns the figures' paths. Raises ResultsFileError when there are no records."""
+    cnn_runs.csv gain ECE and corrupted accuracy, cnn_robustness.csv a row per corrupted copy),
+    after deleting what a stopped --inspect left half-written. Returns the figures' paths. Raises
+    ResultsFileError when there are no records."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -4034,11 +4035,13 @@ def inspect_run(args) -> list:
         raise ResultsFileError(f"no records of {', '.join(args.datasets)} under "
                                f"{Path(args.results_dir) / 'cnn'}: train first (python cnn_project.py)")
     summary, paths = summarize(runs), []
-    for dataset in datasets:
-        t0 = time.perf_counter()
-        found = inspect_dataset(args, dataset, runs[dataset], summary[dataset], plt)
-        print(f"{dataset}: {_count(len(found), 'figure')} in {time.perf_counter() - t0:.0f} s", flush=True)
-        paths += found
+    with file_lock(Path(args.results_dir) / "cnn_inspect.lock", wait=True):  # one --inspect at a time here
+        remove_temp_files(sorted((Path(args.results_dir) / "cnn" / "inspection").glob("*/*.tmp")), print)
+        for dataset in datasets:
+            t0 = time.perf_counter()
+            found = inspect_dataset(args, dataset, runs[dataset], summary[dataset], plt)
+            print(f"{dataset}: {_count(len(found), 'figure')} in {time.perf_counter() - t0:.0f} s", flush=True)
+            paths += found
     with file_lock(Path(args.results_dir) / "cnn_report.lock", wait=True):
         write_summaries(runs, summary, args.results_dir)
     for p in paths:
@@ -4072,8 +4075,9 @@ def explain_answer(results_dir: Path, dataset: str, model: str, net: nn.Module, 
                    image: torch.Tensor, source: str) -> Path | None:
     """--predict --explain: save the user's image as given, as the network sees it (1 x C x H x W
     uint8, prepare_image) and under the Grad-CAM of the answer (explain) as
-    <results>/cnn/plots/explain/<image>_<dataset>_<model>.png, print its path and return it; one
-    line and None when the model's layer cannot be hooked."""
+    <results>/cnn/plots/explain/<image>_<8 hex of its SHA-256>_<dataset>_<model>.png (two pictures with
+    one name in two folders do not overwrite each other), print its path and return it; one line and
+    None when the model's layer cannot be hooked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -4083,7 +4087,8 @@ def explain_answer(results_dir: Path, dataset: str, model: str, net: nn.Module, 
         print(f"  not explained: {err}", flush=True)
         return None
     fig, axes = plt.subplots(1, 3, figsize=(8.4, 3.2))
-    axes[0].imshow(np.asarray(open_image(Path(source).read_bytes(), source)[0].convert("RGB")))
+    data = Path(source).read_bytes()
+    axes[0].imshow(np.asarray(open_image(data, source)[0].convert("RGB")))
     axes[0].set_title("your image", fontsize=9)
     axes[0].axis("off")
     for ax in axes[1:]:
@@ -4095,7 +4100,8 @@ def explain_answer(results_dir: Path, dataset: str, model: str, net: nn.Module, 
                       f"at {cam['layer']}", fontsize=8.5)
     fig.suptitle("red: where the evidence for the answer is strongest (a hint, not a proof)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
-    out = Path(results_dir) / "cnn" / "plots" / "explain" / f"{Path(source).stem}_{dataset}_{model}.png"
+    name = f"{Path(source).stem}_{hashlib.sha256(data).hexdigest()[:8]}_{dataset}_{model}.png"
+    out = Path(results_dir) / "cnn" / "plots" / "explain" / name
     _figure(plt, out, fig)
     print(f"  Grad-CAM: {out}", flush=True)
     return out

@@ -126,13 +126,17 @@ def test_inspect_draws_every_figure_and_adds_ece_and_corruptions_to_the_csv(trai
     assert not list(results.rglob("*.tmp"))
 
 
-def test_a_rerun_draws_from_the_cache(trained, tmp_path, monkeypatch, capsys):
+def test_a_rerun_draws_from_the_cache_and_clears_what_a_killed_one_left(trained, tmp_path, monkeypatch, capsys):
     results, dataset = fresh_copy(trained, tmp_path)
     calls = []
     monkeypatch.setattr(cp, "compute_pair", lambda *a: calls.append(a) or pytest.fail("recomputed"))
     monkeypatch.setattr(cp, "run_calibration", lambda *a: pytest.fail("recalibrated"))
+    stale = cp.inspection_path(results, dataset, "lenet5").with_name("lenet5.pklab12cd34.tmp")
+    stale.write_bytes(b"half a pickle")  # what a killed --inspect leaves
     assert cp.main(inspect_args(results)) == 0
-    assert not calls and "note:" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert not calls and "note:" not in out
+    assert not stale.exists() and "removed 1 temp file left half-written by a stopped run" in out
 
 
 def one_note(capsys, results, *extra) -> str:
@@ -202,6 +206,13 @@ def test_predict_explain_saves_the_grad_cam_of_the_answer(trained, tmp_path, cap
     line = next(l for l in capsys.readouterr().out.splitlines() if "Grad-CAM:" in l)
     saved = line.split("Grad-CAM: ")[1]
     assert saved.endswith(".png") and (tmp_path / saved).is_file()
+    twin = tmp_path / "elsewhere" / picture.name  # the same name, another picture: its own file
+    twin.parent.mkdir()
+    twin.write_bytes(next((folder / "blue").iterdir()).read_bytes())
+    assert cp.main(["--predict", str(twin), "--dataset", str(folder), "--results-dir", str(results),
+                    "--models", "lenet5", "--explain"]) == 0
+    other = next(l for l in capsys.readouterr().out.splitlines() if "Grad-CAM:" in l).split("Grad-CAM: ")[1]
+    assert other != saved and (tmp_path / saved).is_file() and (tmp_path / other).is_file()
 
 
 @pytest.mark.parametrize("argv,named", [(["--explain"], ["--explain", "--predict"]),
