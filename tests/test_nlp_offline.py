@@ -360,10 +360,10 @@ def test_no_function_is_over_60_lines(path):
 
 
 def test_the_app_file_puts_the_pages_near_the_top():
-    """nlp_project.py is the app: its pages come within its first 1,300 lines, the whole file is at most 3,000
-    (grown by the streaming guard, cut notices and caveats), and the measurement commands live in
-    benchmarks/nlp_eval.py."""
+    """nlp_project.py is the app: its pages come within its first 1,300 lines, the whole file is at most 3,100
+    (grown by the streaming guard, cut notices and caveats, the summaries' checked share), and the measurement
+    commands live in benchmarks/nlp_eval.py."""
     lines = (ROOT / "nlp_project.py").read_text().splitlines()
     first_page = next(i for i, line in enumerate(lines, 1) if line.startswith("def page_"))
-    assert first_page <= 1300 and len(lines) <= 3000, (first_page, len(lines))
+    assert first_page <= 1300 and len(lines) <= 3100, (first_page, len(lines))
     assert not any(line.startswith(("def _bench", "def _eval_", "def evaluate_")) for line in lines)
