@@ -57,6 +57,7 @@ epochs to PRESETS, or pass an image folder's path to --datasets.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import csv
@@ -3724,14 +3725,14 @@ def inspect_pair(args, dataset: str, model: str, by_seed: dict, images) -> dict:
     try:
         if record is None or record["status"] != "ok" or not path.is_file():
             changed, weights = changed or weights is not None, None
-        elif check_weights_match(path, record) or (  # the header (cheap), checked also on a cached pair
-                not weights or weights.get("key") != inspection_key(args.results_dir, dataset, model)
-                or (weights["corrupted"] is None and images())):
-            weights = dict(compute_pair(args.results_dir, dataset, model, spec_of(record), images()),
-                           key=inspection_key(args.results_dir, dataset, model))
-            changed = True
-            for line in weights["notes"]:
-                print(f"note: {line}", flush=True)
+        else:
+            check_weights_match(path, record)  # the header (cheap), checked also on a cached pair
+            key = inspection_key(args.results_dir, dataset, model)  # hashes the weights once
+            if not weights or weights.get("key") != key or (weights["corrupted"] is None and images()):
+                weights = dict(compute_pair(args.results_dir, dataset, model, spec_of(record), images()), key=key)
+                changed = True
+                for line in weights["notes"]:
+                    print(f"note: {line}", flush=True)
     except (InspectError, ResultsFileError) as err:
         print(f"note: {dataset}/{model}: {err}", flush=True)
         changed, weights = True, None
@@ -3792,10 +3793,7 @@ def robustness(dataset: str, entries: dict, by_model: dict, ranked: list) -> dic
                          "accuracy": float(correct_on_test(mine[0]).mean()), "against": against,
                          **{k: verdict.get(k) for k in ("verdict", "difference", "ci_low", "ci_high", "p_max")}})
         corrupted = [r for r in rows if r["severity"]]
-        counts = {}
-        for r in corrupted:
-            word = VERDICT_WORDS.get(r["verdict"], r["verdict"])
-            counts[word] = counts.get(word, 0) + 1
+        counts = collections.Counter(VERDICT_WORDS.get(r["verdict"], r["verdict"]) for r in corrupted)
         out[model] = {"against": against, "rows": rows,
                       "accuracy": float(np.mean([r["accuracy"] for r in corrupted])),
                       "verdicts": "the one compared with" if model == against else
@@ -3899,8 +3897,8 @@ def plot_calibration(plt, dataset: str, title: str, entries: dict, out: Path) ->
     if not models:
         return None
     cols = min(4, len(models))
-    fig, axes = plt.subplots(math.ceil(len(models) / cols), cols, figsize=(3.1 * cols, 3.2 * math.ceil(len(models) / cols) + 0.5),
-                             squeeze=False)
+    rows = math.ceil(len(models) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols, 3.2 * rows + 0.5), squeeze=False)
     for ax in axes.flat[len(models):]:
         ax.axis("off")
     for ax, model in zip(axes.flat, models):

@@ -1057,26 +1057,24 @@ def _ends_sentence(text: str, match: re.Match) -> bool:
     return not (match.group(0)[0] == "." and ((len(word) == 1 and word.isalpha()) or word in _ABBREVIATIONS))
 
 
+def _sentence_ends(text: str) -> list[int]:
+    """Indices just after each complete sentence of `text` (_ends_sentence), in order."""
+    return [m.end() for m in _SENTENCE_END.finditer(text) if _ends_sentence(text, m)]
+
+
 def _last_sentence_end(text: str) -> int | None:
     """Index just after the last complete sentence of `text`, or None when it holds none (end_at_sentence)."""
-    ends = [m.end() for m in _SENTENCE_END.finditer(text) if _ends_sentence(text, m)]
+    ends = _sentence_ends(text)
     return ends[-1] if ends else None
 
 
 def split_sentences(text: str) -> list[str]:
     """The sentences of `text`, split where end_at_sentence would end one (not after "J." or "Mr."); a last
     piece without an ending is a sentence too."""
-    sentences, rest = [], text.strip()
-    while rest:
-        end = _first_sentence_end(rest)
-        sentences.append(rest[:end].strip() if end else rest)
-        rest = rest[end:].strip() if end else ""
-    return sentences
-
-
-def _first_sentence_end(text: str) -> int | None:
-    """Index just after the first complete sentence of `text` (as _last_sentence_end judges one), or None."""
-    return next((m.end() for m in _SENTENCE_END.finditer(text) if _ends_sentence(text, m)), None)
+    text = text.strip()
+    ends = _sentence_ends(text)
+    pieces = (text[a:b].strip() for a, b in zip([0, *ends], [*ends, len(text)]))
+    return [p for p in pieces if p]
 
 
 def end_at_sentence(text: str) -> tuple[str, str]:
@@ -1441,10 +1439,10 @@ def read_results(name: str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def model_results_file(prefix: str, spec: str) -> str:
-    """Name of a measured file of model `spec` in results/nlp/: <prefix>_<public name>.json."""
+def model_results_file(prefix: str, spec: str, suffix: str = ".json") -> str:
+    """Name of a measured file of model `spec` in results/nlp/: <prefix>_<public name><suffix>."""
     name = re.sub(r"\.gguf$", "", public_name(spec), flags=re.IGNORECASE)
-    return f"{prefix}_{re.sub(r'[^A-Za-z0-9._-]+', '_', name).strip('_')}.json"
+    return f"{prefix}_{re.sub(r'[^A-Za-z0-9._-]+', '_', name).strip('_')}{suffix}"
 
 
 def facts_file(spec: str) -> str:

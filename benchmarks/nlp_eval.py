@@ -596,7 +596,7 @@ def _eval_summaries(args) -> int:
     """`eval-summaries`: summaries of the committed texts with their hand labels; writes
     results/nlp/summaries_<model>.json and names the sentences still to be labelled."""
     spec = args.model or smollm2_gguf_path() or ""
-    labels_path = args.labels or str(RESULTS_DIR / model_results_file("summary_labels", spec))[:-len(".json")] + ".tsv"
+    labels_path = args.labels or str(RESULTS_DIR / model_results_file("summary_labels", spec, ".tsv"))
     read = lambda path: (read_summary_set(path), read_summary_labels(labels_path))  # noqa: E731 - before loading
     fits = lambda loaded: check_model_fits(loaded, "summarization")  # noqa: E731 - raises ModelLoadError
     if (got := _eval_inputs(args, read, kind="summarization", check=fits)) is None:
