@@ -26,6 +26,13 @@ def git(repo: Path, *args) -> str:
                           check=True).stdout
 
 
+def commit_new_repository(repo: Path, message: str) -> Path:
+    """Make the files in `repo` a new git repository with one commit holding them all; returns `repo`."""
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", message]):
+        git(repo, *args)
+    return repo
+
+
 def test_the_readme_commands_leave_git_status_clean(tmp_path):
     if not (SHARED_DATA / "MNIST" / "raw").is_dir():
         pytest.skip(f"real MNIST not found in {SHARED_DATA}")
@@ -36,9 +43,7 @@ def test_the_readme_commands_leave_git_status_clean(tmp_path):
     for name in (".gitignore", "cnn_project.py", "seq2seq_project.py"):
         shutil.copy2(ROOT / name, repo / name)
     shutil.copytree(ROOT / "results" / "reference_gpu", repo / "results" / "reference_gpu")
-    git(repo, "init", "-q")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "a fresh clone")
+    commit_new_repository(repo, "a fresh clone")
     commands = [["seq2seq_project.py", *SEQ2SEQ_TINY],
                 ["cnn_project.py", "--preset", "cpu", "--datasets", "mnist", "--models", "lenet5", "--epochs", "1",
                  "--subset", "500", "--data-dir", str(SHARED_DATA), "--no-progress"],

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from test_fresh_clone import commit_new_repository
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -192,11 +194,7 @@ def snapshot_repository(dest: Path) -> Path:
         if src.is_file():  # a tracked file deleted in the working tree is left out
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
-    git = ["git", "-c", "user.name=notebook test", "-c", "user.email=test@example.invalid",
-           "-c", "commit.gpgsign=false"]
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "the working tree under test"]):
-        subprocess.run(git + args, cwd=dest, check=True)
-    return dest
+    return commit_new_repository(dest, "the working tree under test")
 
 
 @pytest.fixture(scope="module")
