@@ -566,7 +566,7 @@ def stream_generate(model, tokenizer, inputs: dict, settings: GenerationSettings
     completed = False
     if is_llama(model):
         try:
-            yield from model.stream(inputs["ids"], settings, stats, stop)
+            yield from model.stream(inputs["ids"], settings, stats, stop, inputs.get("starts", ()))
             completed = True
         finally:
             stats.stopped = not completed or stop.is_set()
@@ -587,7 +587,8 @@ def extend_inputs(model, tokenizer, inputs: dict, text: str, max_new_tokens: int
     model's context."""
     limit = max(8, input_token_limit(model, tokenizer) - max_new_tokens)
     if is_llama(model):
-        return {"ids": (list(inputs["ids"]) + model.tokenize(text))[-limit:]}
+        ids = list(inputs["ids"]) + model.tokenize(text)
+        return {"ids": ids[-limit:], "starts": inputs.get("starts", ()) if len(ids) <= limit else ()}
     import torch
     more = tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = inputs["input_ids"]
@@ -614,7 +615,7 @@ def greedy_continuation(model, tokenizer, text: str, max_new_tokens: int = CONFI
 def chat_inputs(model, tokenizer, history: list[dict], max_new_tokens: int,
                 system: str | None = None) -> tuple[dict, int]:
     """(the tokens of `history` [{"role", "content"}, ...] through the model's chat template, ending with its
-    assistant prompt, as encode_tail gives them; turns dropped). `system` comes first and is never dropped
+    assistant prompt, as encode_tail gives them, for llama.cpp with "starts", where the replies end; turns dropped). `system` comes first and is never dropped
     (None: the template's own); the oldest turns go until prompt + max_new_tokens fits. ValueError: no template."""
     if not is_llama(model) and not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model has no chat template; pick an instruct/chat model")
@@ -635,8 +636,8 @@ def chat_inputs(model, tokenizer, history: list[dict], max_new_tokens: int,
         if is_llama(model):
             return {"ids": enc["ids"][-limit:]}, dropped
         enc = {"input_ids": enc["input_ids"][:, -limit:], "attention_mask": enc["attention_mask"][:, -limit:]}
-    if is_llama(model):
-        return enc, dropped
+    if is_llama(model):  # a new prompt chunk after each reply: the next turn finds its whole prompt cached
+        return {**enc, "starts": model.reply_ends(head + messages, enc["ids"])}, dropped
     return {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}, dropped
 
 
@@ -1354,7 +1355,7 @@ def chat_stream(request: dict, history: list[dict]) -> None:
                    request.get("continues"), hit_token_limit(stats, settings) and settings.max_new_tokens)
         if is_llama(loaded.model):  # the next message then waits only for its own tokens
             inputs, _ = chat_inputs(loaded.model, None, history, settings.max_new_tokens, request["system"])
-            loaded.model.warm(inputs["ids"])
+            loaded.model.warm(inputs["ids"], inputs.get("starts", ()))
     st.rerun()  # redraw from history with every widget enabled again
 
 
@@ -1452,6 +1453,27 @@ def facts_file(spec: str) -> str:
 
 FACTS_TRUSTED = 0.9  # share of the factual questions right at or above which a chat reply carries no caveat
 
+# What the authors of the app's listed chat models publish about them (not measured here), shown as such beside
+# their replies until eval-facts measures a model here. Knowledge: MMLU (multiple-choice questions in 57 subjects,
+# 4 choices: 25% by chance; MMLU-redux, a corrected subset; MMLU-Pro, harder, 10 choices); arithmetic: GSM8K
+# (grade-school word problems). Each source reports its own evaluation: compare figures within one source only.
+SMOLLM2_CARD = "its model card on the Hugging Face Hub, Hugging Face's own evaluation"
+QWEN25_BLOG = "the Qwen2.5 release blog, qwenlm.github.io/blog/qwen2.5-llm"
+PUBLISHED_SCORES = {  # model name (the last part of its Hub id): (its figures, where they are published)
+    "SmolLM2-135M-Instruct": ("MMLU (cloze) 29.3%, GSM8K (5-shot) 1.4%", SMOLLM2_CARD),
+    "SmolLM2-360M-Instruct": ("MMLU (cloze) 32.8%, GSM8K (5-shot) 7.4%", SMOLLM2_CARD),
+    "SmolLM2-1.7B-Instruct": ("MMLU-Pro 19.3%, GSM8K (5-shot) 48.2%", SMOLLM2_CARD),
+    "Qwen2.5-0.5B-Instruct": ("MMLU-redux 24.1%, GSM8K 49.6%", QWEN25_BLOG),
+    "Qwen2.5-1.5B-Instruct": ("MMLU-redux 50.7%, GSM8K 73.2%", QWEN25_BLOG),
+}
+
+
+def published_score(spec: str) -> tuple[str, str] | None:
+    """(figures, source) that the authors of chat model `spec` publish (PUBLISHED_SCORES, by the last part of
+    its name, any case), or None."""
+    name = Path(str(spec).rstrip("/\\")).name.lower()
+    return next((v for k, v in PUBLISHED_SCORES.items() if k.lower() == name), None)
+
 
 def facts_score(spec: str) -> dict | None:
     """Model `spec`'s measured factual score (results/nlp/facts_<model>.json, by `eval-facts`) on the chat page's
@@ -1474,7 +1496,11 @@ def facts_score(spec: str) -> dict | None:
 def limits_line(spec: str) -> str:
     """One line on what chat model `spec` is good and bad at, with its factual score measured by `eval-facts`
     (facts_score); a generic line when none was measured."""
-    if (score := facts_score(spec)) is None:
+    if (score := facts_score(spec)) is None and (published := published_score(spec)):
+        return (f"No factual score was measured for this model here. Published by its authors, not measured here: "
+                f"{published[0]} ({published[1]}). MMLU tests knowledge by multiple choice (25% right by chance; "
+                "MMLU-Pro 10%), GSM8K grade-school arithmetic. Check any fact or sum that matters.")
+    if score is None:
         return (f"No factual score was measured for this model (`python benchmarks/nlp_eval.py eval-facts --model "
                 f"{public_name(spec)}` measures one). Small chat models write fluent text but often get facts "
                 "and arithmetic wrong: check anything that matters.")
@@ -1493,7 +1519,10 @@ def limits_line(spec: str) -> str:
 def reply_caveat(spec: str) -> str:
     """The short caveat shown beside every chat reply of model `spec`: its measured factual score when below
     FACTS_TRUSTED, a plain warning when never measured, "" when it scored at or above that level."""
-    if (score := facts_score(spec)) is None:
+    if (score := facts_score(spec)) is None and (published := published_score(spec)):
+        return (f"Not checked: no factual score was measured for this model here; its authors publish "
+                f"{published[0]} ({published[1]}). Check any fact or sum in this reply.")
+    if score is None:
         return "Not checked: no factual score was measured for this model here. Small models often state " \
                "false facts and sums plainly."
     if score["share"] >= FACTS_TRUSTED:
@@ -2497,10 +2526,10 @@ class LlamaCppLM:
         except Exception as exc:  # noqa: BLE001 - llama.cpp raises ValueError / RuntimeError
             raise ModelLoadError(f"llama.cpp cannot load {Path(path).name}: {_describe_error(exc)}") from exc
         self.lock = threading.Lock()  # one llama.cpp context: one generation at a time
-        self._reusable = 0  # leading tokens of llm.input_ids whose KV cache _prefill may reuse
+        self._chunks: list[tuple[int, int]] = []  # the prompt chunks [start, end) now in the KV cache (_prefill)
         meta = self.llm.metadata or {}
         self.chat_template = meta.get("tokenizer.chat_template")
-        self._formatter = None  # its Jinja2ChatFormatter, made on first use (chat_tokens)
+        self._formatters = {}  # its Jinja2ChatFormatters by add_generation_prompt, made on first use (chat_tokens)
         self.eos_id = self.llm.token_eos()
         self.bos_id = self.llm.token_bos()
         self._bos_text = self._piece(self.bos_id)
@@ -2529,49 +2558,74 @@ class LlamaCppLM:
         """Text of `ids` without special tokens; invalid UTF-8 becomes U+FFFD."""
         return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
 
-    def chat_tokens(self, messages: list[dict]) -> list[int]:
-        """Tokens of `messages` through the GGUF's chat template, ending with the assistant prompt."""
+    def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Tokens of `messages` through the GGUF's chat template, ending with the assistant prompt (or, without
+        `add_generation_prompt`, with the last message)."""
         if not self.chat_template:
             raise ValueError("this model has no chat template; pick an instruct/chat model")
-        if self._formatter is None:  # compiled once: a Jinja compile per message would delay every reply
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-            self._formatter = Jinja2ChatFormatter(template=self.chat_template, eos_token=self._eos_text,
-                                                  bos_token=self._bos_text)
-        prompt = self._formatter(messages=[{"role": m["role"], "content": m["content"]} for m in messages]).prompt
+        if (formatter := self._formatters.get(add_generation_prompt)) is None:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # compiled once, not once per message
+            formatter = self._formatters[add_generation_prompt] = Jinja2ChatFormatter(
+                template=self.chat_template, eos_token=self._eos_text, bos_token=self._bos_text,
+                add_generation_prompt=add_generation_prompt)
+        prompt = formatter(messages=[{"role": m["role"], "content": m["content"]} for m in messages]).prompt
         return self.tokenize(prompt, add_bos=False, special=True)
+
+    def reply_ends(self, messages: list[dict], ids: list[int]) -> tuple[int, ...]:
+        """Where each assistant message of `messages` ends in `ids` (their chat_tokens): the token positions
+        after them, those where the template's tokens of the conversation so far are a prefix of `ids`. _prefill
+        starts a new chunk there, so the chunks before a reply's end are the same in every later prompt."""
+        ends = []
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                head = self.chat_tokens(messages[:i + 1], add_generation_prompt=False)
+                if 0 < len(head) < len(ids) and ids[:len(head)] == head:
+                    ends.append(len(head))
+        return tuple(ends)
 
     def reset_cache(self) -> None:
         """Forget the KV cache: the next call evaluates its whole prompt (the benchmark's cold start)."""
         with self.lock:
             self.llm.reset()
-            self._reusable = 0
+            self._chunks = []
 
-    def _prefill(self, ids: list[int]) -> int:
+    @staticmethod
+    def prompt_chunks(n_tokens: int, starts: tuple[int, ...] = ()) -> list[tuple[int, int]]:
+        """How _prefill cuts a prompt of `n_tokens`: [start, end) spans of CONFIG["llama_prompt_chunk"] tokens at
+        most, from position 0 and anew from each of `starts` (the ends of earlier replies, reply_ends)."""
+        chunk = CONFIG["llama_prompt_chunk"]
+        edges = [0, *sorted({s for s in starts if 0 < s < n_tokens}), n_tokens]
+        return [(first, min(first + chunk, end)) for begin, end in zip(edges, edges[1:])
+                for first in range(begin, end, chunk)]
+
+    def _prefill(self, ids: list[int], starts: tuple[int, ...] = ()) -> int:
         """Evaluate `ids` (self.lock held) so that the logits after its last token are ready; returns how many
-        leading tokens came from the KV cache. Prompts go in chunks of CONFIG["llama_prompt_chunk"] tokens from
-        position 0, and only whole chunks are reused: llama.cpp rounds differently for different batch sizes,
-        so with fixed chunks the same conversation and seed give the same reply, warm cache or cold."""
+        leading tokens came from the KV cache. The prompt goes in the chunks of prompt_chunks, and a chunk in
+        the cache is reused only when a cold start would make the same one (same span, same tokens, same chunks
+        before it): llama.cpp rounds differently for different batch sizes, so this way the same conversation
+        and seed give the same reply, warm cache or cold. The last chunk is always evaluated, for its logits."""
         if not ids:
             raise ValueError("nothing to evaluate: the prompt has no tokens")
-        chunk = CONFIG["llama_prompt_chunk"]
-        cached = self.llm.input_ids[: min(self._reusable, self.llm.n_tokens)].tolist()
-        common = 0
-        while common < min(len(cached), len(ids) - 1) and cached[common] == ids[common]:
-            common += 1  # len(ids) - 1: at least the last chunk is evaluated, for its logits
-        start = common // chunk * chunk
-        self._reusable = start  # until the chunks below are evaluated, only this much is known good
+        plan = self.prompt_chunks(len(ids), starts)
+        cached = self.llm.input_ids[:self.llm.n_tokens].tolist()
+        kept = 0
+        while (kept < min(len(self._chunks), len(plan) - 1) and self._chunks[kept] == plan[kept]
+               and cached[slice(*plan[kept])] == ids[slice(*plan[kept])]):
+            kept += 1
+        start = plan[kept][0]
+        self._chunks = plan[:kept]  # until the chunks below are evaluated, only these are known good
         self.llm.n_tokens = start  # llama-cpp-python's eval() drops the KV cache from here on
-        for first in range(start, len(ids), chunk):
-            self.llm.eval(ids[first:first + chunk])
-        self._reusable = len(ids) // chunk * chunk
+        for first, end in plan[kept:]:
+            self.llm.eval(ids[first:end])
+        self._chunks = plan
         return start
 
-    def warm(self, ids: list[int]) -> None:
-        """Evaluate `ids` into the KV cache now (as _prefill, in the same whole chunks a cold start uses), so a
-        later prompt that starts with them evaluates only the rest: the chat warms the conversation with each
-        new reply while the learner reads it. Seeded replies stay the same as from a cold cache."""
+    def warm(self, ids: list[int], starts: tuple[int, ...] = ()) -> None:
+        """Evaluate `ids` into the KV cache now (as _prefill, in the chunks a cold start uses), so a later prompt
+        that starts with them evaluates only the rest: the chat warms the conversation with each new reply while
+        the learner reads it. Seeded replies stay the same as from a cold cache."""
         with self.lock:
-            self._prefill(list(ids))
+            self._prefill(list(ids), tuple(starts))
 
     def _last_probs(self):
         """Softmax over the vocabulary after the last evaluated token (float64 [n_vocab]). Lock held."""
@@ -2618,12 +2672,12 @@ class LlamaCppLM:
         return LogitsProcessorList([block])
 
     def stream(self, ids: list[int], settings: "GenerationSettings", stats: "GenerationStats",
-               stop: threading.Event | None = None) -> Iterator[str]:
+               stop: threading.Event | None = None, starts: tuple[int, ...] = ()) -> Iterator[str]:
         """Yield text pieces of a continuation of `ids`, as stream_generate: greedy at temperature <= 0, else
-        seeded sampling, the prompt on the KV cache of earlier calls (_prefill)."""
+        seeded sampling, the prompt on the KV cache of earlier calls (_prefill, new chunks from `starts`)."""
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         with self.lock:
-            self._prefill(list(ids))
+            self._prefill(list(ids), tuple(starts))
             self.llm.set_seed(int(settings.seed))
             greedy = settings.temperature <= 0
             # An empty prompt with reset=False: sample after the state _prefill left, then go on.

@@ -1,6 +1,7 @@
 """The Chatbot page as a learner uses it, in headless Chromium, against llama-cpp-python used directly.
 
     python benchmarks/nlp_browser_benchmark.py                  # 3 repeats of a 5-turn chat, SmolLM2-135M GGUF
+    python benchmarks/nlp_browser_benchmark.py --browser-core   # the browser on a core of its own
     python benchmarks/nlp_browser_benchmark.py --repeats 1 --out /tmp/browser.json
 
 app     `streamlit run nlp_project.py` on 127.0.0.1 (offline: the bundled GGUF), driven by Playwright in
@@ -14,6 +15,10 @@ direct  llama_cpp.Llama.create_chat_completion(stream=True) in this process, on 
         prefix cache), with the page's decoding (the model card's sampling), no system prompt (the chat
         template's own, as the page's default for this model), the same seed per turn and threads. Time to
         first token: from the call to the first streamed text; decode: (tokens - 1) / (last - first).
+Cores: by default the browser, the app and direct llama.cpp share all of them, as on a laptop that runs the app
+for itself. With --browser-core the browser (and Playwright) run on the last core and the app's server and direct
+llama.cpp on the others, with one thread fewer each, as when the app runs on a Colab runtime and the browser on
+your laptop: then the browser's drawing takes no time from llama.cpp.
 Each path keeps its own conversation (its own replies); the user messages are those of
 benchmarks/nlp_chat_benchmark.py. Turns are interleaved, app and direct, which goes first alternating.
 Per turn the JSON holds every run, the medians, the paired ratios app / direct (median and range over
@@ -23,6 +28,8 @@ the repeats) and the targets: decode >= 0.9 x direct at turns 1 and 5, first tok
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import statistics
 import sys
@@ -120,12 +127,27 @@ def summarize(runs: list[dict], turns: list[int]) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def on_cores(cores: set[int] | None):
+    """Run the block with this thread on `cores` (None: unchanged); processes started inside inherit them."""
+    if cores is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def run(args, values: dict, llm) -> list[dict]:
-    """The interleaved conversations; every run as a dict."""
+    """The interleaved conversations; every run as a dict. With args.browser_cores the browser (and
+    Playwright's driver) run on those cores; the app's server and direct llama.cpp on the others."""
     runs, timeout_ms = [], 300_000
     with tempfile.TemporaryDirectory() as tmp, \
             streamlit_server({"NLP_APP_FEEDBACK_DB": str(Path(tmp) / "feedback.db")}, Path(tmp) / "log") as url, \
-            browser_page(height=1500) as page:
+            on_cores(args.browser_cores), browser_page(height=1500) as page, on_cores(args.engine_cores):
         page.goto(url, timeout=timeout_ms)
         page.get_by_role("heading", name="Next-word prediction").wait_for(timeout=timeout_ms)
         for repeat in range(args.repeats):
@@ -151,8 +173,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="whole conversations per path (default 3)")
     parser.add_argument("--turns", type=int, default=len(MESSAGES), help=f"turns per conversation (default "
                                                                          f"{len(MESSAGES)}, the most)")
-    parser.add_argument("--out", default=str(ROOT / "results" / "nlp" / "browser_chat_speed_smollm2.json"))
+    parser.add_argument("--out", default=None, help="JSON file (default: results/nlp/browser_chat_speed_smollm2.json, "
+                                                    "with --browser-core ..._smollm2_browser_core.json)")
+    parser.add_argument("--browser-core", action="store_true",
+                        help="run the browser on the last core and the app and direct llama.cpp on the others, "
+                             "as when the browser is on another machine (both paths then get one thread fewer)")
     args = parser.parse_args(argv)
+    cores = sorted(os.sched_getaffinity(0))
+    if args.browser_core and len(cores) < 2:
+        print("error: --browser-core needs at least two cores", file=sys.stderr)
+        return 2
+    args.browser_cores = {cores[-1]} if args.browser_core else None
+    args.engine_cores = set(cores[:-1]) if args.browser_core else None
+    args.out = args.out or str(ROOT / "results" / "nlp" / ("browser_chat_speed_smollm2"
+                                                           + ("_browser_core" if args.browser_core else "") + ".json"))
+    if args.engine_cores:
+        os.sched_setaffinity(0, args.engine_cores)  # the server and direct llama.cpp's threads start from here
     args.max_new_tokens = nlp_project.CONFIG["max_new_tokens"]  # the page's default slider value
     spec = nlp_project.smollm2_gguf_path()
     if (reason := browser_available()) or not spec or not nlp_project.llama_cpp_available():
@@ -175,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
               f"app/direct {t['median']:.2f} ({t['min']:.2f}-{t['max']:.2f})")
     report = {"model": nlp_project.public_name(spec), "decoding": {**values, "min_p": 0.0, "source": source},
               "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "n_threads": threads,
+              "cores": {"engine": sorted(args.engine_cores), "browser": sorted(args.browser_cores)}
+              if args.browser_core else "all, shared by the browser, the app and direct llama.cpp",
               "summary": summary, "runs": runs, "wall_s": time.perf_counter() - t0,
               "targets": "decode_ratio median >= 0.9 at turns 1 and 5; ttft_ratio median <= 1.5 from turn 2 on",
               **nlp_eval._machine()}

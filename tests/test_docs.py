@@ -805,3 +805,13 @@ def test_what_the_committed_mnist_robustness_shows_is_what_its_csvs_hold():
             f"{acc['LeNet-5', 'gaussian noise', '3']:.1f}%") in text
     assert (f"at 40% of the contrast it is at {acc['ResNet-18', 'contrast', '2']:.1f}%, no better than guessing, "
             f"where LeNet-5 keeps {acc['LeNet-5', 'contrast', '2']:.1f}%") in text
+
+
+def test_docs_list_the_published_figures_the_chat_shows():
+    """The docs' table of published figures is the one the app shows beside unmeasured models' replies."""
+    import nlp_project
+
+    docs = (ROOT / "docs" / "nlp_project.md").read_text()
+    for name, (figures, source) in nlp_project.PUBLISHED_SCORES.items():
+        assert f"| {name} | {figures} |" in docs, name
+        assert ("model card" in source) == (f"| {name} | {figures} | its model card" in docs), name

@@ -409,3 +409,26 @@ def test_answer_confidence_on_llama_matches_next_token_probabilities():
     ids = loaded.model.tokenize("The capital is Rome.")
     at = next(i for i, t in enumerate(ids) if "Rome" in loaded.model.detokenize([t]))
     assert float(loaded.model.next_token_probs(prompt + ids[:at])[ids[at]]) == pytest.approx(rome[0], abs=0.05)
+
+
+def test_unmeasured_listed_models_show_their_published_figures_marked_as_such():
+    """The app's listed chat models (the online defaults among them) carry their authors' figures beside each
+    reply and in the page's limits line, said to be published, not measured; a model we know nothing of does
+    not; a measured score wins over a published one."""
+    import nlp_project
+
+    for spec in nlp_project.DEVICE_TEXT_MODELS.values():  # the online defaults, by device
+        assert nlp_project.published_score(spec), spec
+    for spec in nlp_project.HUB_MODELS["causal-lm"]:
+        if nlp_project.facts_score(spec) is None and nlp_project.published_score(spec):
+            figures, source = nlp_project.published_score(spec)
+            caveat, line = nlp_project.reply_caveat(spec), nlp_project.limits_line(spec)
+            assert caveat.startswith("Not checked: no factual score was measured") and figures in caveat
+            assert f"Published by its authors, not measured here: {figures} ({source})" in line
+    assert nlp_project.published_score("/content/models/qwen2.5-1.5b-instruct/") == \
+        nlp_project.PUBLISHED_SCORES["Qwen2.5-1.5B-Instruct"]  # a local copy, by its folder's name
+    assert nlp_project.published_score("someone/tiny-chat") is None
+    assert "authors" not in nlp_project.reply_caveat("someone/tiny-chat")
+    if GGUF:  # the bundled model's own measured score, not its published one
+        measured = nlp_project.reply_caveat(GGUF)
+        assert "answered only" in measured and "authors" not in measured

@@ -156,7 +156,7 @@ def test_chat_reuses_the_kv_cache_and_stays_seeded(smollm2):
         history.append({"role": "user", "content": message})
         inputs, _ = nlp_project.chat_inputs(smollm2, None, history, base.max_new_tokens, system)
         with smollm2.lock:
-            reused = smollm2._prefill(inputs["ids"])  # what the reply below will find in the cache
+            reused = smollm2._prefill(inputs["ids"], inputs["starts"])  # what the reply below finds in the cache
         assert inputs["ids"][:len(before)] == before  # this turn's prompt starts with the last one
         before = inputs["ids"]
         warm, _ = nlp_eval.chat_reply(smollm2, None, history, base, system=system)
@@ -164,10 +164,12 @@ def test_chat_reuses_the_kv_cache_and_stays_seeded(smollm2):
         cold, _ = nlp_eval.chat_reply(smollm2, None, history, base, system=system)
         assert warm == cold and warm, (message, warm, cold)
         history.append({"role": "assistant", "content": warm})
-    # Turn 3 reused the whole chunks of turn 2's prompt (the cache then held turn 2's cold reply).
+    # Turn 3 reused the whole chunks of turn 2's prompt (the cache then held turn 2's cold reply): all of it up
+    # to the first reply's end, and the whole chunks after it.
     chunk = nlp_project.CONFIG["llama_prompt_chunk"]
-    previous = nlp_project.chat_inputs(smollm2, None, history[:3], base.max_new_tokens, system)[0]["ids"]
-    assert reused == len(previous) // chunk * chunk > 0
+    previous = nlp_project.chat_inputs(smollm2, None, history[:3], base.max_new_tokens, system)[0]
+    (first_reply_end,) = previous["starts"]
+    assert reused == first_reply_end + (len(previous["ids"]) - first_reply_end) // chunk * chunk
     # A different prompt after it shares only the system prompt's chunks, and still answers the same.
     other = [{"role": "user", "content": "What is the capital of France?"}]
     first, _ = nlp_eval.chat_reply(smollm2, None, other, base, system=system)
@@ -183,14 +185,42 @@ def test_warming_the_next_turn_reuses_the_reply_and_stays_seeded(smollm2):
     history = [{"role": "user", "content": CONVERSATION[0]}]
     first, _ = nlp_eval.chat_reply(smollm2, None, history, base, system=system)
     history += [{"role": "assistant", "content": first}, {"role": "user", "content": CONVERSATION[1]}]
-    warmed = nlp_project.chat_inputs(smollm2, None, history[:2], base.max_new_tokens, system)[0]["ids"]
-    smollm2.warm(warmed)
-    after = nlp_project.chat_inputs(smollm2, None, history, base.max_new_tokens, system)[0]["ids"]
+    warmed = nlp_project.chat_inputs(smollm2, None, history[:2], base.max_new_tokens, system)[0]
+    smollm2.warm(warmed["ids"], warmed["starts"])
+    after = nlp_project.chat_inputs(smollm2, None, history, base.max_new_tokens, system)[0]
     with smollm2.lock:
-        reused = smollm2._prefill(after)
-    chunk = nlp_project.CONFIG["llama_prompt_chunk"]
-    assert reused >= len(warmed) - 2 * chunk > 0  # the reply came from the cache (all but the last chunks)
+        reused = smollm2._prefill(after["ids"], after["starts"])
+    # The whole conversation through the first reply came from the cache; only the new message is evaluated
+    # (and the assistant prompt, a few tokens after the reply's end, which the warmed prompt ended with).
+    assert after["starts"] == warmed["starts"] and reused == warmed["starts"][0]
+    assert 0 < len(warmed["ids"]) - reused <= 8
     warm, _ = nlp_eval.chat_reply(smollm2, None, history, base, system=system)
     smollm2.reset_cache()
     cold, _ = nlp_eval.chat_reply(smollm2, None, history, base, system=system)
     assert warm == cold and warm
+
+
+def test_prompt_chunks_start_anew_after_each_reply():
+    """The chunk plan: CONFIG["llama_prompt_chunk"] tokens at most, from 0 and anew from each reply's end, so a
+    later, longer prompt of the same conversation cuts everything before that end the same way."""
+    chunk = nlp_project.CONFIG["llama_prompt_chunk"]
+    plan = nlp_project.LlamaCppLM.prompt_chunks
+    assert plan(2 * chunk + 3) == [(0, chunk), (chunk, 2 * chunk), (2 * chunk, 2 * chunk + 3)]
+    assert plan(40, (20,)) == [(0, chunk), (chunk, 20), (20, 20 + chunk), (20 + chunk, 40)]
+    assert plan(40, (0, 40, 55)) == plan(40)  # starts outside (0, n) change nothing
+    shorter, longer = plan(25, (20,)), plan(60, (20, 30))
+    assert shorter[:2] == longer[:2] and shorter[2] != longer[2]  # (20, 25) is cut again in the longer one
+    for n, starts in ((1, ()), (33, (5, 17)), (100, (16, 48, 49))):
+        spans = plan(n, starts)
+        assert spans[0][0] == 0 and spans[-1][1] == n and all(a < b <= a + chunk for a, b in spans)
+        assert all(b == c for (_, b), (c, _) in zip(spans, spans[1:]))  # contiguous, nothing left out
+
+
+def test_reply_ends_are_where_the_conversation_so_far_ends(smollm2):
+    history = [{"role": "user", "content": "Hi, I am Zorvan."}, {"role": "assistant", "content": "Hello Zorvan!"},
+               {"role": "user", "content": "What is my name?"}]
+    inputs, _ = nlp_project.chat_inputs(smollm2, None, history, 16, "Be brief.")
+    (end,) = inputs["starts"]
+    head = smollm2.chat_tokens([{"role": "system", "content": "Be brief."}, *history[:2]],
+                               add_generation_prompt=False)
+    assert inputs["ids"][:end] == head and smollm2.detokenize(head).rstrip().endswith("Hello Zorvan!")
