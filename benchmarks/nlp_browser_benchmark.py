@@ -6,7 +6,7 @@
 
 app     `streamlit run nlp_project.py` on 127.0.0.1 (offline: the bundled GGUF), driven by Playwright in
         Debian's chromium: type the message, press Enter, wait for the reply and its stars. Time to first
-        token: from the key press to the first text of the reply in the page (a MutationObserver in the
+        token: from the key press (the Enter key's event in the page) to the first text of the reply in the page (a MutationObserver in the
         page records it, and is then removed, so nothing polls the page while the reply streams; the label
         of the Stop button drawn above the reply does not count). Its share in the server, from the start
         of the stream to the first token, comes from the reply's cost line (server_ttft_s). Decode
@@ -47,10 +47,15 @@ from test_nlp_browser import browser_available, browser_page, choose_task, strea
 
 MESSAGES = [user for user, _ in nlp_chat_benchmark.CONVERSATION]
 COST = re.compile(r"(\d+) tokens · first token (\d+) ms · total ([\d.]+) s")
-# Records in window.__first when the reply at index idx first shows text of its own (the Stop button's label
-# does not count), then stops observing.
+# Records in window.__key when the page receives the Enter key (Playwright delivers it some milliseconds after
+# it is asked to), and in window.__first when the reply at index idx first shows text of its own (the Stop
+# button's label does not count), then stops observing.
 OBSERVE = """(idx) => {
   window.__first = null;
+  window.__key = null;
+  document.removeEventListener('keydown', window.__onKey, true);  // the one of the turn before
+  window.__onKey = (e) => { if (e.key === 'Enter' && window.__key === null) window.__key = performance.now(); };
+  document.addEventListener('keydown', window.__onKey, true);
   const seen = () => {
     const msg = document.querySelectorAll('[data-testid="stChatMessage"]')[idx];
     // The reply's own text: not the Stop button's label, which is Markdown too and is drawn first.
@@ -80,7 +85,8 @@ def app_turn(page, message: str, turn: int, timeout_ms: int) -> dict:
     box.press("Enter")
     page.wait_for_timeout(700)  # the run the key press starts has begun
     page.wait_for_function(DONE, arg=turn, polling=500, timeout=timeout_ms)  # rarely: a busy page is slowed
-    first = page.evaluate("() => window.__first")
+    first, key = page.evaluate("() => [window.__first, window.__key]")
+    t0 = t0 if key is None else key
     text = page.locator('[data-testid="stChatMessage"]').nth(reply_index).inner_text()
     tokens, first_ms, total_s = COST.search(text).groups()
     tokens, decode_s = int(tokens), float(total_s) - int(first_ms) / 1000

@@ -369,6 +369,26 @@ def test_the_browser_benchmark_times_the_replys_own_text_not_the_stop_button():
             d.setAttribute('data-testid', 'stMarkdownContainer'); d.innerText = 'Hello';
             document.getElementById('reply').appendChild(d); }""")
         page.wait_for_function("() => window.__first !== null", timeout=5000)
+        # The clock starts at the Enter key's event in the page, not when Playwright is asked to press it.
+        assert page.evaluate("() => window.__key") is None
+        page.keyboard.press("a")
+        page.keyboard.press("Enter")
+        assert page.evaluate("() => window.__key") > 0
+
+
+def test_the_browser_benchmark_can_give_the_browser_a_core_of_its_own():
+    """--browser-core: the block runs with this thread on the given cores, and gets its cores back after."""
+    import os
+
+    bench = _browser_benchmark()
+    before = os.sched_getaffinity(0)
+    with bench.on_cores(None):
+        assert os.sched_getaffinity(0) == before
+    with bench.on_cores({min(before)}):
+        assert os.sched_getaffinity(0) == {min(before)}
+    assert os.sched_getaffinity(0) == before
+    if len(before) < 2:
+        assert bench.main(["--browser-core"]) == 2  # one clear line: it needs two cores
 
 
 def test_the_browser_benchmark_pairs_each_repeat_and_reports_the_servers_share():
