@@ -637,7 +637,7 @@ def chat_inputs(model, tokenizer, history: list[dict], max_new_tokens: int,
             return {"ids": enc["ids"][-limit:]}, dropped
         enc = {"input_ids": enc["input_ids"][:, -limit:], "attention_mask": enc["attention_mask"][:, -limit:]}
     if is_llama(model):  # a new prompt chunk after each reply: the next turn finds its whole prompt cached
-        return {**enc, "starts": model.reply_ends(head + messages, enc["ids"])}, dropped
+        return {**enc, "starts": model.chunk_starts(head + messages, enc["ids"])}, dropped
     return {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}, dropped
 
 
@@ -1354,9 +1354,17 @@ def chat_stream(request: dict, history: list[dict]) -> None:
         keep_reply(history, request.get("prefix", "") + reply, request["spec"], stats.describe(),
                    request.get("continues"), hit_token_limit(stats, settings) and settings.max_new_tokens)
         if is_llama(loaded.model):  # the next message then waits only for its own tokens
-            inputs, _ = chat_inputs(loaded.model, None, history, settings.max_new_tokens, request["system"])
-            loaded.model.warm(inputs["ids"], inputs.get("starts", ()))
+            warm_next_message(loaded.model, history, settings.max_new_tokens, request["system"])
     st.rerun()  # redraw from history with every widget enabled again
+
+
+def warm_next_message(model, history: list[dict], max_new_tokens: int, system: str) -> None:
+    """Evaluate into llama.cpp's cache what the next message's prompt starts with, whatever it will say: the
+    conversation and the template's header of that message (the last chunk start of a made-up one), so that
+    the next turn evaluates only the message's own text and the assistant prompt after it."""
+    inputs, _ = chat_inputs(model, None, [*history, {"role": "user", "content": "?"}], max_new_tokens, system)
+    if starts := inputs.get("starts"):
+        model.warm(inputs["ids"][:starts[-1]], starts[:-1])
 
 
 def keep_reply(history: list[dict], text: str, spec: str, cost: str, continues: str | None = None,
@@ -2514,6 +2522,7 @@ class LlamaCppLM:
     tasks need; ModelLoadError if the file cannot be loaded."""
 
     backend = "llama.cpp"
+    CHAT_TOKENS_KEPT = 256  # chat_tokens results kept (a few KB each)
 
     def __init__(self, path: str, n_threads: int | None = None, n_ctx: int = CONFIG["llama_n_ctx"]):
         from llama_cpp import Llama
@@ -2530,6 +2539,7 @@ class LlamaCppLM:
         meta = self.llm.metadata or {}
         self.chat_template = meta.get("tokenizer.chat_template")
         self._formatters = {}  # its Jinja2ChatFormatters by add_generation_prompt, made on first use (chat_tokens)
+        self._chat_tokens: dict[tuple, list[int]] = {}  # chat_tokens' results by (add_generation_prompt, messages)
         self.eos_id = self.llm.token_eos()
         self.bos_id = self.llm.token_bos()
         self._bos_text = self._piece(self.bos_id)
@@ -2560,28 +2570,48 @@ class LlamaCppLM:
 
     def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Tokens of `messages` through the GGUF's chat template, ending with the assistant prompt (or, without
-        `add_generation_prompt`, with the last message)."""
+        `add_generation_prompt`, with the last message). Kept for the last CHAT_TOKENS_KEPT conversations: each
+        turn formats the same earlier parts again (chunk_starts)."""
         if not self.chat_template:
             raise ValueError("this model has no chat template; pick an instruct/chat model")
+        key = (add_generation_prompt, tuple((m["role"], m["content"]) for m in messages))
+        if (ids := self._chat_tokens.get(key)) is not None:
+            return list(ids)
         if (formatter := self._formatters.get(add_generation_prompt)) is None:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # compiled once, not once per message
             formatter = self._formatters[add_generation_prompt] = Jinja2ChatFormatter(
                 template=self.chat_template, eos_token=self._eos_text, bos_token=self._bos_text,
                 add_generation_prompt=add_generation_prompt)
         prompt = formatter(messages=[{"role": m["role"], "content": m["content"]} for m in messages]).prompt
-        return self.tokenize(prompt, add_bos=False, special=True)
+        if len(self._chat_tokens) >= self.CHAT_TOKENS_KEPT:
+            self._chat_tokens.clear()
+        self._chat_tokens[key] = ids = self.tokenize(prompt, add_bos=False, special=True)
+        return list(ids)
 
-    def reply_ends(self, messages: list[dict], ids: list[int]) -> tuple[int, ...]:
-        """Where each assistant message of `messages` ends in `ids` (their chat_tokens): the token positions
-        after them, those where the template's tokens of the conversation so far are a prefix of `ids`. _prefill
-        starts a new chunk there, so the chunks before a reply's end are the same in every later prompt."""
-        ends = []
+    def next_message_head(self, messages: list[dict]) -> list[int]:
+        """The tokens that the prompt of `messages` and one more user message starts with, whatever that message
+        says: the conversation and the template's header of the message (where two made-up messages agree)."""
+        a, b = (self.chat_tokens([*messages, {"role": "user", "content": text}]) for text in ("A", "B"))
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return a[:n]
+
+    def chunk_starts(self, messages: list[dict], ids: list[int]) -> tuple[int, ...]:
+        """Where _prefill starts a new chunk in `ids` (the chat_tokens of `messages`): after each assistant message,
+        and where the text of each user message that follows one begins (next_message_head); only positions where
+        the template's tokens of the conversation so far are a prefix of `ids`. So every later prompt of the
+        conversation cuts what comes before them the same way, and what the page evaluates while the learner reads
+        a reply (the conversation and the next message's header) is reused whole by the next turn."""
+        starts = []
         for i, message in enumerate(messages):
             if message["role"] == "assistant":
                 head = self.chat_tokens(messages[:i + 1], add_generation_prompt=False)
-                if 0 < len(head) < len(ids) and ids[:len(head)] == head:
-                    ends.append(len(head))
-        return tuple(ends)
+            elif message["role"] == "user" and i and messages[i - 1]["role"] == "assistant":
+                head = self.next_message_head(messages[:i])
+            else:
+                continue
+            if 0 < len(head) < len(ids) and ids[:len(head)] == head:
+                starts.append(len(head))
+        return tuple(starts)
 
     def reset_cache(self) -> None:
         """Forget the KV cache: the next call evaluates its whole prompt (the benchmark's cold start)."""
@@ -2592,7 +2622,7 @@ class LlamaCppLM:
     @staticmethod
     def prompt_chunks(n_tokens: int, starts: tuple[int, ...] = ()) -> list[tuple[int, int]]:
         """How _prefill cuts a prompt of `n_tokens`: [start, end) spans of CONFIG["llama_prompt_chunk"] tokens at
-        most, from position 0 and anew from each of `starts` (the ends of earlier replies, reply_ends)."""
+        most, from position 0 and anew from each of `starts` (chunk_starts: where replies end, messages begin)."""
         chunk = CONFIG["llama_prompt_chunk"]
         edges = [0, *sorted({s for s in starts if 0 < s < n_tokens}), n_tokens]
         return [(first, min(first + chunk, end)) for begin, end in zip(edges, edges[1:])

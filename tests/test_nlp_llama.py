@@ -165,11 +165,12 @@ def test_chat_reuses_the_kv_cache_and_stays_seeded(smollm2):
         assert warm == cold and warm, (message, warm, cold)
         history.append({"role": "assistant", "content": warm})
     # Turn 3 reused the whole chunks of turn 2's prompt (the cache then held turn 2's cold reply): all of it up
-    # to the first reply's end, and the whole chunks after it.
+    # to where the second message's text begins, and the whole chunks after that.
     chunk = nlp_project.CONFIG["llama_prompt_chunk"]
     previous = nlp_project.chat_inputs(smollm2, None, history[:3], base.max_new_tokens, system)[0]
-    (first_reply_end,) = previous["starts"]
-    assert reused == first_reply_end + (len(previous["ids"]) - first_reply_end) // chunk * chunk
+    first_reply_end, second_message = previous["starts"]
+    assert first_reply_end < second_message
+    assert reused == second_message + (len(previous["ids"]) - second_message) // chunk * chunk
     # A different prompt after it shares only the system prompt's chunks, and still answers the same.
     other = [{"role": "user", "content": "What is the capital of France?"}]
     first, _ = nlp_eval.chat_reply(smollm2, None, other, base, system=system)
@@ -185,15 +186,16 @@ def test_warming_the_next_turn_reuses_the_reply_and_stays_seeded(smollm2):
     history = [{"role": "user", "content": CONVERSATION[0]}]
     first, _ = nlp_eval.chat_reply(smollm2, None, history, base, system=system)
     history += [{"role": "assistant", "content": first}, {"role": "user", "content": CONVERSATION[1]}]
-    warmed = nlp_project.chat_inputs(smollm2, None, history[:2], base.max_new_tokens, system)[0]
-    smollm2.warm(warmed["ids"], warmed["starts"])
+    nlp_project.warm_next_message(smollm2, history[:2], base.max_new_tokens, system)
     after = nlp_project.chat_inputs(smollm2, None, history, base.max_new_tokens, system)[0]
     with smollm2.lock:
         reused = smollm2._prefill(after["ids"], after["starts"])
-    # The whole conversation through the first reply came from the cache; only the new message is evaluated
-    # (and the assistant prompt, a few tokens after the reply's end, which the warmed prompt ended with).
-    assert after["starts"] == warmed["starts"] and reused == warmed["starts"][0]
-    assert 0 < len(warmed["ids"]) - reused <= 8
+    # The whole conversation and the header of the new message came from the cache: only the message's own text
+    # and the assistant prompt after it are evaluated.
+    reply_end, message_start = after["starts"]
+    assert reused == message_start > reply_end
+    assert smollm2.detokenize(after["ids"][reused:]).startswith(CONVERSATION[1])
+    assert CONVERSATION[1] not in smollm2.detokenize(after["ids"][:reused])
     warm, _ = nlp_eval.chat_reply(smollm2, None, history, base, system=system)
     smollm2.reset_cache()
     cold, _ = nlp_eval.chat_reply(smollm2, None, history, base, system=system)
@@ -216,11 +218,15 @@ def test_prompt_chunks_start_anew_after_each_reply():
         assert all(b == c for (_, b), (c, _) in zip(spans, spans[1:]))  # contiguous, nothing left out
 
 
-def test_reply_ends_are_where_the_conversation_so_far_ends(smollm2):
+def test_chunks_start_where_a_reply_ends_and_where_the_next_message_begins(smollm2):
     history = [{"role": "user", "content": "Hi, I am Zorvan."}, {"role": "assistant", "content": "Hello Zorvan!"},
                {"role": "user", "content": "What is my name?"}]
     inputs, _ = nlp_project.chat_inputs(smollm2, None, history, 16, "Be brief.")
-    (end,) = inputs["starts"]
+    end, begin = inputs["starts"]  # none inside the first message: one-message prompts keep their chunks
     head = smollm2.chat_tokens([{"role": "system", "content": "Be brief."}, *history[:2]],
                                add_generation_prompt=False)
     assert inputs["ids"][:end] == head and smollm2.detokenize(head).rstrip().endswith("Hello Zorvan!")
+    header = smollm2.detokenize(inputs["ids"][end:begin])
+    assert "What" not in header and smollm2.detokenize(inputs["ids"][begin:]).startswith("What is my name?")
+    single, _ = nlp_project.chat_inputs(smollm2, None, history[:1], 16, "Be brief.")
+    assert single["starts"] == ()
