@@ -586,9 +586,10 @@ def extend_inputs(model, tokenizer, inputs: dict, text: str, max_new_tokens: int
     so that generation continues it; only the last tokens are kept when they and `max_new_tokens` outgrow the
     model's context."""
     limit = max(8, input_token_limit(model, tokenizer) - max_new_tokens)
-    if is_llama(model):
+    if is_llama(model):  # the chunk starts move with the tokens when the oldest ones are cut
         ids = list(inputs["ids"]) + model.tokenize(text)
-        return {"ids": ids[-limit:], "starts": inputs.get("starts", ()) if len(ids) <= limit else ()}
+        cut = max(0, len(ids) - limit)
+        return {"ids": ids[cut:], "starts": tuple(s - cut for s in inputs.get("starts", ()) if s > cut)}
     import torch
     more = tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = inputs["input_ids"]
@@ -615,7 +616,8 @@ def greedy_continuation(model, tokenizer, text: str, max_new_tokens: int = CONFI
 def chat_inputs(model, tokenizer, history: list[dict], max_new_tokens: int,
                 system: str | None = None) -> tuple[dict, int]:
     """(the tokens of `history` [{"role", "content"}, ...] through the model's chat template, ending with its
-    assistant prompt, as encode_tail gives them, for llama.cpp with "starts", where the replies end; turns dropped). `system` comes first and is never dropped
+    assistant prompt, as encode_tail gives them; for llama.cpp with "starts", LlamaCppLM.chunk_starts; turns
+    dropped). `system` comes first and is never dropped
     (None: the template's own); the oldest turns go until prompt + max_new_tokens fits. ValueError: no template."""
     if not is_llama(model) and not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model has no chat template; pick an instruct/chat model")
@@ -1269,6 +1271,7 @@ def page_chat(spec: str) -> None:
     if (got := get_model(spec, "causal-lm")) is None:
         return
     settings, system = chat_settings(got[0])
+    warm = st.session_state.pop("chat_warm", None)  # set by the run that streamed the last reply
     prompt = clicked("chat_input", st.chat_input("Say something", key="chat_input", disabled=busy()))
     if prompt is not None:
         chat_turn(prompt, spec, got[0], history, notices, settings, system)
@@ -1277,6 +1280,9 @@ def page_chat(spec: str) -> None:
     if request := take_generation("Chatbot"):
         with tail if request.get("continues") else st.chat_message("assistant"):
             chat_stream(request, history)
+    elif warm == spec and is_llama(got[0].model):
+        # Last in the run after a reply, with every widget enabled: the learner reads (and may type) meanwhile.
+        warm_next_message(got[0].model, history, settings.max_new_tokens, system)
 
 
 def draw_history(history: list[dict]):
@@ -1353,8 +1359,7 @@ def chat_stream(request: dict, history: list[dict]) -> None:
     else:
         keep_reply(history, request.get("prefix", "") + reply, request["spec"], stats.describe(),
                    request.get("continues"), hit_token_limit(stats, settings) and settings.max_new_tokens)
-        if is_llama(loaded.model):  # the next message then waits only for its own tokens
-            warm_next_message(loaded.model, history, settings.max_new_tokens, request["system"])
+        st.session_state["chat_warm"] = request["spec"]  # the next run evaluates what the next message starts with
     st.rerun()  # redraw from history with every widget enabled again
 
 
@@ -1478,7 +1483,7 @@ PUBLISHED_SCORES = {  # model name (the last part of its Hub id): (its figures, 
 
 def published_score(spec: str) -> tuple[str, str] | None:
     """(figures, source) that the authors of chat model `spec` publish (PUBLISHED_SCORES, by the last part of
-    its name, any case), or None."""
+    its name, any case: a local copy in a folder of that name counts as that model), or None."""
     name = Path(str(spec).rstrip("/\\")).name.lower()
     return next((v for k, v in PUBLISHED_SCORES.items() if k.lower() == name), None)
 
@@ -1501,17 +1506,31 @@ def facts_score(spec: str) -> dict | None:
             "date": str(report.get("date", ""))[:10]}
 
 
+BENCHMARK_MEANING = {"MMLU": "multiple-choice knowledge; guessing gets 25%", "MMLU-redux": "multiple-choice knowledge; "
+                     "guessing gets 25%", "MMLU-Pro": "multiple-choice knowledge; guessing gets 10%",
+                     "GSM8K": "grade-school arithmetic"}
+
+
+def published_text(figures: str) -> str:
+    """PUBLISHED_SCORES figures ("MMLU (cloze) 32.8%, GSM8K (5-shot) 7.4%") with what each benchmark asks:
+    "MMLU (cloze) 32.8% (multiple-choice knowledge; guessing gets 25%) and GSM8K (5-shot) 7.4% (...)"."""
+    parts = [f"{figure} ({BENCHMARK_MEANING[figure.split()[0]]})" if figure.split()[0] in BENCHMARK_MEANING
+             else figure for figure in figures.split(", ")]
+    return " and ".join(parts)
+
+
 def limits_line(spec: str) -> str:
     """One line on what chat model `spec` is good and bad at, with its factual score measured by `eval-facts`
-    (facts_score); a generic line when none was measured."""
+    (facts_score); when none was measured, its authors' published figures (published_score) or a generic line,
+    either with the command that measures one."""
+    measure = f"`python benchmarks/nlp_eval.py eval-facts --model {public_name(spec)}` measures one"
     if (score := facts_score(spec)) is None and (published := published_score(spec)):
-        return (f"No factual score was measured for this model here. Published by its authors, not measured here: "
-                f"{published[0]} ({published[1]}). MMLU tests knowledge by multiple choice (25% right by chance; "
-                "MMLU-Pro 10%), GSM8K grade-school arithmetic. Check any fact or sum that matters.")
+        return (f"No factual score was measured for this model here ({measure}). Published by its authors, not "
+                f"measured here: {published_text(published[0])}, on their own settings ({published[1]}). "
+                "Check any fact or sum that matters.")
     if score is None:
-        return (f"No factual score was measured for this model (`python benchmarks/nlp_eval.py eval-facts --model "
-                f"{public_name(spec)}` measures one). Small chat models write fluent text but often get facts "
-                "and arithmetic wrong: check anything that matters.")
+        return (f"No factual score was measured for this model ({measure}). Small chat models write fluent text "
+                "but often get facts and arithmetic wrong: check anything that matters.")
     share = score["share"]
     if share < 0.5:
         verdict = "good for fluent short text, unreliable for facts and arithmetic"
@@ -1526,10 +1545,11 @@ def limits_line(spec: str) -> str:
 
 def reply_caveat(spec: str) -> str:
     """The short caveat shown beside every chat reply of model `spec`: its measured factual score when below
-    FACTS_TRUSTED, a plain warning when never measured, "" when it scored at or above that level."""
+    FACTS_TRUSTED; when never measured, a plain warning, with its authors' published figures when known
+    (published_score); "" when it scored at or above that level."""
     if (score := facts_score(spec)) is None and (published := published_score(spec)):
-        return (f"Not checked: no factual score was measured for this model here; its authors publish "
-                f"{published[0]} ({published[1]}). Check any fact or sum in this reply.")
+        return (f"Not checked here. Its authors report {published_text(published[0])}, on their own settings. "
+                "Small models often state false facts and sums plainly.")
     if score is None:
         return "Not checked: no factual score was measured for this model here. Small models often state " \
                "false facts and sums plainly."
@@ -2522,7 +2542,7 @@ class LlamaCppLM:
     tasks need; ModelLoadError if the file cannot be loaded."""
 
     backend = "llama.cpp"
-    CHAT_TOKENS_KEPT = 256  # chat_tokens results kept (a few KB each)
+    CHAT_TOKENS_KEPT = 64  # chat_tokens results kept (a prompt of n tokens takes about 36 n bytes)
 
     def __init__(self, path: str, n_threads: int | None = None, n_ctx: int = CONFIG["llama_n_ctx"]):
         from llama_cpp import Llama

@@ -6,9 +6,10 @@
 
 app     `streamlit run nlp_project.py` on 127.0.0.1 (offline: the bundled GGUF), driven by Playwright in
         Debian's chromium: type the message, press Enter, wait for the reply and its stars. Time to first
-        token: from the key press (the Enter key's event in the page) to the first text of the reply in the page (a MutationObserver in the
-        page records it, and is then removed, so nothing polls the page while the reply streams; the label
-        of the Stop button drawn above the reply does not count). Its share in the server, from the start
+        token: from the key press (the time stamp of the Enter key's event in the page) to the first text of
+        the reply in the page (a MutationObserver in the page records it, and is then removed, so nothing
+        polls the page while the reply streams; the label of the Stop button drawn above the reply does not
+        count). Its share in the server, from the start
         of the stream to the first token, comes from the reply's cost line (server_ttft_s). Decode
         speed: the reply's cost line, (tokens - 1) / (total - first token), measured by the app's server.
 direct  llama_cpp.Llama.create_chat_completion(stream=True) in this process, on its own Llama (its default
@@ -16,9 +17,9 @@ direct  llama_cpp.Llama.create_chat_completion(stream=True) in this process, on 
         template's own, as the page's default for this model), the same seed per turn and threads. Time to
         first token: from the call to the first streamed text; decode: (tokens - 1) / (last - first).
 Cores: by default the browser, the app and direct llama.cpp share all of them, as on a laptop that runs the app
-for itself. With --browser-core the browser (and Playwright) run on the last core and the app's server and direct
-llama.cpp on the others, with one thread fewer each, as when the app runs on a Colab runtime and the browser on
-your laptop: then the browser's drawing takes no time from llama.cpp.
+for itself. With --browser-core the browser and Playwright's driver run on the last core, the app's server and
+direct llama.cpp on the others, with one thread fewer each, as when the app runs on a Colab runtime and the
+browser on your laptop: then the browser's drawing takes no time from llama.cpp.
 Each path keeps its own conversation (its own replies); the user messages are those of
 benchmarks/nlp_chat_benchmark.py. Turns are interleaved, app and direct, which goes first alternating.
 Per turn the JSON holds every run, the medians, the paired ratios app / direct (median and range over
@@ -47,14 +48,14 @@ from test_nlp_browser import browser_available, browser_page, choose_task, strea
 
 MESSAGES = [user for user, _ in nlp_chat_benchmark.CONVERSATION]
 COST = re.compile(r"(\d+) tokens · first token (\d+) ms · total ([\d.]+) s")
-# Records in window.__key when the page receives the Enter key (Playwright delivers it some milliseconds after
-# it is asked to), and in window.__first when the reply at index idx first shows text of its own (the Stop
-# button's label does not count), then stops observing.
+# Records in window.__key when the Enter key's event was made in the page (its timeStamp, on performance.now()'s
+# clock; Playwright delivers it some milliseconds after it is asked to), and in window.__first when the reply at
+# index idx first shows text of its own (the Stop button's label does not count), then stops observing.
 OBSERVE = """(idx) => {
   window.__first = null;
   window.__key = null;
   document.removeEventListener('keydown', window.__onKey, true);  // the one of the turn before
-  window.__onKey = (e) => { if (e.key === 'Enter' && window.__key === null) window.__key = performance.now(); };
+  window.__onKey = (e) => { if (e.key === 'Enter' && window.__key === null) window.__key = e.timeStamp; };
   document.addEventListener('keydown', window.__onKey, true);
   const seen = () => {
     const msg = document.querySelectorAll('[data-testid="stChatMessage"]')[idx];
@@ -193,8 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     args.engine_cores = set(cores[:-1]) if args.browser_core else None
     args.out = args.out or str(ROOT / "results" / "nlp" / ("browser_chat_speed_smollm2"
                                                            + ("_browser_core" if args.browser_core else "") + ".json"))
-    if args.engine_cores:
-        os.sched_setaffinity(0, args.engine_cores)  # the server and direct llama.cpp's threads start from here
+    with on_cores(args.engine_cores):  # the server and direct llama.cpp's threads start from here
+        return measure(args)
+
+
+def measure(args) -> int:
+    """Load the model, run the interleaved conversations (run), write the JSON; exit code."""
     args.max_new_tokens = nlp_project.CONFIG["max_new_tokens"]  # the page's default slider value
     spec = nlp_project.smollm2_gguf_path()
     if (reason := browser_available()) or not spec or not nlp_project.llama_cpp_available():

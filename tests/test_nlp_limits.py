@@ -411,10 +411,10 @@ def test_answer_confidence_on_llama_matches_next_token_probabilities():
     assert float(loaded.model.next_token_probs(prompt + ids[:at])[ids[at]]) == pytest.approx(rome[0], abs=0.05)
 
 
-def test_unmeasured_listed_models_show_their_published_figures_marked_as_such():
+def test_unmeasured_listed_models_show_their_published_figures_marked_as_such(monkeypatch):
     """The app's listed chat models (the online defaults among them) carry their authors' figures beside each
-    reply and in the page's limits line, said to be published, not measured; a model we know nothing of does
-    not; a measured score wins over a published one."""
+    reply and in the page's limits line, said to be published, not measured, each benchmark with what it asks; a
+    model we know nothing of does not; a measured score wins over a published one."""
     import nlp_project
 
     for spec in nlp_project.DEVICE_TEXT_MODELS.values():  # the online defaults, by device
@@ -423,12 +423,20 @@ def test_unmeasured_listed_models_show_their_published_figures_marked_as_such():
         if nlp_project.facts_score(spec) is None and nlp_project.published_score(spec):
             figures, source = nlp_project.published_score(spec)
             caveat, line = nlp_project.reply_caveat(spec), nlp_project.limits_line(spec)
-            assert caveat.startswith("Not checked: no factual score was measured") and figures in caveat
-            assert f"Published by its authors, not measured here: {figures} ({source})" in line
+            explained = nlp_project.published_text(figures)
+            assert all(f.split()[0] in nlp_project.BENCHMARK_MEANING for f in figures.split(", "))  # each explained
+            assert caveat.startswith("Not checked here. Its authors report " + explained), caveat
+            assert f"Published by its authors, not measured here: {explained}, on their own settings ({source})" in line
+            assert "eval-facts --model" in line
+    assert nlp_project.published_text("MMLU-redux 24.1%, GSM8K 49.6%") == \
+        "MMLU-redux 24.1% (multiple-choice knowledge; guessing gets 25%) and GSM8K 49.6% (grade-school arithmetic)"
     assert nlp_project.published_score("/content/models/qwen2.5-1.5b-instruct/") == \
         nlp_project.PUBLISHED_SCORES["Qwen2.5-1.5B-Instruct"]  # a local copy, by its folder's name
     assert nlp_project.published_score("someone/tiny-chat") is None
     assert "authors" not in nlp_project.reply_caveat("someone/tiny-chat")
-    if GGUF:  # the bundled model's own measured score, not its published one
-        measured = nlp_project.reply_caveat(GGUF)
-        assert "answered only" in measured and "authors" not in measured
+    listed = "HuggingFaceTB/SmolLM2-135M-Instruct"  # published figures, and now a measured score as well
+    monkeypatch.setattr(nlp_project, "facts_score", lambda spec: {"model": "M", "right": "19-21", "n": 26,
+                                                                  "share": 0.77, "seeded": "", "parts": "p",
+                                                                  "date": "d"})
+    assert "answered only 19-21 of 26" in nlp_project.reply_caveat(listed)
+    assert "authors" not in nlp_project.reply_caveat(listed) + nlp_project.limits_line(listed)
