@@ -230,3 +230,23 @@ def test_chunks_start_where_a_reply_ends_and_where_the_next_message_begins(smoll
     assert "What" not in header and smollm2.detokenize(inputs["ids"][begin:]).startswith("What is my name?")
     single, _ = nlp_project.chat_inputs(smollm2, None, history[:1], 16, "Be brief.")
     assert single["starts"] == ()
+
+
+def test_continuing_a_cut_reply_keeps_its_chunk_starts(smollm2):
+    """Continue: the reply so far goes after the prompt and the chunk starts stay where they were; when the
+    oldest tokens must go, the starts move with the tokens; the seeded continuation is the same warm or cold."""
+    history = [{"role": "user", "content": "Hi, I am Zorvan."}, {"role": "assistant", "content": "Hello Zorvan!"},
+               {"role": "user", "content": "Tell me about the sea."}]
+    inputs, _ = nlp_project.chat_inputs(smollm2, None, history, 16, None)
+    more = nlp_project.extend_inputs(smollm2, None, inputs, "The sea is", 16)
+    assert more["starts"] == inputs["starts"] and more["ids"][:len(inputs["ids"])] == inputs["ids"]
+    full = more["ids"]
+    limit = nlp_project.input_token_limit(smollm2, None)
+    cut = nlp_project.extend_inputs(smollm2, None, inputs, "The sea is", limit - 30)  # keeps the last 30 tokens
+    gone = len(full) - len(cut["ids"])
+    assert gone > 0 and cut["ids"] == full[gone:]
+    assert cut["starts"] == tuple(s - gone for s in inputs["starts"] if s > gone)
+    settings = nlp_project.GenerationSettings(max_new_tokens=12, temperature=0.7, top_p=0.9, seed=5)
+    warm = nlp_project.generate_text(smollm2, None, more, settings)
+    smollm2.reset_cache()
+    assert nlp_project.generate_text(smollm2, None, more, settings) == warm and warm
