@@ -638,7 +638,7 @@ def chat_inputs(model, tokenizer, history: list[dict], max_new_tokens: int,
         if is_llama(model):
             return {"ids": enc["ids"][-limit:]}, dropped
         enc = {"input_ids": enc["input_ids"][:, -limit:], "attention_mask": enc["attention_mask"][:, -limit:]}
-    if is_llama(model):  # a new prompt chunk after each reply: the next turn finds its whole prompt cached
+    if is_llama(model):  # chunks start anew where replies end and later messages begin: the next turn reuses them
         return {**enc, "starts": model.chunk_starts(head + messages, enc["ids"])}, dropped
     return {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}, dropped
 
@@ -1467,9 +1467,9 @@ def facts_file(spec: str) -> str:
 FACTS_TRUSTED = 0.9  # share of the factual questions right at or above which a chat reply carries no caveat
 
 # What the authors of the app's listed chat models publish about them (not measured here), shown as such beside
-# their replies until eval-facts measures a model here. Knowledge: MMLU (multiple-choice questions in 57 subjects,
-# 4 choices: 25% by chance; MMLU-redux, a corrected subset; MMLU-Pro, harder, 10 choices); arithmetic: GSM8K
-# (grade-school word problems). Each source reports its own evaluation: compare figures within one source only.
+# their replies until eval-facts measures a model here, each benchmark with what it asks (BENCHMARK_MEANING; MMLU
+# has questions in 57 subjects, MMLU-redux is a corrected subset). Each source reports its own evaluation: compare
+# figures within one source only.
 SMOLLM2_CARD = "its model card on the Hugging Face Hub, Hugging Face's own evaluation"
 QWEN25_BLOG = "the Qwen2.5 release blog, qwenlm.github.io/blog/qwen2.5-llm"
 PUBLISHED_SCORES = {  # model name (the last part of its Hub id): (its figures, where they are published)
@@ -1478,6 +1478,12 @@ PUBLISHED_SCORES = {  # model name (the last part of its Hub id): (its figures, 
     "SmolLM2-1.7B-Instruct": ("MMLU-Pro 19.3%, GSM8K (5-shot) 48.2%", SMOLLM2_CARD),
     "Qwen2.5-0.5B-Instruct": ("MMLU-redux 24.1%, GSM8K 49.6%", QWEN25_BLOG),
     "Qwen2.5-1.5B-Instruct": ("MMLU-redux 50.7%, GSM8K 73.2%", QWEN25_BLOG),
+}
+BENCHMARK_MEANING = {  # a benchmark's name (the first word of a figure): what it asks
+    "MMLU": "multiple-choice knowledge; guessing gets 25%",
+    "MMLU-redux": "multiple-choice knowledge; guessing gets 25%",
+    "MMLU-Pro": "multiple-choice knowledge; guessing gets 10%",
+    "GSM8K": "grade-school arithmetic",
 }
 
 
@@ -1504,11 +1510,6 @@ def facts_score(spec: str) -> dict | None:
             "seeded": f" over {len(runs)} seeded runs" if len(runs) > 1 else "",
             "parts": ", ".join(f"{FACT_CATEGORIES.get(c, c)} {s:.0%}" for c, s in shares.items()),
             "date": str(report.get("date", ""))[:10]}
-
-
-BENCHMARK_MEANING = {"MMLU": "multiple-choice knowledge; guessing gets 25%", "MMLU-redux": "multiple-choice knowledge; "
-                     "guessing gets 25%", "MMLU-Pro": "multiple-choice knowledge; guessing gets 10%",
-                     "GSM8K": "grade-school arithmetic"}
 
 
 def published_text(figures: str) -> str:
@@ -2602,7 +2603,7 @@ class LlamaCppLM:
             formatter = self._formatters[add_generation_prompt] = Jinja2ChatFormatter(
                 template=self.chat_template, eos_token=self._eos_text, bos_token=self._bos_text,
                 add_generation_prompt=add_generation_prompt)
-        prompt = formatter(messages=[{"role": m["role"], "content": m["content"]} for m in messages]).prompt
+        prompt = formatter(messages=[{"role": role, "content": content} for role, content in key[1]]).prompt
         if len(self._chat_tokens) >= self.CHAT_TOKENS_KEPT:
             self._chat_tokens.clear()
         self._chat_tokens[key] = ids = self.tokenize(prompt, add_bos=False, special=True)
