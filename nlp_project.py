@@ -1876,9 +1876,16 @@ def sidebar() -> tuple[str, str | None]:
     return page, typed or spec  # a typed entry wins over the list
 
 
+# Every widget is drawn disabled while a reply streams and enabled again after it (a click cannot stop it), and
+# each switch starts colour fades that keep the browser redrawing just as the prompt is evaluated. Widgets switch
+# at once instead; the fade of elements waiting for a rerun stays. (docs/nlp_project.md: measured in the browser.)
+WIDGET_CSS = '[data-testid="stElementContainer"] * { transition: none !important; }'
+
+
 def run_app() -> None:
     """The Streamlit app: sidebar (task, model), then the chosen page's function."""
     st.set_page_config(page_title="NLP playground", page_icon=":speech_balloon:", layout="wide")
+    st.html(f"<style>{WIDGET_CSS}</style>")  # style only: Streamlit adds it without taking room on the page
     apply_sharing_options()
     asked = st.session_state["asked"] = generation_asked()
     st.session_state["busy_run"] = bool(asked)  # this run streams: every widget is drawn disabled

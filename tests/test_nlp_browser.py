@@ -172,6 +172,11 @@ def test_browser_story_and_rating(tmp_path_factory, tmp_path):
             browser_page(requests=requests) as page:
         page.goto(url, timeout=timeout_ms)
         page.get_by_role("heading", name="Next-word prediction").wait_for(timeout=timeout_ms)
+        # Widgets switch between enabled and disabled at once (WIDGET_CSS): the task list's options have colour
+        # fades of 0.1 s in Streamlit's own style.
+        fades = page.evaluate("""() => [...document.querySelectorAll('[data-testid="stRadioOption"] *')]
+            .map(el => getComputedStyle(el).transitionDuration)""")
+        assert len(fades) > 10 and set(fades) == {"0s"}, set(fades)
         run_story(page, "Once upon a time", timeout_ms)
         assert page.locator('[data-testid="stException"]').count() == 0
         assert page.get_by_text("tokens/s").count() >= 1  # the cost line under the output
