@@ -617,8 +617,8 @@ def chat_inputs(model, tokenizer, history: list[dict], max_new_tokens: int,
                 system: str | None = None) -> tuple[dict, int]:
     """(the tokens of `history` [{"role", "content"}, ...] through the model's chat template, ending with its
     assistant prompt, as encode_tail gives them; for llama.cpp with "starts", LlamaCppLM.chunk_starts; turns
-    dropped). `system` comes first and is never dropped
-    (None: the template's own); the oldest turns go until prompt + max_new_tokens fits. ValueError: no template."""
+    dropped). `system` comes first and is never dropped (None: the template's own); the oldest turns go until
+    prompt + max_new_tokens fits. ValueError: no template."""
     if not is_llama(model) and not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model has no chat template; pick an instruct/chat model")
     limit = max(8, input_token_limit(model, tokenizer) - max_new_tokens)
